@@ -1,0 +1,264 @@
+r"""Benchmark of sharp_minima.hessian: ratios measured side by side in one run.
+
+    python -m experiments.bench_hessian                 # F1-sized MLP, 1024 examples
+    python -m experiments.bench_hessian --pyhessian_python=/path/to/venv/bin/python
+
+Prints, for a ReLU MLP 784-512x5-10 (1.46M parameters) on 1024 examples:
+  * HVP time / gradient time                                   (target <= 2.5)
+  * Lanczos time / (m x HVP time) for m in --steps              (target <= 1.25)
+  * compile time of Lanczos vs m                                (flat)
+  * XLA's peak-memory estimate of Lanczos / (m*D*4 + model + data)   (target <= 1.3)
+  * with --pyhessian_python (a Python that has torch and pyhessian): top-5 largest-magnitude
+    eigenvalues, PyHessian's deflated power iteration vs `eigenpairs(which="LM")`, time
+    ratio and errors against a float64 scipy `eigsh` reference.
+Absolute times on a shared CPU are noisy; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_integer("examples", 1024, "Number of examples.")
+flags.DEFINE_list("steps", ["20", "50", "100"], "Lanczos step counts m.")
+flags.DEFINE_integer("repeats", 3, "Timing repeats (the minimum is reported).")
+flags.DEFINE_string("pyhessian_python", None, "Python interpreter with torch and pyhessian.")
+flags.DEFINE_integer("width", 512, "Hidden width (512 for F1).")
+FLAGS = flags.FLAGS
+
+WIDTHS = (784, 512, 512, 512, 512, 512, 10)
+
+
+def _timeit(fn, repeats):
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up (and compile)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def make_problem(examples, width, seed=0):
+    """F1-sized ReLU MLP (no BN) and a data set of `examples` points: numpy arrays."""
+    rng = np.random.default_rng(seed)
+    widths = (784,) + (width,) * 5 + (10,)
+    layers = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        w = rng.normal(size=(fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+        layers.append({"w": w.astype(np.float32), "b": np.zeros(fan_out, np.float32)})
+    x = rng.normal(size=(examples, 784)).astype(np.float32)
+    # Labels from a random linear teacher, so the loss is not flat noise.
+    y = np.argmax(x @ rng.normal(size=(784, 10)), axis=1).astype(np.int32)
+    return layers, x, y
+
+
+def mlp_loss(params, batch):
+    import jax
+    import jax.numpy as jnp
+
+    h = batch["x"]
+    for i, layer in enumerate(params):
+        h = h @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    logp = jax.nn.log_softmax(h)
+    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+
+
+def bench_core(params, batches, steps, repeats):
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from sharp_minima import hessian
+
+    flat, _ = ravel_pytree(params)
+    dim = flat.size
+    weights = jnp.ones((1,), jnp.float32)
+    print(f"model: ReLU MLP {WIDTHS}, D = {dim:,} parameters, {FLAGS.examples} examples")
+
+    grad_fn = jax.jit(lambda p, b: jax.grad(mlp_loss)(p, jax.tree.map(lambda x: x[0], b)))
+
+    @jax.jit
+    def hvp_fn(p, b, w, v):
+        _, _, _, matvec = hessian._flat_operator(mlp_loss, p, b, w, None)
+        return matvec(v)
+
+    v = jax.random.normal(jax.random.key(0), (dim,))
+    t_grad = _timeit(lambda: grad_fn(params, batches), repeats)
+    t_hvp = _timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
+    print(f"gradient {t_grad * 1e3:8.1f} ms   HVP {t_hvp * 1e3:8.1f} ms")
+    print(f"RATIO hvp/grad = {t_hvp / t_grad:.2f}   (target <= 2.5)")
+
+    def lanczos_fn(p, b, w, v0, m):
+        _, _, _, matvec = hessian._flat_operator(mlp_loss, p, b, w, None)
+        res = hessian.lanczos(matvec, v0, m, key=jax.random.key(1))
+        return res.alphas, res.betas, res.basis
+
+    rows = []
+    for m in steps:
+        jitted = jax.jit(lanczos_fn, static_argnums=(4,))
+        t0 = time.perf_counter()
+        compiled = jitted.lower(params, batches, weights, v, m).compile()
+        t_compile = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        peak = None
+        if mem is not None:
+            peak = (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes
+            )
+        t_lanczos = _timeit(lambda c=compiled: c(params, batches, weights, v), 1)
+        model_bytes = dim * 4
+        data_bytes = sum(x.nbytes for x in jax.tree.leaves(batches))
+        budget = m * dim * 4 + model_bytes + data_bytes
+        rows.append((m, t_lanczos, t_lanczos / (m * t_hvp), t_compile, peak, budget))
+    print(" m   lanczos[s]  lanczos/(m*HVP)  compile[s]  peak/(m*D*4+model+data)")
+    for m, t, r, tc, peak, budget in rows:
+        mem_ratio = f"{peak / budget:.2f}" if peak is not None else "n/a"
+        print(f"{m:3d}  {t:9.2f}  {r:15.2f}  {tc:10.2f}  {mem_ratio:>10}")
+    print(
+        "RATIO lanczos/(m*HVP) max = "
+        f"{max(r for _, _, r, *_ in rows):.2f} (target <= 1.25); compile time max/min = "
+        f"{max(r[3] for r in rows) / min(r[3] for r in rows):.2f} (flat ~ 1)"
+    )
+    mem_rows = [r for r in rows if r[4] is not None]
+    if mem_rows:
+        print(f"RATIO peak memory max = {max(r[4] / r[5] for r in mem_rows):.2f} (target <= 1.3)")
+    return t_hvp
+
+
+PYHESSIAN_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch
+from pyhessian import hessian as pyh
+torch.set_num_threads(int(sys.argv[2]))
+z = np.load(sys.argv[1])
+n_layers = int(z["n_layers"])
+mods = []
+for i in range(n_layers):
+    w, b = z[f"w{i}"], z[f"b{i}"]
+    lin = torch.nn.Linear(w.shape[0], w.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w.T)); lin.bias.copy_(torch.from_numpy(b))
+    mods.append(lin)
+    if i < n_layers - 1:
+        mods.append(torch.nn.ReLU())
+model = torch.nn.Sequential(*mods)
+x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"]).long()
+comp = pyh(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+torch.manual_seed(0)
+t0 = time.perf_counter()
+vals, _ = comp.eigenvalues(top_n=5, maxIter=100, tol=1e-4)
+t = time.perf_counter() - t0
+print(json.dumps({"time": t, "values": [float(v) for v in vals]}))
+"""
+
+
+def bench_vs_pyhessian(layers, x, y, params, batches, python):
+    import jax
+    import jax.numpy as jnp
+    import scipy.sparse.linalg as sla
+    from jax.flatten_util import ravel_pytree
+
+    from sharp_minima import hessian
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "problem.npz")
+        arrays = {f"w{i}": layer["w"] for i, layer in enumerate(layers)}
+        arrays.update({f"b{i}": layer["b"] for i, layer in enumerate(layers)})
+        np.savez(path, x=x, y=y, n_layers=len(layers), **arrays)
+        script = os.path.join(tmp, "run_pyhessian.py")
+        with open(script, "w") as f:
+            f.write(PYHESSIAN_SCRIPT)
+        out = subprocess.run(
+            [python, script, path, str(os.cpu_count())], capture_output=True, text=True
+        )
+    if out.returncode:
+        print("PyHessian run failed:\n" + out.stderr[-2000:])
+        return
+    pyh = json.loads(out.stdout.strip().splitlines()[-1])
+
+    t0 = time.perf_counter()
+    first = hessian.eigenpairs(mlp_loss, params, batches, k=5, key=jax.random.key(0), which="LM")
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = hessian.eigenpairs(mlp_loss, params, batches, k=5, key=jax.random.key(1), which="LM")
+    t_ours = time.perf_counter() - t0
+    del first
+
+    # Independent float64 reference: ARPACK (scipy eigsh) on float64 HVPs.
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        b64 = jax.tree.map(
+            lambda a: jnp.asarray(a, jnp.float64) if a.dtype.kind == "f" else a, batches
+        )
+        flat, unravel = ravel_pytree(p64)
+        w64 = jnp.ones((1,), jnp.float64)
+
+        @jax.jit
+        def hvp64(p, b, w, v):
+            _, _, _, matvec = hessian._flat_operator(mlp_loss, p, b, w, None)
+            return matvec(v)
+
+        op = sla.LinearOperator(
+            (flat.size, flat.size),
+            matvec=lambda v: np.asarray(hvp64(p64, b64, w64, jnp.asarray(v.ravel()))),
+            dtype=np.float64,
+        )
+        t0 = time.perf_counter()
+        ref = sla.eigsh(op, k=5, which="LM", tol=1e-10, return_eigenvectors=False)
+        t_ref = time.perf_counter() - t0
+    ref = ref[np.argsort(-np.abs(ref))]
+    ours_v = np.asarray(ours.values)
+    pyh_v = np.asarray(sorted(pyh["values"], key=lambda v: -abs(v)))
+    err_ours = np.max(np.abs(ours_v - ref) / np.abs(ref))
+    err_pyh = np.max(np.abs(pyh_v - ref) / np.abs(ref))
+    print(f"reference (scipy eigsh, float64, {t_ref:.1f} s): {np.round(ref, 6).tolist()}")
+    print(f"sharp_minima LM top-5: {np.round(ours_v, 6).tolist()}  max rel. error {err_ours:.2e}")
+    print(f"PyHessian   top-5:    {np.round(pyh_v, 6).tolist()}  max rel. error {err_pyh:.2e}")
+    print(
+        f"time: sharp_minima {t_ours:.2f} s ({t_first:.2f} s with compilation, "
+        f"{ours.num_steps + 5} HVPs), PyHessian {pyh['time']:.2f} s"
+    )
+    print(
+        f"RATIO pyhessian_time/sharp_minima_time = {pyh['time'] / t_ours:.1f} "
+        f"(with compilation {pyh['time'] / t_first:.1f}; target >= 3); "
+        f"error ratio pyhessian/sharp_minima = {err_pyh / max(err_ours, 1e-16):.1f} "
+        "(target >= 10)"
+    )
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    global WIDTHS
+    WIDTHS = (784,) + (FLAGS.width,) * 5 + (10,)
+    print(f"devices: {jax.devices()}")
+    layers, x, y = make_problem(FLAGS.examples, FLAGS.width)
+    params = jax.tree.map(jnp.asarray, layers)
+    batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
+    bench_core(params, batches, [int(s) for s in FLAGS.steps], FLAGS.repeats)
+    if FLAGS.pyhessian_python:
+        bench_vs_pyhessian(layers, x, y, params, batches, FLAGS.pyhessian_python)
+    else:
+        print("(PyHessian comparison skipped: pass --pyhessian_python)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)
