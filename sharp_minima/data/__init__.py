@@ -1,0 +1,183 @@
+"""Data: one `load(name, ...)` for TFDS, local IDX folders, MNIST-1D and synthetic sets.
+
+Sources are tried in this order (DESIGN.md): (1) a TFDS dataset already prepared in
+``data_dir``, read with ``tfds.data_source``; (2) a local folder of MNIST-format IDX files
+(``idx_dir``, or Debian's ``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST); (3) a TFDS
+download and preparation when TensorFlow and the network allow. When none works, `load` raises
+`DataNotFoundError` naming every source tried and how to provide the data. MNIST-1D and the
+synthetic sets (swiss roll, rings, spirals) are generated and always available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from sharp_minima.data import embedded, idx, pipeline, tfds_source
+from sharp_minima.data.pipeline import curvature_batches, epoch_permutation, random_crop_flip
+
+__all__ = [
+    "DATASETS",
+    "DataNotFoundError",
+    "Dataset",
+    "curvature_batches",
+    "epoch_permutation",
+    "load",
+    "pipeline",
+    "random_crop_flip",
+]
+
+DEBIAN_DIRS = {
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
+    "mnist": "/usr/share/datasets/mnist",
+}
+CLASSES = {
+    "mnist": 10,
+    "fashion_mnist": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn": 10,
+    "mnist1d": 10,
+    "swissroll": 2,
+    "rings": 2,
+    "spirals": 3,
+}
+DATASETS = tuple(CLASSES)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No source could provide the data set; the message lists what was tried."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Arrays ready to put on device, and their metadata.
+
+    Images are float32 NHWC scaled to [0, 1] then standardised with the training set's
+    per-channel mean and std (``mean``/``std`` kept for reference); labels are int32.
+    """
+
+    name: str
+    source: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    @property
+    def input_shape(self):
+        return self.x_train.shape[1:]
+
+
+def _raw(name, data_dir, idx_dir, seed, allow_download, options):
+    """Returns (splits, source description)."""
+    if name == "mnist1d":
+        return embedded.mnist1d(seed, **options), "mnist1d package (generated)"
+    if name in embedded.SYNTHETIC:
+        return embedded.synthetic(name, seed=seed, **options), "generated"
+    if name not in tfds_source.TFDS_NAMES:
+        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+    tried = []
+    try:
+        return tfds_source.load_tfds(name, data_dir, allow_prepare=False), "tfds (prepared)"
+    except FileNotFoundError as e:
+        tried.append(f"TFDS prepared in {data_dir or '~/tensorflow_datasets'}: {e}")
+    except ImportError as e:
+        tried.append(f"TFDS: cannot import tensorflow_datasets ({e})")
+    for folder in [idx_dir, DEBIAN_DIRS.get(name)]:
+        if folder is None:
+            continue
+        if os.path.isdir(folder):
+            splits = idx.load_idx_dir(folder)
+            if splits is not None:
+                return splits, f"IDX files in {folder}"
+            tried.append(f"IDX folder {folder}: no train/t10k image and label files")
+        else:
+            tried.append(f"IDX folder {folder}: does not exist")
+    if allow_download:
+        try:
+            return tfds_source.load_tfds(name, data_dir, allow_prepare=True), "tfds (downloaded)"
+        except FileNotFoundError as e:
+            tried.append(f"TFDS download: {e}")
+    hint = "prepare it with TFDS (pip install -e '.[tfds]' and network access, or copy a prepared "
+    hint += "tensorflow_datasets folder and pass its data_dir)"
+    if name in ("mnist", "fashion_mnist"):
+        hint += ", or pass idx_dir= a folder of MNIST-format IDX files"
+    if name == "fashion_mnist":
+        hint += " (Debian: apt-get install dataset-fashion-mnist)"
+    raise DataNotFoundError(
+        f"data set {name!r} is not available. Tried: " + "; ".join(tried) + f". To fix: {hint}."
+    )
+
+
+def load(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    idx_dir: str | None = None,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+    allow_download: bool = True,
+    max_train: int | None = None,
+    **options,
+) -> Dataset:
+    """Loads a data set as host arrays with a seeded train/validation split.
+
+    Args:
+      name: one of `DATASETS`.
+      data_dir: TFDS data folder.
+      idx_dir: folder of MNIST-format IDX files (train-/t10k- images and labels).
+      validation_fraction: fraction of the training set held out (split by ``seed``).
+      seed: seed of the split and of generated data.
+      allow_download: try a TFDS download when nothing local works.
+      max_train: keep only the first ``max_train`` training examples (after shuffling).
+      **options: passed to the generators (e.g. ``gap=`` for rings, ``num_train=``).
+
+    Raises:
+      ValueError: unknown name or bad fraction. DataNotFoundError: no source worked.
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    splits, source = _raw(name, data_dir, idx_dir, seed, allow_download, options)
+    x, y = splits["train"]
+    xt, yt = splits["test"]
+    x, xt = _as_float(x), _as_float(xt)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[perm], np.asarray(y, np.int32)[perm]
+    if max_train is not None:
+        x, y = x[:max_train], y[:max_train]
+    n_val = int(round(validation_fraction * len(x)))
+    xv, yv = (x[:n_val], y[:n_val]) if n_val else (None, None)
+    x, y = x[n_val:], y[n_val:]
+    axes = tuple(range(x.ndim - 1))
+    mean, std = x.mean(axes), x.std(axes) + 1e-8
+    norm = lambda a: None if a is None else ((a - mean) / std).astype(np.float32)  # noqa: E731
+    return Dataset(
+        name,
+        source,
+        norm(x),
+        y,
+        norm(xt),
+        np.asarray(yt, np.int32),
+        CLASSES[name],
+        norm(xv),
+        yv,
+        mean,
+        std,
+    )
+
+
+def _as_float(x):
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+        if x.ndim == 3:  # (n, h, w) grey images from IDX files -> NHWC
+            x = x[..., None]
+    return x.astype(np.float32)

@@ -1,0 +1,87 @@
+"""Every data source on tiny data: IDX files written here, TFDS mock data, MNIST-1D, generators."""
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sharp_minima import data
+from sharp_minima.data import embedded, idx
+
+
+def write_tiny_idx(folder, n_train=30, n_test=10):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        idx.write_idx(str(folder / f"{prefix}-images-idx3-ubyte.gz"),
+                      rng.integers(0, 256, (n, 6, 6), dtype=np.uint8))
+        idx.write_idx(str(folder / f"{prefix}-labels-idx1-ubyte.gz"),
+                      rng.integers(0, 10, n, dtype=np.uint8))
+
+
+def test_idx_round_trip_and_load(tmp_path):
+    write_tiny_idx(tmp_path)
+    ds = data.load("fashion_mnist", idx_dir=str(tmp_path), data_dir=str(tmp_path / "none"),
+                   validation_fraction=0.2, allow_download=False)
+    assert ds.source.startswith("IDX files in")
+    assert ds.x_train.shape == (24, 6, 6, 1) and ds.x_val.shape == (6, 6, 6, 1)
+    assert ds.x_test.shape == (10, 6, 6, 1) and ds.y_train.dtype == np.int32
+    np.testing.assert_allclose(ds.x_train.mean(), 0.0, atol=1e-5)
+    # The split is seeded: same seed, same split; other seed, other split.
+    again = data.load("fashion_mnist", idx_dir=str(tmp_path), data_dir=str(tmp_path / "none"),
+                      validation_fraction=0.2, allow_download=False)
+    np.testing.assert_array_equal(again.y_val, ds.y_val)
+
+
+def test_bad_idx_file_is_named(tmp_path):
+    bad = tmp_path / "x.gz"
+    idx.write_idx(str(bad), np.zeros((2, 2), np.uint8))
+    bad.write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="x.gz is not an IDX file"):
+        idx.read_idx(str(bad))
+
+
+def test_missing_data_names_the_sources_tried(tmp_path):
+    with pytest.raises(data.DataNotFoundError) as err:
+        data.load("cifar10", data_dir=str(tmp_path), allow_download=False)
+    assert "not prepared" in str(err.value) and "To fix" in str(err.value)
+    with pytest.raises(ValueError, match="valid names"):
+        data.load("imagenet")
+
+
+def test_tfds_mock_data_through_data_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12), mock.patch.object(
+        tfds.core.DatasetBuilder, "is_prepared", return_value=True
+    ):
+        ds = data.load("cifar10", data_dir=str(tmp_path), allow_download=False)
+    assert ds.source == "tfds (prepared)"
+    assert ds.x_train.shape == (12, 32, 32, 3) and ds.num_classes == 10
+
+
+def test_mnist1d_and_generators():
+    ds = data.load("mnist1d")
+    assert ds.x_train.shape == (4000, 40, 1) and set(np.unique(ds.y_train)) == set(range(10))
+    for name, classes in (("swissroll", 2), ("rings", 2), ("spirals", 3)):
+        ds = data.load(name, num_train=100, num_test=50)
+        assert ds.x_train.shape == (100, 2) and ds.num_classes == classes
+        assert set(np.unique(ds.y_train)) == set(range(classes))
+    # Rings: the radial gap between classes is respected.
+    x, y = embedded.rings(500, gap=0.2)
+    r = np.linalg.norm(x, axis=1)
+    assert r[y == 0].max() + 0.2 <= r[y == 1].min() + 1e-6
+
+
+def test_pipeline_is_seeded_and_on_device():
+    idx_a = data.epoch_permutation(jax.random.key(0), 10, 3)
+    idx_b = data.epoch_permutation(jax.random.key(0), 10, 3)
+    assert idx_a.shape == (3, 3) and len(set(np.asarray(idx_a).ravel())) == 9
+    np.testing.assert_array_equal(idx_a, idx_b)
+    images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    out = data.random_crop_flip(jax.random.key(1), images, padding=1)
+    assert out.shape == images.shape
+    batches, weights = data.curvature_batches(jax.random.key(2), np.zeros((100, 3)),
+                                              np.zeros(100), fraction=0.2, batch_size=8)
+    assert batches["x"].shape == (2, 8, 3) and weights.shape == (2,)
