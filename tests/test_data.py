@@ -14,23 +14,36 @@ from sharp_minima.data import embedded, idx
 def write_tiny_idx(folder, n_train=30, n_test=10):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        idx.write_idx(str(folder / f"{prefix}-images-idx3-ubyte.gz"),
-                      rng.integers(0, 256, (n, 6, 6), dtype=np.uint8))
-        idx.write_idx(str(folder / f"{prefix}-labels-idx1-ubyte.gz"),
-                      rng.integers(0, 10, n, dtype=np.uint8))
+        idx.write_idx(
+            str(folder / f"{prefix}-images-idx3-ubyte.gz"),
+            rng.integers(0, 256, (n, 6, 6), dtype=np.uint8),
+        )
+        idx.write_idx(
+            str(folder / f"{prefix}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n, dtype=np.uint8)
+        )
 
 
 def test_idx_round_trip_and_load(tmp_path):
     write_tiny_idx(tmp_path)
-    ds = data.load("fashion_mnist", idx_dir=str(tmp_path), data_dir=str(tmp_path / "none"),
-                   validation_fraction=0.2, allow_download=False)
+    ds = data.load(
+        "fashion_mnist",
+        idx_dir=str(tmp_path),
+        data_dir=str(tmp_path / "none"),
+        validation_fraction=0.2,
+        allow_download=False,
+    )
     assert ds.source.startswith("IDX files in")
     assert ds.x_train.shape == (24, 6, 6, 1) and ds.x_val.shape == (6, 6, 6, 1)
     assert ds.x_test.shape == (10, 6, 6, 1) and ds.y_train.dtype == np.int32
     np.testing.assert_allclose(ds.x_train.mean(), 0.0, atol=1e-5)
     # The split is seeded: same seed, same split; other seed, other split.
-    again = data.load("fashion_mnist", idx_dir=str(tmp_path), data_dir=str(tmp_path / "none"),
-                      validation_fraction=0.2, allow_download=False)
+    again = data.load(
+        "fashion_mnist",
+        idx_dir=str(tmp_path),
+        data_dir=str(tmp_path / "none"),
+        validation_fraction=0.2,
+        allow_download=False,
+    )
     np.testing.assert_array_equal(again.y_val, ds.y_val)
 
 
@@ -53,8 +66,9 @@ def test_missing_data_names_the_sources_tried(tmp_path):
 def test_tfds_mock_data_through_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=12), mock.patch.object(
-        tfds.core.DatasetBuilder, "is_prepared", return_value=True
+    with (
+        tfds.testing.mock_data(num_examples=12),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
     ):
         ds = data.load("cifar10", data_dir=str(tmp_path), allow_download=False)
     assert ds.source == "tfds (prepared)"
@@ -82,6 +96,7 @@ def test_pipeline_is_seeded_and_on_device():
     images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
     out = data.random_crop_flip(jax.random.key(1), images, padding=1)
     assert out.shape == images.shape
-    batches, weights = data.curvature_batches(jax.random.key(2), np.zeros((100, 3)),
-                                              np.zeros(100), fraction=0.2, batch_size=8)
+    batches, weights = data.curvature_batches(
+        jax.random.key(2), np.zeros((100, 3)), np.zeros(100), fraction=0.2, batch_size=8
+    )
     assert batches["x"].shape == (2, 8, 3) and weights.shape == (2,)

@@ -15,8 +15,7 @@ def count(tree):
 
 def init_and_apply(model, x, train=True):
     variables = model.init({"params": KEY, "dropout": KEY}, x, train=False)
-    out, _ = model.apply(variables, x, train=train, rngs={"dropout": KEY},
-                         mutable=["batch_stats"])
+    out, _ = model.apply(variables, x, train=train, rngs={"dropout": KEY}, mutable=["batch_stats"])
     return variables, out
 
 
@@ -65,8 +64,11 @@ def test_forward_shapes(name, kwargs, shape, classes):
 def test_resnet32_has_32_layers_and_bounded_output_without_bn():
     model = get_model("resnet32", widths=(4, 8, 8))
     variables, out = init_and_apply(model, jax.random.normal(KEY, (4, 8, 8, 3)), train=False)
-    convs = [k for k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
-             if "Conv" in jax.tree_util.keystr(k[0]) and "kernel" in jax.tree_util.keystr(k[0])]
+    convs = [
+        k
+        for k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+        if "Conv" in jax.tree_util.keystr(k[0]) and "kernel" in jax.tree_util.keystr(k[0])
+    ]
     assert len(convs) + 1 == 32  # 31 convolutions + the classifier
     assert float(jnp.abs(out).max()) < 100
 
