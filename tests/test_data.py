@@ -23,27 +23,25 @@ def write_tiny_idx(folder, n_train=30, n_test=10):
         )
 
 
-def test_idx_round_trip_and_load(tmp_path):
-    write_tiny_idx(tmp_path)
-    ds = data.load(
+def load_tiny_idx(folder):
+    return data.load(
         "fashion_mnist",
-        idx_dir=str(tmp_path),
-        data_dir=str(tmp_path / "none"),
+        idx_dir=str(folder),
+        data_dir=str(folder / "none"),
         validation_fraction=0.2,
         allow_download=False,
     )
+
+
+def test_idx_round_trip_and_load(tmp_path):
+    write_tiny_idx(tmp_path)
+    ds = load_tiny_idx(tmp_path)
     assert ds.source.startswith("IDX files in")
     assert ds.x_train.shape == (24, 6, 6, 1) and ds.x_val.shape == (6, 6, 6, 1)
     assert ds.x_test.shape == (10, 6, 6, 1) and ds.y_train.dtype == np.int32
     np.testing.assert_allclose(ds.x_train.mean(), 0.0, atol=1e-5)
-    # The split is seeded: same seed, same split; other seed, other split.
-    again = data.load(
-        "fashion_mnist",
-        idx_dir=str(tmp_path),
-        data_dir=str(tmp_path / "none"),
-        validation_fraction=0.2,
-        allow_download=False,
-    )
+    # The split is seeded: the same seed gives the same split.
+    again = load_tiny_idx(tmp_path)
     np.testing.assert_array_equal(again.y_val, ds.y_val)
 
 
