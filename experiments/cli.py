@@ -7,20 +7,71 @@ import sys
 from absl import app, flags
 
 
+def _one_line(error: BaseException) -> str:
+    """The last meaningful line of an error message (config_flags embeds tracebacks)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1]
+    first = lines[0]
+    if first.startswith("flag --") and ":" in first and first != last:
+        return f"{first.split(':', 1)[0]}: {last}"
+    return " ".join(lines) if len(lines) <= 2 else last
+
+
 def parse_flags_or_exit(argv):
-    """absl flags parser that prints one clear line and exits 2 on a bad flag."""
+    """absl flags parser that prints one clear line and exits 2 on a bad flag or config key."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"{argv[0]}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{argv[0]}: error: {_one_line(e)}", file=sys.stderr)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises these for a misspelt or mistyped --config.field override.
+        inner = e.args[0] if e.args and isinstance(e.args[0], Exception) else e
+        name = None
+        if isinstance(inner, (KeyError, AttributeError)) and inner.args:
+            name = str(inner.args[0]).splitlines()[0].strip("'\"")
+        culprits = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        if name is not None:
+            culprits = [c for c in culprits if name in c] or culprits
+            msg = f"no config field {name!r}"
+        else:
+            msg = _one_line(e)
+        print(f"{argv[0]}: error: bad config override {' '.join(culprits)}: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def usage_error(message: str):
-    """Stops the program with ``message`` and exit status 2 (no traceback)."""
-    raise app.UsageError(message, exitcode=2)
+    """Stops the program with one line ``prog: error: message`` and exit status 2."""
+    print(f"{sys.argv[0]}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def config_or_exit(config):
+    """The parsed ``--config`` value, or exit 2 when the file could not be loaded."""
+    if config is None:
+        usage_error("--config is required, e.g. --config=configs/f1.py")
+    try:
+        config.get("name")  # an unloadable file gives an object that raises on any access
+    except Exception as e:  # noqa: BLE001  (we only turn it into one line)
+        usage_error(f"--config: {_one_line(e)}")
+    return config
+
+
+def _quiet(main):
+    """Orbax and TFDS log every file operation at INFO (and TFDS warns about the folders it
+    probes); show errors only, unless the user asked for a verbosity (``--verbosity=0``)."""
+
+    def wrapped(argv):
+        from absl import logging
+
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.ERROR)
+        return main(argv)
+
+    return wrapped
 
 
 def run(main):
-    """``app.run`` with the exit-status-2 flag parser."""
-    app.run(main, flags_parser=parse_flags_or_exit)
+    """``app.run`` with the exit-status-2 flag parser and quiet library logging."""
+    app.run(_quiet(main), flags_parser=parse_flags_or_exit)

@@ -98,3 +98,53 @@ def test_pipeline_is_seeded_and_on_device():
         jax.random.key(2), np.zeros((100, 3)), np.zeros(100), fraction=0.2, batch_size=8
     )
     assert batches["x"].shape == (2, 8, 3) and weights.shape == (2,)
+
+
+def test_manual_ptb_and_timit_folders(tmp_path):
+    with pytest.raises(data.DataNotFoundError, match="lacks ptb.train.txt.*simple-examples"):
+        data.load("ptb", manual_dir=str(tmp_path))
+    lines = {
+        "train": "the cat sat\nthe dog sat on the mat\n",
+        "valid": "the cat\n",
+        "test": "a dog sat on the cat\n",
+    }
+    for split, content in lines.items():
+        (tmp_path / f"ptb.{split}.txt").write_text(content * 3)
+    ds = data.load("ptb", manual_dir=str(tmp_path), seq_len=4)
+    assert ds.x_train.dtype == np.int32 and ds.x_train.shape[1] == 4
+    assert ds.num_classes == 8  # <unk> <eos> + 6 distinct training words
+    # Targets are the inputs shifted by one token ("the cat sat <eos> the dog ...").
+    flat_x, flat_y = ds.x_test.ravel(), ds.y_test.ravel()
+    np.testing.assert_array_equal(flat_x[1:], flat_y[:-1])
+    assert ds.x_val is not None  # PTB's own validation text
+    assert ds.x_test.ravel()[0] == 0  # the unseen word "a" -> <unk>, id 0
+
+    np.savez(tmp_path / "train.npz", x=np.ones((6, 360)), y=np.arange(6))
+    with pytest.raises(data.DataNotFoundError, match="test.npz"):
+        data.load("timit", manual_dir=str(tmp_path))
+    np.savez(tmp_path / "test.npz", x=np.zeros((3, 360)), y=np.arange(3))
+    ds = data.load("timit", manual_dir=str(tmp_path))
+    assert ds.x_train.shape == (6, 360) and ds.num_classes == 1973
+
+
+def test_imdb_tokenised_to_a_fixed_vocabulary(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with (
+        tfds.testing.mock_data(num_examples=10),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
+    ):
+        ds = data.load(
+            "imdb", data_dir=str(tmp_path), allow_download=False, vocab_size=50, max_len=16
+        )
+    assert ds.x_train.shape == (10, 16) and ds.x_train.dtype == np.int32
+    assert ds.x_train.max() < 50 and ds.num_classes == 2
+    assert text_ids_roundtrip()
+
+
+def text_ids_roundtrip():
+    from sharp_minima.data import text
+
+    vocab = text.build_vocab([text.words("Great film<br />great cast")], 10)
+    ids = text.pad_truncate(text.encode(text.words("great unknown"), vocab), 4)
+    return list(ids) == [vocab["great"], vocab[text.UNK], 0, 0] and vocab["great"] == 2

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from sharp_minima.data import embedded, idx, pipeline, tfds_source
+from sharp_minima.data import embedded, idx, manual, pipeline, text, tfds_source
 from sharp_minima.data.pipeline import curvature_batches, epoch_permutation, random_crop_flip
 
 __all__ = [
@@ -43,7 +43,11 @@ CLASSES = {
     "swissroll": 2,
     "rings": 2,
     "spirals": 3,
+    "imdb": 2,
+    "timit": 1973,
+    "ptb": 10000,  # the vocabulary size; the actual one comes from the files
 }
+TEXT = ("imdb", "ptb")  # integer token inputs: no float conversion or standardisation
 DATASETS = tuple(CLASSES)
 
 
@@ -56,7 +60,9 @@ class Dataset:
     """Arrays ready to put on device, and their metadata.
 
     Images are float32 NHWC scaled to [0, 1] then standardised with the training set's
-    per-channel mean and std (``mean``/``std`` kept for reference); labels are int32.
+    per-channel mean and std (``mean``/``std`` kept for reference); labels are int32. Text
+    sets (``TEXT``) hold int32 token ids: IMDB reviews padded to ``max_len``, PTB windows of
+    ``seq_len`` tokens with next-token labels of the same shape.
     """
 
     name: str
@@ -76,17 +82,45 @@ class Dataset:
         return self.x_train.shape[1:]
 
 
-def _raw(name, data_dir, idx_dir, seed, allow_download, options):
-    """Returns (splits, source description)."""
+def _raw(name, data_dir, idx_dir, manual_dir, seed, allow_download, options):
+    """Returns (splits, source description, number of classes)."""
+    splits, source = _raw_splits(name, data_dir, idx_dir, manual_dir, seed, allow_download, options)
+    num_classes = CLASSES[name]
+    if isinstance(splits, tuple):  # manual loaders also return the class/vocabulary count
+        splits, num_classes = splits
+    if name == "imdb":
+        x, xt, vocab = text.reviews_to_arrays(
+            splits["train"][0],
+            splits["test"][0],
+            vocab_size=options.get("vocab_size", 20000),
+            max_len=options.get("max_len", 400),
+        )
+        splits = {"train": (x, splits["train"][1]), "test": (xt, splits["test"][1])}
+    return splits, source, num_classes
+
+
+def _raw_splits(name, data_dir, idx_dir, manual_dir, seed, allow_download, options):
+    if name in manual.EXPECTED:
+        folder = os.path.expanduser(manual_dir) if manual_dir else manual.default_dir(name)
+        if not manual.available(name, folder):
+            raise DataNotFoundError(
+                f"data set {name!r} is not available: {manual.missing_message(name, folder)} "
+                "(or pass --config.data.manual_dir=FOLDER)."
+            )
+        loader = manual.load_timit if name == "timit" else manual.load_ptb
+        return loader(folder, **options), f"files in {folder}"
     if name == "mnist1d":
         return embedded.mnist1d(seed, **options), "mnist1d package (generated)"
     if name in embedded.SYNTHETIC:
         return embedded.synthetic(name, seed=seed, **options), "generated"
     if name not in tfds_source.TFDS_NAMES:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+    extra = bool(options.get("extra", False))  # SVHN: add the 531k "extra" training images
     tried = []
     try:
-        return tfds_source.load_tfds(name, data_dir, allow_prepare=False), "tfds (prepared)"
+        return tfds_source.load_tfds(
+            name, data_dir, allow_prepare=False, extra=extra
+        ), "tfds (prepared)"
     except FileNotFoundError as e:
         tried.append(f"TFDS prepared in {data_dir or '~/tensorflow_datasets'}: {e}")
     except ImportError as e:
@@ -103,7 +137,9 @@ def _raw(name, data_dir, idx_dir, seed, allow_download, options):
             tried.append(f"IDX folder {folder}: does not exist")
     if allow_download:
         try:
-            return tfds_source.load_tfds(name, data_dir, allow_prepare=True), "tfds (downloaded)"
+            return tfds_source.load_tfds(
+                name, data_dir, allow_prepare=True, extra=extra
+            ), "tfds (downloaded)"
         except FileNotFoundError as e:
             tried.append(f"TFDS download: {e}")
     hint = "prepare it with TFDS (pip install -e '.[tfds]' and network access, or copy a prepared "
@@ -122,6 +158,7 @@ def load(
     *,
     data_dir: str | None = None,
     idx_dir: str | None = None,
+    manual_dir: str | None = None,
     validation_fraction: float = 0.0,
     seed: int = 0,
     allow_download: bool = True,
@@ -134,21 +171,28 @@ def load(
       name: one of `DATASETS`.
       data_dir: TFDS data folder.
       idx_dir: folder of MNIST-format IDX files (train-/t10k- images and labels).
+      manual_dir: folder of TIMIT or PTB files (default ``~/sharp_minima_data/<name>``).
       validation_fraction: fraction of the training set held out (split by ``seed``).
       seed: seed of the split and of generated data.
       allow_download: try a TFDS download when nothing local works.
       max_train: keep only the first ``max_train`` training examples (after shuffling).
-      **options: passed to the generators (e.g. ``gap=`` for rings, ``num_train=``).
+      **options: passed to the generators (e.g. ``gap=`` for rings, ``num_train=``), to the
+        manual loaders (PTB ``seq_len``, ``vocab_size``), IMDB (``vocab_size``, ``max_len``)
+        or SVHN (``extra=True``).
 
     Raises:
       ValueError: unknown name or bad fraction. DataNotFoundError: no source worked.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    splits, source = _raw(name, data_dir, idx_dir, seed, allow_download, options)
+    splits, source, num_classes = _raw(
+        name, data_dir, idx_dir, manual_dir, seed, allow_download, options
+    )
     x, y = splits["train"]
     xt, yt = splits["test"]
-    x, xt = _as_float(x), _as_float(xt)
+    is_text = name in TEXT
+    if not is_text:
+        x, xt = _as_float(x), _as_float(xt)
     perm = np.random.default_rng(seed).permutation(len(x))
     x, y = x[perm], np.asarray(y, np.int32)[perm]
     if max_train is not None:
@@ -156,9 +200,15 @@ def load(
     n_val = int(round(validation_fraction * len(x)))
     xv, yv = (x[:n_val], y[:n_val]) if n_val else (None, None)
     x, y = x[n_val:], y[n_val:]
-    axes = tuple(range(x.ndim - 1))
-    mean, std = x.mean(axes), x.std(axes) + 1e-8
-    norm = lambda a: None if a is None else ((a - mean) / std).astype(np.float32)  # noqa: E731
+    if "valid" in splits and xv is None:  # PTB ships its own validation text
+        xv, yv = splits["valid"]
+    if is_text:
+        mean = std = None
+        norm = lambda a: a  # noqa: E731
+    else:
+        axes = tuple(range(x.ndim - 1))
+        mean, std = x.mean(axes), x.std(axes) + 1e-8
+        norm = lambda a: None if a is None else ((a - mean) / std).astype(np.float32)  # noqa: E731
     return Dataset(
         name,
         source,
@@ -166,7 +216,7 @@ def load(
         y,
         norm(xt),
         np.asarray(yt, np.int32),
-        CLASSES[name],
+        num_classes,
         norm(xv),
         yv,
         mean,

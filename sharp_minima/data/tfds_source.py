@@ -12,6 +12,7 @@ TFDS_NAMES = {
     "cifar10": ("cifar10", "image", "label", "test"),
     "cifar100": ("cifar100", "image", "label", "test"),
     "svhn": ("svhn_cropped", "image", "label", "test"),
+    "imdb": ("imdb_reviews", "text", "label", "test"),  # tokenised by data.text
 }
 
 

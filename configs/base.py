@@ -1,0 +1,118 @@
+"""Base config: every field a training run reads, with its default.
+
+Named configs (``configs/f1.py`` …) start from `base` and override a few fields. A suffix picks
+variants, comma-separated: ``--config=configs/f1.py:lb,fashion``. Every config accepts
+``tiny`` (a seconds-long run on a few hundred examples, for tests and smoke checks).
+Override any field from the command line: ``--config.optim.learning_rate=3e-4``; the config is
+locked, so a misspelt field is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+    c.num_devices = 0  # 0 = every local device (every device of every host after distributed init)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"
+    c.model.kwargs = ml_collections.ConfigDict({"widths": (128, 128)})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist1d"
+    c.data.data_dir = config_dict.placeholder(
+        str
+    )  # TFDS data folder (default ~/tensorflow_datasets)
+    c.data.idx_dir = config_dict.placeholder(str)  # folder of MNIST-format IDX .gz files
+    c.data.manual_dir = config_dict.placeholder(str)  # TIMIT / PTB files (see README)
+    c.data.validation_fraction = 0.0
+    c.data.max_train = config_dict.placeholder(int)
+    c.data.seed = config_dict.placeholder(int)  # split seed; default: config.seed
+    c.data.allow_download = True
+    c.data.augment = False  # random crop (pad 4) + horizontal flip, on device
+    c.data.options = ml_collections.ConfigDict()
+
+    c.batch_size = 128
+    c.eval_batch_size = 1000
+    c.eval_train_examples = 10_000  # training-set metrics on a fixed subset (0 = all)
+    c.num_epochs = 10
+    c.eval_every_epochs = 1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # sgd momentum nesterov adam adamw rmsprop adagrad
+    c.optim.learning_rate = 1e-3
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0  # L2 term λ/2‖w‖² in the loss (adamw: decoupled decay)
+    c.optim.decoupled = False
+    c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "constant"  # constant step cosine plateau
+    c.schedule.warmup_epochs = 0.0
+    c.schedule.base_batch_size = 0  # > 0: linear scaling rule lr·batch/base (Goyal et al.)
+    c.schedule.boundaries_epochs = ()  # step decay by decay_factor at these epochs
+    c.schedule.decay_factor = 0.1
+    c.schedule.plateau_patience = 5  # epochs
+    c.schedule.plateau_factor = 0.1
+
+    c.early_stop = ml_collections.ConfigDict()
+    c.early_stop.metric = "train/loss"
+    c.early_stop.patience = 0  # evaluations without improvement; 0 = off
+    c.early_stop.min_delta = 0.0
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 0  # 0 = at each evaluation only
+    c.checkpoint.keep = 3
+    c.checkpoint.best_metric = "auto"  # val/accuracy if validation_fraction > 0 else train/accuracy
+
+    c.log_every_steps = 50
+    c.progress = True
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    """A run of a few seconds: a few hundred examples, one epoch, small evaluation."""
+    c.data.max_train = 256
+    c.batch_size = min(c.batch_size, 32)
+    c.eval_batch_size = 128
+    c.eval_train_examples = 128
+    c.num_epochs = 1
+    c.log_every_steps = 4
+
+
+def with_variants(
+    c: ml_collections.ConfigDict,
+    arg: str | None,
+    variants: dict[str, Callable[[ml_collections.ConfigDict], None]],
+) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants named in ``arg`` (``tiny`` unless ``variants``
+    redefines it), then locks.
+
+    Raises:
+      ValueError: an unknown variant (the message lists the valid ones).
+    """
+    variants = {"tiny": tiny, **variants}
+    for name in filter(None, (arg or "").split(",")):
+        if name not in variants:
+            raise ValueError(
+                f"unknown config variant {name!r} for {c.name}; valid: {', '.join(variants)}"
+            )
+        variants[name](c)
+    c.lock()
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """A small MLP on MNIST-1D (embedded data), Adam."""
+    return with_variants(base(), arg, {})

@@ -1,0 +1,59 @@
+r"""Train any config; re-running the same command resumes.
+
+    python -m experiments.train --config=configs/f1.py:fashion --workdir=runs/f1
+    python -m experiments.train --config=configs/c2.py --config.optim.learning_rate=3e-4 ...
+
+Writes ``config.json``, ``metrics.jsonl`` (prefixed keys), ``checkpoints/`` (last few) and
+``checkpoint_best/`` into ``--workdir``, and ``final.json`` with the last evaluation.
+Bad flags, config keys or missing data exit with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import cli
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/<name>.py[:variants]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Output folder (resumes when it holds a checkpoint).")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first (several hosts; "
+    "coordinator/process ids come from the environment: TPU pods, SLURM, ...).",
+)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.usage_error(f"unexpected arguments: {argv[1:]}")
+    config = cli.config_or_exit(FLAGS.config)
+    if not FLAGS.workdir:
+        cli.usage_error("--workdir is required")
+    if FLAGS.multihost:
+        jax.distributed.initialize()
+    from sharp_minima import data, files, train
+
+    try:
+        result = train.train(config, FLAGS.workdir)
+    except (train.ConfigError, data.DataNotFoundError, ValueError) as e:
+        cli.usage_error(str(e))
+    except train.NonFiniteError as e:
+        raise SystemExit(f"error: {e}") from None
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(FLAGS.workdir, "final.json"), result.final)
+        print(
+            "final: "
+            + "  ".join(f"{k} {v:.4f}" for k, v in result.final.items() if isinstance(v, float))
+        )
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,273 @@
+"""The training harness: configs, schedules, resume, multi-device, NaN stop, command line."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sharp_minima import data, losses, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and f not in ("__init__.py", "keskar_common.py")
+)
+
+
+def load_config(spec, **overrides):
+    path, _, arg = spec.partition(":")  # as --config=configs/<path>[:arg] would load it
+    config = importlib.import_module(f"configs.{path[:-3]}").get_config(arg or None)
+    config.unlock()
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def tiny(**overrides):
+    """The swiss-roll MLP on 64 examples, batch 16: 4 steps per epoch, quiet."""
+    base = {"data.max_train": 64, "batch_size": 16, "progress": False, "log_every_steps": 1}
+    return load_config("swissroll.py:tiny", **{**base, **overrides})
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_and_validates(name):
+    config = load_config(f"{name}.py")
+    train.validate_config(config, num_devices=1)
+    assert config.name and config.model.name in train.MODELS
+    with pytest.raises(AttributeError):  # locked: a misspelt field is an error
+        config.optim.lrr = 1.0
+
+
+def test_config_variants_and_errors():
+    assert load_config("f1.py:lb,fashion").batch_size == 6000
+    assert load_config("f1.py:lb,fashion").data.name == "fashion_mnist"
+    assert load_config("f1.py:sb").batch_size == 256
+    assert load_config("c2.py:augment").data.augment
+    with pytest.raises(ValueError, match="unknown config variant 'xl'.*valid: tiny"):
+        load_config("f1.py:xl")
+    bad = [
+        ({"model.name": "f3"}, "unknown model 'f3'.*f1"),
+        ({"data.name": "mnist2"}, "unknown data set 'mnist2'"),
+        ({"optim.name": "lion"}, "unknown optimizer 'lion'"),
+        ({"schedule.name": "step"}, "needs config.schedule.boundaries_epochs"),
+        ({"schedule.warmup_epochs": 100.0}, "warmup_epochs .* shorter"),
+        ({"data.augment": True}, "augment .* image data"),
+        ({"early_stop.patience": 2, "early_stop.metric": "val/loss"}, "validation_fraction is 0"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(train.ConfigError, match=message):
+            train.validate_config(load_config("swissroll.py", **overrides), num_devices=1)
+    with pytest.raises(train.ConfigError, match=r"batch_size=30 is not divisible .*\(4\)"):
+        train.validate_config(load_config("swissroll.py", batch_size=30), num_devices=4)
+
+
+def test_schedules_closed_form():
+    # Goyal et al.: base lr 0.1 at batch 256, batch 1024 -> peak 0.4, ramp from 0.1 over 2 epochs.
+    c = load_config(
+        "simplecnn.py",
+        **{
+            "optim.learning_rate": 0.1,
+            "batch_size": 1024,
+            "schedule.base_batch_size": 256,
+            "schedule.warmup_epochs": 2.0,
+            "schedule.name": "step",
+            "schedule.boundaries_epochs": (5, 8),
+            "num_epochs": 10,
+        },
+    )
+    lr = train.learning_rate_schedule(c, steps_per_epoch=10)
+    np.testing.assert_allclose(
+        [lr(0), lr(10), lr(20), lr(49), lr(50), lr(80)],
+        [0.1, 0.25, 0.4, 0.4, 0.04, 0.004],
+        rtol=1e-6,
+    )
+    c = load_config("simplecnn.py", **{"schedule.name": "cosine", "num_epochs": 4})
+    lr = train.learning_rate_schedule(c, steps_per_epoch=10)
+    np.testing.assert_allclose([lr(0), lr(20), lr(40)], [0.01, 0.005, 0.0], atol=1e-9)
+
+
+def test_reduce_on_plateau_counts_epochs():
+    c = load_config(
+        "swissroll.py",
+        **{
+            "schedule.name": "plateau",
+            "schedule.plateau_patience": 2,
+            "schedule.plateau_factor": 0.5,
+        },
+    )
+    tx, lr_fn = train.make_optimizer(c, steps_per_epoch=3)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    lrs = []
+    for _ in range(5 * 3):  # 5 epochs of a flat loss: no improvement after the first epoch
+        _, state = tx.update(params, state, params, value=jnp.array(1.0))
+        lrs.append(float(lr_fn(0, state)))
+    # Epoch 1 sets the best; epochs 2 and 3 do not improve -> halved at the end of epoch 3.
+    assert lrs[8] == pytest.approx(5e-4) and lrs[7] == pytest.approx(1e-3)
+
+
+def test_weight_decay_is_l2_on_kernels_only():
+    params = {"Dense_0": {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([3.0, 4.0])}}
+    assert float(losses.l2_penalty(params)) == pytest.approx(2.5)
+    grad = jax.grad(losses.l2_penalty)(params)
+    np.testing.assert_array_equal(grad["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(grad["Dense_0"]["bias"], 0.0)
+
+
+def test_cross_entropy_and_accuracy_sequence_shapes():
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))  # (batch 1, time 2, vocab 2)
+    labels = jnp.array([[0, 1]])
+    expect = -(np.log(0.5) + np.log(0.1)) / 2
+    assert float(losses.cross_entropy(logits, labels)) == pytest.approx(expect, rel=1e-6)
+    assert float(losses.accuracy(logits, labels)) == pytest.approx(0.5)
+
+
+def test_train_writes_metrics_checkpoints_and_learns(tmp_path):
+    result = train.train(tiny(num_epochs=3), str(tmp_path))
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r and "test/loss" not in r] == list(
+        range(1, 13)
+    )
+    evals = [r for r in records if "test/accuracy" in r]
+    assert [r["epoch"] for r in evals] == [1, 2, 3] and evals == result.history
+    assert all(k.split("/")[0] in ("train", "test") for r in records for k in r if "/" in k)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
+    assert len(os.listdir(tmp_path / "checkpoint_best")) == 1
+    assert evals[-1]["train/loss"] < evals[0]["train/loss"]
+    assert int(result.state.step) == 12
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path):
+    config = tiny(num_epochs=2, **{"checkpoint.every_steps": 3})
+    straight = train.train(config, str(tmp_path / "a"))
+
+    def kill(ctx):  # a crash between checkpoints: step 7 is lost, step 6 was saved
+        raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train.train(config, str(tmp_path / "b"), hooks=[train.Hook(kill, every_steps=7)])
+    assert max(r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")) == 7
+    resumed = train.train(config, str(tmp_path / "b"))
+    assert resumed.resumed_from == 6
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [
+        r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "test/loss" not in r
+    ]
+    assert steps == list(range(1, 9))  # records after the checkpoint were rewritten, not doubled
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train.train(tiny(), str(tmp_path))
+    with pytest.raises(train.ConfigError, match="different config .*optim"):
+        train.train(tiny(**{"optim.learning_rate": 0.5}), str(tmp_path))
+    more = train.train(tiny(num_epochs=2), str(tmp_path))  # more epochs may be added
+    assert more.resumed_from == 4 and int(more.state.step) == 8
+
+
+def test_four_devices_same_trajectory_as_one(tmp_path):
+    assert len(jax.devices()) == 4
+    losses_by_devices = {}
+    for n in (1, 4):
+        config = load_config(
+            "f1.py:tiny",  # BatchNorm: batch statistics must be global, not per device
+            **{
+                "data.name": "swissroll",
+                "data.max_train": 64,
+                "batch_size": 16,
+                "num_devices": n,
+                "progress": False,
+                "log_every_steps": 1,
+                "num_epochs": 2,
+            },
+        )
+        train.train(config, str(tmp_path / str(n)))
+        recs = read_jsonl(tmp_path / str(n) / "metrics.jsonl")
+        losses_by_devices[n] = [r["train/loss"] for r in recs if "test/loss" not in r]
+    assert len(losses_by_devices[1]) == 8
+    np.testing.assert_allclose(losses_by_devices[4], losses_by_devices[1], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_stops_naming_the_step(tmp_path):
+    ds = train.load_data(tiny())
+    ds.x_train[16:32] = np.nan  # the batch of step 2 (or a later one) holds the NaNs
+    config = tiny(**{"log_every_steps": 50})
+    with pytest.raises(train.NonFiniteError, match=r"at step (\d+)") as err:
+        train.train(config, str(tmp_path), data=ds)
+    step = int(err.value.args[0].split("at step ")[1].split()[0])
+    perm = np.asarray(
+        data.epoch_permutation(
+            jax.random.fold_in(jax.random.split(jax.random.key(0), 3)[1], 0), 64, 16
+        )
+    )
+    first_bad = 1 + min(i for i, row in enumerate(perm) if np.any((row >= 16) & (row < 32)))
+    assert step == first_bad
+
+
+def test_early_stop_from_history():
+    config = tiny(**{"early_stop.patience": 2, "early_stop.metric": "train/loss"})
+    hist = [{"train/loss": v} for v in (1.0, 0.5, 0.6, 0.55)]
+    assert train._early_stop(config, hist)
+    assert not train._early_stop(config, hist[:3])
+    assert not train._early_stop(config, hist + [{"train/loss": 0.4}])
+
+
+def _cli(tmp_path, *args):
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}/run", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_two_steps_and_resume(tmp_path):
+    args = [
+        "--config=configs/swissroll.py:tiny",
+        "--config.data.max_train=64",
+        "--config.batch_size=32",
+    ]
+    first = _cli(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    assert "step 2/2" in first.stdout and "test/accuracy" in first.stdout
+    final = json.load(open(tmp_path / "run" / "final.json"))
+    assert final["step"] == 2 and 0.0 <= final["test/accuracy"] <= 1.0
+    again = _cli(tmp_path, *args)
+    assert again.returncode == 0 and "resumed from step 2" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config=configs/swissroll.py", "--config.optim.lrr=1"], "no config field 'lrr'"),
+        (["--config=configs/swissroll.py", "--config.model.name=f3"], "unknown model 'f3'"),
+        (["--config=configs/swissroll.py:xl"], "unknown config variant 'xl'"),
+        (["--config=configs/nope.py"], "No such file"),
+        (
+            [
+                "--config=configs/c2.py",
+                "--config.data.data_dir=/nonexistent",
+                "--config.data.allow_download=False",
+            ],
+            "data set 'cifar10' is not available",
+        ),
+    ],
+)
+def test_command_line_errors_exit_2_with_one_line(tmp_path, args, message):
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
