@@ -32,6 +32,23 @@ def test_readme_python_example_runs():
     assert namespace["tr"].stderr >= 0
 
 
+def test_readme_training_example_runs(tmp_path, monkeypatch):
+    readme = read("README.md")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "train.train" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(
+        compile(
+            block.replace("/tmp/sharp_minima_readme", str(tmp_path / "run")), "README.md", "exec"
+        ),
+        namespace,
+    )
+    result = namespace["result"]
+    assert int(result.state.step) == result.final["step"] > 0
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "train/param_norm" in logged
+
+
 def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run(
