@@ -56,6 +56,10 @@ def base() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0  # L2 term λ/2‖w‖² in the loss (adamw: decoupled decay)
     c.optim.decoupled = False
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+    # Conservative training (Keskar et al. Sec. 4.2): min f(x) + λ/2‖x − x_k‖², x_k renewed
+    # every proximal_inner_steps steps; 0 = off.
+    c.optim.proximal = 0.0
+    c.optim.proximal_inner_steps = 3
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "constant"  # constant step cosine plateau

@@ -9,11 +9,17 @@ from configs import keskar_common as kc
 
 
 def get_config(arg=None):
-    c = kc.keskar("c1", "cifar10", num_epochs=100)
+    c = kc.keskar("c1", "cifar10", num_epochs=100, width=64)
+
+    def tiny(c):
+        kc.tiny_study(c)
+        c.model.kwargs.width = 4
 
     def augment(c):
         c.data.augment = True
 
     return base.with_variants(
-        c, arg, {"sb": kc.small_batch, "lb": kc.large_batch_of(50_000), "augment": augment}
+        c,
+        arg,
+        {"sb": kc.small_batch, "lb": kc.large_batch_of(50_000), "augment": augment, "tiny": tiny},
     )

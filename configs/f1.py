@@ -15,7 +15,7 @@ def get_config(arg=None):
         c.data.name = "fashion_mnist"
 
     def tiny(c):
-        base.tiny(c)
+        kc.tiny_study(c)
         c.model.kwargs.width = 32
 
     return base.with_variants(

@@ -176,18 +176,27 @@ def _flat_operator(loss_fn, params, batches, weights, wrt):
     def one(v, batch):
         return jax.jvp(lambda x: grad(x, batch), (x0,), (v,))[1]
 
+    return x0, unravel, merge, lambda v: batch_mean(lambda b: one(v, b), batches, weights)
+
+
+def batch_mean(fn, batches, weights):
+    """``Σ_b weights[b] · fn(batch_b)`` by a `lax.scan` over the leading batch axis (memory of
+    one batch); ``fn(None)`` when ``batches`` is None. ``fn`` may return any pytree.
+
+    Call inside a trace, with weights that sum to one (see `hessian_matvec`'s ``weights``).
+    """
     if batches is None:
-        return x0, unravel, merge, lambda v: one(v, None)
+        return fn(None)
+    first = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], batches))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
 
-    def matvec(v):
-        def body(acc, xs):
-            batch, w = xs
-            return acc + w.astype(acc.dtype) * one(v, batch), None
+    def body(acc, xs):
+        batch, w = xs
+        out = fn(batch)
+        return jax.tree.map(lambda a, o: a + w.astype(a.dtype) * o, acc, out), None
 
-        acc, _ = lax.scan(body, jnp.zeros_like(v), (batches, weights))
-        return acc
-
-    return x0, unravel, merge, matvec
+    acc, _ = lax.scan(body, zeros, (batches, weights))
+    return acc
 
 
 def _prepare(loss_fn, params, batches, weights, wrt):

@@ -60,3 +60,56 @@ def tracking_figure(steps, values, ylabel="top Hessian eigenvalues", title=None)
         ax.set_title(title)
     ax.legend(loc="best")
     return fig
+
+
+def parametric_figure(curve, title="Parametric plot"):
+    """Keskar et al.'s Fig. 3: loss (log scale, left) and accuracy (right) along α."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    a = np.asarray(curve["alpha"])
+    ax.semilogy(a, curve["train_loss"], "b-", label="train loss")
+    ax.semilogy(a, curve["test_loss"], "b--", label="test loss")
+    ax.set_xlabel("α  (0: small-batch minimizer, 1: large-batch minimizer)")
+    ax.set_ylabel("cross-entropy", color="b")
+    ax2 = ax.twinx()
+    ax2.plot(a, curve["train_accuracy"], "r-", label="train accuracy")
+    ax2.plot(a, curve["test_accuracy"], "r--", label="test accuracy")
+    ax2.set_ylabel("accuracy (%)", color="r")
+    for x in (0.0, 1.0):
+        ax.axvline(x, color="0.7", lw=0.8)
+    lines = ax.get_lines()[:2] + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center left")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def sharpness_figure(summary, epsilons):
+    """Bar chart of mean ± std sharpness per regime, one group per (space, ε); log scale."""
+    keys = [k for k in next(iter(summary.values())) if k.startswith("sharpness_")]
+    keys = sorted(keys, key=lambda k: (k.split("_")[1], -float(k.split("_")[2])))
+    regimes = list(summary)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(keys), 3.6))
+    width = 0.8 / max(len(regimes), 1)
+    for i, r in enumerate(regimes):
+        means = [summary[r][k][0] if k in summary[r] else np.nan for k in keys]
+        stds = [summary[r][k][1] if k in summary[r] else 0.0 for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, label=r, capsize=2)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(regimes) - 1) / 2)
+    ax.set_xticklabels([k.replace("sharpness_", "").replace("_", "\nε=") for k in keys], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ε-sharpness φ")
+    ax.legend(fontsize=8)
+    ax.set_title("Keskar ε-sharpness (mean ± std over seeds)", fontsize=10)
+    del epsilons
+    return fig
+
+
+def batch_sweep_figure(batch_sizes, sharpness, test_accuracy, epsilon):
+    """Keskar et al.'s Fig. 4: sharpness and test accuracy against batch size."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    ax.semilogx(batch_sizes, sharpness, "bo-")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"sharpness (ε={epsilon:g})", color="b")
+    ax2 = ax.twinx()
+    ax2.semilogx(batch_sizes, test_accuracy, "rs--")
+    ax2.set_ylabel("test accuracy (%)", color="r")
+    return fig

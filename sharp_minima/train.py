@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharp_minima import data as data_lib
-from sharp_minima import files, losses
+from sharp_minima import files, losses, optim
 from sharp_minima.models import MODELS, get_model
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
@@ -123,6 +123,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
     need(c.num_epochs >= 1, f"config.num_epochs must be >= 1, got {c.num_epochs}")
     need(c.optim.learning_rate > 0, "config.optim.learning_rate must be > 0")
     need(c.optim.weight_decay >= 0, "config.optim.weight_decay must be >= 0")
+    need(c.optim.proximal >= 0, "config.optim.proximal (λ) must be >= 0")
+    need(c.optim.proximal_inner_steps >= 1, "config.optim.proximal_inner_steps must be >= 1")
     need(
         0.0 <= c.data.validation_fraction < 1.0, "config.data.validation_fraction must be in [0, 1)"
     )
@@ -244,6 +246,8 @@ def make_optimizer(config, steps_per_epoch: int):
     else:
         base = optax.adagrad(sched, eps=o.eps)
     parts = []
+    if o.proximal:  # Keskar et al.'s conservative training: proximal sub-problems
+        parts.append(optim.proximal(o.proximal, o.proximal_inner_steps))
     if o.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
     parts.append(base)

@@ -20,6 +20,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(commands) == 2, commands
     ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
     assert commands[1] in ci_lines
+    # The main job is the Keskar quickstart (its tiny variant runs in test_keskar.py).
+    assert "python -m experiments.keskar --config=configs/quickstart.py" in commands[0]
 
 
 def test_readme_python_example_runs():

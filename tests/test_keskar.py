@@ -1,0 +1,114 @@
+"""The Keskar study end to end: quickstart (command line), C2 on TFDS mock data, exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from experiments import keskar
+from sharp_minima import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, env=None, tmp_path=None):
+    env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.keskar", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
+    args = ["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}"]
+    out = _run(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Table 3" in out.stdout and "sharpness full" in out.stdout
+    results = json.load(open(tmp_path / "results.json"))
+    assert {r["regime"] for r in results["runs"]} == {"sb", "lb"}
+    for r in results["runs"]:
+        assert r["sharpness_full_0.001"] > 0 and r["sharpness_subspace_0.0005"] >= 0
+        assert r["evals_full_0.001"] <= 2 * 2 + 4  # max_iter = 2 in the tiny variant
+    curve = results["parametric"]["linear"]
+    assert len(curve["alpha"]) == 4 and curve["alpha"][0] == -1.0 and curve["alpha"][-1] == 2.0
+    for name in ("parametric_linear", "parametric_curved", "sharpness"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / f"{name}.{ext}").stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| 0.001 |" in report and "LB sharper than SB" in report
+    again = _run(args)  # resumes: no training, sharpness read from the cache
+    assert again.returncode == 0 and "resumed from step" in again.stdout
+    assert "sharpness full" not in again.stdout
+
+
+def test_c2_without_cifar_exits_2_saying_how_to_get_it(tmp_path):
+    out = _run(
+        ["--config=configs/c2.py", f"--workdir={tmp_path}/w"],
+        env={"TFDS_DATA_DIR": str(tmp_path / "tfds"), "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "data set 'cifar10' is not available" in out.stderr and "To fix" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_config_is_refused_by_keskar(tmp_path):
+    out = _run(["--config=configs/swissroll.py", f"--workdir={tmp_path}"])
+    assert out.returncode == 2 and "no 'keskar' section" in out.stderr
+
+
+def test_tiny_c2_on_tfds_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from configs import c2
+
+    config = c2.get_config("tiny")
+    config.unlock()
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.allow_download = False
+    config.progress = False
+    config.keskar.curved_path = False
+    config.keskar.batch_sweep = (16,)
+    config.num_devices = 1
+    config.lock()
+    with (
+        tfds.testing.mock_data(num_examples=64),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
+    ):
+        data = train.load_data(config)
+    assert data.x_train.shape == (64, 32, 32, 3)
+    out = keskar.run_study(config, str(tmp_path / "w"), data=data, log=lambda s: None)
+    regimes = {r["regime"]: r for r in out["runs"]}
+    assert set(regimes) == {"sb", "lb", "batch16"} and regimes["lb"]["batch_size"] == 6
+    assert all(r["sharpness_full_0.001"] >= 0 for r in out["runs"])
+    assert (tmp_path / "w" / "sharpness_vs_batch.png").exists()
+    assert "Sweeps" in (tmp_path / "w" / "report.md").read_text()
+
+
+def test_regimes_from_config():
+    from configs import f1
+
+    config = f1.get_config()
+    config.unlock()
+    config.keskar.augment = True
+    config.keskar.conservative = 0.01
+    config.keskar.batch_sweep = (256, 1024)
+    plan = {r["name"]: r for r in keskar.regimes(config, 60_000)}
+    assert plan["lb"]["batch_size"] == 6000 and plan["sb"]["batch_size"] == 256
+    assert plan["lb_aug"]["augment"] and plan["lb_conservative"]["proximal"] == 0.01
+    assert "batch1024" in plan and "batch256" not in plan  # the SB size is not run twice
+    assert keskar.regimes(config, 64, num_devices=4)[1]["batch_size"] == 4  # 6 -> 4 devices
+    c = keskar.run_config(config, plan["lb_conservative"], seed=3)
+    assert c.seed == config.seed + 3 and c.data.seed == config.seed and c.batch_size == 6000
+
+
+@pytest.mark.parametrize("regime", ["sb"])
+def test_paper_numbers_are_the_designs(regime):
+    assert keskar.PAPER["f1"]["test_acc"] == (98.03, 97.81)
+    assert keskar.PAPER["c2"]["sharpness_full_0.001"] == (8.68, 925.32)
