@@ -4,22 +4,8 @@ Variants: ``sb`` (batch 256), ``lb`` (batch 5000 = 10% of the training set), ``a
 (random crop + flip, their Table 6), ``tiny``. Needs cifar10 from TFDS (see README, "Data").
 """
 
-from configs import base
 from configs import keskar_common as kc
 
 
 def get_config(arg=None):
-    c = kc.keskar("c1", "cifar10", num_epochs=100, width=64)
-
-    def tiny(c):
-        kc.tiny_study(c)
-        c.model.kwargs.width = 4
-
-    def augment(c):
-        c.data.augment = True
-
-    return base.with_variants(
-        c,
-        arg,
-        {"sb": kc.small_batch, "lb": kc.large_batch_of(50_000), "augment": augment, "tiny": tiny},
-    )
+    return kc.conv_net("c1", "cifar10", arg, width=64, tiny_kwargs={"width": 4})

@@ -4,22 +4,10 @@ Variants: ``sb`` (batch 256), ``lb`` (batch 5000 = 10% of the training set), ``a
 (random crop + flip, their Table 6), ``tiny``. Needs cifar100 from TFDS (see README, "Data").
 """
 
-from configs import base
 from configs import keskar_common as kc
 
 
 def get_config(arg=None):
-    c = kc.keskar("c4", "cifar100", num_epochs=100, width_multiplier=1.0)
-
-    def tiny(c):
-        kc.tiny_study(c)
-        c.model.kwargs.width_multiplier = 1 / 16
-
-    def augment(c):
-        c.data.augment = True
-
-    return base.with_variants(
-        c,
-        arg,
-        {"sb": kc.small_batch, "lb": kc.large_batch_of(50_000), "augment": augment, "tiny": tiny},
+    return kc.conv_net(
+        "c4", "cifar100", arg, width_multiplier=1.0, tiny_kwargs={"width_multiplier": 1 / 16}
     )

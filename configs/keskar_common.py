@@ -75,3 +75,19 @@ def large_batch_of(num_train: int):
         c.batch_size = int(LARGE_BATCH_FRACTION * num_train)
 
     return large_batch
+
+
+def conv_net(name: str, data: str, arg, *, tiny_kwargs: dict, **model_kwargs):
+    """C1–C4 on CIFAR: ADAM, batch 256, 100 epochs at most; variants ``sb``, ``lb`` (batch
+    5000 = 10% of CIFAR's 50k), ``augment`` (random crop + flip, Table 6), ``tiny``."""
+    c = keskar(name, data, num_epochs=100, **model_kwargs)
+
+    def tiny(c):
+        tiny_study(c)
+        c.model.kwargs.update(tiny_kwargs)
+
+    def augment(c):
+        c.data.augment = True
+
+    variants = {"sb": small_batch, "lb": large_batch_of(50_000), "augment": augment, "tiny": tiny}
+    return base.with_variants(c, arg, variants)

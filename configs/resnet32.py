@@ -5,20 +5,11 @@ Variants: ``bn`` (the usual ResNet-32 with BatchNorm), ``tiny``.
 """
 
 from configs import base
+from configs import jastrzebski_common as jc
 
 
 def get_config(arg=None):
-    c = base.base()
-    c.name = "resnet32"
-    c.model.name = "resnet32"
-    c.model.kwargs = base.ml_collections.ConfigDict()
-    c.data.name = "cifar10"
-    c.data.augment = True
-    c.batch_size = 128
-    c.num_epochs = 200
-    c.optim.name = "sgd"
-    c.optim.learning_rate = 0.05
-    c.optim.weight_decay = 5e-4
+    c = jc.sgd_cifar("resnet32", "resnet32", learning_rate=0.05, weight_decay=5e-4, augment=True)
 
     def bn(c):
         c.model.name = "resnet32_bn"

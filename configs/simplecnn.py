@@ -5,18 +5,11 @@ Variants: ``fashion`` (Fashion-MNIST), ``tiny``.
 """
 
 from configs import base
+from configs import jastrzebski_common as jc
 
 
 def get_config(arg=None):
-    c = base.base()
-    c.name = "simplecnn"
-    c.model.name = "simplecnn"
-    c.model.kwargs = base.ml_collections.ConfigDict()
-    c.data.name = "cifar10"
-    c.batch_size = 128
-    c.num_epochs = 200
-    c.optim.name = "sgd"
-    c.optim.learning_rate = 0.01
+    c = jc.sgd_cifar("simplecnn", "simplecnn", learning_rate=0.01)
 
     def fashion(c):
         c.data.name = "fashion_mnist"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import app, flags
@@ -70,6 +71,34 @@ def _quiet(main):
         return main(argv)
 
     return wrapped
+
+
+def setup(argv, config, workdir: str | None, multihost: bool):
+    """The checks every experiment makes first: no stray arguments, a loadable config, a
+    workdir; then ``jax.distributed.initialize()`` when ``multihost``. Returns the config."""
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments: {argv[1:]}")
+    config = config_or_exit(config)
+    if not workdir:
+        usage_error("--workdir is required")
+    if multihost:
+        import jax
+
+        jax.distributed.initialize()
+    return config
+
+
+@contextlib.contextmanager
+def user_errors_exit_2():
+    """Bad config, missing data or bad values → one line and exit 2; NaN/Inf → exit 1."""
+    from sharp_minima import data, train
+
+    try:
+        yield
+    except (train.ConfigError, data.DataNotFoundError, ValueError) as e:
+        usage_error(str(e))
+    except train.NonFiniteError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def run(main):

@@ -510,30 +510,19 @@ def run_study(config, workdir: str, *, data=None, log=print) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.usage_error(f"unexpected arguments: {argv[1:]}")
-    config = cli.config_or_exit(FLAGS.config)
-    if not FLAGS.workdir:
-        cli.usage_error("--workdir is required")
+    config = cli.setup(argv, FLAGS.config, FLAGS.workdir, FLAGS.multihost)
     if "keskar" not in config:
         cli.usage_error(
             f"config {config.name!r} has no 'keskar' section; use configs/f1.py, "
             "f2, c1-c4 or quickstart"
         )
-    if FLAGS.multihost:
-        jax.distributed.initialize()
-    from sharp_minima import data, train
 
     def log(line):
         if jax.process_index() == 0:
             print(line, flush=True)
 
-    try:
+    with cli.user_errors_exit_2():
         run_study(config, FLAGS.workdir, log=log)
-    except (train.ConfigError, data.DataNotFoundError, ValueError) as e:
-        cli.usage_error(str(e))
-    except train.NonFiniteError as e:
-        raise SystemExit(f"error: {e}") from None
     print(open(os.path.join(FLAGS.workdir, "report.md")).read())
 
 

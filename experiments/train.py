@@ -32,21 +32,11 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.usage_error(f"unexpected arguments: {argv[1:]}")
-    config = cli.config_or_exit(FLAGS.config)
-    if not FLAGS.workdir:
-        cli.usage_error("--workdir is required")
-    if FLAGS.multihost:
-        jax.distributed.initialize()
-    from sharp_minima import data, files, train
+    config = cli.setup(argv, FLAGS.config, FLAGS.workdir, FLAGS.multihost)
+    from sharp_minima import files, train
 
-    try:
+    with cli.user_errors_exit_2():
         result = train.train(config, FLAGS.workdir)
-    except (train.ConfigError, data.DataNotFoundError, ValueError) as e:
-        cli.usage_error(str(e))
-    except train.NonFiniteError as e:
-        raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         files.write_json(os.path.join(FLAGS.workdir, "final.json"), result.final)
         print(

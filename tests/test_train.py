@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
     f[:-3]
     for f in os.listdir(os.path.join(ROOT, "configs"))
-    if f.endswith(".py") and f not in ("__init__.py", "keskar_common.py")
+    if f.endswith(".py") and f != "__init__.py" and not f.endswith("_common.py")
 )
 
 
