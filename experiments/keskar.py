@@ -53,6 +53,14 @@ PAPER = {
     "c3": {"test_acc": (49.58, 46.45)},
     "c4": {"test_acc": (63.08, 57.81)},
 }
+PAPER_DATA = {
+    "f1": "mnist",
+    "f2": "timit",
+    "c1": "cifar10",
+    "c2": "cifar10",
+    "c3": "cifar100",
+    "c4": "cifar100",
+}
 
 
 # Changing any of these (or the sharpness code's VERSION) recomputes the cached sharpness.
@@ -337,6 +345,15 @@ def report_markdown(config, summary, num_train) -> str:
         f"subspace A: random n×{k.subspace_dim} with N(0, 1) entries. Paper: their Tables 2–4 "
         "(cells not transcribed are —).",
         "",
+    ]
+    paper_data = PAPER_DATA.get(config.model.name)
+    if paper and paper_data != config.data.name:
+        lines += [
+            f"Note: the paper's numbers are for {config.model.name} on {paper_data}; this run "
+            f"uses {config.data.name}, so compare the SB/LB pattern, not the values.",
+            "",
+        ]
+    lines += [
         "## Table 2 — accuracy (%)",
         "",
         "| | SB train | SB test | LB train | LB test | paper SB test | paper LB test |",

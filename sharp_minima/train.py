@@ -751,8 +751,12 @@ def train(
                 f"ETA {_fmt_time(eta)}"
             )
 
+    # A run that had stopped early stays stopped when the command is run again.
+    first_epoch = resumed_from // steps_per_epoch
+    if resumed_from and _early_stop(config, history):
+        log(f"already stopped early at step {resumed_from} ({config.early_stop.metric})")
+        first_epoch, stopped_early = config.num_epochs, True
     try:
-        first_epoch = resumed_from // steps_per_epoch
         for epoch0 in range(first_epoch, config.num_epochs):
             epoch = epoch0 + 1
             perm = data_lib.epoch_permutation(

@@ -159,3 +159,35 @@ def test_proximal_pulls_towards_the_anchor():
         trajectory.append(float(params[0]))
     # Anchor 0 at step 0 (update 0.5), pull at step 1: 0.5 + 0.5(1 − 0.5) = 0.75, new anchor…
     np.testing.assert_allclose(trajectory, [0.5, 0.75, 1.25, 1.5])
+
+
+def test_direct_lbfgsb_driver_matches_scipy_minimize():
+    import scipy.optimize
+
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(6, 6))
+    h = q @ q.T + np.eye(6)
+    c = rng.normal(size=6) * 3
+
+    def fg(u):
+        return 0.5 * u @ h @ u - c @ u, h @ u - c
+
+    seen = []
+
+    def recorded(u):
+        seen.append(u.copy())
+        return fg(u)
+
+    x0 = np.zeros(6)
+    sharpness._lbfgsb_unit_box(recorded, x0, max_iter=5)
+    ref = scipy.optimize.minimize(
+        fg,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(-1.0, 1.0)] * 6,
+        options={"maxiter": 5, "ftol": 0.0, "gtol": 0.0},
+    )
+    assert len(seen) == ref.nfev
+    np.testing.assert_allclose(seen[-1], ref.x, atol=1e-12)
+    assert np.all(np.abs(ref.x) <= 1.0)

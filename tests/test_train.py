@@ -221,6 +221,14 @@ def test_nan_stops_naming_the_step(tmp_path):
     assert step == first_bad
 
 
+def test_early_stopped_run_stays_stopped_on_resume(tmp_path):
+    config = tiny(num_epochs=30, **{"early_stop.patience": 1, "early_stop.min_delta": 10.0})
+    first = train.train(config, str(tmp_path))  # no evaluation can improve by 10: stops at 2
+    assert first.stopped_early and int(first.state.step) == 8
+    again = train.train(config, str(tmp_path))
+    assert again.stopped_early and int(again.state.step) == 8 and again.resumed_from == 8
+
+
 def test_early_stop_from_history():
     config = tiny(**{"early_stop.patience": 2, "early_stop.metric": "train/loss"})
     hist = [{"train/loss": v} for v in (1.0, 0.5, 0.6, 0.55)]
