@@ -74,7 +74,7 @@ def bench(name, batch_size, steps, rounds):
     tx, lr_fn = train.make_optimizer(config, steps_per_epoch=100)
     state = train.init_state(model, tx, jnp.asarray(x[:1]), jax.random.key(0))
     ours = train.make_train_step(model, tx, lr_fn, 0.0, mesh, log_every=50)
-    get_batch = train.make_get_batch(mesh, batch_size, augment=False)
+    get_batch = train.make_get_batch(mesh, augment=False)
     xs, ys = train.replicate(x, mesh), train.replicate(y, mesh)
     perm = jnp.arange(n).reshape(4, batch_size)
     batch = get_batch(xs, ys, perm, 0, jax.random.key(1), 0)

@@ -266,8 +266,8 @@ def _map_variances(fn, batch_stats):
     return jax.tree_util.tree_map_with_path(f, batch_stats)
 
 
-def parametric(config, data, sb, lb, path, log):
-    """Train/test loss and accuracy along the path from x_SB (α=0) to x_LB (α=1)."""
+def parametric(config, data, sb, lb, paths, log):
+    """Train/test loss and accuracy along each path from x_SB (α=0) to x_LB (α=1)."""
     from sharp_minima import landscape, train
 
     k = config.keskar
@@ -295,9 +295,12 @@ def parametric(config, data, sb, lb, path, log):
         return out
 
     alphas = np.linspace(-1.0, 2.0, k.interpolation_points)
-    log(f"parametric plot ({path} path, {len(alphas)} points)")
-    curve = landscape.interpolation_curve(metrics, a, b, alphas, path=path)
-    return {key: v.tolist() for key, v in curve.items()}
+    curves = {}
+    for path in paths:
+        log(f"parametric plot ({path} path, {len(alphas)} points)")
+        curve = landscape.interpolation_curve(metrics, a, b, alphas, path=path)
+        curves[path] = {key: v.tolist() for key, v in curve.items()}
+    return curves
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -499,10 +502,8 @@ def run_study(config, workdir: str, *, data=None, log=print) -> dict:
                 f"{elapsed / done * (total - done):.0f}s"
             )
     summary = summarize(records)
-    curves = {}
     paths = ["linear"] + (["curved"] if config.keskar.curved_path else [])
-    for path in paths:
-        curves[path] = parametric(config, data, results[("sb", 0)], results[("lb", 0)], path, log)
+    curves = parametric(config, data, results[("sb", 0)], results[("lb", 0)], paths, log)
     out = {
         "config": json.loads(config.to_json_best_effort()),
         "data": {

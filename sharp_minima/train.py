@@ -361,7 +361,7 @@ def make_eval_step(model, mesh: Mesh, batch_size: int):
     return jax.jit(step, out_shardings=NamedSharding(mesh, P()))
 
 
-def make_get_batch(mesh: Mesh, batch_size: int, augment: bool):
+def make_get_batch(mesh: Mesh, augment: bool):
     """``get_batch(x, y, perm, i, key, step)``: batch ``i`` of an epoch permutation, gathered
     on device from the replicated training arrays, augmented, and sharded over ``"data"``."""
 
@@ -372,7 +372,6 @@ def make_get_batch(mesh: Mesh, batch_size: int, augment: bool):
             bx = data_lib.random_crop_flip(jax.random.fold_in(key, step), bx)
         return {"x": bx, "y": by}
 
-    del batch_size
     return jax.jit(get, out_shardings=NamedSharding(mesh, P("data")))
 
 
@@ -662,7 +661,7 @@ def train(
     train_step = make_train_step(
         model, tx, lr_fn, config.optim.weight_decay, mesh, config.log_every_steps
     )
-    get_batch = make_get_batch(mesh, config.batch_size, config.data.augment)
+    get_batch = make_get_batch(mesh, config.data.augment)
     ebs = config.eval_batch_size - config.eval_batch_size % mesh.size or mesh.size
     eval_step = make_eval_step(model, mesh, ebs)
     m = config.eval_train_examples or n
