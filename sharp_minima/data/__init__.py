@@ -117,14 +117,20 @@ def _raw_splits(name, data_dir, idx_dir, manual_dir, seed, allow_download, optio
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
     extra = bool(options.get("extra", False))  # SVHN: add the 531k "extra" training images
     tried = []
-    try:
-        return tfds_source.load_tfds(
-            name, data_dir, allow_prepare=False, extra=extra
-        ), "tfds (prepared)"
-    except FileNotFoundError as e:
-        tried.append(f"TFDS prepared in {data_dir or '~/tensorflow_datasets'}: {e}")
-    except ImportError as e:
-        tried.append(f"TFDS: cannot import tensorflow_datasets ({e})")
+
+    def from_tfds(prepare: bool, what: str):
+        try:
+            splits = tfds_source.load_tfds(name, data_dir, allow_prepare=prepare, extra=extra)
+            return splits, f"tfds ({'downloaded' if prepare else 'prepared'})"
+        except FileNotFoundError as e:
+            tried.append(f"{what}: {e}")
+        except ImportError as e:
+            tried.append(f"TFDS: cannot import tensorflow_datasets ({e})")
+        return None
+
+    found = from_tfds(False, f"TFDS prepared in {data_dir or '~/tensorflow_datasets'}")
+    if found:
+        return found
     for folder in [idx_dir, DEBIAN_DIRS.get(name)]:
         if folder is None:
             continue
@@ -136,12 +142,9 @@ def _raw_splits(name, data_dir, idx_dir, manual_dir, seed, allow_download, optio
         else:
             tried.append(f"IDX folder {folder}: does not exist")
     if allow_download:
-        try:
-            return tfds_source.load_tfds(
-                name, data_dir, allow_prepare=True, extra=extra
-            ), "tfds (downloaded)"
-        except FileNotFoundError as e:
-            tried.append(f"TFDS download: {e}")
+        found = from_tfds(True, "TFDS download")
+        if found:
+            return found
     hint = "prepare it with TFDS (pip install -e '.[tfds]' and network access, or copy a prepared "
     hint += "tensorflow_datasets folder and pass its data_dir)"
     if name in ("mnist", "fashion_mnist"):
