@@ -16,6 +16,19 @@ real examples per batch as ``weights``: the operator is then exactly the full-da
 Hessian-vector products run in the parameters' dtype; the small Lanczos tridiagonal is
 diagonalised on the host in float64 (numpy/scipy), without switching ``jax_enable_x64``.
 
+**Compiled code belongs to the caller.** `Curvature` (``Curvature(loss_fn, wrt=...)``) holds
+the jitted kernels of its methods (`Curvature.matvec`, `Curvature.eigenpairs`,
+`Curvature.spectral_density`, `Curvature.trace`, `Curvature.frobenius_norm`); reused with new
+parameters, batches or BatchNorm statistics of the same shapes it does not recompile. Keep
+one along training (curvature tracking) and let it go when done: nothing here caches the
+loss. The module-level functions (`eigenpairs`, `trace`, ...) build a `Curvature` for one
+call, so they compile on every call. State that changes during training (BatchNorm
+statistics) belongs in ``params`` (e.g. ``{"params": ..., "batch_stats": ...}`` with
+``wrt="^params/"``), never in the loss's closure.
+
+The plumbing (``wrt`` selection, raveling, the weighted batch mean, validation) is
+`sharp_minima.objective`'s.
+
 Data parallelism: put ``batches`` on a device mesh with `shard_batches` (the example axis is
 split across devices, parameters are replicated); every function here then runs sharded
 under `jit` and returns the same numbers as on one device.
@@ -43,18 +56,19 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from jax import lax
-from jax.flatten_util import ravel_pytree
-from jax.sharding import NamedSharding, PartitionSpec
 
-from sharp_minima import tree_util as tu
+from sharp_minima import objective
+from sharp_minima.objective import batch_mean, shard_batches
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 __all__ = [
+    "Curvature",
     "Eigenpairs",
     "Estimate",
     "LanczosResult",
+    "batch_mean",
     "SpectralDensity",
     "eigenpairs",
     "frobenius_norm",
@@ -71,30 +85,8 @@ WHICH = ("LA", "SA", "LM", "BE")
 
 
 # --------------------------------------------------------------------------------------
-# Hessian-vector products and the batched operator
+# Hessian-vector products
 # --------------------------------------------------------------------------------------
-
-
-def _check_scalar_loss(loss_fn, params, batch):
-    out = jax.eval_shape(loss_fn, params, batch)
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
-        shape = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"loss_fn must return a scalar, got shape {shape}; reduce the per-example losses "
-            "(e.g. with .mean()) inside loss_fn"
-        )
-
-
-def _check_like(name, tree, params):
-    ts, ps = jax.tree.structure(tree), jax.tree.structure(params)
-    if ts != ps:
-        raise ValueError(f"{name} must have the structure of params: got {ts}, expected {ps}")
-    for t, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
-        if jnp.shape(t) != jnp.shape(p):
-            raise ValueError(
-                f"{name} must have the leaf shapes of params: got {jnp.shape(t)} "
-                f"where params has {jnp.shape(p)}"
-            )
 
 
 def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTree:
@@ -123,191 +115,10 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTr
       >>> hessian.hvp(loss, jnp.zeros(2), None, jnp.array([1.0, 0.0]))
       Array([2., 1.], dtype=float32)
     """
-    _check_scalar_loss(loss_fn, params, batch)
-    _check_like("tangent", tangent, params)
+    objective.check_scalar_loss(loss_fn, params, batch)
+    objective.check_like("tangent", tangent, params)
     grad = jax.grad(loss_fn)
     return jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1]
-
-
-def _num_batches(batches) -> int:
-    leaves = jax.tree.leaves(batches)
-    if not leaves:
-        raise ValueError("batches has no array leaves; pass None for a loss without data")
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
-        raise ValueError(
-            "every leaf of batches needs the same leading (number-of-batches) axis; got "
-            f"leading sizes {sorted(str(s) for s in sizes)}. One batch is passed as x[None]."
-        )
-    return sizes.pop()
-
-
-def _normalized_weights(batches, weights, dtype):
-    """Per-batch weights summing to one (``None`` when there are no batches)."""
-    if batches is None:
-        if weights is not None:
-            raise ValueError("weights were given but batches is None")
-        return None
-    nb = _num_batches(batches)
-    if weights is None:
-        return jnp.full((nb,), 1.0 / nb, dtype)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (nb,):
-        raise ValueError(f"weights must have shape ({nb},) (one per batch), got {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
-    return jnp.asarray(w / w.sum(), dtype)
-
-
-def _flat_operator(loss_fn, params, batches, weights, wrt):
-    """The Hessian operator on the flat vector of the parameters selected by ``wrt``.
-
-    Call inside a trace: returns ``(x0, unravel, merge, matvec)`` where ``matvec(v)`` is
-    the weighted-average HVP of all batches (a `lax.scan` over the leading batch axis).
-    """
-    selected, merge = tu.select(params, wrt)
-    x0, unravel = ravel_pytree(selected)
-
-    def loss_flat(x, batch):
-        return loss_fn(merge(unravel(x), params), batch)
-
-    grad = jax.grad(loss_flat)
-
-    def one(v, batch):
-        return jax.jvp(lambda x: grad(x, batch), (x0,), (v,))[1]
-
-    return x0, unravel, merge, lambda v: batch_mean(lambda b: one(v, b), batches, weights)
-
-
-def batch_mean(fn, batches, weights):
-    """``Σ_b weights[b] · fn(batch_b)`` by a `lax.scan` over the leading batch axis (memory of
-    one batch); ``fn(None)`` when ``batches`` is None. ``fn`` may return any pytree.
-
-    Call inside a trace, with weights that sum to one (see `hessian_matvec`'s ``weights``).
-    """
-    if batches is None:
-        return fn(None)
-    first = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], batches))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-
-    def body(acc, xs):
-        batch, w = xs
-        out = fn(batch)
-        return jax.tree.map(lambda a, o: a + w.astype(a.dtype) * o, acc, out), None
-
-    acc, _ = lax.scan(body, zeros, (batches, weights))
-    return acc
-
-
-def _prepare(loss_fn, params, batches, weights, wrt):
-    """Validates the operator's inputs on the host; returns (weights, dim, dtype)."""
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    selected, _ = tu.select(params, wrt)
-    if not selected:
-        raise ValueError("params has no array leaves")
-    dtype = jnp.result_type(*selected)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"params must be floating point, got dtype {dtype}")
-    dim = sum(int(np.prod(jnp.shape(x))) for x in selected)
-    one_batch = None if batches is None else jax.tree.map(lambda x: x[0], batches)
-    if batches is not None:
-        _num_batches(batches)
-    _check_scalar_loss(loss_fn, params, one_batch)
-    w = _normalized_weights(batches, weights, dtype)
-    params, w = _replicate_like(batches, (params, w))
-    return params, w, dim, dtype
-
-
-def hessian_matvec(
-    loss_fn: LossFn,
-    params: PyTree,
-    batches: PyTree | None,
-    *,
-    weights=None,
-    wrt=None,
-) -> Callable[[PyTree], PyTree]:
-    """The (weighted, multi-batch) Hessian as a jitted function of a tangent pytree.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``.
-      params: pytree.
-      batches: batch pytree with a leading axis over batches, or ``None``.
-      weights: optional per-batch weights (e.g. the number of real examples per batch).
-      wrt: restrict to a subset of the parameters: a regex searched in each leaf's path
-        (``"Dense_1/"``) or a predicate on the path. The other leaves are held fixed and the
-        product's entries for them are zero.
-
-    Returns:
-      ``matvec(tangent) -> pytree like params``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from sharp_minima import hessian
-      >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
-      >>> batches = {"x": jnp.eye(2)[None], "y": jnp.zeros((1, 2))}
-      >>> hessian.hessian_matvec(loss, jnp.zeros(2), batches)(jnp.array([1.0, 2.0]))
-      Array([1., 2.], dtype=float32)
-    """
-    params, w, _, _ = _prepare(loss_fn, params, batches, weights, wrt)
-    fn = _jitted_matvec(loss_fn, wrt)
-
-    def matvec(tangent):
-        _check_like("tangent", tangent, params)
-        return fn(params, batches, w, tangent)
-
-    return matvec
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_matvec(loss_fn, wrt):
-    def fn(params, batches, weights, tangent):
-        _, unravel, merge, matvec = _flat_operator(loss_fn, params, batches, weights, wrt)
-        sel, _ = tu.select(tangent, wrt)
-        v, _ = ravel_pytree(sel)
-        return merge(unravel(matvec(v)), tu.zeros_like(params))
-
-    return jax.jit(fn)
-
-
-# --------------------------------------------------------------------------------------
-# Sharding
-# --------------------------------------------------------------------------------------
-
-
-def shard_batches(batches: PyTree, devices=None, axis_name: str = "data") -> PyTree:
-    """Shards the example axis (axis 1) of ``batches`` across devices.
-
-    Args:
-      batches: batch pytree with a leading axis over batches.
-      devices: devices to use (default: all local devices).
-      axis_name: name of the mesh axis.
-
-    Returns:
-      ``batches`` placed with ``NamedSharding(mesh, P(None, axis_name))``.
-
-    Raises:
-      ValueError: the per-batch size is not divisible by the number of devices.
-    """
-    devices = list(jax.local_devices() if devices is None else devices)
-    mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
-    sharding = NamedSharding(mesh, PartitionSpec(None, axis_name))
-    for path, x in jax.tree_util.tree_flatten_with_path(batches)[0]:
-        if jnp.ndim(x) < 2 or jnp.shape(x)[1] % len(devices):
-            raise ValueError(
-                f"batches leaf {tu.path_str(path) or '<root>'} has shape {jnp.shape(x)}: its "
-                f"axis 1 (examples per batch) must be divisible by the {len(devices)} devices"
-            )
-    return jax.device_put(batches, sharding)
-
-
-def _replicate_like(batches, tree):
-    """Replicates ``tree`` on the mesh ``batches`` is sharded over (no-op otherwise)."""
-    for x in jax.tree.leaves(batches):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
-    return tree
 
 
 # --------------------------------------------------------------------------------------
@@ -454,17 +265,8 @@ def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
     return scipy.linalg.eigh_tridiagonal(a, b)
 
 
-def _check_finite(what, *arrays):
-    for a in arrays:
-        if not np.all(np.isfinite(np.asarray(a))):
-            raise FloatingPointError(
-                f"{what} produced non-finite values (NaN/Inf): check the loss, the parameters "
-                "and the data for overflow"
-            )
-
-
 # --------------------------------------------------------------------------------------
-# Eigenpairs
+# Results
 # --------------------------------------------------------------------------------------
 
 
@@ -480,6 +282,8 @@ class Eigenpairs(NamedTuple):
       converged: (k,) bool, ``residuals <= tol * max|lambda|``.
       num_steps: Lanczos steps (HVPs) taken, over all restarts, not counting the k HVPs
         that measure the residuals.
+      tridiagonal: ``(alphas, betas)`` of the last Lanczos run (float64, the rows in use),
+        e.g. to save along training.
     """
 
     values: np.ndarray
@@ -487,221 +291,7 @@ class Eigenpairs(NamedTuple):
     residuals: np.ndarray
     converged: np.ndarray
     num_steps: int
-
-
-def _select_ritz(theta, k, which):
-    """Indices of the wanted Ritz values (theta ascending) in the order documented above."""
-    if which == "LA":
-        return np.arange(len(theta) - 1, len(theta) - 1 - k, -1)
-    if which == "SA":
-        return np.arange(k)
-    if which == "LM":
-        return np.argsort(-np.abs(theta), kind="stable")[:k]
-    top = np.arange(len(theta) - 1, len(theta) - 1 - (k + 1) // 2, -1)
-    bottom = np.arange(k // 2)[::-1]
-    return np.concatenate([top, bottom])
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_lanczos_chunk(loss_fn, wrt):
-    def run(params, batches, weights, basis, alphas, betas, start, stop, key, anorm):
-        _, _, _, matvec = _flat_operator(loss_fn, params, batches, weights, wrt)
-        return _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm)
-
-    return jax.jit(run, donate_argnums=(3, 4, 5))
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_matmat(loss_fn, wrt, chunk):
-    """``vectors (p, n) -> H @ vectors`` (p HVPs, ``chunk`` of them vmapped at a time)."""
-
-    def run(params, batches, weights, vectors):
-        _, _, _, matvec = _flat_operator(loss_fn, params, batches, weights, wrt)
-        return lax.map(matvec, vectors, batch_size=chunk)
-
-    return jax.jit(run)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _jitted_lock(basis, coeffs, values, key):
-    """A new basis: the Ritz vectors ``coeffs @ basis`` locked in its first k rows (with
-    ``values`` on the diagonal of T and zero couplings), then a random orthogonal vector."""
-    k, (m, n) = coeffs.shape[0], basis.shape
-    ritz = coeffs @ basis
-    new = jnp.zeros_like(basis).at[:k].set(ritz)
-    r = jax.random.normal(key, (n,), basis.dtype)
-    r, _ = _orthogonalize(new, r)
-    r, _ = _orthogonalize(new, r / jnp.linalg.norm(r))
-    new = new.at[k].set(r / jnp.linalg.norm(r))
-    alphas = jnp.zeros((m,), basis.dtype).at[:k].set(values)
-    return new, alphas, jnp.zeros((m,), basis.dtype)
-
-
-def _flat_start(params, wrt, dtype):
-    selected, _ = tu.select(params, wrt)
-    x0, unravel = ravel_pytree(selected)
-    return x0.astype(dtype), unravel
-
-
-def eigenpairs(
-    loss_fn: LossFn,
-    params: PyTree,
-    batches: PyTree | None,
-    *,
-    k: int,
-    key: jax.Array,
-    num_steps: int | None = None,
-    which: str = "LA",
-    weights=None,
-    wrt=None,
-    init_vectors: PyTree | None = None,
-    tol: float = 1e-4,
-    check_every: int = 10,
-) -> Eigenpairs:
-    """Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation.
-
-    Runs Lanczos in jitted chunks of ``check_every`` steps on one preallocated basis (the
-    compiled code does not depend on ``num_steps``) until the Lanczos residual estimates of
-    the k wanted Ritz pairs are below ``tol * max|lambda|``. A single Krylov sequence sees only
-    one copy of a repeated eigenvalue, so the converged pairs are then locked and Lanczos
-    restarts from a random vector orthogonal to them; it stops when a restart adds nothing to
-    the wanted set (usually one extra chunk). Finally it forms the Ritz vectors and measures
-    the true residuals with k more HVPs. Jastrzębski et al. (2019) track
-    the top eigenpairs this way along training; pass the previous vectors as
-    ``init_vectors`` to warm-start.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``. Pass the same function object on
-        repeated calls to reuse the compiled code.
-      params: pytree at which the Hessian is taken.
-      batches: batch pytree with a leading axis over batches, or ``None``.
-      k: number of eigenpairs.
-      key: key for the start vector (and restarts after a breakdown).
-      num_steps: size of the Lanczos basis, i.e. the most steps between restarts (default
-        ``min(n, 3k + 60)``; memory is ``num_steps * n`` numbers in the params' dtype).
-      which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude, "BE"
-        both ends (ceil(k/2) largest and floor(k/2) smallest).
-      weights: optional per-batch weights (see module docstring).
-      wrt: restrict to a subset of the parameters (regex on the leaf path, or predicate).
-      init_vectors: optional pytree like params with a leading axis (e.g. the previous
-        ``vectors``); Lanczos starts from their sum plus a small random part.
-      tol: relative residual tolerance for early stopping and the ``converged`` flags.
-      check_every: steps between convergence checks.
-
-    Returns:
-      `Eigenpairs`.
-
-    Raises:
-      ValueError: bad ``k``, ``num_steps``, ``which``, ``weights`` or shapes; non-scalar loss.
-      FloatingPointError: the HVPs produced NaN or Inf.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from sharp_minima import hessian
-      >>> A = jnp.diag(jnp.arange(10.0))
-      >>> loss = lambda params, batch: 0.5 * params["w"] @ A @ params["w"]
-      >>> out = hessian.eigenpairs(loss, {"w": jnp.zeros(10)}, None, k=3,
-      ...                          key=jax.random.key(0))
-      >>> out.values.round(5).tolist(), bool(out.converged.all())
-      ([9.0, 8.0, 7.0], True)
-    """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    params, w, n, dtype = _prepare(loss_fn, params, batches, weights, wrt)
-    if not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if k > n:
-        raise ValueError(f"k={k} exceeds the dimension {n} of the (selected) parameters")
-    m = min(n, 3 * k + 60) if num_steps is None else num_steps
-    if m < k:
-        raise ValueError(f"num_steps={m} must be at least k={k}")
-    if m > n:
-        raise ValueError(f"num_steps={m} exceeds the dimension {n} of the (selected) parameters")
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-
-    key_start, key_restart = jax.random.split(key)
-    x0, unravel = _flat_start(params, wrt, dtype)
-    v0 = jax.random.normal(key_start, x0.shape, dtype)
-    if init_vectors is not None:
-        sel, _ = tu.select(init_vectors, wrt)
-        prev = jax.vmap(lambda *leaves: ravel_pytree(list(leaves))[0])(*sel)
-        if prev.shape[-1] != n:
-            raise ValueError(
-                f"init_vectors must be params-shaped with a leading axis; got {prev.shape}"
-            )
-        guess = prev.astype(dtype).sum(0)
-        v0 = guess / jnp.linalg.norm(guess) + 0.1 * v0 / jnp.linalg.norm(v0)
-
-    basis, alphas, betas = _init_basis(v0, m)
-    anorm = jnp.zeros((), dtype)
-    run = _jitted_lanczos_chunk(loss_fn, wrt)
-    eps = np.finfo(dtype).eps
-    pos = 0  # rows of the basis in use; basis[pos] is the vector to expand next
-    total = 0  # Lanczos steps (HVPs) taken, over all restarts
-    locked = None  # eigenvalues locked at the last restart
-    for restart in itertools.count():
-        while pos < m:
-            stop = min(pos + check_every, m)
-            basis, alphas, betas, anorm = run(
-                params, batches, w, basis, alphas, betas, pos, stop, key_restart, anorm
-            )
-            total += stop - pos
-            pos = stop
-            a, b = np.asarray(alphas[:pos]), np.asarray(betas[:pos])
-            _check_finite(f"Hessian-vector products (Lanczos step {total})", a, b)
-            if pos < k or pos == m:
-                continue
-            theta, s = tridiagonal_eigh(a, b)
-            idx = _select_ritz(theta, k, which)
-            scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-            # A (near-)zero last beta means the Krylov space just became invariant: every Ritz
-            # pair looks converged although eigenvalues outside it are unseen. Stop only while
-            # the iteration is still exploring.
-            exploring = abs(b[-1]) > math.sqrt(eps) * scale
-            if exploring and np.all(np.abs(b[-1] * s[-1, idx]) <= tol * scale):
-                break
-        theta, s = tridiagonal_eigh(alphas[:pos], betas[:pos])
-        idx = _select_ritz(theta, k, which)
-        coeffs = np.zeros((k, m))
-        coeffs[:, :pos] = s[:, idx].T
-        values = theta[idx]
-        scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-        # A single Krylov sequence sees one copy of a repeated eigenvalue (e.g. the last layer
-        # of a multi-output MSE model has a Kronecker-structured Hessian). So lock the wanted
-        # Ritz pairs, restart from a random vector orthogonal to them and stop only when a
-        # restart adds nothing to the wanted set.
-        same = locked is not None and np.allclose(
-            np.sort(values), np.sort(locked), rtol=0, atol=tol * scale
-        )
-        if pos == m or same or k + 1 + check_every > m:
-            break
-        basis, alphas, betas = _jitted_lock(
-            basis,
-            jnp.asarray(coeffs, dtype),
-            jnp.asarray(values, dtype),
-            jax.random.fold_in(key_restart, restart),
-        )
-        locked, pos = values, k
-
-    ritz = jnp.asarray(coeffs, dtype) @ basis  # (k, n); rows past `pos` are zero
-    del basis
-    hv = _jitted_matmat(loss_fn, wrt, min(k, 8))(params, batches, w, ritz)
-    values = theta[idx]
-    residuals = np.linalg.norm(
-        np.asarray(hv, np.float64) - values[:, None] * np.asarray(ritz, np.float64), axis=1
-    )
-    _check_finite("Hessian-vector products (residuals)", residuals)
-    scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-    _, merge = tu.select(params, wrt)
-    zeros = tu.zeros_like(params)
-    vectors = jax.vmap(lambda r: merge(unravel(r), zeros))(ritz)
-    return Eigenpairs(values, vectors, residuals, residuals <= tol * scale, total)
-
-
-# --------------------------------------------------------------------------------------
-# Stochastic estimators
-# --------------------------------------------------------------------------------------
+    tridiagonal: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
 
 
 class Estimate(NamedTuple):
@@ -732,15 +322,138 @@ class SpectralDensity(NamedTuple):
     sigma: float
 
 
+def _select_ritz(theta, k, which):
+    """Indices of the wanted Ritz values (theta ascending) in the order documented above."""
+    if which == "LA":
+        return np.arange(len(theta) - 1, len(theta) - 1 - k, -1)
+    if which == "SA":
+        return np.arange(k)
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")[:k]
+    top = np.arange(len(theta) - 1, len(theta) - 1 - (k + 1) // 2, -1)
+    bottom = np.arange(k // 2)[::-1]
+    return np.concatenate([top, bottom])
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _jitted_lock(basis, coeffs, values, key):
+    """A new basis: the Ritz vectors ``coeffs @ basis`` locked in its first k rows (with
+    ``values`` on the diagonal of T and zero couplings), then a random orthogonal vector.
+    (Module level: it does not depend on the caller's loss.)"""
+    k, (m, n) = coeffs.shape[0], basis.shape
+    ritz = coeffs @ basis
+    new = jnp.zeros_like(basis).at[:k].set(ritz)
+    r = jax.random.normal(key, (n,), basis.dtype)
+    r, _ = _orthogonalize(new, r)
+    r, _ = _orthogonalize(new, r / jnp.linalg.norm(r))
+    new = new.at[k].set(r / jnp.linalg.norm(r))
+    alphas = jnp.zeros((m,), basis.dtype).at[:k].set(values)
+    return new, alphas, jnp.zeros((m,), basis.dtype)
+
+
 def _probes(key, num, n, dtype):
     """Rademacher probes (num, n): E[z z^T] = I."""
     return jax.random.rademacher(key, (num, n), dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_slq(loss_fn, wrt, num_steps):
-    def run(params, batches, weights, probes, key):
-        _, _, _, matvec = _flat_operator(loss_fn, params, batches, weights, wrt)
+def _mean_and_stderr(samples):
+    samples = np.asarray(samples, np.float64)
+    if samples.size < 2:
+        return float(samples.mean()), float("nan")
+    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(samples.size))
+
+
+# --------------------------------------------------------------------------------------
+# The curvature object
+# --------------------------------------------------------------------------------------
+
+
+class Curvature:
+    """The Hessian of a loss as an operator that owns its compiled kernels.
+
+    ``Curvature(loss_fn, wrt=...)`` compiles each kernel (the batched HVP, a chunk of Lanczos
+    steps, a block of HVPs, stochastic Lanczos quadrature) the first time it is used and
+    reuses it for any parameters, batches and weights of the same shapes and dtypes: hold one
+    along training and call it with new parameters (and BatchNorm statistics, which belong in
+    ``params``) each time. Nothing outside the object keeps the loss alive.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      wrt: restrict to a subset of the parameters: a regex searched in each leaf's path
+        (``"Dense_1/"``, ``"^params/"``) or a predicate on the path. The other leaves are held
+        fixed and returned vectors are zero there.
+      chunk: HVPs evaluated at once (vmapped) by `trace`, `frobenius_norm` and the residual
+        check of `eigenpairs`.
+
+    Attributes:
+      objective: the `sharp_minima.objective.Objective` (loss and ``wrt``).
+      num_traces: how many times a kernel was traced (= compiled) so far; a reused object
+        whose inputs keep their shapes does not add to it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from sharp_minima import hessian
+      >>> loss = lambda p, batch: 0.5 * jnp.sum(p["scale"] * p["w"] ** 2)
+      >>> curv = hessian.Curvature(loss, wrt="w")
+      >>> for s in (1.0, 2.0, 3.0):  # new "statistics" each time, one compilation
+      ...     top = curv.eigenpairs({"w": jnp.zeros(4), "scale": s * jnp.arange(1.0, 5.0)},
+      ...                           None, k=1, key=jax.random.key(0))
+      >>> round(float(top.values[0]), 4), curv.num_traces
+      (12.0, 2)
+    """
+
+    def __init__(self, loss_fn: LossFn, *, wrt=None, chunk: int = 8):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.objective = objective.Objective(loss_fn, wrt)
+        self.chunk = chunk
+        self.num_traces = 0
+        self._matvec_jit = jax.jit(self._matvec_kernel)
+        self._matmat_jit = jax.jit(self._matmat_kernel, static_argnames="chunk")
+        self._lanczos_jit = jax.jit(self._lanczos_kernel, donate_argnums=(3, 4, 5))
+        self._slq_jit = jax.jit(self._slq_kernel, static_argnames="num_steps")
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return self.objective.loss_fn
+
+    @property
+    def wrt(self):
+        return self.objective.wrt
+
+    # -- kernels (traced once per input shape) ------------------------------------------
+
+    def _flat_matvec(self, params, batches, weights):
+        """``(x0, matvec)``: the weighted-average HVP over all batches on flat vectors."""
+        x0, f = self.objective.flat_loss(params)
+        grad = jax.grad(f)
+
+        def one(v, batch):
+            return jax.jvp(lambda x: grad(x, batch), (x0,), (v,))[1]
+
+        return x0, lambda v: batch_mean(lambda b: one(v, b), batches, weights)
+
+    def _matvec_kernel(self, params, batches, weights, tangent):
+        self.num_traces += 1
+        _, matvec = self._flat_matvec(params, batches, weights)
+        return self.objective.unflatten(params, matvec(self.objective.flatten(tangent)))
+
+    def _matmat_kernel(self, params, batches, weights, vectors, *, chunk):
+        """``vectors (p, n) -> H @ vectors`` (p HVPs, ``chunk`` of them vmapped at a time)."""
+        self.num_traces += 1
+        _, matvec = self._flat_matvec(params, batches, weights)
+        return lax.map(matvec, vectors, batch_size=chunk)
+
+    def _lanczos_kernel(
+        self, params, batches, weights, basis, alphas, betas, start, stop, key, anorm
+    ):
+        self.num_traces += 1
+        _, matvec = self._flat_matvec(params, batches, weights)
+        return _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm)
+
+    def _slq_kernel(self, params, batches, weights, probes, key, *, num_steps):
+        self.num_traces += 1
+        _, matvec = self._flat_matvec(params, batches, weights)
 
         def one(args):
             v0, i = args
@@ -760,7 +473,432 @@ def _jitted_slq(loss_fn, wrt, num_steps):
         # Probes one after another: each needs a full basis, and only the tridiagonals are kept.
         return lax.map(one, (probes, jnp.arange(probes.shape[0])))
 
-    return jax.jit(run)
+    # -- the operator -------------------------------------------------------------------
+
+    def operator(self, params, batches, *, weights=None) -> Callable[[PyTree], PyTree]:
+        """The Hessian at ``params`` over ``batches`` as ``tangent -> H @ tangent`` (pytrees);
+        the inputs are validated once."""
+        prep = self.objective.prepare(params, batches, weights)
+
+        def matvec(tangent):
+            objective.check_like("tangent", tangent, params)
+            return self._matvec_jit(prep.params, batches, prep.weights, tangent)
+
+        return matvec
+
+    def matvec(self, params, batches, tangent, *, weights=None) -> PyTree:
+        """``H @ tangent`` (a pytree like params; zero outside ``wrt``)."""
+        return self.operator(params, batches, weights=weights)(tangent)
+
+    def _matmat(self, prep, batches, vectors):
+        return self._matmat_jit(prep.params, batches, prep.weights, vectors, chunk=self.chunk)
+
+    # -- eigenpairs ---------------------------------------------------------------------
+
+    def eigenpairs(
+        self,
+        params: PyTree,
+        batches: PyTree | None,
+        *,
+        k: int,
+        key: jax.Array,
+        num_steps: int | None = None,
+        which: str = "LA",
+        weights=None,
+        init_vectors: PyTree | None = None,
+        tol: float = 1e-4,
+        check_every: int = 10,
+    ) -> Eigenpairs:
+        """Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation.
+
+        Runs Lanczos in jitted chunks of ``check_every`` steps on one preallocated basis (the
+        compiled code depends on neither ``num_steps`` nor the chunk bounds) until the Lanczos
+        residual estimates of the k wanted Ritz pairs are below ``tol * max|lambda|``. A
+        single Krylov sequence sees only one copy of a repeated eigenvalue, so the converged
+        pairs are then locked and Lanczos restarts from a random vector orthogonal to them;
+        it stops when a restart adds nothing to the wanted set (usually one extra chunk).
+        Finally it forms the Ritz vectors and measures the true residuals with k more HVPs.
+        Jastrzębski et al. (2019) track the top eigenpairs this way along training; pass the
+        previous vectors as ``init_vectors`` to warm-start.
+
+        Args:
+          params: pytree at which the Hessian is taken.
+          batches: batch pytree with a leading axis over batches, or ``None``.
+          k: number of eigenpairs.
+          key: key for the start vector (and restarts after a breakdown).
+          num_steps: size of the Lanczos basis, i.e. the most steps between restarts
+            (default ``min(n, 3k + 60)``; memory is ``num_steps * n`` numbers).
+          which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude,
+            "BE" both ends (ceil(k/2) largest and floor(k/2) smallest).
+          weights: optional per-batch weights (see the module docstring).
+          init_vectors: optional pytree like params with a leading axis (e.g. the previous
+            ``vectors``); Lanczos starts from their sum plus a small random part.
+          tol: relative residual tolerance for early stopping and the ``converged`` flags.
+          check_every: steps between convergence checks.
+
+        Returns:
+          `Eigenpairs`.
+
+        Raises:
+          ValueError: bad ``k``, ``num_steps``, ``which``, ``weights`` or shapes; non-scalar
+            loss.
+          FloatingPointError: the HVPs produced NaN or Inf.
+        """
+        if which not in WHICH:
+            raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+        prep = self.objective.prepare(params, batches, weights)
+        n, dtype = prep.dim, prep.dtype
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > n:
+            raise ValueError(f"k={k} exceeds the dimension {n} of the (selected) parameters")
+        m = min(n, 3 * k + 60) if num_steps is None else num_steps
+        if m < k:
+            raise ValueError(f"num_steps={m} must be at least k={k}")
+        if m > n:
+            raise ValueError(
+                f"num_steps={m} exceeds the dimension {n} of the (selected) parameters"
+            )
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+
+        key_start, key_restart = jax.random.split(key)
+        v0 = jax.random.normal(key_start, (n,), dtype)
+        if init_vectors is not None:
+            prev = jax.vmap(self.objective.flatten)(init_vectors)
+            if prev.ndim != 2 or prev.shape[-1] != n:
+                raise ValueError(
+                    f"init_vectors must be params-shaped with a leading axis; got {prev.shape}"
+                )
+            guess = prev.astype(dtype).sum(0)
+            v0 = guess / jnp.linalg.norm(guess) + 0.1 * v0 / jnp.linalg.norm(v0)
+
+        basis, alphas, betas = _init_basis(v0, m)
+        anorm = jnp.zeros((), dtype)
+        eps = np.finfo(dtype).eps
+        pos = 0  # rows of the basis in use; basis[pos] is the vector to expand next
+        total = 0  # Lanczos steps (HVPs) taken, over all restarts
+        locked = None  # eigenvalues locked at the last restart
+        for restart in itertools.count():
+            while pos < m:
+                stop = min(pos + check_every, m)
+                basis, alphas, betas, anorm = self._lanczos_jit(
+                    prep.params,
+                    batches,
+                    prep.weights,
+                    basis,
+                    alphas,
+                    betas,
+                    pos,
+                    stop,
+                    key_restart,
+                    anorm,
+                )
+                total += stop - pos
+                pos = stop
+                a, b = np.asarray(alphas[:pos]), np.asarray(betas[:pos])
+                objective.check_finite(f"Hessian-vector products (Lanczos step {total})", a, b)
+                if pos < k or pos == m:
+                    continue
+                theta, s = tridiagonal_eigh(a, b)
+                idx = _select_ritz(theta, k, which)
+                scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
+                # A (near-)zero last beta means the Krylov space just became invariant: every
+                # Ritz pair looks converged although eigenvalues outside it are unseen. Stop
+                # only while the iteration is still exploring.
+                exploring = abs(b[-1]) > math.sqrt(eps) * scale
+                if exploring and np.all(np.abs(b[-1] * s[-1, idx]) <= tol * scale):
+                    break
+            a, b = np.asarray(alphas[:pos], np.float64), np.asarray(betas[:pos], np.float64)
+            theta, s = tridiagonal_eigh(a, b)
+            idx = _select_ritz(theta, k, which)
+            coeffs = np.zeros((k, m))
+            coeffs[:, :pos] = s[:, idx].T
+            values = theta[idx]
+            scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
+            # A single Krylov sequence sees one copy of a repeated eigenvalue (e.g. the last
+            # layer of a multi-output MSE model has a Kronecker-structured Hessian). So lock
+            # the wanted Ritz pairs, restart from a random vector orthogonal to them and stop
+            # only when a restart adds nothing to the wanted set.
+            same = locked is not None and np.allclose(
+                np.sort(values), np.sort(locked), rtol=0, atol=tol * scale
+            )
+            if pos == m or same or k + 1 + check_every > m:
+                break
+            basis, alphas, betas = _jitted_lock(
+                basis,
+                jnp.asarray(coeffs, dtype),
+                jnp.asarray(values, dtype),
+                jax.random.fold_in(key_restart, restart),
+            )
+            locked, pos = values, k
+
+        ritz = jnp.asarray(coeffs, dtype) @ basis  # (k, n); rows past `pos` are zero
+        del basis
+        hv = self._matmat(prep, batches, ritz)
+        residuals = np.linalg.norm(
+            np.asarray(hv, np.float64) - values[:, None] * np.asarray(ritz, np.float64), axis=1
+        )
+        objective.check_finite("Hessian-vector products (residuals)", residuals)
+        vectors = jax.vmap(lambda r: self.objective.unflatten(params, r))(ritz)
+        return Eigenpairs(values, vectors, residuals, residuals <= tol * scale, total, (a, b))
+
+    # -- spectral density ---------------------------------------------------------------
+
+    def spectral_density(
+        self,
+        params: PyTree,
+        batches: PyTree | None,
+        *,
+        key: jax.Array,
+        num_probes: int = 10,
+        num_steps: int | None = None,
+        num_points: int = 1000,
+        sigma: float | None = None,
+        grid=None,
+        weights=None,
+    ) -> SpectralDensity:
+        """Hessian spectral density by stochastic Lanczos quadrature (SLQ).
+
+        For each Rademacher probe z, ``num_steps`` Lanczos steps from z/|z| give Ritz values
+        theta_j and weights tau_j (squared first components of the tridiagonal's
+        eigenvectors); ``sum_j tau_j f(theta_j)`` is the Gauss quadrature of
+        ``z^T f(H) z / n``, exact for polynomials of degree < 2 num_steps. The density is the
+        probe average of ``sum_j tau_j N(t; theta_j, sigma^2)`` (Ghorbani et al. 2019).
+
+        Args:
+          params, batches, weights: the operator (see `eigenpairs`).
+          key: key for the probes.
+          num_probes: number of probes.
+          num_steps: Lanczos steps per probe (default ``min(n, 80)``).
+          num_points: grid size when ``grid`` is not given.
+          sigma: smoothing width (default 1% of the Ritz-value range, or 1e-3 if empty).
+          grid: optional evaluation points.
+
+        Returns:
+          `SpectralDensity`.
+        """
+        prep = self.objective.prepare(params, batches, weights)
+        n = prep.dim
+        m = min(n, 80) if num_steps is None else num_steps
+        if not 1 <= m <= n:
+            raise ValueError(f"num_steps must be in [1, {n}] (the dimension), got {m}")
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+        key_probe, key_restart = jax.random.split(key)
+        z = _probes(key_probe, num_probes, n, prep.dtype)
+        alphas, betas = self._slq_jit(
+            prep.params, batches, prep.weights, z, key_restart, num_steps=m
+        )
+        objective.check_finite("Hessian-vector products (spectral density)", alphas, betas)
+        nodes, taus = [], []
+        for a, b in zip(np.asarray(alphas), np.asarray(betas)):
+            theta, s = tridiagonal_eigh(a, b)
+            nodes.append(theta)
+            taus.append(s[0] ** 2)
+        nodes, taus = np.stack(nodes), np.stack(taus)
+        lo, hi = nodes.min(), nodes.max()
+        if sigma is None:
+            sigma = 0.01 * (hi - lo) if hi > lo else 1e-3
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        if grid is None:
+            grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
+        grid = np.asarray(grid, np.float64)
+        gauss = np.exp(-0.5 * ((grid[None, None, :] - nodes[..., None]) / sigma) ** 2)
+        per_probe = (taus[..., None] * gauss).sum(1) / (sigma * math.sqrt(2 * math.pi))
+        stderr = (
+            per_probe.std(0, ddof=1) / math.sqrt(num_probes)
+            if num_probes > 1
+            else np.full_like(grid, np.nan)
+        )
+        return SpectralDensity(nodes, taus, grid, per_probe.mean(0), stderr, float(sigma))
+
+    # -- trace and Frobenius norm -------------------------------------------------------
+
+    def trace(
+        self,
+        params: PyTree,
+        batches: PyTree | None,
+        *,
+        key: jax.Array,
+        num_matvecs: int = 99,
+        method: str = "hutch++",
+        weights=None,
+    ) -> Estimate:
+        """Stochastic estimate of the Hessian trace.
+
+        ``"hutchinson"``: mean of z^T H z over Rademacher probes (Hutchinson 1989).
+        ``"hutch++"``: a third of the budget sketches the top of the spectrum
+        (Q = qr(H S)), whose trace is taken exactly, and the rest runs Hutchinson on the
+        deflated remainder (Meyer et al. 2021); far lower variance when a few eigenvalues
+        dominate, as in neural networks. The standard error is that of the Hutchinson part.
+
+        Args:
+          params, batches, weights: the operator (see `eigenpairs`).
+          key: key for the probes.
+          num_matvecs: total number of HVPs.
+          method: ``"hutch++"`` or ``"hutchinson"``.
+
+        Returns:
+          `Estimate` of tr(H).
+        """
+        if method not in ("hutch++", "hutchinson"):
+            raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+        prep = self.objective.prepare(params, batches, weights)
+        n, dtype = prep.dim, prep.dtype
+        if method == "hutchinson":
+            if num_matvecs < 1:
+                raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
+            z = _probes(key, num_matvecs, n, dtype)
+            hz = self._matmat(prep, batches, z)
+            samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
+            objective.check_finite("Hessian-vector products (trace)", samples)
+            return Estimate(*_mean_and_stderr(samples), num_matvecs)
+        if num_matvecs < 3:
+            raise ValueError(f"hutch++ needs num_matvecs >= 3, got {num_matvecs}")
+        s = min(num_matvecs // 3, n)
+        g = num_matvecs - 2 * s
+        k1, k2 = jax.random.split(key)
+        hs = self._matmat(prep, batches, _probes(k1, s, n, dtype))
+        q, _ = jnp.linalg.qr(hs.T)  # (n, s), orthonormal columns spanning H S
+        hq = self._matmat(prep, batches, q.T)
+        exact = float(np.einsum("ns,sn->", np.asarray(q, np.float64), np.asarray(hq, np.float64)))
+        z = _probes(k2, g, n, dtype)
+        z = z - (z @ q) @ q.T  # (I - QQ^T) z
+        hz = self._matmat(prep, batches, z)
+        samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
+        objective.check_finite("Hessian-vector products (trace)", samples, [exact])
+        mean, stderr = _mean_and_stderr(samples) if g else (0.0, float("nan"))
+        return Estimate(exact + mean, stderr, 2 * s + g)
+
+    def frobenius_norm(
+        self,
+        params: PyTree,
+        batches: PyTree | None,
+        *,
+        key: jax.Array,
+        method: str = "hutchinson",
+        num_matvecs: int = 100,
+        k: int = 50,
+        weights=None,
+    ) -> Estimate:
+        """Estimate of the Hessian's Frobenius norm.
+
+        ``"hutchinson"``: ``||H||_F^2 = E ||H z||^2`` over Rademacher probes; the standard
+        error of the norm follows by the delta method. ``"top_k"``: ``sqrt(sum_i lambda_i^2)``
+        over the k largest-magnitude eigenvalues, the approximation of Jastrzębski et al.
+        (2019, Table 1, top-50); a lower bound with no sampling error (``stderr`` is NaN).
+
+        Args:
+          params, batches, weights: the operator (see `eigenpairs`).
+          key: key for the probes / the Lanczos start vector.
+          method: ``"hutchinson"`` or ``"top_k"``.
+          num_matvecs: probes for ``"hutchinson"``.
+          k: eigenvalues for ``"top_k"``.
+
+        Returns:
+          `Estimate` of ||H||_F.
+        """
+        if method == "top_k":
+            out = self.eigenpairs(params, batches, k=k, key=key, which="LM", weights=weights)
+            return Estimate(float(np.sqrt(np.sum(out.values**2))), float("nan"), out.num_steps + k)
+        if method != "hutchinson":
+            raise ValueError(f"method must be 'hutchinson' or 'top_k', got {method!r}")
+        if num_matvecs < 1:
+            raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
+        prep = self.objective.prepare(params, batches, weights)
+        z = _probes(key, num_matvecs, prep.dim, prep.dtype)
+        hz = self._matmat(prep, batches, z)
+        samples = (np.asarray(hz, np.float64) ** 2).sum(1)
+        objective.check_finite("Hessian-vector products (Frobenius norm)", samples)
+        sq, sq_err = _mean_and_stderr(samples)
+        value = math.sqrt(max(sq, 0.0))
+        return Estimate(value, sq_err / (2 * value) if value > 0 else float("nan"), num_matvecs)
+
+
+# --------------------------------------------------------------------------------------
+# Module-level functions: one call, one Curvature (hold a Curvature to reuse compiled code)
+# --------------------------------------------------------------------------------------
+
+
+def hessian_matvec(
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: PyTree | None,
+    *,
+    weights=None,
+    wrt=None,
+) -> Callable[[PyTree], PyTree]:
+    """The (weighted, multi-batch) Hessian as a jitted function of a tangent pytree.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: pytree.
+      batches: batch pytree with a leading axis over batches, or ``None``.
+      weights: optional per-batch weights (e.g. the number of real examples per batch).
+      wrt: restrict to a subset of the parameters: a regex searched in each leaf's path
+        (``"Dense_1/"``) or a predicate on the path. The other leaves are held fixed and the
+        product's entries for them are zero.
+
+    Returns:
+      ``matvec(tangent) -> pytree like params`` (`Curvature.operator`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from sharp_minima import hessian
+      >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
+      >>> batches = {"x": jnp.eye(2)[None], "y": jnp.zeros((1, 2))}
+      >>> hessian.hessian_matvec(loss, jnp.zeros(2), batches)(jnp.array([1.0, 2.0]))
+      Array([1., 2.], dtype=float32)
+    """
+    return Curvature(loss_fn, wrt=wrt).operator(params, batches, weights=weights)
+
+
+def eigenpairs(
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: PyTree | None,
+    *,
+    k: int,
+    key: jax.Array,
+    num_steps: int | None = None,
+    which: str = "LA",
+    weights=None,
+    wrt=None,
+    init_vectors: PyTree | None = None,
+    tol: float = 1e-4,
+    check_every: int = 10,
+) -> Eigenpairs:
+    """Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation.
+
+    ``Curvature(loss_fn, wrt=wrt).eigenpairs(params, batches, ...)``, see
+    `Curvature.eigenpairs` for the arguments. Compiles on every call: to track the
+    eigenpairs along training, hold one `Curvature` and pass the previous ``vectors`` as
+    ``init_vectors``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from sharp_minima import hessian
+      >>> A = jnp.diag(jnp.arange(10.0))
+      >>> loss = lambda params, batch: 0.5 * params["w"] @ A @ params["w"]
+      >>> out = hessian.eigenpairs(loss, {"w": jnp.zeros(10)}, None, k=3,
+      ...                          key=jax.random.key(0))
+      >>> out.values.round(5).tolist(), bool(out.converged.all())
+      ([9.0, 8.0, 7.0], True)
+    """
+    return Curvature(loss_fn, wrt=wrt).eigenpairs(
+        params,
+        batches,
+        k=k,
+        key=key,
+        num_steps=num_steps,
+        which=which,
+        weights=weights,
+        init_vectors=init_vectors,
+        tol=tol,
+        check_every=check_every,
+    )
 
 
 def spectral_density(
@@ -777,25 +915,7 @@ def spectral_density(
     weights=None,
     wrt=None,
 ) -> SpectralDensity:
-    """Hessian spectral density by stochastic Lanczos quadrature (SLQ).
-
-    For each Rademacher probe z, ``num_steps`` Lanczos steps from z/|z| give Ritz values
-    theta_j and weights tau_j (squared first components of the tridiagonal's eigenvectors);
-    ``sum_j tau_j f(theta_j)`` is the Gauss quadrature of ``z^T f(H) z / n``, exact for
-    polynomials of degree < 2 num_steps. The density is the probe average of
-    ``sum_j tau_j N(t; theta_j, sigma^2)`` (Ghorbani et al. 2019).
-
-    Args:
-      loss_fn, params, batches, weights, wrt: the operator (see `eigenpairs`).
-      key: key for the probes.
-      num_probes: number of probes.
-      num_steps: Lanczos steps per probe (default ``min(n, 80)``).
-      num_points: grid size when ``grid`` is not given.
-      sigma: smoothing width (default 1% of the Ritz-value range, or 1e-3 if it is empty).
-      grid: optional evaluation points.
-
-    Returns:
-      `SpectralDensity`.
+    """Hessian spectral density by stochastic Lanczos quadrature (`Curvature.spectral_density`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -805,45 +925,17 @@ def spectral_density(
       >>> float((out.weights * out.nodes).sum(1).mean().round(5))  # tr(H) / n
       2.5
     """
-    params, w, n, dtype = _prepare(loss_fn, params, batches, weights, wrt)
-    m = min(n, 80) if num_steps is None else num_steps
-    if not 1 <= m <= n:
-        raise ValueError(f"num_steps must be in [1, {n}] (the dimension), got {m}")
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    key_probe, key_restart = jax.random.split(key)
-    z = _probes(key_probe, num_probes, n, dtype)
-    alphas, betas = _jitted_slq(loss_fn, wrt, m)(params, batches, w, z, key_restart)
-    _check_finite("Hessian-vector products (spectral density)", alphas, betas)
-    nodes, taus = [], []
-    for a, b in zip(np.asarray(alphas), np.asarray(betas)):
-        theta, s = tridiagonal_eigh(a, b)
-        nodes.append(theta)
-        taus.append(s[0] ** 2)
-    nodes, taus = np.stack(nodes), np.stack(taus)
-    lo, hi = nodes.min(), nodes.max()
-    if sigma is None:
-        sigma = 0.01 * (hi - lo) if hi > lo else 1e-3
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if grid is None:
-        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
-    grid = np.asarray(grid, np.float64)
-    gauss = np.exp(-0.5 * ((grid[None, None, :] - nodes[..., None]) / sigma) ** 2)
-    per_probe = (taus[..., None] * gauss).sum(1) / (sigma * math.sqrt(2 * math.pi))
-    stderr = (
-        per_probe.std(0, ddof=1) / math.sqrt(num_probes)
-        if num_probes > 1
-        else np.full_like(grid, np.nan)
+    return Curvature(loss_fn, wrt=wrt).spectral_density(
+        params,
+        batches,
+        key=key,
+        num_probes=num_probes,
+        num_steps=num_steps,
+        num_points=num_points,
+        sigma=sigma,
+        grid=grid,
+        weights=weights,
     )
-    return SpectralDensity(nodes, taus, grid, per_probe.mean(0), stderr, float(sigma))
-
-
-def _mean_and_stderr(samples):
-    samples = np.asarray(samples, np.float64)
-    if samples.size < 2:
-        return float(samples.mean()), float("nan")
-    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(samples.size))
 
 
 def trace(
@@ -858,23 +950,7 @@ def trace(
     wrt=None,
     chunk: int = 8,
 ) -> Estimate:
-    """Stochastic estimate of the Hessian trace.
-
-    ``"hutchinson"``: mean of z^T H z over Rademacher probes (Hutchinson 1989).
-    ``"hutch++"``: a third of the budget sketches the top of the spectrum (Q = qr(H S)),
-    whose trace is taken exactly, and the rest runs Hutchinson on the deflated remainder
-    (Meyer et al. 2021); far lower variance when a few eigenvalues dominate, as in
-    neural networks. The standard error is that of the Hutchinson part.
-
-    Args:
-      loss_fn, params, batches, weights, wrt: the operator (see `eigenpairs`).
-      key: key for the probes.
-      num_matvecs: total number of HVPs.
-      method: ``"hutch++"`` or ``"hutchinson"``.
-      chunk: HVPs evaluated at once (vmapped).
-
-    Returns:
-      `Estimate` of tr(H).
+    """Stochastic estimate of the Hessian trace, Hutch++ or Hutchinson (`Curvature.trace`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -884,34 +960,9 @@ def trace(
       >>> round(est.value, 4)
       10.0
     """
-    if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-    params, w, n, dtype = _prepare(loss_fn, params, batches, weights, wrt)
-    matmat = _jitted_matmat(loss_fn, wrt, chunk)
-    if method == "hutchinson":
-        if num_matvecs < 1:
-            raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-        z = _probes(key, num_matvecs, n, dtype)
-        hz = matmat(params, batches, w, z)
-        samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
-        _check_finite("Hessian-vector products (trace)", samples)
-        return Estimate(*_mean_and_stderr(samples), num_matvecs)
-    if num_matvecs < 3:
-        raise ValueError(f"hutch++ needs num_matvecs >= 3, got {num_matvecs}")
-    s = min(num_matvecs // 3, n)
-    g = num_matvecs - 2 * s
-    k1, k2 = jax.random.split(key)
-    hs = matmat(params, batches, w, _probes(k1, s, n, dtype))
-    q, _ = jnp.linalg.qr(hs.T)  # (n, s), orthonormal columns spanning H S
-    hq = matmat(params, batches, w, q.T)
-    exact = float(np.einsum("ns,sn->", np.asarray(q, np.float64), np.asarray(hq, np.float64)))
-    z = _probes(k2, g, n, dtype)
-    z = z - (z @ q) @ q.T  # (I - QQ^T) z
-    hz = matmat(params, batches, w, z)
-    samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
-    _check_finite("Hessian-vector products (trace)", samples, [exact])
-    mean, stderr = _mean_and_stderr(samples) if g else (0.0, float("nan"))
-    return Estimate(exact + mean, stderr, 2 * s + g)
+    return Curvature(loss_fn, wrt=wrt, chunk=chunk).trace(
+        params, batches, key=key, num_matvecs=num_matvecs, method=method, weights=weights
+    )
 
 
 def frobenius_norm(
@@ -927,23 +978,7 @@ def frobenius_norm(
     wrt=None,
     chunk: int = 8,
 ) -> Estimate:
-    """Estimate of the Hessian's Frobenius norm.
-
-    ``"hutchinson"``: ``||H||_F^2 = E ||H z||^2`` over Rademacher probes; the standard error
-    of the norm follows by the delta method. ``"top_k"``: ``sqrt(sum_i lambda_i^2)`` over the
-    k largest-magnitude eigenvalues, the approximation of Jastrzębski et al. (2019, Table 1,
-    top-50); a lower bound with no sampling error (``stderr`` is NaN).
-
-    Args:
-      loss_fn, params, batches, weights, wrt: the operator (see `eigenpairs`).
-      key: key for the probes / the Lanczos start vector.
-      method: ``"hutchinson"`` or ``"top_k"``.
-      num_matvecs: probes for ``"hutchinson"``.
-      k: eigenvalues for ``"top_k"``.
-      chunk: HVPs evaluated at once (vmapped).
-
-    Returns:
-      `Estimate` of ||H||_F.
+    """Estimate of the Hessian's Frobenius norm (`Curvature.frobenius_norm`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -953,20 +988,6 @@ def frobenius_norm(
       >>> round(est.value, 4)  # a diagonal H: every Rademacher probe gives the exact value
       5.0
     """
-    if method == "top_k":
-        out = eigenpairs(
-            loss_fn, params, batches, k=k, key=key, which="LM", weights=weights, wrt=wrt
-        )
-        return Estimate(float(np.sqrt(np.sum(out.values**2))), float("nan"), out.num_steps + k)
-    if method != "hutchinson":
-        raise ValueError(f"method must be 'hutchinson' or 'top_k', got {method!r}")
-    if num_matvecs < 1:
-        raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-    params, w, n, dtype = _prepare(loss_fn, params, batches, weights, wrt)
-    z = _probes(key, num_matvecs, n, dtype)
-    hz = _jitted_matmat(loss_fn, wrt, chunk)(params, batches, w, z)
-    samples = (np.asarray(hz, np.float64) ** 2).sum(1)
-    _check_finite("Hessian-vector products (Frobenius norm)", samples)
-    sq, sq_err = _mean_and_stderr(samples)
-    value = math.sqrt(max(sq, 0.0))
-    return Estimate(value, sq_err / (2 * value) if value > 0 else float("nan"), num_matvecs)
+    return Curvature(loss_fn, wrt=wrt, chunk=chunk).frobenius_norm(
+        params, batches, key=key, method=method, num_matvecs=num_matvecs, k=k, weights=weights
+    )

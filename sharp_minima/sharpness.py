@@ -34,6 +34,10 @@ The loss decides how BatchNorm and dropout behave (e.g. eval-mode statistics, dr
 pass ``params = {"params": ..., "batch_stats": ...}`` with ``wrt="^params/"`` to perturb only
 the weights.
 
+`SharpnessMeter` (``SharpnessMeter(loss_fn, wrt=...)``) owns the compiled value-and-gradient
+and average-sharpness kernels: hold one to measure many models of one architecture without
+recompiling. `epsilon_sharpness` and `average_sharpness` build one per call.
+
 >>> import jax, jax.numpy as jnp
 >>> f = lambda p, batch: 100.0 * jnp.sum(p ** 2)   # at its exact minimum p = 0
 >>> r = epsilon_sharpness(f, jnp.zeros(1), None, epsilon=1e-3, key=jax.random.key(0))
@@ -50,10 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-from jax.flatten_util import ravel_pytree
 
-from sharp_minima import hessian
-from sharp_minima import tree_util as tu
+from sharp_minima import hessian, objective
 
 PyTree = Any
 VERSION = 2  # bump when the estimator changes, so cached experiment results are recomputed
@@ -130,25 +132,6 @@ def _lbfgsb_unit_box(fun_and_grad, x0, max_iter: int, memory: int = 10, maxls: i
         step(f, g, 0.0, 0.0, wa, iwa, task, lsave, isave, dsave, maxls, ln_task)
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_value_and_grad(loss_fn, wrt):
-    def run(params, batches, weights, u, bounds, matrix):
-        selected, merge = tu.select(params, wrt)
-        x0, unravel = ravel_pytree(selected)
-
-        def f(u):
-            y = bounds * u
-            delta = y if matrix is None else matrix @ y
-            x = x0 + delta.astype(x0.dtype)
-            return hessian.batch_mean(
-                lambda b: loss_fn(merge(unravel(x), params), b), batches, weights
-            )
-
-        return jax.value_and_grad(f)(u)
-
-    return jax.jit(run)
-
-
 def random_subspace(key, n: int, p: int, dtype=jnp.float32) -> jax.Array:
     """The n×p matrix A with i.i.d. N(0, 1) entries (the law used for ``subspace_dim``)."""
     return jax.random.normal(key, (n, p), dtype)
@@ -165,6 +148,216 @@ def _box_bounds(x0, epsilon, matrix):
     return epsilon * (coords + 1.0)
 
 
+class SharpnessMeter:
+    """Sharpness measurements of one loss, owning their compiled kernels.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``; f is its weighted mean over ``batches``.
+      wrt: which parameters are perturbed (regex on the leaf path, or predicate); e.g.
+        ``"^params/"`` for a Flax model's weights, keeping its BatchNorm statistics.
+
+    Attributes:
+      objective: the `sharp_minima.objective.Objective`.
+      num_traces: kernels traced (= compiled) so far; reuse with inputs of the same shapes
+        does not add to it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> meter = SharpnessMeter(lambda p, batch: p["a"] * jnp.sum(p["x"] ** 2), wrt="x")
+      >>> values = [meter.epsilon_sharpness({"x": jnp.zeros(1), "a": jnp.float32(a)}, None,
+      ...                                   epsilon=1e-3, key=jax.random.key(0)).value
+      ...           for a in (100.0, 200.0)]
+      >>> [round(v, 6) for v in values], meter.num_traces
+      ([0.01, 0.02], 1)
+    """
+
+    def __init__(self, loss_fn, *, wrt=None):
+        self.objective = objective.Objective(loss_fn, wrt)
+        self.num_traces = 0
+        self._value_and_grad_jit = jax.jit(self._value_and_grad_kernel)
+        self._average_jit = jax.jit(self._average_kernel, static_argnames=("num_samples", "chunk"))
+
+    def _value_and_grad_kernel(self, params, batches, weights, u, bounds, matrix):
+        """f(x + A(b ⊙ u)) and its gradient in u."""
+        self.num_traces += 1
+        x0, f = self.objective.mean_loss(params, batches, weights)
+
+        def g(u):
+            y = bounds * u
+            delta = y if matrix is None else matrix @ y
+            return f(x0 + delta.astype(x0.dtype))
+
+        return jax.value_and_grad(g)(u)
+
+    def _average_kernel(self, params, batches, weights, key, sigma, *, num_samples, chunk):
+        self.num_traces += 1
+        x0, f = self.objective.mean_loss(params, batches, weights)
+        keys = jax.random.split(key, num_samples)
+        noise = lambda k: sigma * jax.random.normal(k, x0.shape, x0.dtype)  # noqa: E731
+        losses = jax.lax.map(lambda k: f(x0 + noise(k)), keys, batch_size=chunk)
+        return f(x0), losses
+
+    def epsilon_sharpness(
+        self,
+        params: PyTree,
+        batches: PyTree,
+        *,
+        epsilon: float,
+        key: jax.Array,
+        subspace_dim: int | None = None,
+        subspace: jax.Array | None = None,
+        max_iter: int = 10,
+        weights=None,
+    ) -> Sharpness:
+        """Keskar et al.'s ε-sharpness φ(x, ε, A) at ``params`` (see the module docstring).
+
+        Args:
+          params: the point x (any pytree).
+          batches: batches with a leading axis over batches (as in `sharp_minima.hessian`),
+            or None.
+          epsilon: box size ε (the paper uses 1e-3 and 5e-4).
+          key: random key (random start; A when ``subspace_dim`` is given).
+          subspace_dim: p for a random n×p matrix A (the paper: 100); None = full space.
+          subspace: an explicit n×p matrix A instead (e.g. the identity, for testing).
+          max_iter: L-BFGS-B iterations (the paper: 10).
+          weights: per-batch weights (ragged last batch), as in `sharp_minima.hessian`.
+
+        Returns:
+          `Sharpness`.
+
+        Raises:
+          ValueError: non-positive ε or max_iter, bad subspace shape, or bad loss/batches.
+          FloatingPointError: the loss is not finite inside the box.
+        """
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        prep = self.objective.prepare(params, batches, weights)
+        n, dtype = prep.dim, prep.dtype
+        x0 = self.objective.flatten(params)
+        k_start, k_matrix = jax.random.split(key)
+        matrix = subspace
+        if matrix is None and subspace_dim is not None:
+            if not 1 <= subspace_dim:
+                raise ValueError(f"subspace_dim must be >= 1, got {subspace_dim}")
+            matrix = random_subspace(k_matrix, n, subspace_dim, dtype)
+        if matrix is not None:
+            matrix = jnp.asarray(matrix, dtype)
+            if matrix.ndim != 2 or matrix.shape[0] != n:
+                raise ValueError(f"subspace must have shape ({n}, p), got {matrix.shape}")
+        p = n if matrix is None else matrix.shape[1]
+        bounds64 = _box_bounds(x0, epsilon, matrix)
+        bounds = jnp.asarray(bounds64, dtype)
+        best = {"value": -np.inf, "u": np.zeros(p)}
+        cache = {}
+        count = [0]
+
+        def evaluate(u):
+            u = np.clip(np.asarray(u, np.float64), -1.0, 1.0)
+            h = hash(u.tobytes())
+            if h in cache:
+                return cache[h]
+            value, grad = self._value_and_grad_jit(
+                prep.params, batches, prep.weights, jnp.asarray(u, dtype), bounds, matrix
+            )
+            value, grad = float(value), np.asarray(grad, np.float64)
+            count[0] += 1
+            if not np.isfinite(value):
+                raise FloatingPointError(f"the loss is {value} inside the ε-box (ε={epsilon})")
+            if value > best["value"]:
+                best["value"], best["u"] = value, u.copy()
+            cache.clear()  # only the latest point is ever asked for again
+            cache[h] = (value, grad)
+            return value, grad
+
+        f0, g0 = evaluate(np.zeros(p))
+        starts = [
+            np.asarray(jax.random.uniform(k_start, (p,), minval=-1.0, maxval=1.0), np.float64)
+        ]
+        if np.any(g0 != 0):
+            starts.insert(0, np.sign(g0))
+        results = [evaluate(s) for s in starts]
+        values = [r[0] for r in results]
+        i = int(np.argmax(values))
+        u_start = starts[i]
+        cache.clear()  # L-BFGS-B first asks for its start point: answer without a new evaluation
+        cache[hash(np.clip(u_start, -1.0, 1.0).tobytes())] = results[i]
+
+        # Scale-free objective for L-BFGS-B: (f − f(x)) / s with s the rise at the start, so a
+        # flat function (x⁸: rises ~1e-24) is optimised like a steep one.
+        rise = abs(max(values) - f0)
+        scale = rise if rise > 0 else 1.0
+
+        budget = count[0] + 2 * max_iter  # L-BFGS-B's line searches may overrun its maxfun
+
+        def negated(u):
+            if count[0] >= budget:
+                raise _BudgetSpent
+            value, grad = evaluate(u)
+            return -(value - f0) / scale, -grad / scale  # negate value and gradient: maximise f
+
+        try:
+            _lbfgsb_unit_box(negated, u_start, max_iter)
+        except _BudgetSpent:
+            pass
+        # A convex loss takes its box maximum at a vertex: try the vertex nearest the best point
+        # (one evaluation; rescues coordinates stuck where a flat direction has ~zero gradient).
+        evaluate(np.where(best["u"] >= 0, 1.0, -1.0))
+        y = jnp.asarray(bounds64 * best["u"], dtype)
+        delta = y if matrix is None else matrix @ y  # on device: A can be large
+        phi = (best["value"] - f0) / (1.0 + f0) * 100.0
+        return Sharpness(
+            float(phi),
+            f0,
+            float(best["value"]),
+            count[0],
+            self.objective.unflatten(params, delta),
+            float(epsilon),
+            None if subspace is None and subspace_dim is None else p,
+        )
+
+    def average_sharpness(
+        self,
+        params: PyTree,
+        batches: PyTree,
+        *,
+        sigma: float,
+        key: jax.Array,
+        num_samples: int = 100,
+        chunk_size: int = 10,
+        weights=None,
+    ) -> hessian.Estimate:
+        """Average-case sharpness: E_z[f(x + σz)] − f(x), z ~ N(0, I), with its standard error.
+
+        A cheap companion of `epsilon_sharpness` (one loss evaluation per sample,
+        ``chunk_size`` samples vmapped at a time). For a quadratic it equals σ²/2 · tr(H).
+
+        Raises:
+          ValueError: σ ≤ 0, fewer than 2 samples, or chunk_size < 1.
+        """
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        if num_samples < 2 or chunk_size < 1:
+            raise ValueError("num_samples must be >= 2 and chunk_size >= 1")
+        prep = self.objective.prepare(params, batches, weights)
+        f0, losses = self._average_jit(
+            prep.params,
+            batches,
+            prep.weights,
+            key,
+            sigma,
+            num_samples=num_samples,
+            chunk=min(chunk_size, num_samples),
+        )
+        increase = np.asarray(losses, np.float64) - float(f0)
+        return hessian.Estimate(
+            float(increase.mean()),
+            float(increase.std(ddof=1) / np.sqrt(num_samples)),
+            num_samples,
+        )
+
+
 def epsilon_sharpness(
     loss_fn,
     params: PyTree,
@@ -178,131 +371,22 @@ def epsilon_sharpness(
     weights=None,
     wrt=None,
 ) -> Sharpness:
-    """Keskar et al.'s ε-sharpness φ(x, ε, A) of ``loss_fn`` at ``params`` (module docstring).
+    """Keskar et al.'s ε-sharpness φ(x, ε, A) of ``loss_fn`` at ``params``.
 
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``; f is its weighted mean over ``batches``.
-      params: the point x (any pytree).
-      batches: batches with a leading axis over batches (as in `sharp_minima.hessian`), or None.
-      epsilon: box size ε (the paper uses 1e-3 and 5e-4).
-      key: random key (random start; A when ``subspace_dim`` is given).
-      subspace_dim: p for a random n×p matrix A (the paper: 100); None = full space (A = I).
-      subspace: an explicit n×p matrix A instead (e.g. the identity, for testing).
-      max_iter: L-BFGS-B iterations (the paper: 10).
-      weights: per-batch weights (ragged last batch), as in `sharp_minima.hessian`.
-      wrt: which parameters are perturbed (regex on the leaf path, or predicate).
-
-    Returns:
-      `Sharpness`.
-
-    Raises:
-      ValueError: non-positive ε or max_iter, bad subspace shape, or bad loss/batches.
+    ``SharpnessMeter(loss_fn, wrt=wrt).epsilon_sharpness(params, batches, ...)``: see
+    `SharpnessMeter.epsilon_sharpness` for the arguments. Compiles on every call; hold a
+    `SharpnessMeter` to measure several models.
     """
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    params_r, w, n, dtype = hessian._prepare(loss_fn, params, batches, weights, wrt)
-    selected, merge = tu.select(params, wrt)
-    x0, unravel = ravel_pytree(selected)
-    k_start, k_matrix = jax.random.split(key)
-    matrix = subspace
-    if matrix is None and subspace_dim is not None:
-        if not 1 <= subspace_dim:
-            raise ValueError(f"subspace_dim must be >= 1, got {subspace_dim}")
-        matrix = random_subspace(k_matrix, n, subspace_dim, dtype)
-    if matrix is not None:
-        matrix = jnp.asarray(matrix, dtype)
-        if matrix.ndim != 2 or matrix.shape[0] != n:
-            raise ValueError(f"subspace must have shape ({n}, p), got {matrix.shape}")
-    p = n if matrix is None else matrix.shape[1]
-    bounds64 = _box_bounds(x0, epsilon, matrix)
-    bounds = jnp.asarray(bounds64, dtype)
-    run = _jitted_value_and_grad(loss_fn, wrt)
-    best = {"value": -np.inf, "u": np.zeros(p)}
-    cache = {}
-    count = [0]
-
-    def evaluate(u):
-        u = np.clip(np.asarray(u, np.float64), -1.0, 1.0)
-        h = hash(u.tobytes())
-        if h in cache:
-            return cache[h]
-        value, grad = run(params_r, batches, w, jnp.asarray(u, dtype), bounds, matrix)
-        value, grad = float(value), np.asarray(grad, np.float64)
-        count[0] += 1
-        if not np.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} inside the ε-box (ε={epsilon})")
-        if value > best["value"]:
-            best["value"], best["u"] = value, u.copy()
-        cache.clear()  # only the latest point is ever asked for again
-        cache[h] = (value, grad)
-        return value, grad
-
-    f0, g0 = evaluate(np.zeros(p))
-    starts = [np.asarray(jax.random.uniform(k_start, (p,), minval=-1.0, maxval=1.0), np.float64)]
-    if np.any(g0 != 0):
-        starts.insert(0, np.sign(g0))
-    results = [evaluate(s) for s in starts]
-    values = [r[0] for r in results]
-    i = int(np.argmax(values))
-    u_start = starts[i]
-    cache.clear()  # L-BFGS-B first asks for its start point: answer without a new evaluation
-    cache[hash(np.clip(u_start, -1.0, 1.0).tobytes())] = results[i]
-
-    # Scale-free objective for L-BFGS-B: (f − f(x)) / s with s the rise at the start, so a
-    # flat function (x⁸: rises ~1e-24) is optimised like a steep one.
-    rise = abs(max(values) - f0)
-    scale = rise if rise > 0 else 1.0
-
-    budget = count[0] + 2 * max_iter  # L-BFGS-B's line searches may overrun its maxfun
-
-    def negated(u):
-        if count[0] >= budget:
-            raise _BudgetSpent
-        value, grad = evaluate(u)
-        return -(value - f0) / scale, -grad / scale  # negate value and gradient: maximise f
-
-    try:
-        _lbfgsb_unit_box(negated, u_start, max_iter)
-    except _BudgetSpent:
-        pass
-    # A convex loss takes its box maximum at a vertex: try the vertex nearest the best point
-    # (one evaluation; rescues coordinates stuck where a flat direction has ~zero gradient).
-    evaluate(np.where(best["u"] >= 0, 1.0, -1.0))
-    y = bounds64 * best["u"]
-    y = jnp.asarray(y, dtype)
-    delta = y if matrix is None else matrix @ y  # on device: A can be large
-    perturbation = merge(unravel(delta), tu.zeros_like(params))
-    phi = (best["value"] - f0) / (1.0 + f0) * 100.0
-    return Sharpness(
-        float(phi),
-        f0,
-        float(best["value"]),
-        count[0],
-        perturbation,
-        float(epsilon),
-        None if subspace is None and subspace_dim is None else p,
+    return SharpnessMeter(loss_fn, wrt=wrt).epsilon_sharpness(
+        params,
+        batches,
+        epsilon=epsilon,
+        key=key,
+        subspace_dim=subspace_dim,
+        subspace=subspace,
+        max_iter=max_iter,
+        weights=weights,
     )
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted_average(loss_fn, wrt, chunk):
-    def run(params, batches, weights, key, sigma, num_samples):
-        selected, merge = tu.select(params, wrt)
-        x0, unravel = ravel_pytree(selected)
-
-        def f(x):
-            return hessian.batch_mean(
-                lambda b: loss_fn(merge(unravel(x), params), b), batches, weights
-            )
-
-        keys = jax.random.split(key, num_samples)
-        noise = lambda k: sigma * jax.random.normal(k, x0.shape, x0.dtype)  # noqa: E731
-        losses = jax.lax.map(lambda k: f(x0 + noise(k)), keys, batch_size=chunk)
-        return f(x0), losses
-
-    return jax.jit(run, static_argnums=5)
 
 
 def average_sharpness(
@@ -317,10 +401,7 @@ def average_sharpness(
     weights=None,
     wrt=None,
 ) -> hessian.Estimate:
-    """Average-case sharpness: E_z[f(x + σz)] − f(x), z ~ N(0, I), with its standard error.
-
-    A cheap companion of `epsilon_sharpness` (one loss evaluation per sample, ``chunk_size``
-    samples vmapped at a time). For a quadratic it equals σ²/2 · tr(H).
+    """Average-case sharpness E_z[f(x + σz)] − f(x) (`SharpnessMeter.average_sharpness`).
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda p, batch: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p ** 2)
@@ -329,16 +410,12 @@ def average_sharpness(
     >>> abs(e.value - 0.5 * 0.01 * 4.0) < 4 * e.stderr
     True
     """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    if num_samples < 2 or chunk_size < 1:
-        raise ValueError("num_samples must be >= 2 and chunk_size >= 1")
-    params_r, w, _, _ = hessian._prepare(loss_fn, params, batches, weights, wrt)
-    run = _jitted_average(loss_fn, wrt, min(chunk_size, num_samples))
-    f0, losses = run(params_r, batches, w, key, sigma, num_samples)
-    increase = np.asarray(losses, np.float64) - float(f0)
-    return hessian.Estimate(
-        float(increase.mean()),
-        float(increase.std(ddof=1) / np.sqrt(num_samples)),
-        num_samples,
+    return SharpnessMeter(loss_fn, wrt=wrt).average_sharpness(
+        params,
+        batches,
+        sigma=sigma,
+        key=key,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        weights=weights,
     )

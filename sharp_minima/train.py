@@ -11,8 +11,14 @@ workdir already holds checkpoints of the same run. Pieces are importable on thei
 - `make_train_step`, `make_eval_step` — ``jit``-compiled once; the state is donated; the batch
   is sharded over the ``"data"`` axis of a device mesh and the state replicated, so the same code
   runs on one CPU, several GPUs, a TPU, or several hosts (after ``jax.distributed.initialize()``).
+- `classification_loss` — the default `TrainLoss`; any research loss of the same protocol
+  ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train` instead,
+  and any optax transformation as ``tx``.
 - `Hook` — a callable run every N steps or epochs inside the loop (curvature tracking plugs in
-  here); it may return metrics to log or raise `StopTraining`.
+  here); it may return metrics to log, a replacement state (e.g. new directions in the
+  optimizer state), write arrays with ``ctx.save_arrays``, or raise `StopTraining`.
+- The loop's pieces: `restore_or_init`, `Checkpointer` (last + best), `MetricsBuffer`,
+  `MetricsLog`, `Progress`, `make_evaluators` / `evaluate`, `run_hooks`.
 
 Weight decay is the L2 term ``λ/2 ‖w‖²`` added to the loss (kernels and embeddings only), as in
 Keskar et al. (2017) and Jastrzębski et al. (2019).
@@ -21,12 +27,14 @@ Keskar et al. (2017) and Jastrzębski et al. (2019).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -44,6 +52,11 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagra
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 # Config fields that may change between a run and its resumption (the rest must match).
 RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "checkpoint", "progress", "early_stop")
+
+# A training loss: ``loss(params, model_state, batch, key) -> (objective, aux)``; ``aux`` is a
+# dict whose ``"model_state"`` entry (if any) replaces the BatchNorm statistics and whose other
+# (scalar) entries are logged as ``train/<name>``.
+TrainLoss = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
 class ConfigError(ValueError):
@@ -275,61 +288,75 @@ def make_optimizer(config, steps_per_epoch: int):
 # ------------------------------------------------------------------------------ the steps
 
 
-def make_loss(model, weight_decay: float):
-    """``loss(params, batch_stats, batch, key, train) -> (objective, (data_loss, logits, stats))``.
+def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
+    """The default training loss: mean cross-entropy (+ ``weight_decay · l2_penalty``).
 
-    The objective is the mean cross-entropy plus ``weight_decay · l2_penalty(params)``.
+    Returns ``loss(params, model_state, batch, key) -> (objective, aux)``, the `TrainLoss`
+    protocol: the model runs in training mode (batch statistics, dropout from ``key``);
+    ``aux["model_state"]`` holds the updated BatchNorm statistics and the other entries of
+    ``aux`` (``loss``, ``accuracy``) are logged as ``train/<name>``.
     """
 
-    def loss(params, batch_stats, batch, key, train):
+    def loss(params, model_state, batch, key):
         variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        if train:
-            logits, updates = model.apply(
-                variables, batch["x"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
-            )
-            new_stats = updates.get("batch_stats", batch_stats)
-        else:
-            logits, new_stats = model.apply(variables, batch["x"], train=False), batch_stats
+        if model_state:
+            variables["batch_stats"] = model_state
+        logits, updates = model.apply(
+            variables, batch["x"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
         data_loss = losses.cross_entropy(logits, batch["y"])
         objective = data_loss
         if weight_decay:
             objective = objective + weight_decay * losses.l2_penalty(params)
-        return objective, (data_loss, logits, new_stats)
+        aux = {
+            "model_state": updates.get("batch_stats", model_state),
+            "loss": data_loss,
+            "accuracy": losses.accuracy(logits, batch["y"]),
+        }
+        return objective, aux
 
     return loss
 
 
-def make_train_step(model, tx, lr_fn, weight_decay: float, mesh: Mesh, log_every: int = 1):
+def make_train_step(
+    loss_fn: TrainLoss,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    lr_fn: Callable[[Any, Any], Any] | None = None,
+    log_every: int = 1,
+):
     """``train_step(state, batch) -> (state, metrics)``, jitted once with the state donated.
 
-    The batch arrives sharded along ``"data"``; the state stays replicated. Metrics (prefixed
-    ``train/``) are computed inside the step and stay on device until a log step fetches them.
-    ``train/grad_norm`` is computed only on steps that end a multiple of ``log_every`` (0
-    elsewhere): it is one more pass over all gradients, ~10% of an F1 step on a CPU.
+    Args:
+      loss_fn: a `TrainLoss` (e.g. `classification_loss`, or a research loss).
+      tx: any optax transformation; ``tx.update`` receives the params and ``value=objective``
+        (for ``reduce_on_plateau``).
+      mesh: the batch arrives sharded along its ``"data"`` axis; the state stays replicated.
+      lr_fn: optional ``lr_fn(step, opt_state)`` logged as ``train/learning_rate``.
+      log_every: ``train/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
+        CPU) is computed only on steps that end a multiple of ``log_every`` (0 elsewhere).
+
+    Metrics (prefixed ``train/``: ``objective``, the scalars of the loss's aux, ``grad_norm``,
+    ``learning_rate``) are computed inside the step and stay on device until a log step.
     """
-    loss = make_loss(model, weight_decay)
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        grad_fn = jax.value_and_grad(loss, has_aux=True)
-        (objective, (data_loss, logits, stats)), grads = grad_fn(
-            state.params, state.batch_stats, batch, key, True
-        )
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
+        aux = dict(aux)
+        stats = aux.pop("model_state", state.batch_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=objective)
         params = optax.apply_updates(state.params, updates)
         on_log_step = (state.step + 1) % log_every == 0
         grad_norm = jax.lax.cond(
             on_log_step, optax.tree.norm, lambda g: jnp.zeros((), jnp.float32), grads
         )
-        metrics = {
-            "train/loss": data_loss,
-            "train/objective": objective,
-            "train/accuracy": losses.accuracy(logits, batch["y"]),
-            "train/grad_norm": grad_norm,
-            "train/learning_rate": lr_fn(state.step, state.opt_state),
-        }
+        metrics = {"train/objective": objective, "train/grad_norm": grad_norm}
+        metrics.update({f"train/{k}": v for k, v in aux.items()})
+        if lr_fn is not None:
+            metrics["train/learning_rate"] = lr_fn(state.step, state.opt_state)
         new = state.replace(
             step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
         )
@@ -400,22 +427,45 @@ class Evaluator:
         return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
 
 
-# -------------------------------------------------------------------------- hooks, progress
+# -------------------------------------------------------------------------- hooks
+
+
+class HookResult(NamedTuple):
+    """What a hook may return: scalars to log and/or a replacement `TrainState`."""
+
+    metrics: dict | None = None
+    state: TrainState | None = None
 
 
 @dataclasses.dataclass
 class Hook:
     """A function called inside the training loop.
 
-    ``fn(ctx: LoopContext) -> dict | None`` runs after step ``s`` when ``every_steps`` divides
-    ``s``, and/or after each ``every_epochs``-th epoch (after evaluation). A returned dict of
-    (prefixed) scalars is logged to ``metrics.jsonl``; raising `StopTraining` ends the run.
+    ``fn(ctx: LoopContext)`` runs after step ``s`` when ``every_steps`` divides ``s`` (before
+    that step's checkpoint), and/or after each ``every_epochs``-th epoch (after evaluation,
+    before the epoch's checkpoint). It may return
+
+    - ``None``;
+    - a dict of prefixed scalars, logged to ``metrics.jsonl``;
+    - a `TrainState` (``ctx.state.replace(...)``), used from the next step on — e.g. new
+      directions inside the optimizer state (``optax.tree_utils.tree_set``); it must keep
+      the state's tree structure, shapes and dtypes; the checkpoint keeps it, so it survives
+      a resume;
+    - a `HookResult` with both.
+
+    It may write arrays to the workdir with ``ctx.save_arrays`` and end the run by raising
+    `StopTraining`.
     """
 
-    fn: Callable[[LoopContext], dict | None]
+    fn: Callable[[LoopContext], Any]
     every_steps: int | None = None
     every_epochs: int | None = None
     name: str = "hook"
+
+    def due(self, when: str, step: int, epoch: int) -> bool:
+        if when == "step":
+            return bool(self.every_steps) and step % self.every_steps == 0
+        return bool(self.every_epochs) and epoch % self.every_epochs == 0
 
 
 @dataclasses.dataclass
@@ -432,12 +482,179 @@ class LoopContext:
     workdir: str
     history: list[dict]
 
+    def save_arrays(self, name: str, **arrays) -> str:
+        """Writes ``arrays`` (e.g. eigenvectors, tridiagonals, iterates) atomically to
+        ``workdir/arrays/<name>/<step>.npz`` (process 0 only); returns the path."""
+        return save_arrays(self.workdir, name, self.step, **arrays)
+
+
+def save_arrays(workdir: str, name: str, step: int, **arrays) -> str:
+    """``workdir/arrays/<name>/<step:08d>.npz``, written atomically (process 0 only)."""
+    path = os.path.join(workdir, "arrays", name, f"{step:08d}.npz")
+    if jax.process_index() == 0:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(jax.device_get(v)) for k, v in arrays.items()})
+        files.write_atomic(path, buf.getvalue())
+    return path
+
+
+def run_hooks(hooks: Sequence[Hook], when: str, ctx: LoopContext) -> tuple[TrainState, dict]:
+    """Runs the hooks due at ``ctx.step`` / ``ctx.epoch``; returns the (possibly replaced)
+    state and the scalars they returned.
+
+    Raises:
+      ValueError: a hook returned a state of another structure, or something else.
+    """
+    metrics = {}
+    for h in hooks:
+        if not h.due(when, ctx.step, ctx.epoch):
+            continue
+        out = h.fn(ctx)
+        if isinstance(out, TrainState):
+            out = HookResult(state=out)
+        elif isinstance(out, dict):
+            out = HookResult(metrics=out)
+        elif out is None:
+            continue
+        elif not isinstance(out, HookResult):
+            raise ValueError(
+                f"hook {h.name!r} returned {type(out).__name__}; return None, a dict of "
+                "scalars, a TrainState or a HookResult"
+            )
+        if out.state is not None:
+            _check_same_structure(h.name, ctx.state, out.state)
+            ctx.state = out.state
+        metrics.update(out.metrics or {})
+    return ctx.state, metrics
+
+
+def _check_same_structure(name: str, old: TrainState, new: TrainState) -> None:
+    if jax.tree.structure(old) != jax.tree.structure(new) or any(
+        (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b))
+        for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
+    ):
+        raise ValueError(
+            f"hook {name!r} returned a state of another structure, shape or dtype; replace "
+            "leaves with arrays like them (e.g. optax.tree_utils.tree_set)"
+        )
+
+
+# -------------------------------------------------------------------------- progress, metrics
+
 
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """The console of one run: one line updated in place, and one line per evaluation.
+
+    Steps/s counts training steps over the time spent in training steps only: the loop calls
+    `pause` (after the steps so far have finished) before evaluation, hooks and checkpoints,
+    and `resume` after them. On a terminal the progress line is rewritten in place; elsewhere
+    (logs, notebooks' captured output) it is printed at most every ``interval`` seconds.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        step: int,
+        *,
+        label: str = "",
+        enabled: bool = True,
+        log: Callable[[str], None] | None = None,
+        stream=None,
+        interval: float = 60.0,
+    ):
+        self.total, self.label, self.enabled = total_steps, label, enabled
+        self.stream = sys.stdout if stream is None else stream
+        self.log = log or (lambda s: print(s, file=self.stream, flush=True))
+        self.tty = log is None and getattr(self.stream, "isatty", lambda: False)()
+        self.interval = interval if not self.tty else 0.5
+        self.seconds, self.steps = 0.0, 0
+        self._t, self._step, self._shown, self._last_print = None, step, False, 0.0
+
+    def resume(self, step: int) -> None:
+        self._t, self._step = time.perf_counter(), step
+
+    def pause(self, state, step: int) -> None:
+        if self._t is None:
+            return
+        jax.block_until_ready(state.step)  # the steps dispatched so far have finished
+        self.seconds += time.perf_counter() - self._t
+        self.steps += step - self._step
+        self._t = None
+
+    @property
+    def rate(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+    def update(self, step: int, epoch: int, num_epochs: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last_print < self.interval and step < self.total:
+            return
+        self._last_print = now
+        text = f"{self.label}step {step}/{self.total} epoch {epoch}/{num_epochs}"
+        for key, fmt in (("train/loss", "loss {:.4f}"), ("train/accuracy", "acc {:.2%}")):
+            if key in record:
+                text += "  " + fmt.format(record[key])
+        eta = (self.total - step) / self.rate if self.rate > 0 else float("nan")
+        text += f"  | {self.rate:.1f} steps/s"
+        if math.isfinite(eta):
+            text += f"  ETA {_fmt_time(eta)}"
+        if self.tty:
+            self.stream.write("\r" + text.ljust(100)[:160])
+            self.stream.flush()
+            self._shown = True
+        else:
+            self.log(text)
+
+    def message(self, text: str) -> None:
+        """A line of its own (clears the in-place line first)."""
+        if self._shown:
+            self.stream.write("\r" + " " * 160 + "\r")
+            self._shown = False
+        self.log(text)
+
+
+class MetricsBuffer:
+    """Per-step metrics kept on device until a log step; then fetched, checked and averaged."""
+
+    def __init__(self, steps_per_epoch: int, log_every: int):
+        self.pending: list[tuple[int, dict]] = []
+        self.steps_per_epoch, self.log_every = steps_per_epoch, log_every
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, step: int, epoch: int, last_checkpoint) -> dict | None:
+        """The averaged record of the pending steps (None if there are none).
+
+        Raises:
+          NonFiniteError: the objective of some step was NaN/Inf (naming the first such step).
+        """
+        if not self.pending:
+            return None
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (s, _), mets in zip(self.pending, fetched):
+            value = float(mets["train/objective"])
+            if not math.isfinite(value):
+                raise NonFiniteError(
+                    f"training loss became {value} at step {s} (epoch "
+                    f"{(s - 1) // self.steps_per_epoch + 1}); last checkpoint: "
+                    f"{last_checkpoint}. Lower the learning rate or check the data."
+                )
+        avg = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        avg.pop("train/grad_norm")  # measured on log steps only (see make_train_step)
+        if step % self.log_every == 0:
+            avg["train/grad_norm"] = float(fetched[-1]["train/grad_norm"])
+        self.pending.clear()
+        return {"step": step, "epoch": epoch, **avg}
 
 
 class MetricsLog:
@@ -477,29 +694,6 @@ class MetricsLog:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _checkpoint_managers(workdir: str, config):
-    import orbax.checkpoint as ocp
-
-    opts = dict(enable_async_checkpointing=False, create=True)
-    last = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, **opts),
-    )
-    metric = best_metric(config)
-    mode = "min" if metric.endswith("loss") else "max"
-    best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoint_best"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1,
-            best_fn=lambda m: m[metric],
-            best_mode=mode,
-            keep_checkpoints_without_metrics=False,
-            **opts,
-        ),
-    )
-    return last, best
-
-
 def best_metric(config) -> str:
     """The metric that picks the best checkpoint (``"auto"``: val/accuracy if there is a
     validation split, else train/accuracy — never the test set)."""
@@ -507,6 +701,58 @@ def best_metric(config) -> str:
     if m == "auto":
         return "val/accuracy" if config.data.validation_fraction > 0 else "train/accuracy"
     return m
+
+
+class Checkpointer:
+    """The last ``config.checkpoint.keep`` states (``checkpoints/``) and the best one by
+    `best_metric` (``checkpoint_best/``), saved synchronously with orbax."""
+
+    def __init__(self, workdir: str, config):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        opts = dict(enable_async_checkpointing=False, create=True)
+        root = os.path.abspath(workdir)
+        self.last = ocp.CheckpointManager(
+            os.path.join(root, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, **opts),
+        )
+        self.metric = best_metric(config)
+        self.best = ocp.CheckpointManager(
+            os.path.join(root, "checkpoint_best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                best_fn=lambda m: m[self.metric],
+                best_mode="min" if self.metric.endswith("loss") else "max",
+                keep_checkpoints_without_metrics=False,
+                **opts,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.last.latest_step()
+
+    def restore_latest(self, target: TrainState) -> TrainState | None:
+        """The latest saved state, with ``target``'s shardings (None when there is none)."""
+        step = self.last.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
+        return self.last.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+    def save(self, state: TrainState, metrics: dict | None = None) -> None:
+        """Saves ``state`` as the latest (once per step) and, given evaluation ``metrics``
+        holding a finite `best_metric`, as the best candidate."""
+        s = int(state.step)
+        if self.last.latest_step() != s:
+            self.last.save(s, args=self._ocp.args.StandardSave(state))
+        value = (metrics or {}).get(self.metric)
+        if value is not None and math.isfinite(value):
+            self.best.save(s, args=self._ocp.args.StandardSave(state), metrics={self.metric: value})
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
 
 
 def restore_checkpoint(directory: str, target: TrainState, step: int | None = None):
@@ -520,6 +766,17 @@ def restore_checkpoint(directory: str, target: TrainState, step: int | None = No
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_or_init(checkpointer: Checkpointer, model, tx, sample_x, key, mesh: Mesh):
+    """``(state, resumed_from)``: the latest checkpoint if there is one, else a fresh
+    `init_state`; replicated over ``mesh``."""
+    state = init_state(model, tx, sample_x, key)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    restored = checkpointer.restore_latest(state)
+    if restored is None:
+        return state, 0
+    return restored, int(restored.step)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -572,6 +829,28 @@ def init_state(model, tx, sample_x, key) -> TrainState:
     )
 
 
+def make_evaluators(config, model, data, mesh: Mesh) -> dict[str, Evaluator]:
+    """Loss and accuracy on the training subset (``eval_train_examples``), the validation
+    split (if any) and the test set, in evaluation mode, each with one compiled step."""
+    ebs = config.eval_batch_size - config.eval_batch_size % mesh.size or mesh.size
+    step = make_eval_step(model, mesh, ebs)
+    m = config.eval_train_examples or len(data.x_train)
+    out = {"train": Evaluator(step, data.x_train[:m], data.y_train[:m], ebs, mesh)}
+    if data.x_val is not None:
+        out["val"] = Evaluator(step, data.x_val, data.y_val, ebs, mesh)
+    out["test"] = Evaluator(step, data.x_test, data.y_test, ebs, mesh)
+    return out
+
+
+def evaluate(evaluators: dict[str, Evaluator], state: TrainState, epoch: int) -> dict:
+    """One evaluation record ``{"step", "epoch", "<split>/loss", "<split>/accuracy", ...}``."""
+    rec = {"step": int(state.step), "epoch": epoch}
+    for split, ev in evaluators.items():
+        for k, v in ev(state).items():
+            rec[f"{split}/{k}"] = v
+    return rec
+
+
 def _config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -593,22 +872,43 @@ def _check_resumable(workdir: str, config) -> None:
         )
 
 
+def _optimizer(config, steps_per_epoch: int, tx):
+    """``(tx, lr_fn)``: the config's optimizer, or the injected ``tx`` (whose learning rate is
+    logged when it carries an ``inject_hyperparams`` ``learning_rate``)."""
+    if tx is None:
+        return make_optimizer(config, steps_per_epoch)
+    probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    if optax.tree_utils.tree_get(probe, "learning_rate") is None:
+        return tx, None
+    return tx, lambda step, opt_state: optax.tree_utils.tree_get(opt_state, "learning_rate")
+
+
 def train(
     config,
     workdir: str,
     *,
+    loss_fn: TrainLoss | None = None,
+    tx: optax.GradientTransformation | None = None,
     hooks: Sequence[Hook] = (),
     data=None,
     log: Callable[[str], None] | None = None,
+    label: str = "",
 ) -> TrainResult:
     """Trains ``config`` into ``workdir``; resumes from the latest checkpoint there.
 
     Args:
       config: a ``ConfigDict`` of ``configs/`` (see ``configs/base.py``).
-      workdir: output folder (config.json, metrics.jsonl, checkpoints/, checkpoint_best/).
-      hooks: `Hook` s called during the loop.
+      workdir: output folder (config.json, metrics.jsonl, checkpoints/, checkpoint_best/,
+        arrays/ written by hooks).
+      loss_fn: a `TrainLoss` ``(params, model_state, batch, key) -> (objective, aux)``
+        (default: `classification_loss` of the config's model with its weight decay). Build
+        the model with `build_model` to write one.
+      tx: an optax transformation (default: `make_optimizer` from the config).
+      hooks: `Hook` s called during the loop; they may replace the state.
       data: a preloaded `sharp_minima.data.Dataset` (default: ``load_data(config)``).
-      log: progress printer (default ``print``; silent on hosts other than process 0).
+      log: line printer (default: the console, with an in-place progress line on a terminal;
+        silent on hosts other than process 0).
+      label: prefix of the progress line (e.g. the run's name in a study).
 
     Returns:
       `TrainResult`.
@@ -618,14 +918,13 @@ def train(
       NonFiniteError: NaN/Inf loss, naming the step.
     """
     main_host = jax.process_index() == 0
-    if log is None:
-        log = (lambda s: print(s, flush=True)) if main_host else (lambda s: None)
+    if not main_host:
+        log = lambda s: None  # noqa: E731
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)
     os.makedirs(workdir, exist_ok=True)
     _check_resumable(workdir, config)
-    if data is None:
-        data = load_data(config)
+    data = load_data(config) if data is None else data
     n = len(data.x_train)
     if config.batch_size > n:
         raise ConfigError(
@@ -638,183 +937,191 @@ def train(
         files.write_json(os.path.join(workdir, "config.json"), _config_dict(config))
 
     model = build_model(config, data)
-    tx, lr_fn = make_optimizer(config, steps_per_epoch)
-    root = jax.random.key(config.seed)
-    init_key, data_key, aug_key = jax.random.split(root, 3)
-    state = init_state(model, tx, jnp.asarray(data.x_train[:1]), init_key)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-
-    last_mngr, best_mngr = _checkpoint_managers(workdir, config)
+    tx, lr_fn = _optimizer(config, steps_per_epoch, tx)
+    loss_fn = classification_loss(model, config.optim.weight_decay) if loss_fn is None else loss_fn
+    init_key, data_key, aug_key = jax.random.split(jax.random.key(config.seed), 3)
+    checkpointer = Checkpointer(workdir, config)
+    state, resumed_from = restore_or_init(
+        checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh
+    )
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), enabled=main_host)
-    resumed_from = 0
-    latest = last_mngr.latest_step()
-    if latest is not None:
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = last_mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        resumed_from = int(state.step)
-        log(f"resumed from step {resumed_from} ({workdir}/checkpoints)")
     # Records logged after the checkpoint are dropped: the resumed run writes them again.
     history = [r for r in metrics_log.truncate_after(resumed_from) if "test/loss" in r]
-
-    train_step = make_train_step(
-        model, tx, lr_fn, config.optim.weight_decay, mesh, config.log_every_steps
+    progress = Progress(
+        total_steps, resumed_from, label=label, enabled=config.progress and main_host, log=log
     )
-    get_batch = make_get_batch(mesh, config.data.augment)
-    ebs = config.eval_batch_size - config.eval_batch_size % mesh.size or mesh.size
-    eval_step = make_eval_step(model, mesh, ebs)
-    m = config.eval_train_examples or n
-    evaluators = {"train": Evaluator(eval_step, data.x_train[:m], data.y_train[:m], ebs, mesh)}
-    if data.x_val is not None:
-        evaluators["val"] = Evaluator(eval_step, data.x_val, data.y_val, ebs, mesh)
-    evaluators["test"] = Evaluator(eval_step, data.x_test, data.y_test, ebs, mesh)
-    x_train, y_train = replicate(data.x_train, mesh), replicate(data.y_train, mesh)
-    sync = serialize_collectives(mesh)
-
-    def evaluate(state, epoch):
-        rec = {"step": int(state.step), "epoch": epoch}
-        for split, ev in evaluators.items():
-            for k, v in ev(state).items():
-                rec[f"{split}/{k}"] = v
-        return rec
-
-    def run_hooks(when, step, epoch):
-        out = {}
-        for h in hooks:
-            due = (when == "step" and h.every_steps and step % h.every_steps == 0) or (
-                when == "epoch" and h.every_epochs and epoch % h.every_epochs == 0
-            )
-            if due:
-                ctx = LoopContext(
-                    state, step, epoch, steps_per_epoch, model, data, config, workdir, history
-                )
-                res = h.fn(ctx)
-                if res:
-                    out.update(res)
-        return out
-
-    def save(state, metrics=None):
-        s = int(state.step)
-        if last_mngr.latest_step() != s:
-            import orbax.checkpoint as ocp
-
-            last_mngr.save(s, args=ocp.args.StandardSave(state))
-        if metrics is not None:
-            import orbax.checkpoint as ocp
-
-            bm = best_metric(config)
-            if bm in metrics and math.isfinite(metrics[bm]):
-                best_mngr.save(s, args=ocp.args.StandardSave(state), metrics={bm: metrics[bm]})
-
-    log(
-        f"training {config.model.name} on {data.name} ({data.source}): {n} examples, "
-        f"batch {config.batch_size}, {steps_per_epoch} steps/epoch x {config.num_epochs} epochs "
-        f"on {mesh.size} device(s) [{jax.devices()[0].platform}]"
+    if resumed_from:
+        progress.message(f"{label}resumed from step {resumed_from} ({workdir}/checkpoints)")
+    progress.message(
+        f"{label}training {config.model.name} on {data.name} ({data.source}): {n} examples, "
+        f"batch {config.batch_size}, {steps_per_epoch} steps/epoch x {config.num_epochs} "
+        f"epochs on {mesh.size} device(s) [{jax.devices()[0].platform}]"
     )
-    pending: list[tuple[int, dict]] = []
-    t_start, step_start = time.time(), resumed_from
-    t_window, step_window = t_start, resumed_from
-    stopped_early = False
-    step = resumed_from
-
-    def flush_metrics(step, epoch):
-        nonlocal t_window, step_window
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        for (s, _), mets in zip(pending, fetched):
-            if not math.isfinite(float(mets["train/objective"])):
-                raise NonFiniteError(
-                    f"training loss became {float(mets['train/objective'])} at step {s} "
-                    f"(epoch {s // steps_per_epoch + 1}); last checkpoint: "
-                    f"{last_mngr.latest_step()}. Lower the learning rate or check the data."
-                )
-        avg = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        avg.pop("train/grad_norm")  # measured on log steps only (see make_train_step)
-        if step % config.log_every_steps == 0:
-            avg["train/grad_norm"] = float(fetched[-1]["train/grad_norm"])
-        pending.clear()
-        now = time.time()
-        rate = (step - step_window) / max(now - t_window, 1e-9)
-        overall = (step - step_start) / max(now - t_start, 1e-9)
-        t_window, step_window = now, step
-        rec = {"step": step, "epoch": epoch, **avg, "train/steps_per_sec": rate}
-        metrics_log.write(rec)
-        if config.progress:
-            eta = (total_steps - step) / max(overall, 1e-9)
-            log(
-                f"step {step}/{total_steps} epoch {epoch}/{config.num_epochs}  "
-                f"loss {avg['train/loss']:.4f}  acc {100 * avg['train/accuracy']:.2f}%  "
-                f"lr {avg['train/learning_rate']:.3g}  | {rate:.1f} steps/s  "
-                f"ETA {_fmt_time(eta)}"
-            )
-
-    # A run that had stopped early stays stopped when the command is run again.
-    first_epoch = resumed_from // steps_per_epoch
-    if resumed_from and _early_stop(config, history):
-        log(f"already stopped early at step {resumed_from} ({config.early_stop.metric})")
-        first_epoch, stopped_early = config.num_epochs, True
+    loop = _Loop(
+        config,
+        workdir,
+        model,
+        data,
+        mesh,
+        hooks,
+        checkpointer,
+        metrics_log,
+        progress,
+        history,
+        make_train_step(loss_fn, tx, mesh, lr_fn=lr_fn, log_every=config.log_every_steps),
+        make_evaluators(config, model, data, mesh),
+        steps_per_epoch,
+        (data_key, aug_key),
+    )
     try:
-        for epoch0 in range(first_epoch, config.num_epochs):
-            epoch = epoch0 + 1
-            perm = data_lib.epoch_permutation(
-                jax.random.fold_in(data_key, epoch0), n, config.batch_size
-            )
-            for i in range(step - epoch0 * steps_per_epoch, steps_per_epoch):
-                batch = get_batch(x_train, y_train, perm, i, aug_key, step)
-                state, mets = sync(train_step(state, batch))
-                step += 1
-                pending.append((step, mets))
-                if step % config.log_every_steps == 0:
-                    flush_metrics(step, epoch)
-                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-                    flush_metrics(step, epoch)
-                    save(state)
-                extra = run_hooks("step", step, epoch)
-                if extra:
-                    metrics_log.write({"step": step, "epoch": epoch, **extra})
-            flush_metrics(step, epoch)
-            if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
-                rec = evaluate(state, epoch)
-                rec.update(run_hooks("epoch", step, epoch))
-                metrics_log.write(rec)
-                history.append(rec)
-                log(
-                    f"epoch {epoch}: "
-                    + "  ".join(
-                        f"{k} {v:.4f}" for k, v in rec.items() if "/" in k and isinstance(v, float)
-                    )
-                )
-                save(state, rec)
-                if _early_stop(config, history):
-                    log(
-                        f"early stop: {config.early_stop.metric} did not improve for "
-                        f"{config.early_stop.patience} evaluations"
-                    )
-                    stopped_early = True
-                    break
-            else:
-                save(state)
-    except StopTraining as e:
-        flush_metrics(step, step // steps_per_epoch + 1)
-        log(f"stopped by a hook at step {step}: {e}")
-        save(state)
-        stopped_early = True
-    except KeyboardInterrupt:
-        # Lose nothing: keep the last completed step (if its buffers are still alive).
-        try:
-            save(state)
-            log(f"interrupted at step {int(state.step)}; checkpoint saved, rerun to resume")
-        except Exception:  # the state may have been donated to a step that never finished
-            log("interrupted; rerun to resume from the last checkpoint")
-        raise
+        state, stopped_early = loop.run(state, resumed_from)
     finally:
-        last_mngr.close()
-        best_mngr.close()
-
-    final = history[-1] if history else evaluate(state, step // steps_per_epoch)
+        checkpointer.close()
+    final = history[-1] if history else evaluate(loop.evaluators, state, loop.epoch_of(state))
     return TrainResult(state, model, data, history, final, resumed_from, stopped_early)
+
+
+class _Loop:
+    """The epoch/step loop of `train` (one object so that its pieces share the run's parts)."""
+
+    def __init__(
+        self,
+        config,
+        workdir,
+        model,
+        data,
+        mesh,
+        hooks,
+        checkpointer,
+        metrics_log,
+        progress,
+        history,
+        train_step,
+        evaluators,
+        steps_per_epoch,
+        keys,
+    ):
+        self.config, self.workdir, self.model, self.data = config, workdir, model, data
+        self.hooks, self.checkpointer, self.metrics_log = hooks, checkpointer, metrics_log
+        self.progress, self.history, self.train_step = progress, history, train_step
+        self.evaluators, self.steps_per_epoch = evaluators, steps_per_epoch
+        self.data_key, self.aug_key = keys
+        self.buffer = MetricsBuffer(steps_per_epoch, config.log_every_steps)
+        self.get_batch = make_get_batch(mesh, config.data.augment)
+        self.x_train, self.y_train = replicate(data.x_train, mesh), replicate(data.y_train, mesh)
+        self.sync = serialize_collectives(mesh)
+
+    def epoch_of(self, state) -> int:
+        return int(state.step) // self.steps_per_epoch
+
+    def _context(self, state, step, epoch) -> LoopContext:
+        return LoopContext(
+            state,
+            step,
+            epoch,
+            self.steps_per_epoch,
+            self.model,
+            self.data,
+            self.config,
+            self.workdir,
+            self.history,
+        )
+
+    def _flush(self, step, epoch):
+        rec = self.buffer.flush(step, epoch, self.checkpointer.latest_step())
+        if rec is not None:
+            self.metrics_log.write({**rec, "train/steps_per_sec": self.progress.rate})
+            self.progress.update(step, epoch, self.config.num_epochs, rec)
+
+    def _hooks(self, when, state, step, epoch):
+        if not any(h.due(when, step, epoch) for h in self.hooks):
+            return state, {}
+        return run_hooks(self.hooks, when, self._context(state, step, epoch))
+
+    def _end_of_epoch(self, state, step, epoch) -> tuple[TrainState, bool]:
+        """Evaluation, epoch hooks, checkpoint; True when early stopping ends the run."""
+        c = self.config
+        if epoch % c.eval_every_epochs and epoch != c.num_epochs:
+            state, extra = self._hooks("epoch", state, step, epoch)
+            if extra:
+                self.metrics_log.write({"step": step, "epoch": epoch, **extra})
+            self.checkpointer.save(state)
+            return state, False
+        rec = evaluate(self.evaluators, state, epoch)
+        state, extra = self._hooks("epoch", state, step, epoch)
+        rec.update(extra)
+        self.metrics_log.write(rec)
+        self.history.append(rec)
+        shown = "  ".join(
+            f"{k} {v:.4f}" for k, v in rec.items() if "/" in k and isinstance(v, float)
+        )
+        self.progress.message(
+            f"{self.progress.label}epoch {epoch}/{c.num_epochs}: {shown}  "
+            f"({self.progress.rate:.1f} steps/s)"
+        )
+        self.checkpointer.save(state, rec)
+        if _early_stop(c, self.history):
+            self.progress.message(
+                f"{self.progress.label}early stop: {c.early_stop.metric} did not improve for "
+                f"{c.early_stop.patience} evaluations"
+            )
+            return state, True
+        return state, False
+
+    def run(self, state, resumed_from: int) -> tuple[TrainState, bool]:
+        c, spe = self.config, self.steps_per_epoch
+        step = resumed_from
+        # A run that had stopped early stays stopped when the command is run again.
+        if resumed_from and _early_stop(c, self.history):
+            self.progress.message(f"already stopped early at step {resumed_from}")
+            return state, True
+        try:
+            for epoch0 in range(resumed_from // spe, c.num_epochs):
+                epoch = epoch0 + 1
+                perm = data_lib.epoch_permutation(
+                    jax.random.fold_in(self.data_key, epoch0),
+                    len(self.data.x_train),
+                    c.batch_size,
+                )
+                self.progress.resume(step)
+                for i in range(step - epoch0 * spe, spe):
+                    batch = self.get_batch(self.x_train, self.y_train, perm, i, self.aug_key, step)
+                    state, mets = self.sync(self.train_step(state, batch))
+                    step += 1
+                    self.buffer.add(step, mets)
+                    if step % c.log_every_steps == 0:
+                        self._flush(step, epoch)
+                    saving = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0
+                    if saving or any(h.due("step", step, epoch) for h in self.hooks):
+                        self._flush(step, epoch)
+                        self.progress.pause(state, step)
+                        state, extra = self._hooks("step", state, step, epoch)
+                        if extra:
+                            self.metrics_log.write({"step": step, "epoch": epoch, **extra})
+                        if saving:
+                            self.checkpointer.save(state)
+                        self.progress.resume(step)
+                self._flush(step, epoch)
+                self.progress.pause(state, step)
+                state, stop = self._end_of_epoch(state, step, epoch)
+                if stop:
+                    return state, True
+        except StopTraining as e:
+            self._flush(step, step // spe + 1)
+            self.progress.message(f"{self.progress.label}stopped by a hook at step {step}: {e}")
+            self.checkpointer.save(state)
+            return state, True
+        except KeyboardInterrupt:
+            # Lose nothing: keep the last completed step (if its buffers are still alive).
+            try:
+                self.checkpointer.save(state)
+                self.progress.message(
+                    f"interrupted at step {int(state.step)}; checkpoint saved, rerun to resume"
+                )
+            except Exception:  # the state may have been donated to a step that never finished
+                self.progress.message("interrupted; rerun to resume from the last checkpoint")
+            raise
+        return state, False
 
 
 def _early_stop(config, history) -> bool:
