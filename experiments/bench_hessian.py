@@ -26,12 +26,18 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_integer("examples", 1024, "Number of examples.")
-flags.DEFINE_list("steps", ["20", "50", "100"], "Lanczos step counts m.")
-flags.DEFINE_integer("repeats", 3, "Timing repeats (the minimum is reported).")
-flags.DEFINE_string("pyhessian_python", None, "Python interpreter with torch and pyhessian.")
-flags.DEFINE_integer("width", 512, "Hidden width (512 for F1).")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The benchmark's flags, defined only when it runs as a script (so every module of
+    ``experiments/`` can be imported together)."""
+    flags.DEFINE_integer("examples", 1024, "Number of examples.")
+    flags.DEFINE_list("steps", ["20", "50", "100"], "Lanczos step counts m.")
+    flags.DEFINE_integer("repeats", 3, "Timing repeats (the minimum is reported).")
+    flags.DEFINE_string("pyhessian_python", None, "Python interpreter with torch and pyhessian.")
+    flags.DEFINE_integer("width", 512, "Hidden width (512 for F1).")
+
 
 WIDTHS = (784, 512, 512, 512, 512, 512, 10)
 
@@ -91,7 +97,7 @@ def bench_core(params, batches, steps, repeats):
 
     @jax.jit
     def hvp_fn(p, b, w, v):
-        _, _, _, matvec = hessian._flat_operator(mlp_loss, p, b, w, None)
+        _, matvec = hessian.Curvature(mlp_loss).flat_matvec(p, b, w)
         return matvec(v)
 
     v = jax.random.normal(jax.random.key(0), (dim,))
@@ -101,7 +107,7 @@ def bench_core(params, batches, steps, repeats):
     print(f"RATIO hvp/grad = {t_hvp / t_grad:.2f}   (target <= 2.5)")
 
     def lanczos_fn(p, b, w, v0, m):
-        _, _, _, matvec = hessian._flat_operator(mlp_loss, p, b, w, None)
+        _, matvec = hessian.Curvature(mlp_loss).flat_matvec(p, b, w)
         res = hessian.lanczos(matvec, v0, m, key=jax.random.key(1))
         return res.alphas, res.betas, res.basis
 
@@ -210,7 +216,7 @@ def bench_vs_pyhessian(layers, x, y, params, batches, python):
 
         @jax.jit
         def hvp64(p, b, w, v):
-            _, _, _, matvec = hessian._flat_operator(mlp_loss, p, b, w, None)
+            _, matvec = hessian.Curvature(mlp_loss).flat_matvec(p, b, w)
             return matvec(v)
 
         op = sla.LinearOperator(
@@ -261,4 +267,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,10 +15,15 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_integer("examples", 8192, "Examples in f.")
-flags.DEFINE_integer("batch_size", 1024, "Batch size of the scan over batches.")
-flags.DEFINE_integer("repeats", 3, "Timing repeats (median).")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The benchmark's flags, defined only when it runs as a script (so every module of
+    ``experiments/`` can be imported together)."""
+    flags.DEFINE_integer("examples", 8192, "Examples in f.")
+    flags.DEFINE_integer("batch_size", 1024, "Batch size of the scan over batches.")
+    flags.DEFINE_integer("repeats", 3, "Timing repeats (median).")
 
 
 def main(argv):
@@ -26,7 +31,7 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from sharp_minima import hessian, losses, sharpness
+    from sharp_minima import losses, objective, sharpness
     from sharp_minima.models import get_model
 
     model = get_model("f1", num_classes=10)
@@ -45,7 +50,7 @@ def main(argv):
     @jax.jit
     def loss_and_grad(v, batches, w):
         return jax.value_and_grad(
-            lambda p: hessian.batch_mean(lambda b: loss({**v, "params": p}, b), batches, w)
+            lambda p: objective.batch_mean(lambda b: loss({**v, "params": p}, b), batches, w)
         )(v["params"])
 
     def time_it(fn):
@@ -86,4 +91,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

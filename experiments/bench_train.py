@@ -18,13 +18,19 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_integer("batch_size", 256, "Batch size.")
-flags.DEFINE_integer("steps", 30, "Steps per timing round.")
-flags.DEFINE_integer("rounds", 7, "Alternating timing rounds (median reported).")
-flags.DEFINE_list(
-    "models", ["f1"], "Models to time: f1 (784 MLP), c1 (32x32x3 conv, ~1 s/step on a CPU)."
-)
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The benchmark's flags, defined only when it runs as a script (so every module of
+    ``experiments/`` can be imported together)."""
+    flags.DEFINE_integer("batch_size", 256, "Batch size.")
+    flags.DEFINE_integer("steps", 30, "Steps per timing round.")
+    flags.DEFINE_integer("rounds", 7, "Alternating timing rounds (median reported).")
+    flags.DEFINE_list(
+        "models", ["f1"], "Models to time: f1 (784 MLP), c1 (32x32x3 conv, ~1 s/step on a CPU)."
+    )
+
 
 INPUTS = {"f1": (28, 28, 1), "c1": (32, 32, 3)}
 
@@ -73,7 +79,8 @@ def bench(name, batch_size, steps, rounds):
     y = rng.integers(0, 10, n).astype(np.int32)
     tx, lr_fn = train.make_optimizer(config, steps_per_epoch=100)
     state = train.init_state(model, tx, jnp.asarray(x[:1]), jax.random.key(0))
-    ours = train.make_train_step(model, tx, lr_fn, 0.0, mesh, log_every=50)
+    loss = train.classification_loss(model)
+    ours = train.make_train_step(loss, tx, mesh, lr_fn=lr_fn, log_every=50)
     get_batch = train.make_get_batch(mesh, augment=False)
     xs, ys = train.replicate(x, mesh), train.replicate(y, mesh)
     perm = jnp.arange(n).reshape(4, batch_size)
@@ -137,4 +144,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

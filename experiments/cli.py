@@ -1,4 +1,9 @@
-"""Shared command-line plumbing for the absl entry points: bad input exits with status 2."""
+"""Shared command-line plumbing for the absl entry points: bad input exits with status 2.
+
+The flags every study's entry point takes are defined here, once (``--config``,
+``--workdir``, ``--multihost``), so that every module of ``experiments/`` can be imported
+together in one process (a notebook, the tests).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,19 @@ import contextlib
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/<name>.py[:variants]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Output folder (re-running the same command resumes).")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first (several hosts; coordinator/process ids come "
+    "from the environment: TPU pods, SLURM, ...).",
+)
+FLAGS = flags.FLAGS
 
 
 def _one_line(error: BaseException) -> str:
@@ -73,19 +91,31 @@ def _quiet(main):
     return wrapped
 
 
-def setup(argv, config, workdir: str | None, multihost: bool):
-    """The checks every experiment makes first: no stray arguments, a loadable config, a
-    workdir; then ``jax.distributed.initialize()`` when ``multihost``. Returns the config."""
+def setup(argv, default_config=None):
+    """The checks every experiment makes first: no stray arguments, a loadable ``--config``
+    (or ``default_config()`` when the flag is absent), a ``--workdir``; then
+    ``jax.distributed.initialize()`` with ``--multihost``. Returns the config."""
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    if config is None and default_config is not None:
+        config = default_config()
     config = config_or_exit(config)
-    if not workdir:
+    if not FLAGS.workdir:
         usage_error("--workdir is required")
-    if multihost:
+    if FLAGS.multihost:
         import jax
 
         jax.distributed.initialize()
     return config
+
+
+def log(line: str) -> None:
+    """Prints on process 0 only (every host runs the same program)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 @contextlib.contextmanager

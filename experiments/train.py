@@ -13,32 +13,18 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import flags
-from ml_collections import config_flags
 
 from experiments import cli
 
-config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<name>.py[:variants]).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Output folder (resumes when it holds a checkpoint).")
-flags.DEFINE_bool(
-    "multihost",
-    False,
-    "Call jax.distributed.initialize() first (several hosts; "
-    "coordinator/process ids come from the environment: TPU pods, SLURM, ...).",
-)
-FLAGS = flags.FLAGS
-
 
 def main(argv):
-    config = cli.setup(argv, FLAGS.config, FLAGS.workdir, FLAGS.multihost)
+    config = cli.setup(argv)
     from sharp_minima import files, train
 
     with cli.user_errors_exit_2():
-        result = train.train(config, FLAGS.workdir)
+        result = train.train(config, cli.FLAGS.workdir)
     if jax.process_index() == 0:
-        files.write_json(os.path.join(FLAGS.workdir, "final.json"), result.final)
+        files.write_json(os.path.join(cli.FLAGS.workdir, "final.json"), result.final)
         print(
             "final: "
             + "  ".join(f"{k} {v:.4f}" for k, v in result.final.items() if isinstance(v, float))

@@ -423,8 +423,10 @@ class Curvature:
 
     # -- kernels (traced once per input shape) ------------------------------------------
 
-    def _flat_matvec(self, params, batches, weights):
-        """``(x0, matvec)``: the weighted-average HVP over all batches on flat vectors."""
+    def flat_matvec(self, params, batches, weights):
+        """``(x0, matvec)``: the weighted-average HVP over all batches on flat vectors of the
+        ``wrt`` parameters. Call inside a trace (e.g. to build your own jitted kernel on
+        `lanczos`), with ``weights`` summing to one (`objective.normalized_weights`)."""
         x0, f = self.objective.flat_loss(params)
         grad = jax.grad(f)
 
@@ -435,25 +437,25 @@ class Curvature:
 
     def _matvec_kernel(self, params, batches, weights, tangent):
         self.num_traces += 1
-        _, matvec = self._flat_matvec(params, batches, weights)
+        _, matvec = self.flat_matvec(params, batches, weights)
         return self.objective.unflatten(params, matvec(self.objective.flatten(tangent)))
 
     def _matmat_kernel(self, params, batches, weights, vectors, *, chunk):
         """``vectors (p, n) -> H @ vectors`` (p HVPs, ``chunk`` of them vmapped at a time)."""
         self.num_traces += 1
-        _, matvec = self._flat_matvec(params, batches, weights)
+        _, matvec = self.flat_matvec(params, batches, weights)
         return lax.map(matvec, vectors, batch_size=chunk)
 
     def _lanczos_kernel(
         self, params, batches, weights, basis, alphas, betas, start, stop, key, anorm
     ):
         self.num_traces += 1
-        _, matvec = self._flat_matvec(params, batches, weights)
+        _, matvec = self.flat_matvec(params, batches, weights)
         return _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm)
 
     def _slq_kernel(self, params, batches, weights, probes, key, *, num_steps):
         self.num_traces += 1
-        _, matvec = self._flat_matvec(params, batches, weights)
+        _, matvec = self.flat_matvec(params, batches, weights)
 
         def one(args):
             v0, i = args

@@ -66,3 +66,29 @@ def l2_penalty(params) -> jax.Array:
         if is_decayed(tree_util.path_str(path), leaf):
             total = total + 0.5 * jnp.sum(jnp.square(leaf.astype(jnp.float32)))
     return total
+
+
+def evaluation_loss(model, weight_decay: float = 0.0):
+    """The evaluation-mode loss of a Flax classifier, for curvature and sharpness.
+
+    Returns ``loss(variables, batch) -> scalar``: the mean cross-entropy of
+    ``model.apply(variables, batch["x"], train=False)`` against ``batch["y"]`` — BatchNorm with
+    the running statistics in ``variables["batch_stats"]``, dropout off — plus
+    ``weight_decay · l2_penalty(variables["params"])`` (the training run's L2 term, so the
+    curvature is that of the objective that was optimised). An optional ``batch["mask"]``
+    (per example) leaves padded examples out.
+
+    The statistics travel in ``variables``, not in the closure, so one loss (and the
+    `sharp_minima.hessian.Curvature` or `sharp_minima.sharpness.SharpnessMeter` built on it)
+    serves every state of the model without recompiling. Perturb only the weights with
+    ``wrt="^params/"``.
+    """
+
+    def loss(variables, batch):
+        logits = model.apply(variables, batch["x"], train=False)
+        value = cross_entropy(logits, batch["y"], batch.get("mask"))
+        if weight_decay:
+            value = value + weight_decay * l2_penalty(variables["params"])
+        return value
+
+    return loss

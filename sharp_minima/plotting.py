@@ -1,18 +1,27 @@
-"""Matplotlib figures used by the experiments (saved as PNG and PDF)."""
+"""Matplotlib figures used by the studies (saved as PNG and PDF).
+
+Every function returns a `matplotlib.figure.Figure` built without pyplot: nothing here picks a
+backend or registers figures with pyplot's global state, so a script on a headless server needs
+no display and a notebook keeps its inline backend (a returned figure displays as the cell's
+value).
+"""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: experiments run on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
-def save(fig, workdir: str, name: str) -> list[str]:
-    """Saves ``fig`` as ``workdir/name.png`` and ``.pdf``; returns the paths."""
+def _subplots(figsize):
+    fig = Figure(figsize=figsize)
+    return fig, fig.add_subplot()
+
+
+def save(fig: Figure, workdir: str, name: str) -> list[str]:
+    """Saves ``fig`` as ``workdir/name.png`` and ``.pdf`` (each written to a temporary file and
+    renamed, so a killed run never leaves half a figure); returns the paths."""
     os.makedirs(workdir, exist_ok=True)
     paths = []
     for ext in ("png", "pdf"):
@@ -21,7 +30,6 @@ def save(fig, workdir: str, name: str) -> list[str]:
         fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
         os.replace(tmp, path)
         paths.append(path)
-    plt.close(fig)
     return paths
 
 
@@ -33,7 +41,7 @@ def spectrum_figure(density, top_values=None, title="Hessian spectral density"):
       top_values: optional eigenvalues to mark as vertical lines.
       title: figure title.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     floor = max(density.density.max() * 1e-8, 1e-12)
     ax.semilogy(density.grid, np.maximum(density.density, floor), color="C0", label="SLQ density")
     if top_values is not None:
@@ -50,7 +58,7 @@ def spectrum_figure(density, top_values=None, title="Hessian spectral density"):
 
 def tracking_figure(steps, values, ylabel="top Hessian eigenvalues", title=None):
     """Curvature tracked along training: one line per tracked eigenvalue."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     values = np.asarray(values)
     for j in range(values.shape[1]):
         ax.plot(steps, values[:, j], lw=1.2, label=f"λ{j + 1}" if j < 5 else None)
@@ -64,7 +72,7 @@ def tracking_figure(steps, values, ylabel="top Hessian eigenvalues", title=None)
 
 def parametric_figure(curve, title="Parametric plot"):
     """Keskar et al.'s Fig. 3: loss (log scale, left) and accuracy (right) along α."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = _subplots(figsize=(6.4, 4))
     a = np.asarray(curve["alpha"])
     ax.semilogy(a, curve["train_loss"], "b-", label="train loss")
     ax.semilogy(a, curve["test_loss"], "b--", label="test loss")
@@ -82,12 +90,13 @@ def parametric_figure(curve, title="Parametric plot"):
     return fig
 
 
-def sharpness_figure(summary, epsilons):
+def sharpness_figure(summary):
     """Bar chart of mean ± std sharpness per regime, one group per (space, ε); log scale."""
     keys = [k for k in next(iter(summary.values())) if k.startswith("sharpness_")]
+    keys = [k for k in keys if k.count("_") == 2]  # sharpness_<space>_<eps>
     keys = sorted(keys, key=lambda k: (k.split("_")[1], -float(k.split("_")[2])))
     regimes = list(summary)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(keys), 3.6))
+    fig, ax = _subplots(figsize=(1.6 + 1.3 * len(keys), 3.6))
     width = 0.8 / max(len(regimes), 1)
     for i, r in enumerate(regimes):
         means = [summary[r][k][0] if k in summary[r] else np.nan for k in keys]
@@ -99,13 +108,12 @@ def sharpness_figure(summary, epsilons):
     ax.set_ylabel("ε-sharpness φ")
     ax.legend(fontsize=8)
     ax.set_title("Keskar ε-sharpness (mean ± std over seeds)", fontsize=10)
-    del epsilons
     return fig
 
 
 def batch_sweep_figure(batch_sizes, sharpness, test_accuracy, epsilon):
     """Keskar et al.'s Fig. 4: sharpness and test accuracy against batch size."""
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    fig, ax = _subplots(figsize=(5.6, 3.6))
     ax.semilogx(batch_sizes, sharpness, "bo-")
     ax.set_xlabel("batch size")
     ax.set_ylabel(f"sharpness (ε={epsilon:g})", color="b")

@@ -588,6 +588,15 @@ class Progress:
         self.steps += step - self._step
         self._t = None
 
+    def current_rate(self, step: int) -> float:
+        """Training steps per second so far, including the running stretch up to ``step``
+        (call after a fetch that waited for those steps)."""
+        steps, seconds = self.steps, self.seconds
+        if self._t is not None:
+            steps += step - self._step
+            seconds += time.perf_counter() - self._t
+        return steps / seconds if seconds > 0 and steps > 0 else float("nan")
+
     @property
     def rate(self) -> float:
         return self.steps / self.seconds if self.seconds > 0 else float("nan")
@@ -599,12 +608,13 @@ class Progress:
         if now - self._last_print < self.interval and step < self.total:
             return
         self._last_print = now
+        rate = self.current_rate(step)
         text = f"{self.label}step {step}/{self.total} epoch {epoch}/{num_epochs}"
         for key, fmt in (("train/loss", "loss {:.4f}"), ("train/accuracy", "acc {:.2%}")):
             if key in record:
                 text += "  " + fmt.format(record[key])
-        eta = (self.total - step) / self.rate if self.rate > 0 else float("nan")
-        text += f"  | {self.rate:.1f} steps/s"
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        text += f"  | {rate:.1f} steps/s"
         if math.isfinite(eta):
             text += f"  ETA {_fmt_time(eta)}"
         if self.tty:
@@ -1030,7 +1040,8 @@ class _Loop:
     def _flush(self, step, epoch):
         rec = self.buffer.flush(step, epoch, self.checkpointer.latest_step())
         if rec is not None:
-            self.metrics_log.write({**rec, "train/steps_per_sec": self.progress.rate})
+            rate = self.progress.current_rate(step)
+            self.metrics_log.write({**rec, "train/steps_per_sec": rate})
             self.progress.update(step, epoch, self.config.num_epochs, rec)
 
     def _hooks(self, when, state, step, epoch):

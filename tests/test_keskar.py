@@ -1,5 +1,6 @@
-"""The Keskar study end to end: quickstart (command line), C2 on TFDS mock data, exit status 2."""
+"""The Keskar study end to end: quickstart (in-process), C2 on TFDS mock data, exit status 2."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ from unittest import mock
 
 import pytest
 
-from experiments import keskar
+from configs import quickstart
 from sharp_minima import train
+from sharp_minima.studies import keskar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,11 +29,10 @@ def _run(args, env=None, tmp_path=None):
 
 
 def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
-    args = ["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}"]
-    out = _run(args)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "Table 3" in out.stdout and "sharpness full" in out.stdout
-    results = json.load(open(tmp_path / "results.json"))
+    lines = []
+    results = keskar.run(quickstart.get_config("tiny"), str(tmp_path), log=lines.append)
+    assert any("sharpness full" in line for line in lines)
+    assert json.load(open(tmp_path / "results.json"))["summary"] == results["summary"]
     assert {r["regime"] for r in results["runs"]} == {"sb", "lb"}
     for r in results["runs"]:
         assert r["sharpness_full_0.001"] > 0 and r["sharpness_subspace_0.0005"] >= 0
@@ -43,9 +44,19 @@ def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
             assert (tmp_path / f"{name}.{ext}").stat().st_size > 0
     report = (tmp_path / "report.md").read_text()
     assert "| 0.001 |" in report and "LB sharper than SB" in report
-    again = _run(args)  # resumes: no training, sharpness read from the cache
-    assert again.returncode == 0 and "resumed from step" in again.stdout
-    assert "sharpness full" not in again.stdout
+    again = []  # resumes: no training, sharpness read from the cache
+    assert (
+        keskar.run(quickstart.get_config("tiny"), str(tmp_path), log=again.append)["runs"]
+        == (results["runs"])
+    )
+    assert any("resumed from step" in line for line in again)
+    assert not any("sharpness full" in line for line in again)
+
+
+def test_quickstart_command_line_prints_the_report(tmp_path):
+    out = _run(["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Table 3" in out.stdout and "sharpness full" in out.stdout
 
 
 def test_c2_without_cifar_exits_2_saying_how_to_get_it(tmp_path):
@@ -83,12 +94,12 @@ def test_tiny_c2_on_tfds_mock_data(tmp_path):
     ):
         data = train.load_data(config)
     assert data.x_train.shape == (64, 32, 32, 3)
-    out = keskar.run_study(config, str(tmp_path / "w"), data=data, log=lambda s: None)
+    out = keskar.run(config, str(tmp_path / "w"), data=data, log=lambda s: None)
     regimes = {r["regime"]: r for r in out["runs"]}
     assert set(regimes) == {"sb", "lb", "batch16"} and regimes["lb"]["batch_size"] == 6
     assert all(r["sharpness_full_0.001"] >= 0 for r in out["runs"])
     assert (tmp_path / "w" / "sharpness_vs_batch.png").exists()
-    assert "Sweeps" in (tmp_path / "w" / "report.md").read_text()
+    assert "Batch-size sweep" in (tmp_path / "w" / "report.md").read_text()
 
 
 def test_regimes_from_config():
@@ -108,7 +119,29 @@ def test_regimes_from_config():
     assert c.seed == config.seed + 3 and c.data.seed == config.seed and c.batch_size == 6000
 
 
-@pytest.mark.parametrize("regime", ["sb"])
-def test_paper_numbers_are_the_designs(regime):
-    assert keskar.PAPER["f1"]["test_acc"] == (98.03, 97.81)
-    assert keskar.PAPER["c2"]["sharpness_full_0.001"] == (8.68, 925.32)
+@pytest.mark.parametrize("net", ["f1", "f2", "c1", "c2", "c3", "c4"])
+def test_report_shows_every_paper_cell(net):
+    """Every number of the paper's Tables 2, 3, 4, 6, 7 for this network is in its report."""
+    config = importlib.import_module(f"configs.{net}").get_config()
+    row = {"train_accuracy": [99.0, 0.1, 2], "test_accuracy": [90.0, 0.1, 2]}
+    row.update(
+        {
+            f"sharpness_{s}_{e}": [1.0, 0.1, 2]
+            for s in ("full", "subspace")
+            for e in ("0.001", "0.0005")
+        }
+    )
+    report = keskar.report_markdown(config, {"sb": row, "lb": row}, 50_000)
+    paper = keskar.PAPER[net]
+    cells = [c for key in paper if not isinstance(paper[key], dict) for c in paper[key]]
+    for table in ("augment", "conservative"):
+        if table in paper:
+            cells += list(paper[table]["test_acc"])
+            cells += [paper[table][k] for k in paper[table] if k.startswith("sharpness")]
+    assert len([c for c in cells if c is not None]) >= 12
+    for cell in cells:
+        if cell is not None:
+            assert f"{cell[0]:.2f} ± {cell[1]:.2f}" in report, (net, cell)
+    assert ("n/a¹" in report) == (None in cells)
+    assert keskar.PAPER["f1"]["test_acc"] == ((98.03, 0.07), (97.81, 0.07))
+    assert keskar.PAPER["c2"]["sharpness_full_0.001"] == ((8.68, 1.32), (925.32, 38.29))
