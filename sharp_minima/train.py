@@ -341,6 +341,8 @@ def make_train_step(
     ``learning_rate``) are computed inside the step and stay on device until a log step.
     """
 
+    tx = optax.with_extra_args_support(tx)  # a plain transform ignores value=
+
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -449,8 +451,8 @@ class Hook:
     - a dict of prefixed scalars, logged to ``metrics.jsonl``;
     - a `TrainState` (``ctx.state.replace(...)``), used from the next step on — e.g. new
       directions inside the optimizer state (``optax.tree_utils.tree_set``); it must keep
-      the state's tree structure, shapes and dtypes; the checkpoint keeps it, so it survives
-      a resume;
+      the state's tree structure and shapes (leaves are cast to the old dtypes and placed
+      like them); the checkpoint keeps it, so it survives a resume;
     - a `HookResult` with both.
 
     It may write arrays to the workdir with ``ctx.save_arrays`` and end the run by raising
@@ -522,21 +524,28 @@ def run_hooks(hooks: Sequence[Hook], when: str, ctx: LoopContext) -> tuple[Train
                 "scalars, a TrainState or a HookResult"
             )
         if out.state is not None:
-            _check_same_structure(h.name, ctx.state, out.state)
-            ctx.state = out.state
+            ctx.state = _conform(h.name, ctx.state, out.state)
         metrics.update(out.metrics or {})
     return ctx.state, metrics
 
 
-def _check_same_structure(name: str, old: TrainState, new: TrainState) -> None:
+def _conform(name: str, old: TrainState, new: TrainState) -> TrainState:
+    """``new`` with ``old``'s dtypes and shardings (so the jitted step does not recompile);
+    raises ValueError when the tree structure or a leaf shape differs."""
     if jax.tree.structure(old) != jax.tree.structure(new) or any(
-        (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b))
-        for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
+        jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
     ):
         raise ValueError(
-            f"hook {name!r} returned a state of another structure, shape or dtype; replace "
-            "leaves with arrays like them (e.g. optax.tree_utils.tree_set)"
+            f"hook {name!r} returned a state of another structure or shape; replace leaves with "
+            "arrays like them (e.g. optax.tree_utils.tree_set)"
         )
+
+    def like(n, o):
+        n = jnp.asarray(n, o.dtype)
+        sharding = getattr(o, "sharding", None)
+        return jax.device_put(n, sharding) if sharding is not None else n
+
+    return jax.tree.map(like, new, old)
 
 
 # -------------------------------------------------------------------------- progress, metrics

@@ -1,5 +1,6 @@
 """The README's commands and example stay true."""
 
+import json
 import os
 import re
 import subprocess
@@ -53,38 +54,23 @@ def test_readme_training_example_runs(tmp_path, monkeypatch):
 
 def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.curvature_demo",
-            f"--workdir={tmp_path}",
-            "--steps=4",
-            "--track_every=2",
-            "--k=2",
-            "--curvature_examples=64",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+    def demo(*args):
+        cmd = [sys.executable, "-m", "experiments.curvature_demo", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+    out = demo("--config=configs/curvature_demo.py:tiny", f"--workdir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("results.json", "tracking.png", "tracking.pdf", "spectrum.png", "spectrum.pdf"):
         assert (tmp_path / name).exists(), name
-    bad = subprocess.run(
-        [sys.executable, "-m", "experiments.curvature_demo", "--stepz=3"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["tracking"]["steps"] == [4, 8]  # every 4 steps, warm-started
+    assert len(os.listdir(tmp_path / "arrays" / "hessian")) == 2
+    bad = demo("--stepz=3", f"--workdir={tmp_path}")
     assert bad.returncode == 2 and "stepz" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "experiments.curvature_demo", "--steps=0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    bad = demo(
+        "--config=configs/curvature_demo.py:tiny",
+        "--config.curvature.k=0",
+        f"--workdir={tmp_path}/b",
     )
-    assert bad.returncode == 2 and "--steps must be positive" in bad.stderr
+    assert bad.returncode == 2 and "config.curvature.k must be >= 1" in bad.stderr
