@@ -35,6 +35,28 @@ def test_readme_python_example_runs():
     assert namespace["tr"].stderr >= 0
 
 
+def test_readme_curvature_object_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+    curvature_block = next(b for b in blocks if "hessian.Curvature(" in b)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(curvature_block, "README.md", "exec"), namespace)
+    assert namespace["curv"].num_traces == 2 and namespace["top"].converged.all()
+
+
+def test_readme_custom_loss_example_runs(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+    block = next(b for b in blocks if "loss_fn=flooded_loss" in b)
+    namespace = {}
+    code = block.replace("/tmp/sharp_minima_flooding", str(tmp_path / "run"))
+    exec(compile(code, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert (
+        int(result.state.step) > 0
+        and "train/loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    )
+
+
 def test_readme_training_example_runs(tmp_path, monkeypatch):
     readme = read("README.md")
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "train.train" in b)
