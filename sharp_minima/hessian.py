@@ -49,7 +49,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +58,7 @@ import scipy.linalg
 from jax import lax
 
 from sharp_minima import objective
-from sharp_minima.objective import batch_mean, shard_batches
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sharp_minima.objective import LossFn, PyTree, batch_mean, shard_batches
 
 __all__ = [
     "Curvature",

@@ -587,6 +587,7 @@ class Progress:
         self._t, self._step, self._shown, self._last_print = None, step, False, 0.0
 
     def resume(self, step: int) -> None:
+        """Starts (or restarts, dropping the running stretch) timing training at ``step``."""
         self._t, self._step = time.perf_counter(), step
 
     def pause(self, state, step: int) -> None:
@@ -977,20 +978,23 @@ def train(
         f"epochs on {mesh.size} device(s) [{jax.devices()[0].platform}]"
     )
     loop = _Loop(
-        config,
-        workdir,
-        model,
-        data,
-        mesh,
-        hooks,
-        checkpointer,
-        metrics_log,
-        progress,
-        history,
-        make_train_step(loss_fn, tx, mesh, lr_fn=lr_fn, log_every=config.log_every_steps),
-        make_evaluators(config, model, data, mesh),
-        steps_per_epoch,
-        (data_key, aug_key),
+        config=config,
+        workdir=workdir,
+        model=model,
+        data=data,
+        mesh=mesh,
+        hooks=hooks,
+        checkpointer=checkpointer,
+        metrics_log=metrics_log,
+        progress=progress,
+        history=history,
+        train_step=make_train_step(
+            loss_fn, tx, mesh, lr_fn=lr_fn, log_every=config.log_every_steps
+        ),
+        evaluators=make_evaluators(config, model, data, mesh),
+        steps_per_epoch=steps_per_epoch,
+        data_key=data_key,
+        aug_key=aug_key,
     )
     try:
         state, stopped_early = loop.run(state, resumed_from)
@@ -1000,35 +1004,32 @@ def train(
     return TrainResult(state, model, data, history, final, resumed_from, stopped_early)
 
 
+@dataclasses.dataclass
 class _Loop:
     """The epoch/step loop of `train` (one object so that its pieces share the run's parts)."""
 
-    def __init__(
-        self,
-        config,
-        workdir,
-        model,
-        data,
-        mesh,
-        hooks,
-        checkpointer,
-        metrics_log,
-        progress,
-        history,
-        train_step,
-        evaluators,
-        steps_per_epoch,
-        keys,
-    ):
-        self.config, self.workdir, self.model, self.data = config, workdir, model, data
-        self.hooks, self.checkpointer, self.metrics_log = hooks, checkpointer, metrics_log
-        self.progress, self.history, self.train_step = progress, history, train_step
-        self.evaluators, self.steps_per_epoch = evaluators, steps_per_epoch
-        self.data_key, self.aug_key = keys
-        self.buffer = MetricsBuffer(steps_per_epoch, config.log_every_steps)
-        self.get_batch = make_get_batch(mesh, config.data.augment)
-        self.x_train, self.y_train = replicate(data.x_train, mesh), replicate(data.y_train, mesh)
-        self.sync = serialize_collectives(mesh)
+    config: Any
+    workdir: str
+    model: Any
+    data: Any
+    mesh: Mesh
+    hooks: Sequence[Hook]
+    checkpointer: Checkpointer
+    metrics_log: MetricsLog
+    progress: Progress
+    history: list[dict]
+    train_step: Callable
+    evaluators: dict[str, Evaluator]
+    steps_per_epoch: int
+    data_key: jax.Array
+    aug_key: jax.Array
+
+    def __post_init__(self):
+        self.buffer = MetricsBuffer(self.steps_per_epoch, self.config.log_every_steps)
+        self.get_batch = make_get_batch(self.mesh, self.config.data.augment)
+        self.x_train = replicate(self.data.x_train, self.mesh)
+        self.y_train = replicate(self.data.y_train, self.mesh)
+        self.sync = serialize_collectives(self.mesh)
 
     def epoch_of(self, state) -> int:
         return int(state.step) // self.steps_per_epoch
@@ -1091,6 +1092,7 @@ class _Loop:
     def run(self, state, resumed_from: int) -> tuple[TrainState, bool]:
         c, spe = self.config, self.steps_per_epoch
         step = resumed_from
+        first_step = resumed_from + 1
         # A run that had stopped early stays stopped when the command is run again.
         if resumed_from and _early_stop(c, self.history):
             self.progress.message(f"already stopped early at step {resumed_from}")
@@ -1108,6 +1110,9 @@ class _Loop:
                     batch = self.get_batch(self.x_train, self.y_train, perm, i, self.aug_key, step)
                     state, mets = self.sync(self.train_step(state, batch))
                     step += 1
+                    if step == first_step:  # steps/s leaves out the step that compiled
+                        jax.block_until_ready(state.step)
+                        self.progress.resume(step)
                     self.buffer.add(step, mets)
                     if step % c.log_every_steps == 0:
                         self._flush(step, epoch)

@@ -3,7 +3,6 @@ loss alive, no recompilation on reuse), importable entry points, a pluggable tra
 
 import gc
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import load_config, read_jsonl
 
-from configs import swissroll
 from sharp_minima import hessian, losses, sharpness, train
 from sharp_minima.models import get_model
 
@@ -142,25 +141,12 @@ def test_importing_plotting_leaves_the_matplotlib_backend_alone():
 
 
 def _tiny(**overrides):
-    config = swissroll.get_config("tiny")
-    config.unlock()
-    config.data.max_train = 64
-    config.batch_size = 16
-    config.progress = False
-    config.log_every_steps = 1
-    for k, v in overrides.items():
-        node = config
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    config.lock()
-    return config
+    base = {"data.max_train": 64, "batch_size": 16, "progress": False, "log_every_steps": 1}
+    return load_config("swissroll.py:tiny", **{**base, **overrides})
 
 
 def _records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def test_custom_loss_and_custom_transform_reach_the_training_step(tmp_path):

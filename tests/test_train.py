@@ -1,6 +1,5 @@
 """The training harness: configs, schedules, resume, multi-device, NaN stop, command line."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_config, read_jsonl
 
 from sharp_minima import data, losses, train
 
@@ -21,29 +21,10 @@ CONFIGS = sorted(
 )
 
 
-def load_config(spec, **overrides):
-    path, _, arg = spec.partition(":")  # as --config=configs/<path>[:arg] would load it
-    config = importlib.import_module(f"configs.{path[:-3]}").get_config(arg or None)
-    config.unlock()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config.lock()
-    return config
-
-
 def tiny(**overrides):
     """The swiss-roll MLP on 64 examples, batch 16: 4 steps per epoch, quiet."""
     base = {"data.max_train": 64, "batch_size": 16, "progress": False, "log_every_steps": 1}
     return load_config("swissroll.py:tiny", **{**base, **overrides})
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
