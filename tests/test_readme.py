@@ -96,3 +96,14 @@ def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path):
         f"--workdir={tmp_path}/b",
     )
     assert bad.returncode == 2 and "config.curvature.k must be >= 1" in bad.stderr
+
+
+def test_keskar_notebook_runs_with_the_tiny_config(tmp_path):
+    nb = json.loads(read("experiments/notebooks/keskar_quickstart.ipynb"))
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "quickstart.get_config()" in code and "runs/quickstart_notebook" in code
+    code = code.replace("quickstart.get_config()", 'quickstart.get_config("tiny")')
+    code = code.replace("runs/quickstart_notebook", str(tmp_path))
+    namespace = {}
+    exec(compile(code, "keskar_quickstart.ipynb", "exec"), namespace)
+    assert (tmp_path / "report.md").exists() and namespace["results"]["runs"]
