@@ -1081,7 +1081,7 @@ class _Loop:
             f"({self.progress.rate:.1f} steps/s)"
         )
         self.checkpointer.save(state, rec)
-        if _early_stop(c, self.history):
+        if should_stop_early(c, self.history):
             self.progress.message(
                 f"{self.progress.label}early stop: {c.early_stop.metric} did not improve for "
                 f"{c.early_stop.patience} evaluations"
@@ -1094,7 +1094,7 @@ class _Loop:
         step = resumed_from
         first_step = resumed_from + 1
         # A run that had stopped early stays stopped when the command is run again.
-        if resumed_from and _early_stop(c, self.history):
+        if resumed_from and should_stop_early(c, self.history):
             self.progress.message(f"already stopped early at step {resumed_from}")
             return state, True
         try:
@@ -1149,7 +1149,7 @@ class _Loop:
         return state, False
 
 
-def _early_stop(config, history) -> bool:
+def should_stop_early(config, history) -> bool:
     """True when ``early_stop.metric`` has not improved by ``min_delta`` for ``patience``
     evaluations (computed from the logged history, so it survives a resume)."""
     es = config.early_stop

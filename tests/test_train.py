@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import load_config, read_jsonl
 
@@ -213,9 +214,9 @@ def test_early_stopped_run_stays_stopped_on_resume(tmp_path):
 def test_early_stop_from_history():
     config = tiny(**{"early_stop.patience": 2, "early_stop.metric": "train/loss"})
     hist = [{"train/loss": v} for v in (1.0, 0.5, 0.6, 0.55)]
-    assert train._early_stop(config, hist)
-    assert not train._early_stop(config, hist[:3])
-    assert not train._early_stop(config, hist + [{"train/loss": 0.4}])
+    assert train.should_stop_early(config, hist)
+    assert not train.should_stop_early(config, hist[:3])
+    assert not train.should_stop_early(config, hist + [{"train/loss": 0.4}])
 
 
 def _cli(tmp_path, *args):
@@ -260,3 +261,40 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, args, message):
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_metrics_buffer_averages_and_names_the_first_nonfinite_step():
+    buf = train.MetricsBuffer(steps_per_epoch=4, log_every=2)
+    assert buf.flush(0, 1, None) is None
+    for s, v in ((1, 1.0), (2, 3.0)):
+        buf.add(s, {"train/objective": jnp.float32(v), "train/grad_norm": jnp.float32(10 * s)})
+    rec = buf.flush(2, 1, None)
+    assert rec == {"step": 2, "epoch": 1, "train/objective": 2.0, "train/grad_norm": 20.0}
+    for s, v in ((3, 1.0), (4, np.nan), (5, np.inf)):
+        buf.add(s, {"train/objective": jnp.float32(v), "train/grad_norm": jnp.float32(0)})
+    with pytest.raises(train.NonFiniteError, match=r"at step 4 \(epoch 1\); last checkpoint: 2"):
+        buf.flush(5, 2, 2)
+
+
+def test_checkpointer_keeps_last_and_best_and_restore_or_init_resumes(tmp_path):
+    config = tiny(**{"checkpoint.keep": 2, "checkpoint.best_metric": "val/loss"})
+    model = train.get_model("mlp", num_classes=2, widths=(4,))
+    tx = optax.sgd(0.1)
+    mesh = train.make_mesh(1)
+    x = jnp.zeros((1, 2))
+    ckpt = train.Checkpointer(str(tmp_path), config)
+    state, resumed = train.restore_or_init(ckpt, model, tx, x, jax.random.key(0), mesh)
+    assert resumed == 0 and int(state.step) == 0
+    for step, val in ((1, 0.5), (2, 0.2), (3, 0.9)):
+        state = state.replace(step=jnp.int32(step))
+        ckpt.save(state, {"val/loss": val})
+        ckpt.save(state)  # saving the same step again is a no-op
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    assert os.listdir(tmp_path / "checkpoint_best") == ["2"]  # lowest val/loss
+    ckpt = train.Checkpointer(str(tmp_path), config)
+    restored, resumed = train.restore_or_init(ckpt, model, tx, x, jax.random.key(1), mesh)
+    ckpt.close()
+    assert resumed == 3
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
