@@ -41,6 +41,18 @@ class EigenTracker:
       curvature: the `sharp_minima.hessian.Curvature` (``curvature.num_traces`` stays constant
         after the first call).
       history: ``[(step, values), ...]`` of the calls so far.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> loss = lambda p, batch: 0.5 * jnp.sum(p["scale"] * p["w"] ** 2)
+      >>> tracker = EigenTracker(loss, None, key=jax.random.key(0), k=2, wrt="w")
+      >>> for step in (0, 100):  # e.g. the curvature grows along training
+      ...     m = tracker.measure({"w": jnp.zeros(6), "scale": (1 + step / 100) *
+      ...                          jnp.arange(1.0, 7.0)}, step)
+      >>> round(m["hessian/lambda_1"], 4), round(m["hessian/lambda_2"], 4)
+      (12.0, 10.0)
+      >>> tracker.curvature.num_traces  # compiled once, warm-started the second time
+      2
     """
 
     def __init__(
