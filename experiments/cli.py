@@ -103,6 +103,12 @@ def setup(argv, default_config=None):
     config = config_or_exit(config)
     if not FLAGS.workdir:
         usage_error("--workdir is required")
+    from sharp_minima import files
+
+    try:
+        files.prepare_workdir(FLAGS.workdir)
+    except files.WorkdirError as e:
+        usage_error(str(e))
     if FLAGS.multihost:
         import jax
 
@@ -131,6 +137,23 @@ def user_errors_exit_2():
         raise SystemExit(f"error: {e}") from None
 
 
+def _interruptible(main):
+    """Ctrl-C: one line on stderr (where the run stopped and how to resume), exit status 130,
+    no traceback. Training checkpoints its last completed step first; finished measurements
+    are cached, so rerunning the same command resumes."""
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt as e:
+            message = str(e) or "interrupted; rerun the same command to resume"
+            print(message, file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    return wrapped
+
+
 def run(main):
-    """``app.run`` with the exit-status-2 flag parser and quiet library logging."""
-    app.run(_quiet(main), flags_parser=parse_flags_or_exit)
+    """``app.run`` with the exit-status-2 flag parser, quiet library logging and a one-line
+    Ctrl-C."""
+    app.run(_interruptible(_quiet(main)), flags_parser=parse_flags_or_exit)

@@ -27,6 +27,7 @@ Only jax and numpy are imported here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -192,6 +193,24 @@ def replicate_like(batches: PyTree | None, tree: PyTree) -> PyTree:
     return tree
 
 
+def _warn_if_examples_as_batches(nb: int, one_batch: PyTree) -> None:
+    """A batch passed without the leading batches axis reads as ``nb`` one-example batches:
+    then some leaf of "a batch" is a scalar (e.g. one label). Warn, since it is rarely meant."""
+    scalars = [
+        tu.path_str(p) or "<root>"
+        for p, x in jax.tree_util.tree_flatten_with_path(one_batch)[0]
+        if jnp.ndim(x) == 0
+    ]
+    if nb > 1 and scalars:
+        warnings.warn(
+            f"batches is read as {nb} batches in which leaf {scalars[0]!r} is a scalar: if this "
+            "is ONE batch of examples, add the leading batches axis "
+            "(jax.tree.map(lambda x: x[None], batch))",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 # ------------------------------------------------------------------------------ the objective
 
 
@@ -247,8 +266,9 @@ class Objective:
         dim = sum(int(np.prod(jnp.shape(x))) for x in selected)
         one_batch = None
         if batches is not None:
-            num_batches(batches)
+            nb = num_batches(batches)
             one_batch = jax.tree.map(lambda x: x[0], batches)
+            _warn_if_examples_as_batches(nb, one_batch)
         check_scalar_loss(self.loss_fn, params, one_batch)
         w = normalized_weights(batches, weights, dtype)
         params, w = replicate_like(batches, (params, w))

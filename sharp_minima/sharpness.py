@@ -335,6 +335,7 @@ class SharpnessMeter:
 
         Raises:
           ValueError: σ ≤ 0, fewer than 2 samples, or chunk_size < 1.
+          FloatingPointError: the loss is NaN/Inf at the parameters or at a sample.
         """
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -350,6 +351,8 @@ class SharpnessMeter:
             num_samples=num_samples,
             chunk=min(chunk_size, num_samples),
         )
+        objective.check_finite(f"the loss at the parameters (average sharpness, f={f0})", f0)
+        objective.check_finite(f"the loss under Gaussian perturbations (σ={sigma:g})", losses)
         increase = np.asarray(losses, np.float64) - float(f0)
         return hessian.Estimate(
             float(increase.mean()),

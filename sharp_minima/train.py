@@ -26,11 +26,15 @@ Keskar et al. (2017) and Jastrzębski et al. (2019).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import io
 import json
+import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +55,12 @@ from sharp_minima.models import MODELS, get_model
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 # Config fields that may change between a run and its resumption (the rest must match).
-RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "checkpoint", "progress", "early_stop")
+# The config fields that determine a run's training trajectory: a workdir holding checkpoints
+# refuses to resume with other values. Everything else may change between a run and its
+# resumption (num_epochs, logging, evaluation, checkpointing, early stopping, num_devices) and
+# so may any section a study adds for its measurements (``keskar``, ``curvature``, ...).
+TRAINING_FIELDS = ("seed", "model", "data", "batch_size", "optim", "schedule")
+EVAL_METRICS = ("loss", "accuracy")
 
 # A training loss: ``loss(params, model_state, batch, key) -> (objective, aux)``; ``aux`` is a
 # dict whose ``"model_state"`` entry (if any) replaces the BatchNorm statistics and whose other
@@ -69,6 +78,15 @@ class NonFiniteError(FloatingPointError):
 
 class StopTraining(Exception):
     """Raised by a hook (or early stopping) to end training after the current step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the last completed step was checkpointed; the message
+    says where and how to resume."""
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of the workdir can be restored (the message names each and why)."""
 
 
 @flax.struct.dataclass
@@ -159,11 +177,47 @@ def validate_config(config, num_devices: int | None = None) -> None:
         not c.data.augment or c.data.name in ("cifar10", "cifar100", "svhn"),
         f"config.data.augment (random crop + flip) is for image data sets, not {c.data.name!r}",
     )
+    for name in ("eval_every_epochs", "log_every_steps", "eval_batch_size"):
+        need(c[name] >= 1, f"config.{name} must be >= 1, got {c[name]}")
+    need(c.eval_train_examples >= 0, "config.eval_train_examples must be >= 0 (0 = all)")
+    need(c.num_devices >= 0, "config.num_devices must be >= 0 (0 = all)")
+    need(
+        c.data.max_train is None or c.data.max_train >= 1,
+        f"config.data.max_train must be >= 1, got {c.data.max_train}",
+    )
+    need(c.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {c.checkpoint.keep}")
+    need(c.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
+    bm = c.checkpoint.best_metric
+    need(
+        bm == "auto" or _is_metric(bm, ("train", "val")),
+        f"config.checkpoint.best_metric must be 'auto' or one of "
+        f"{', '.join(f'{s}/{m}' for s in ('train', 'val') for m in EVAL_METRICS)} (never the "
+        f"test set), got {bm!r}",
+    )
+    need(
+        not str(bm).startswith("val/") or c.data.validation_fraction > 0,
+        "config.checkpoint.best_metric uses val/ but config.data.validation_fraction is 0",
+    )
+    o = c.optim
+    need(0 <= o.momentum < 1, f"config.optim.momentum must be in [0, 1), got {o.momentum}")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "config.optim.b1 and b2 must be in [0, 1)")
+    need(o.eps > 0, "config.optim.eps must be > 0")
+    need(o.grad_clip_norm >= 0, "config.optim.grad_clip_norm must be >= 0 (0 = off)")
+    s = c.schedule
+    need(s.decay_factor > 0, "config.schedule.decay_factor must be > 0")
+    need(s.plateau_patience >= 1, "config.schedule.plateau_patience must be >= 1 (epochs)")
+    need(0 < s.plateau_factor <= 1, "config.schedule.plateau_factor must be in (0, 1]")
+    need(s.base_batch_size >= 0, "config.schedule.base_batch_size must be >= 0 (0 = off)")
+    need(
+        all(b > 0 for b in s.boundaries_epochs),
+        "config.schedule.boundaries_epochs must be positive",
+    )
+    need(c.early_stop.patience >= 0, "config.early_stop.patience must be >= 0 (0 = off)")
     if c.early_stop.patience:
         need(
-            c.early_stop.metric.split("/")[0] in ("train", "val", "test"),
-            f"config.early_stop.metric must be train/..., val/... or test/..., got "
-            f"{c.early_stop.metric!r}",
+            _is_metric(c.early_stop.metric, ("train", "val", "test")),
+            f"config.early_stop.metric must be <train|val|test>/<"
+            f"{'|'.join(EVAL_METRICS)}>, got {c.early_stop.metric!r}",
         )
         need(
             not c.early_stop.metric.startswith("val/") or c.data.validation_fraction > 0,
@@ -175,6 +229,11 @@ def validate_config(config, num_devices: int | None = None) -> None:
             f"config.batch_size={c.batch_size} is not "
             f"divisible by the number of devices ({num_devices})",
         )
+
+
+def _is_metric(name, splits) -> bool:
+    split, _, metric = str(name).partition("/")
+    return split in splits and metric in EVAL_METRICS
 
 
 # ------------------------------------------------------------------------------- devices
@@ -733,6 +792,14 @@ class Checkpointer:
         self._ocp = ocp
         opts = dict(enable_async_checkpointing=False, create=True)
         root = os.path.abspath(workdir)
+        self.root = root
+        # A save interrupted by a kill leaves "<step>.orbax-checkpoint-tmp…" folders behind;
+        # the caller holds the workdir lock, so no other process is writing them.
+        for sub in ("checkpoints", "checkpoint_best"):
+            folder = os.path.join(root, sub)
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if "orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
         self.last = ocp.CheckpointManager(
             os.path.join(root, "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, **opts),
@@ -752,13 +819,54 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.last.latest_step()
 
-    def restore_latest(self, target: TrainState) -> TrainState | None:
-        """The latest saved state, with ``target``'s shardings (None when there is none)."""
-        step = self.last.latest_step()
-        if step is None:
-            return None
+    def restore_latest(self, target: TrainState, log=None) -> TrainState | None:
+        """The newest saved state that restores, with ``target``'s shardings (None when there
+        is no checkpoint).
+
+        A damaged checkpoint (a truncated file, missing metadata, ...) is moved aside to
+        ``checkpoints_damaged/<step>`` (never deleted) and the next older one is tried; ``log``
+        is told which step was damaged and why.
+
+        Raises:
+          CheckpointError: checkpoints exist but none restores (each is named, with its
+            error; nothing is moved).
+        """
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
-        return self.last.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        damaged = []
+        for step in sorted(self.last.all_steps(), reverse=True):
+            try:
+                with _silenced_logging():
+                    state = self.last.restore(step, args=self._ocp.args.StandardRestore(abstract))
+            except Exception as e:  # noqa: BLE001  (any failure to read means "damaged")
+                meta = os.path.join(self.root, "checkpoints", str(step), "default", "_METADATA")
+                reason = "its _METADATA file is missing" if not os.path.exists(meta) else None
+                damaged.append((step, reason or _first_line(e)))
+                continue
+            for bad, reason in damaged:
+                moved = self._move_aside(bad)
+                if log is not None:
+                    log(f"checkpoint at step {bad} is damaged ({reason}); moved to {moved}")
+            if damaged:
+                self.last.reload()
+            return state
+        if damaged:
+            raise CheckpointError(
+                f"no checkpoint in {self.root}/checkpoints restores ("
+                + "; ".join(f"step {s}: {r}" for s, r in damaged)
+                + "); move the folder aside to start over"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.root, "checkpoints", str(step))
+        dst = os.path.join(self.root, "checkpoints_damaged", str(step))
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = os.path.join(self.root, "checkpoints_damaged", f"{step}-{n}")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return dst
 
     def save(self, state: TrainState, metrics: dict | None = None) -> None:
         """Saves ``state`` as the latest (once per step) and, given evaluation ``metrics``
@@ -775,6 +883,27 @@ class Checkpointer:
         self.best.close()
 
 
+@contextlib.contextmanager
+def _silenced_logging():
+    """Orbax and asyncio log whole tracebacks when a checkpoint cannot be read; the caller
+    reports the failure in one line instead."""
+    logging.disable(logging.CRITICAL)
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()  # failed reader tasks complain when collected: let them do it now
+        sys.unraisablehook = hook
+        logging.disable(logging.NOTSET)
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+    text = text.split(" See full")[0]  # TensorStore appends its whole spec
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def restore_checkpoint(directory: str, target: TrainState, step: int | None = None):
     """Restores a `TrainState` from an orbax folder (latest step unless ``step`` is given),
     with the shardings of ``target``. Returns None when the folder has no checkpoint."""
@@ -788,12 +917,12 @@ def restore_checkpoint(directory: str, target: TrainState, step: int | None = No
         return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def restore_or_init(checkpointer: Checkpointer, model, tx, sample_x, key, mesh: Mesh):
-    """``(state, resumed_from)``: the latest checkpoint if there is one, else a fresh
-    `init_state`; replicated over ``mesh``."""
+def restore_or_init(checkpointer: Checkpointer, model, tx, sample_x, key, mesh: Mesh, log=None):
+    """``(state, resumed_from)``: the newest checkpoint that restores if there is one (see
+    `Checkpointer.restore_latest`), else a fresh `init_state`; replicated over ``mesh``."""
     state = init_state(model, tx, sample_x, key)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    restored = checkpointer.restore_latest(state)
+    restored = checkpointer.restore_latest(state, log=log)
     if restored is None:
         return state, 0
     return restored, int(restored.step)
@@ -875,21 +1004,31 @@ def _config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _check_resumable(workdir: str, config) -> None:
+def check_resumable(workdir: str, config) -> None:
+    """Refuses a config whose `TRAINING_FIELDS` differ from those of the checkpointed run in
+    ``workdir``. A workdir without a checkpoint (e.g. a run that failed before its first
+    checkpoint) accepts any config.
+
+    Raises:
+      ConfigError: naming the fields that differ.
+    """
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not _has_checkpoint(workdir):
         return
     with open(path) as f:
         old = json.load(f)
     new = _config_dict(config)
-    diff = sorted(
-        k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
-    )
+    diff = sorted(k for k in TRAINING_FIELDS if old.get(k) != new.get(k))
     if diff:
         raise ConfigError(
             f"{workdir} holds a run with a different config (fields differ: {', '.join(diff)}); "
             "use another --workdir, or delete it to start over"
         )
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def _optimizer(config, steps_per_epoch: int, tx):
@@ -942,8 +1081,14 @@ def train(
         log = lambda s: None  # noqa: E731
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)
-    os.makedirs(workdir, exist_ok=True)
-    _check_resumable(workdir, config)
+    lock = files.workdir_lock(workdir, log=log) if main_host else contextlib.nullcontext()
+    with lock:
+        return _train_locked(config, workdir, mesh, loss_fn, tx, hooks, data, log, label)
+
+
+def _train_locked(config, workdir, mesh, loss_fn, tx, hooks, data, log, label) -> TrainResult:
+    main_host = jax.process_index() == 0
+    check_resumable(workdir, config)
     data = load_data(config) if data is None else data
     n = len(data.x_train)
     if config.batch_size > n:
@@ -962,7 +1107,7 @@ def train(
     init_key, data_key, aug_key = jax.random.split(jax.random.key(config.seed), 3)
     checkpointer = Checkpointer(workdir, config)
     state, resumed_from = restore_or_init(
-        checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh
+        checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh, log=log or print
     )
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), enabled=main_host)
     # Records logged after the checkpoint are dropped: the resumed run writes them again.
@@ -1140,12 +1285,14 @@ class _Loop:
             # Lose nothing: keep the last completed step (if its buffers are still alive).
             try:
                 self.checkpointer.save(state)
-                self.progress.message(
-                    f"interrupted at step {int(state.step)}; checkpoint saved, rerun to resume"
-                )
+                where = f"at step {int(state.step)}"
             except Exception:  # the state may have been donated to a step that never finished
-                self.progress.message("interrupted; rerun to resume from the last checkpoint")
-            raise
+                where = (
+                    f"at step {step} (resumes from checkpoint {self.checkpointer.latest_step()})"
+                )
+            raise Interrupted(
+                f"{self.progress.label}interrupted {where}; rerun the same command to resume"
+            ) from None
         return state, False
 
 

@@ -38,6 +38,11 @@ def validate(config) -> None:
 def run(config, workdir: str, *, data=None, log=print) -> dict:
     """Trains with the tracking hook, measures the final Hessian, writes results and figures."""
     validate(config)
+    with files.workdir_lock(workdir, log=log):
+        return _run_locked(config, workdir, data, log)
+
+
+def _run_locked(config, workdir, data, log) -> dict:
     data = train.load_data(config) if data is None else data
     c = config.curvature
     if c.examples > len(data.x_train):

@@ -151,16 +151,10 @@ PAPER_DATA = {
     "c4": "cifar100",
 }
 
-# Changing any of these (or the sharpness code's VERSION) recomputes the cached sharpness.
-SHARPNESS_SETTINGS = (
-    "epsilons",
-    "subspace_dim",
-    "max_iter",
-    "sharpness_examples",
-    "sharpness_batch_size",
-    "average_sigma",
-    "average_samples",
-)
+# The settings every sharpness number of a run depends on: changing one (or the sharpness code's
+# VERSION) recomputes the run's measurements. ε, the subspace and the average-sharpness settings
+# key each measurement on its own, so adding an ε or a seed measures only what is new.
+SHARPNESS_BASIS = ("max_iter", "sharpness_examples", "sharpness_batch_size")
 
 
 # ----------------------------------------------------------------------------- the regimes
@@ -229,56 +223,78 @@ def sharpness_batches(config, data, key):
     )
 
 
-def measure_sharpness(config, meter, variables, batches, weights, key, log) -> dict:
-    """ε-sharpness (full space and subspace) at every ε, plus average sharpness if asked."""
+def measurement_plan(config) -> list[dict]:
+    """The measurements a run needs, each with everything its value depends on (its cache
+    key): ε-sharpness in the full space and the subspace at every ε, average sharpness."""
     k = config.keskar
-    k_eps, k_avg = jax.random.split(key)
-    out = {}
+    basis = {name: k[name] for name in SHARPNESS_BASIS}
+    basis["sharpness_version"] = sharpness.VERSION
+    plan = []
     for eps in k.epsilons:
-        spaces = [("full", None)] + ([("subspace", k.subspace_dim)] if k.subspace_dim else [])
-        for space, dim in spaces:
-            t0 = time.time()
-            r = meter.epsilon_sharpness(
-                variables,
-                batches,
-                epsilon=eps,
-                key=k_eps,
-                subspace_dim=dim,
-                max_iter=k.max_iter,
-                weights=weights,
-            )
-            out[f"sharpness_{space}_{eps:g}"] = r.value
-            out[f"evals_{space}_{eps:g}"] = r.num_evals
-            out["train_loss_f"] = r.loss
-            log(
-                f"    sharpness {space:8s} ε={eps:g}: {r.value:10.4f}  (f={r.loss:.4g}, max "
-                f"f={r.max_loss:.4g}, {r.num_evals} evals, {time.time() - t0:.1f}s)"
-            )
+        for space, dim in [("full", None)] + (
+            [("subspace", k.subspace_dim)] if k.subspace_dim else []
+        ):
+            plan.append({"name": f"sharpness_{space}_{eps:g}", "epsilon": eps, "subspace_dim": dim})
     if k.average_sigma:
+        plan.append(
+            {"name": "average_sharpness", "sigma": k.average_sigma, "samples": k.average_samples}
+        )
+    return [json.loads(json.dumps({**m, **basis})) for m in plan]
+
+
+def measure(config, meter, spec, variables, batches, weights, key, log) -> dict:
+    """One measurement of `measurement_plan` at ``variables``."""
+    k_eps, k_avg = jax.random.split(key)
+    t0 = time.time()
+    if spec["name"] == "average_sharpness":
         e = meter.average_sharpness(
             variables,
             batches,
-            sigma=k.average_sigma,
+            sigma=spec["sigma"],
             key=k_avg,
-            num_samples=k.average_samples,
+            num_samples=spec["samples"],
             weights=weights,
         )
-        out["average_sharpness"] = e.value
-        out["average_sharpness_stderr"] = e.stderr
+        return {"value": e.value, "stderr": e.stderr}
+    r = meter.epsilon_sharpness(
+        variables,
+        batches,
+        epsilon=spec["epsilon"],
+        key=k_eps,
+        subspace_dim=spec["subspace_dim"],
+        max_iter=config.keskar.max_iter,
+        weights=weights,
+    )
+    space = "full" if spec["subspace_dim"] is None else "subspace"
+    log(
+        f"    sharpness {space:8s} ε={spec['epsilon']:g}: {r.value:10.4f}  (f={r.loss:.4g}, max "
+        f"f={r.max_loss:.4g}, {r.num_evals} evals, {time.time() - t0:.1f}s)"
+    )
+    return {"value": r.value, "evals": r.num_evals, "loss": r.loss}
+
+
+def _flatten(measurements: dict) -> dict:
+    """The cached measurements as the flat fields of a run record (the report's keys)."""
+    out = {}
+    for name, m in measurements.items():
+        out[name] = m["value"]
+        if name == "average_sharpness":
+            out["average_sharpness_stderr"] = m["stderr"]
+        else:
+            out[name.replace("sharpness_", "evals_")] = m["evals"]
+            out["train_loss_f"] = m["loss"]
     return out
 
 
-def sharpness_settings(config) -> dict:
-    settings = {k: config.keskar[k] for k in SHARPNESS_SETTINGS}
-    settings["sharpness_version"] = sharpness.VERSION
-    return json.loads(json.dumps(settings))
-
-
 def train_and_measure(config, regime, seed, workdir, data, measurement, log):
-    """One (regime, seed): train (resumable) and measure sharpness (cached in a JSON file).
+    """One (regime, seed): train (resumable), then measure sharpness.
 
-    ``measurement = (meter, batches, weights, key)``: the shared `SharpnessMeter`, the subset
-    of f and the sharpness key stream (folded with the seed, so SB and LB of one seed share A).
+    ``sharpness.json`` caches each measurement as soon as it is done, keyed by the training
+    step and by everything the value depends on (`measurement_plan`): an interrupted run
+    keeps what it measured, and a study extended with a new ε or seed measures only what is
+    new. ``measurement = (meter, batches, weights, key)``: the shared `SharpnessMeter`, the
+    subset of f and the sharpness key stream (folded with the seed, so SB and LB of one seed
+    share A).
     """
     meter, batches, weights, key = measurement
     run_dir = os.path.join(workdir, "runs", regime["name"], f"seed{seed}")
@@ -287,12 +303,6 @@ def train_and_measure(config, regime, seed, workdir, data, measurement, log):
     label = f"[{regime['name']} seed {seed}] "
     log(f"== {regime['name']} (batch {regime['batch_size']}) seed {seed}")
     result = train.train(c, run_dir, data=data, log=log, label=label)
-    settings = sharpness_settings(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            record = json.load(f)
-        if record.get("step") == int(result.state.step) and record.get("settings") == settings:
-            return record, result
     final = result.final
     record = {
         "regime": regime["name"],
@@ -304,12 +314,23 @@ def train_and_measure(config, regime, seed, workdir, data, measurement, log):
         "test_accuracy": 100 * final["test/accuracy"],
         "train_loss": final["train/loss"],
         "test_loss": final["test/loss"],
-        "settings": settings,
     }
-    variables = result.state.variables()
+    cached = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("step") == record["step"]:
+            cached = old.get("measurements", {})
+    plan = measurement_plan(config)
     key = jax.random.fold_in(key, seed)
-    record.update(measure_sharpness(c, meter, variables, batches, weights, key, log))
-    files.write_json(path, record)
+    variables = result.state.variables()
+    for spec in plan:
+        if cached.get(spec["name"], {}).get("spec") == spec:
+            continue
+        value = measure(c, meter, spec, variables, batches, weights, key, log)
+        cached[spec["name"]] = {"spec": spec, **value}
+        files.write_json(path, {**record, "measurements": cached})
+    record.update(_flatten({m["name"]: cached[m["name"]] for m in plan}))
     return record, result
 
 
@@ -565,10 +586,37 @@ def validate(config, num_train: int | None = None, num_devices: int = 1) -> None
         )
     train.validate_config(config)
     k = config.keskar
-    if k.seeds < 1:
-        raise train.ConfigError(f"config.keskar.seeds must be >= 1, got {k.seeds}")
-    if not k.epsilons or any(not e > 0 for e in k.epsilons):
-        raise train.ConfigError(f"config.keskar.epsilons must be > 0, got {tuple(k.epsilons)}")
+
+    def need(cond, msg):
+        if not cond:
+            raise train.ConfigError(f"config.keskar.{msg}")
+
+    for name in (
+        "seeds",
+        "sweep_seeds",
+        "small_batch",
+        "max_iter",
+        "sharpness_batch_size",
+        "interpolation_examples",
+        "conservative_inner_steps",
+    ):
+        need(k[name] >= 1, f"{name} must be >= 1, got {k[name]}")
+    need(
+        len(k.epsilons) > 0 and all(e > 0 for e in k.epsilons),
+        f"epsilons must be > 0, got {tuple(k.epsilons)}",
+    )
+    need(0 < k.large_batch_fraction <= 1, "large_batch_fraction must be in (0, 1]")
+    need(k.subspace_dim >= 0, "subspace_dim must be >= 0 (0 = skip the subspace)")
+    need(k.sharpness_examples >= 0, "sharpness_examples must be >= 0 (0 = all)")
+    need(k.average_sigma >= 0, "average_sigma must be >= 0 (0 = off)")
+    need(not k.average_sigma or k.average_samples >= 2, "average_samples must be >= 2")
+    need(k.interpolation_points >= 2, "interpolation_points must be >= 2")
+    need(k.conservative >= 0, "conservative (λ) must be >= 0 (0 = off)")
+    need(all(b >= 1 for b in k.batch_sweep), f"batch_sweep sizes must be >= 1, got {k.batch_sweep}")
+    need(
+        not k.augment or config.data.name in ("cifar10", "cifar100", "svhn"),
+        f"augment (random crop + flip) is for image data sets, not {config.data.name!r}",
+    )
     if num_train is not None:
         for r in regimes(config, num_train, num_devices):
             if r["batch_size"] > num_train:
@@ -585,6 +633,11 @@ def run(config, workdir: str, *, data=None, log=print) -> dict:
       train.ConfigError: bad config. data.DataNotFoundError: the data set is not available.
     """
     validate(config)
+    with files.workdir_lock(workdir, log=log):
+        return _run_locked(config, workdir, data, log)
+
+
+def _run_locked(config, workdir, data, log) -> dict:
     data = train.load_data(config) if data is None else data
     num_train = len(data.x_train)
     num_devices = train.make_mesh(config.num_devices).size
