@@ -35,7 +35,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -838,6 +840,7 @@ class Checkpointer:
                 with _silenced_logging():
                     state = self.last.restore(step, args=self._ocp.args.StandardRestore(abstract))
             except Exception as e:  # noqa: BLE001  (any failure to read means "damaged")
+                _drop_orbax_read_noise()
                 meta = os.path.join(self.root, "checkpoints", str(step), "default", "_METADATA")
                 reason = "its _METADATA file is missing" if not os.path.exists(meta) else None
                 damaged.append((step, reason or _first_line(e)))
@@ -895,6 +898,41 @@ def _silenced_logging():
         gc.collect()  # failed reader tasks complain when collected: let them do it now
         sys.unraisablehook = hook
         logging.disable(logging.NOTSET)
+
+
+def _from_orbax(tb) -> bool:
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxReadNoise(logging.Filter):
+    def filter(self, record):
+        return "orbax" not in record.getMessage() and "async_deserialize" not in str(record.msg)
+
+
+_noise_dropped = False
+
+
+def _drop_orbax_read_noise() -> None:
+    """After a checkpoint failed to read, orbax's abandoned reader tasks complain whenever they
+    are garbage-collected ("Task exception was never retrieved", "Exception ignored in ...") —
+    possibly long after the restore. Drop those (and only those) for the rest of the process;
+    the failure itself was reported in one line."""
+    global _noise_dropped
+    if _noise_dropped:
+        return
+    _noise_dropped = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _from_orbax(getattr(unraisable.exc_value, "__traceback__", None)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrbaxReadNoise())
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
@@ -1235,6 +1273,11 @@ class _Loop:
         return state, False
 
     def run(self, state, resumed_from: int) -> tuple[TrainState, bool]:
+        with _deferred_interrupt() as interrupt:
+            self.interrupt = interrupt
+            return self._run(state, resumed_from)
+
+    def _run(self, state, resumed_from: int) -> tuple[TrainState, bool]:
         c, spe = self.config, self.steps_per_epoch
         step = resumed_from
         first_step = resumed_from + 1
@@ -1259,6 +1302,8 @@ class _Loop:
                         jax.block_until_ready(state.step)
                         self.progress.resume(step)
                     self.buffer.add(step, mets)
+                    if self.interrupt.requested:  # Ctrl-C: stop here, between two steps
+                        raise KeyboardInterrupt
                     if step % c.log_every_steps == 0:
                         self._flush(step, epoch)
                     saving = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0
@@ -1276,6 +1321,8 @@ class _Loop:
                 state, stop = self._end_of_epoch(state, step, epoch)
                 if stop:
                     return state, True
+                if self.interrupt.requested:
+                    raise KeyboardInterrupt
         except StopTraining as e:
             self._flush(step, step // spe + 1)
             self.progress.message(f"{self.progress.label}stopped by a hook at step {step}: {e}")
@@ -1294,6 +1341,34 @@ class _Loop:
                 f"{self.progress.label}interrupted {where}; rerun the same command to resume"
             ) from None
         return state, False
+
+
+class _InterruptFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C (SIGINT) during training sets a flag that the loop checks between steps, so a
+    step, an evaluation or a checkpoint write is never cut in half (an orbax save interrupted
+    midway leaves its asyncio machinery broken). A second Ctrl-C interrupts at once. Outside the
+    main thread (where signal handlers cannot be set) Ctrl-C behaves as usual."""
+    flag = _InterruptFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def should_stop_early(config, history) -> bool:
