@@ -728,7 +728,8 @@ class MetricsBuffer:
                 raise NonFiniteError(
                     f"training loss became {value} at step {s} (epoch "
                     f"{(s - 1) // self.steps_per_epoch + 1}); last checkpoint: "
-                    f"{last_checkpoint}. Lower the learning rate or check the data."
+                    f"{'none yet' if last_checkpoint is None else f'step {last_checkpoint}'}. "
+                    "Lower the learning rate or check the data."
                 )
         avg = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         avg.pop("train/grad_norm")  # measured on log steps only (see make_train_step)

@@ -272,7 +272,9 @@ def test_metrics_buffer_averages_and_names_the_first_nonfinite_step():
     assert rec == {"step": 2, "epoch": 1, "train/objective": 2.0, "train/grad_norm": 20.0}
     for s, v in ((3, 1.0), (4, np.nan), (5, np.inf)):
         buf.add(s, {"train/objective": jnp.float32(v), "train/grad_norm": jnp.float32(0)})
-    with pytest.raises(train.NonFiniteError, match=r"at step 4 \(epoch 1\); last checkpoint: 2"):
+    with pytest.raises(
+        train.NonFiniteError, match=r"at step 4 \(epoch 1\); last checkpoint: step 2"
+    ):
         buf.flush(5, 2, 2)
 
 
