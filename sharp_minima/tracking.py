@@ -77,8 +77,9 @@ class EigenTracker:
         self.last: hessian.Eigenpairs | None = None
 
     def measure(self, params: Any, step: int) -> dict[str, float]:
-        """Measures at ``params``; returns ``{"<name>/lambda_1": ..., "<name>/num_hvps": ...,
-        "<name>/seconds": ...}`` and remembers the vectors for the next call."""
+        """Measures at ``params``; returns ``{"<name>/lambda_1".."lambda_k", "<name>/frobenius_topk"
+        (‖H‖_F from the top k), "<name>/num_hvps", "<name>/seconds"}`` and remembers the vectors
+        for the next call."""
         t0 = time.perf_counter()
         out = self.curvature.eigenpairs(
             params,
@@ -92,6 +93,8 @@ class EigenTracker:
         self.vectors, self.last = out.vectors, out
         self.history.append((step, out.values))
         metrics = {f"{self.name}/lambda_{i + 1}": float(v) for i, v in enumerate(out.values)}
+        # ||H||_F from the top K (Jastrzebski et al.'s approximation: a lower bound).
+        metrics[f"{self.name}/frobenius_top{self.k}"] = float(np.sqrt(np.sum(out.values**2)))
         metrics[f"{self.name}/num_hvps"] = out.num_steps + self.k
         metrics[f"{self.name}/seconds"] = time.perf_counter() - t0
         return metrics
