@@ -108,3 +108,21 @@ def test_keskar_notebook_runs_with_the_tiny_config(tmp_path):
     namespace = {}
     exec(compile(code, "keskar_quickstart.ipynb", "exec"), namespace)
     assert (tmp_path / "report.md").exists() and namespace["results"]["runs"]
+
+
+def test_readme_optim_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    block = next(b for b in blocks if "optim.nsgd(" in b)
+    exec(compile(block, "README.md", "exec"), namespace)
+    tx = namespace["tx"]
+    state = tx.init(namespace["params"])
+    updates, _ = tx.update(namespace["params"], state, namespace["params"])
+    assert jax_tree_equal_structure(updates, namespace["params"])
+
+
+def jax_tree_equal_structure(a, b):
+    import jax
+
+    return jax.tree.structure(a) == jax.tree.structure(b)
