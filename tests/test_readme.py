@@ -14,6 +14,16 @@ def read(name):
         return f.read()
 
 
+def run_after_hessian_example(marker):
+    """Runs the README's first (hessian) example, then the block containing ``marker``, in one
+    namespace (later examples use its loss_fn, params and batches); returns the namespace."""
+    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(next(b for b in blocks if marker in b), "README.md", "exec"), namespace)
+    return namespace
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = read("README.md")
     block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
@@ -36,11 +46,7 @@ def test_readme_python_example_runs():
 
 
 def test_readme_curvature_object_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-    curvature_block = next(b for b in blocks if "hessian.Curvature(" in b)
-    namespace = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    exec(compile(curvature_block, "README.md", "exec"), namespace)
+    namespace = run_after_hessian_example("hessian.Curvature(")
     assert namespace["curv"].num_traces == 2 and namespace["top"].converged.all()
 
 
@@ -54,11 +60,7 @@ def test_readme_custom_loss_example_runs():
 
 
 def test_readme_sharpness_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-    namespace = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    block = next(b for b in blocks if "sharpness.epsilon_sharpness(" in b)
-    exec(compile(block, "README.md", "exec"), namespace)
+    namespace = run_after_hessian_example("sharpness.epsilon_sharpness(")
     assert namespace["r"].value >= 0 and namespace["avg"].stderr >= 0
 
 
@@ -111,18 +113,9 @@ def test_keskar_notebook_runs_with_the_tiny_config(tmp_path):
 
 
 def test_readme_optim_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-    namespace = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    block = next(b for b in blocks if "optim.nsgd(" in b)
-    exec(compile(block, "README.md", "exec"), namespace)
-    tx = namespace["tx"]
-    state = tx.init(namespace["params"])
-    updates, _ = tx.update(namespace["params"], state, namespace["params"])
-    assert jax_tree_equal_structure(updates, namespace["params"])
-
-
-def jax_tree_equal_structure(a, b):
     import jax
 
-    return jax.tree.structure(a) == jax.tree.structure(b)
+    namespace = run_after_hessian_example("optim.nsgd(")
+    tx, params = namespace["tx"], namespace["params"]
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
