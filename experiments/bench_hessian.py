@@ -8,6 +8,15 @@ Prints, for a ReLU MLP 784-512x5-10 (1.46M parameters) on 1024 examples:
   * Lanczos time / (m x HVP time) for m in --steps              (target <= 1.25)
   * compile time of Lanczos vs m                                (flat)
   * XLA's peak-memory estimate of Lanczos / (m*D*4 + model + data)   (target <= 1.3)
+  * top-5 largest-magnitude eigenvalues of a trained MLP 784-128-128-10 on 2048 examples
+    (Fashion-MNIST when Debian's dataset-fashion-mnist is installed, else a random teacher):
+    `Curvature.eigenpairs(k=5, which="LM")` at its default tolerance vs matfree's
+    `eigh_partial(tridiag_sym(m))` with the smallest m reaching the same 1e-4 relative
+    accuracy against a float64 ARPACK reference                 (target <= 1.0; needs matfree:
+    pip install -e ".[bench]")
+  * curvature tracking (`sharp_minima.tracking.EigenTracker`, K = 10 on a 5% subset once per
+    epoch, warm-started) on the same MLP trained by SGD on 20,000 examples: time per call /
+    time per epoch (target <= 0.3), and HVPs per call, cold vs warm
   * with --pyhessian_python (a Python that has torch and pyhessian): top-5 largest-magnitude
     eigenvalues, PyHessian's deflated power iteration vs `eigenpairs(which="LM")`, time
     ratio and errors against a float64 scipy `eigsh` reference.
@@ -37,6 +46,9 @@ def define_flags():
     flags.DEFINE_integer("repeats", 3, "Timing repeats (the minimum is reported).")
     flags.DEFINE_string("pyhessian_python", None, "Python interpreter with torch and pyhessian.")
     flags.DEFINE_integer("width", 512, "Hidden width (512 for F1).")
+    flags.DEFINE_list(
+        "sections", ["core", "matfree", "tracking"], "Which parts to run (core matfree tracking)."
+    )
 
 
 WIDTHS = (784, 512, 512, 512, 512, 512, 10)
@@ -247,6 +259,184 @@ def bench_vs_pyhessian(layers, x, y, params, batches, python):
     )
 
 
+def small_problem(num_train, seed=0):
+    """An MLP 784-128-128-10 (list of dense layers) and (x, y) for the matfree and tracking
+    sections: Fashion-MNIST when installed, else a random linear teacher on Gaussian inputs."""
+    from sharp_minima import data
+
+    try:
+        ds = data.load("fashion_mnist", seed=seed, max_train=num_train, allow_download=False)
+        x, y, source = ds.x_train.reshape(len(ds.x_train), -1), ds.y_train, "Fashion-MNIST"
+    except Exception:  # noqa: BLE001 - any failure: fall back to generated data
+        _, x, y = make_problem(num_train, 8, seed)
+        source = "random teacher"
+    rng = np.random.default_rng(seed)
+    layers = []
+    for fan_in, fan_out in zip((784, 128, 128), (128, 128, 10)):
+        w = rng.normal(size=(fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+        layers.append({"w": w.astype(np.float32), "b": np.zeros(fan_out, np.float32)})
+    return layers, np.asarray(x, np.float32), np.asarray(y, np.int32), source
+
+
+def _sgd_epoch_fn(learning_rate, batch_size):
+    import jax
+
+    @jax.jit
+    def epoch(params, x, y, key):
+        n = (x.shape[0] // batch_size) * batch_size
+        idx = jax.random.permutation(key, x.shape[0])[:n].reshape(-1, batch_size)
+
+        def step(p, i):
+            g = jax.grad(mlp_loss)(p, {"x": x[i], "y": y[i]})
+            return jax.tree.map(lambda a, b: a - learning_rate * b, p, g), None
+
+        return jax.lax.scan(step, params, idx)[0]
+
+    return epoch
+
+
+def bench_vs_matfree(repeats):
+    """Top-5 LM eigenvalues: ours at the default tolerance vs matfree at the smallest m that
+    is as accurate, on a trained 784-128-128-10 MLP (2048 examples)."""
+    import jax
+    import jax.numpy as jnp
+    import scipy.sparse.linalg as sla
+    from jax.flatten_util import ravel_pytree
+
+    from sharp_minima import hessian
+
+    try:
+        from matfree import decomp, eig
+    except ImportError:
+        print("(matfree comparison skipped: pip install matfree, or -e '.[bench]')")
+        return
+    layers, x, y, source = small_problem(2048)
+    params = jax.tree.map(jnp.asarray, layers)
+    epoch = _sgd_epoch_fn(0.05, 128)
+    for e in range(10):
+        params = epoch(params, jnp.asarray(x), jnp.asarray(y), jax.random.key(e))
+    batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
+    weights = jnp.ones((1,), jnp.float32)
+    dim = ravel_pytree(params)[0].size
+    print(f"\nmatfree: MLP 784-128-128-10 (D = {dim:,}) trained 10 SGD epochs on 2048 {source}")
+
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        b64 = {"x": jnp.asarray(batches["x"], jnp.float64), "y": batches["y"]}
+
+        @jax.jit
+        def hvp64(p, b, v):
+            _, matvec = hessian.Curvature(mlp_loss).flat_matvec(p, b, jnp.ones((1,)))
+            return matvec(v)
+
+        op = sla.LinearOperator(
+            (dim, dim),
+            matvec=lambda v: np.asarray(hvp64(p64, b64, jnp.asarray(v.ravel()))),
+            dtype=np.float64,
+        )
+        ref = sla.eigsh(op, k=5, which="LM", tol=1e-12, return_eigenvectors=False)
+    ref = ref[np.argsort(-np.abs(ref))]
+
+    def error(values):
+        values = np.asarray(sorted(np.asarray(values, np.float64), key=lambda v: -abs(v))[:5])
+        return float(np.max(np.abs(values - ref) / np.abs(ref)))
+
+    curv = hessian.Curvature(mlp_loss)
+    run = lambda: curv.eigenpairs(params, batches, k=5, key=jax.random.key(1), which="LM")  # noqa: E731
+    out = run()
+    t_ours = min(_timed(run) for _ in range(repeats))
+    err_ours = error(out.values)
+
+    v0 = jax.random.normal(jax.random.key(2), (dim,))
+
+    def matfree_fn(m):
+        @jax.jit
+        def f(p, b, w, v):
+            _, matvec = hessian.Curvature(mlp_loss).flat_matvec(p, b, w)
+            vals, _ = eig.eigh_partial(decomp.tridiag_sym(m))(matvec, v)
+            return vals
+
+        return lambda: f(params, batches, weights, v0)
+
+    chosen = None
+    for m in range(10, 61, 2):
+        fn = matfree_fn(m)
+        vals = np.asarray(fn())
+        if error(vals) <= max(err_ours, 1e-4):
+            chosen = (m, fn, error(vals))
+            break
+    print(f"reference top-5 (ARPACK, float64): {np.round(ref, 5).tolist()}")
+    print(
+        f"sharp_minima eigenpairs: {out.num_steps} HVPs, {t_ours:.3f} s, "
+        f"max rel. error {err_ours:.1e}"
+    )
+    if chosen is None:
+        print("matfree did not reach that accuracy with m <= 60")
+        return
+    m, fn, err_m = chosen
+    t_m = min(_timed(fn) for _ in range(repeats))
+    print(
+        f"matfree eigh_partial(tridiag_sym({m})): {m} HVPs, {t_m:.3f} s, max rel. error {err_m:.1e}"
+    )
+    print(f"RATIO eigenpairs/matfree time = {t_ours / t_m:.2f} (target <= 1.0)")
+
+
+def _timed(fn):
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def bench_tracking(num_epochs=6):
+    """Tracking K = 10 on a 5% subset, once per epoch, warm-started: seconds per call / seconds
+    per SGD epoch, and HVPs per call cold vs warm."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from sharp_minima import data, tracking
+
+    layers, x, y, source = small_problem(20_000)
+    params = jax.tree.map(jnp.asarray, layers)
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    batches, weights = data.curvature_batches(jax.random.key(0), x, y, fraction=0.05)
+    n_sub = batches["y"].size
+    warm = tracking.EigenTracker(mlp_loss, batches, key=jax.random.key(1), k=10, weights=weights)
+    cold = tracking.EigenTracker(mlp_loss, batches, key=jax.random.key(1), k=10, weights=weights)
+    epoch = _sgd_epoch_fn(0.05, 128)
+    jax.block_until_ready(epoch(params, xs, ys, jax.random.key(99)))  # compile
+    warm.measure(params, 0), cold.measure(params, 0)  # compile both
+    cold.vectors = None
+    dim = ravel_pytree(params)[0].size
+    print(
+        f"\ntracking: MLP 784-128-128-10 (D = {dim:,}), SGD 0.05 batch 128 on 20,000 {source}; "
+        f"K = 10 on {n_sub} examples (5%) after each epoch"
+    )
+    rows = []
+    for e in range(1, num_epochs + 1):
+        t0 = time.perf_counter()
+        params = jax.block_until_ready(epoch(params, xs, ys, jax.random.key(e)))
+        t_epoch = time.perf_counter() - t0
+        mw = warm.measure(params, e)
+        cold.vectors = None  # a cold start every time
+        mc = cold.measure(params, e)
+        rows.append(
+            (t_epoch, mw["hessian/seconds"], mw["hessian/num_hvps"], mc["hessian/num_hvps"])
+        )
+        print(
+            f"epoch {e}: epoch {t_epoch:.2f} s, tracking {mw['hessian/seconds']:.2f} s "
+            f"(warm {mw['hessian/num_hvps']} HVPs, cold {mc['hessian/num_hvps']}), "
+            f"lambda_1 {mw['hessian/lambda_1']:.3f}"
+        )
+    rows = np.asarray(rows)
+    print(
+        f"RATIO tracking/epoch time = {rows[:, 1].mean() / rows[:, 0].mean():.2f} (target <= 0.3);"
+        f" HVPs per call warm {rows[:, 2].mean():.1f} vs cold {rows[:, 3].mean():.1f}"
+    )
+
+
 def main(argv):
     del argv
     import jax
@@ -258,7 +448,12 @@ def main(argv):
     layers, x, y = make_problem(FLAGS.examples, FLAGS.width)
     params = jax.tree.map(jnp.asarray, layers)
     batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
-    bench_core(params, batches, [int(s) for s in FLAGS.steps], FLAGS.repeats)
+    if "core" in FLAGS.sections:
+        bench_core(params, batches, [int(s) for s in FLAGS.steps], FLAGS.repeats)
+    if "matfree" in FLAGS.sections:
+        bench_vs_matfree(FLAGS.repeats)
+    if "tracking" in FLAGS.sections:
+        bench_tracking()
     if FLAGS.pyhessian_python:
         bench_vs_pyhessian(layers, x, y, params, batches, FLAGS.pyhessian_python)
     else:

@@ -47,7 +47,7 @@ def test_readme_python_example_runs():
 
 def test_readme_curvature_object_example_runs():
     namespace = run_after_hessian_example("hessian.Curvature(")
-    assert namespace["curv"].num_traces == 2 and namespace["top"].converged.all()
+    assert namespace["curv"].num_traces == 1 and namespace["top"].converged.all()
 
 
 def test_readme_custom_loss_example_runs():

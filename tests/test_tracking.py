@@ -38,17 +38,19 @@ def test_tracking_equals_a_direct_eigenpairs_call_and_warm_starts_save_hvps():
             weights=weights,
             init_vectors=tracker.history and None,
         )
-        cold.append(direct.num_steps + 3)
+        cold.append(direct.num_steps)
         if step:
             warm.append(m["hessian/num_hvps"])
         np.testing.assert_allclose(
             [m[f"hessian/lambda_{i + 1}"] for i in range(3)], direct.values, rtol=1e-3
         )
-        np.testing.assert_allclose(m["hessian/frobenius_top3"], np.linalg.norm(direct.values))
+        np.testing.assert_allclose(
+            m["hessian/frobenius_top3"], np.linalg.norm(direct.values), rtol=1e-3
+        )
         for _ in range(5):  # a few training steps between measurements
             g = jax.grad(lambda v: loss(v, {"x": x, "y": y}))(variables)
             updates, opt_state = tx.update(g, opt_state)
             variables = optax.apply_updates(variables, updates)
-    assert tracker.curvature.num_traces == 2  # compiled once, reused at every call
+    assert tracker.curvature.num_traces == 1  # compiled once, reused at every call
     print(f"HVPs per call: warm {warm}, cold {cold[1:]}")
     assert np.mean(warm) < np.mean(cold[1:]), (warm, cold)
