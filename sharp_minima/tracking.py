@@ -5,37 +5,132 @@ reused at every call) and the previous eigenvectors (each call is warm-started f
 Jastrzębski et al. (2019) recompute theirs every epoch). Use it
 
 - as a hook of `sharp_minima.train.train`:
-  ``train.Hook(tracker, every_steps=500)`` — it reads ``ctx.state.variables()`` and writes
-  eigenvalues and tridiagonals to ``workdir/arrays/<name>/``;
+  ``train.Hook(tracker, every_steps=20, until_step=400, every_epochs=1)`` (often early in
+  training, once per epoch later) — it reads ``ctx.state.variables()`` and writes
+  eigenvalues and tridiagonals to ``workdir/arrays/<name>/``; with ``set_directions=True`` it
+  also writes the eigenvectors into the optimizer state (`sharp_minima.optim.nudge` and
+  friends), so Nudged-SGD follows the current sharpest directions;
 - from any JAX loop: ``tracker.measure(params, step)``.
 
-Only jax, numpy (and `sharp_minima.hessian`) are imported.
+The curvature subset is a `Subset`: a fixed random ~5% of the training set by default, or a
+fresh one at every call (``resample=True``), optionally through the training augmentation.
+The loss is whatever you pass: `sharp_minima.losses.evaluation_loss(model, weight_decay)`
+is the training objective's data term plus the same L2 term, with BatchNorm in evaluation
+mode (running statistics), which `EigenTracker.description` states.
+
+Only jax, numpy, optax (and `sharp_minima.hessian`) are imported.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sharp_minima import hessian
 
 
+class Subset:
+    """The curvature subset of a training set, as stacked batches for `sharp_minima.hessian`.
+
+    ``subset(step) -> (batches, weights)``: the same random examples at every call, or a
+    fresh draw of the same size for each ``step`` with ``resample=True``. With ``augment``
+    (``augment(key, x) -> x``, e.g. `sharp_minima.data.pipeline.random_crop_flip`) the
+    inputs are augmented afresh at each call, as in training. Shapes never change, so a
+    `hessian.Curvature` compiles once.
+
+    Args:
+      key: key of the draws.
+      x, y: the training inputs and labels (host or device arrays).
+      fraction: subset size as a fraction of the training set (default 5%, Jastrzębski et
+        al.'s ~2,500 of CIFAR-10's 50,000); ``num_examples`` overrides it.
+      num_examples: subset size.
+      batch_size: examples per batch of the subset (rounded down to whole batches).
+      resample: a new subset at every call.
+      augment: optional augmentation of the inputs.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> x, y = np.arange(100.0)[:, None], np.arange(100) % 2
+      >>> subset = Subset(jax.random.key(0), x, y, fraction=0.1, batch_size=5, resample=True)
+      >>> (b0, w0), (b1, _) = subset(0), subset(1)
+      >>> b0["x"].shape, w0.tolist(), bool((b0["x"] != b1["x"]).any()), subset.size
+      ((2, 5, 1), [1.0, 1.0], True, 10)
+    """
+
+    def __init__(
+        self,
+        key: jax.Array,
+        x,
+        y,
+        *,
+        fraction: float = 0.05,
+        num_examples: int | None = None,
+        batch_size: int = 256,
+        resample: bool = False,
+        augment: Callable | None = None,
+    ):
+        n = len(x)
+        size = num_examples if num_examples is not None else int(round(fraction * n))
+        if not 1 <= size <= n:
+            raise ValueError(
+                f"the curvature subset must have 1..{n} examples (the training set), got {size}"
+                f" (fraction={fraction}, num_examples={num_examples})"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        bs = min(batch_size, size)
+        self.num_batches, self.batch_size = size // bs, bs
+        self.size = self.num_batches * bs
+        self.x, self.y = jnp.asarray(x), jnp.asarray(y)
+        self.key, self.resample, self.augment = key, resample, augment
+        self._fixed = None if resample else self._draw(key)
+
+    def _draw(self, key):
+        idx = jax.random.permutation(key, len(self.x))[: self.size]
+        return idx.reshape(self.num_batches, self.batch_size)
+
+    def __call__(self, step: int):
+        idx = self._draw(jax.random.fold_in(self.key, step)) if self.resample else self._fixed
+        x = self.x[idx]
+        if self.augment is not None:
+            flat = x.reshape((-1,) + x.shape[2:])
+            aug = self.augment(jax.random.fold_in(jax.random.fold_in(self.key, step), 1), flat)
+            x = aug.reshape(x.shape)
+        return {"x": x, "y": self.y[idx]}, jnp.ones((self.num_batches,))
+
+    def describe(self) -> str:
+        how = "a fresh random draw at every call" if self.resample else "fixed random examples"
+        aug = ", augmented as in training" if self.augment is not None else ""
+        return f"{self.size} training examples ({how}{aug})"
+
+
 class EigenTracker:
-    """Top-k Hessian eigenpairs of ``loss_fn`` on fixed ``batches``, warm-started call to call.
+    """Top-k Hessian eigenpairs of ``loss_fn`` on a curvature subset, warm-started call to call.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``; for a Flax model
         `sharp_minima.losses.evaluation_loss` (BatchNorm statistics travel in ``params``).
-      batches: the curvature subset, stacked (`sharp_minima.data.curvature_batches`).
-      key: key for the Lanczos start vectors (folded with the step).
-      k: number of eigenpairs.
-      weights: per-batch weights (ragged last batch).
+      batches: the curvature subset: a `Subset` (or any ``step -> (batches, weights)``), or
+        fixed stacked batches (`sharp_minima.data.curvature_batches`).
+      key: key for the Lanczos start vectors and probes (folded with the step).
+      k: number of eigenpairs (Jastrzębski et al. track up to 50).
+      weights: per-batch weights of fixed ``batches`` (ragged last batch).
       wrt: which parameters (e.g. ``"^params/"`` for a Flax model's weights).
       name: metric prefix and folder name under ``arrays/``.
-      tol: Lanczos tolerance (`Curvature.eigenpairs`).
+      tol: eigenvalue tolerance (`Curvature.eigenpairs`).
+      stochastic: if > 0, also log a Hutchinson ‖H‖_F and a Hutch++ trace with this many
+        HVPs each, with their standard errors.
+      set_directions: as a hook, write the eigenvectors into the optimizer state's
+        ``directions`` (`sharp_minima.optim.SubspaceState`; the optimizer's K must equal
+        ``k``). ``True`` takes ``vectors["params"]``; a callable maps the vectors to the
+        params' structure.
+      description: what the curvature loss is (stated in reports); the subset's size and
+        sampling are appended.
 
     Attributes:
       curvature: the `sharp_minima.hessian.Curvature` (``curvature.num_traces`` stays constant
@@ -66,42 +161,83 @@ class EigenTracker:
         wrt=None,
         name: str = "hessian",
         tol: float = 1e-4,
+        stochastic: int = 0,
+        set_directions: bool | Callable = False,
+        description: str = "",
     ):
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if stochastic < 0:
+            raise ValueError(f"stochastic must be >= 0 (HVPs per estimate), got {stochastic}")
         self.curvature = hessian.Curvature(loss_fn, wrt=wrt)
         self.batches, self.weights, self.key = batches, weights, key
-        self.k, self.name, self.tol = k, name, tol
+        self.k, self.name, self.tol, self.stochastic = k, name, tol, stochastic
+        if set_directions is True:
+            set_directions = lambda vectors: vectors["params"]  # noqa: E731
+        self.set_directions = set_directions or None
+        subset = batches.describe() if isinstance(batches, Subset) else ""
+        self.description = "; ".join(filter(None, [description, subset]))
         self.vectors = None
         self.history: list[tuple[int, np.ndarray]] = []
         self.last: hessian.Eigenpairs | None = None
 
+    def subset(self, step: int):
+        """``(batches, weights)`` of the call at ``step``."""
+        if callable(self.batches):
+            return self.batches(step)
+        return self.batches, self.weights
+
     def measure(self, params: Any, step: int) -> dict[str, float]:
         """Measures at ``params``; returns ``{"<name>/lambda_1".."lambda_k", "<name>/frobenius_topk"
-        (‖H‖_F from the top k), "<name>/num_hvps", "<name>/seconds"}`` and remembers the vectors
-        for the next call."""
+        (‖H‖_F from the top k), "<name>/num_hvps", "<name>/seconds"}`` (plus ``frobenius``,
+        ``trace`` and their ``_stderr`` with ``stochastic``) and remembers the vectors for
+        the next call."""
         t0 = time.perf_counter()
+        batches, weights = self.subset(step)
+        key = jax.random.fold_in(self.key, step)
         out = self.curvature.eigenpairs(
             params,
-            self.batches,
+            batches,
             k=self.k,
-            key=jax.random.fold_in(self.key, step),
-            weights=self.weights,
+            key=key,
+            weights=weights,
             init_vectors=self.vectors,
             tol=self.tol,
         )
         self.vectors, self.last = out.vectors, out
         self.history.append((step, out.values))
-        metrics = {f"{self.name}/lambda_{i + 1}": float(v) for i, v in enumerate(out.values)}
+        p = self.name
+        metrics = {f"{p}/lambda_{i + 1}": float(v) for i, v in enumerate(out.values)}
         # ||H||_F from the top K (Jastrzebski et al.'s approximation: a lower bound).
-        metrics[f"{self.name}/frobenius_top{self.k}"] = float(np.sqrt(np.sum(out.values**2)))
-        metrics[f"{self.name}/num_hvps"] = out.num_steps
-        metrics[f"{self.name}/seconds"] = time.perf_counter() - t0
+        metrics[f"{p}/frobenius_top{self.k}"] = float(np.sqrt(np.sum(out.values**2)))
+        hvps = out.num_steps
+        if self.stochastic:
+            k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+            fro = self.curvature.frobenius_norm(
+                params, batches, key=k1, num_matvecs=self.stochastic, weights=weights
+            )
+            tr = self.curvature.trace(
+                params, batches, key=k2, num_matvecs=self.stochastic, weights=weights
+            )
+            metrics.update(
+                {
+                    f"{p}/frobenius": fro.value,
+                    f"{p}/frobenius_stderr": fro.stderr,
+                    f"{p}/trace": tr.value,
+                    f"{p}/trace_stderr": tr.stderr,
+                }
+            )
+            hvps += fro.num_matvecs + tr.num_matvecs
+        metrics[f"{p}/num_hvps"] = hvps
+        metrics[f"{p}/seconds"] = time.perf_counter() - t0
         return metrics
 
-    def __call__(self, ctx) -> dict[str, float]:
-        """The trainer hook: measures at ``ctx.state.variables()`` and saves the eigenvalues,
-        residuals and tridiagonal to ``arrays/<name>/<step>.npz``."""
+    def __call__(self, ctx):
+        """The trainer hook: measures at ``ctx.state.variables()``, saves the eigenvalues,
+        residuals and tridiagonal to ``arrays/<name>/<step>.npz`` and, with
+        ``set_directions``, returns the state with the new directions."""
+        if self.history and self.history[-1][0] == ctx.step:
+            return None  # the step and the epoch schedules met at this step
         metrics = self.measure(ctx.state.variables(), ctx.step)
         out = self.last
         ctx.save_arrays(
@@ -111,4 +247,12 @@ class EigenTracker:
             alphas=out.tridiagonal[0],
             betas=out.tridiagonal[1],
         )
-        return metrics
+        if self.set_directions is None:
+            return metrics
+        import optax  # noqa: PLC0415 - only hooks that steer an optimizer need it
+
+        from sharp_minima.train import HookResult  # noqa: PLC0415 - train imports flax
+
+        directions = self.set_directions(out.vectors)
+        opt_state = optax.tree_utils.tree_set(ctx.state.opt_state, directions=directions)
+        return HookResult(metrics, ctx.state.replace(opt_state=opt_state))

@@ -504,9 +504,11 @@ class HookResult(NamedTuple):
 class Hook:
     """A function called inside the training loop.
 
-    ``fn(ctx: LoopContext)`` runs after step ``s`` when ``every_steps`` divides ``s`` (before
-    that step's checkpoint), and/or after each ``every_epochs``-th epoch (after evaluation,
-    before the epoch's checkpoint). It may return
+    ``fn(ctx: LoopContext)`` runs after step ``s`` when ``every_steps`` divides ``s`` (and
+    ``s <= until_step`` if given; before that step's checkpoint), and/or after each
+    ``every_epochs``-th epoch (after evaluation, before the epoch's checkpoint): e.g.
+    ``Hook(tracker, every_steps=10, until_step=200, every_epochs=1)`` measures often early in
+    training and once per epoch later. It may return
 
     - ``None``;
     - a dict of prefixed scalars, logged to ``metrics.jsonl``;
@@ -524,10 +526,12 @@ class Hook:
     every_steps: int | None = None
     every_epochs: int | None = None
     name: str = "hook"
+    until_step: int | None = None  # the step schedule stops after this step (None: never)
 
     def due(self, when: str, step: int, epoch: int) -> bool:
         if when == "step":
-            return bool(self.every_steps) and step % self.every_steps == 0
+            early = self.until_step is None or step <= self.until_step
+            return bool(self.every_steps) and early and step % self.every_steps == 0
         return bool(self.every_epochs) and epoch % self.every_epochs == 0
 
 
@@ -1091,6 +1095,7 @@ def train(
     data=None,
     log: Callable[[str], None] | None = None,
     label: str = "",
+    init_variables: dict | None = None,
 ) -> TrainResult:
     """Trains ``config`` into ``workdir``; resumes from the latest checkpoint there.
 
@@ -1107,6 +1112,9 @@ def train(
       log: line printer (default: the console, with an in-place progress line on a terminal;
         silent on hosts other than process 0).
       label: prefix of the progress line (e.g. the run's name in a study).
+      init_variables: start from these ``{"params": ..., "batch_stats": ...}`` (e.g. another
+        run's ``result.state.variables()``) instead of a random initialisation, with a fresh
+        optimizer state and step 0; ignored when ``workdir`` has a checkpoint to resume.
 
     Returns:
       `TrainResult`.
@@ -1122,10 +1130,14 @@ def train(
     validate_config(config, mesh.size)
     lock = files.workdir_lock(workdir, log=log) if main_host else contextlib.nullcontext()
     with lock:
-        return _train_locked(config, workdir, mesh, loss_fn, tx, hooks, data, log, label)
+        return _train_locked(
+            config, workdir, mesh, loss_fn, tx, hooks, data, log, label, init_variables
+        )
 
 
-def _train_locked(config, workdir, mesh, loss_fn, tx, hooks, data, log, label) -> TrainResult:
+def _train_locked(
+    config, workdir, mesh, loss_fn, tx, hooks, data, log, label, init_variables
+) -> TrainResult:
     main_host = jax.process_index() == 0
     check_resumable(workdir, config)
     data = load_data(config) if data is None else data
@@ -1148,6 +1160,18 @@ def _train_locked(config, workdir, mesh, loss_fn, tx, hooks, data, log, label) -
     state, resumed_from = restore_or_init(
         checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh, log=log or print
     )
+    if init_variables is not None and not resumed_from:
+        start = state.replace(
+            params=init_variables["params"],
+            batch_stats=init_variables.get("batch_stats", {}),
+            opt_state=tx.init(init_variables["params"]),
+        )
+        try:
+            state = _conform("init_variables", state, start)
+        except ValueError:
+            raise ValueError(
+                "init_variables do not match the model's parameters (structure or shapes)"
+            ) from None
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), enabled=main_host)
     # Records logged after the checkpoint are dropped: the resumed run writes them again.
     history = [r for r in metrics_log.truncate_after(resumed_from) if "test/loss" in r]

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from sharp_minima import data, hessian, losses, tracking
+from sharp_minima import data, hessian, losses, tracking, train
 from sharp_minima.models import get_model
 
 
@@ -54,3 +55,53 @@ def test_tracking_equals_a_direct_eigenpairs_call_and_warm_starts_save_hvps():
     assert tracker.curvature.num_traces == 1  # compiled once, reused at every call
     print(f"HVPs per call: warm {warm}, cold {cold[1:]}")
     assert np.mean(warm) < np.mean(cold[1:]), (warm, cold)
+
+
+def test_subset_fixed_resampled_augmented_and_bad_sizes():
+    x = np.arange(200.0, dtype=np.float32).reshape(50, 2, 2, 1)
+    y = np.arange(50) % 3
+    key = jax.random.key(0)
+    fixed = tracking.Subset(key, x, y, fraction=0.2, batch_size=4)
+    (b0, w0), (b1, _) = fixed(0), fixed(7)
+    assert b0["x"].shape == (2, 4, 2, 2, 1) and fixed.size == 8 and w0.tolist() == [1.0, 1.0]
+    np.testing.assert_array_equal(b0["x"], b1["x"])  # the same examples at every call
+    # Each row of the subset is one training example with its own label.
+    flat = np.asarray(b0["x"]).reshape(8, -1)
+    np.testing.assert_array_equal(np.asarray(b0["y"]).ravel(), (flat[:, 0] // 4).astype(int) % 3)
+    fresh = tracking.Subset(key, x, y, num_examples=8, batch_size=4, resample=True)
+    assert not np.array_equal(fresh(0)[0]["x"], fresh(1)[0]["x"])
+    np.testing.assert_array_equal(fresh(3)[0]["x"], fresh(3)[0]["x"])  # a draw per step
+    flip = lambda k, imgs: imgs[:, :, ::-1]  # noqa: E731 - a deterministic "augmentation"
+    aug = tracking.Subset(key, x, y, fraction=0.2, batch_size=4, augment=flip)
+    np.testing.assert_array_equal(aug(0)[0]["x"], b0["x"][:, :, :, ::-1])
+    assert "augmented" in aug.describe() and "fresh" in fresh.describe()
+    with pytest.raises(ValueError, match="1..50 examples"):
+        tracking.Subset(key, x, y, num_examples=51)
+    with pytest.raises(ValueError, match="1..50 examples"):
+        tracking.Subset(key, x, y, fraction=0.001)
+
+
+def test_stochastic_norms_match_direct_calls_and_hook_schedule(tmp_path):
+    model, variables, ds, batches, weights = _problem()
+    loss = losses.evaluation_loss(model)
+    tracker = tracking.EigenTracker(
+        loss, batches, key=jax.random.key(2), k=2, weights=weights, stochastic=6
+    )
+    m = tracker.measure(variables, 5)
+    curv = hessian.Curvature(loss)
+    k1, k2 = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.key(2), 5), 1))
+    fro = curv.frobenius_norm(variables, batches, key=k1, num_matvecs=6, weights=weights)
+    tr = curv.trace(variables, batches, key=k2, num_matvecs=6, weights=weights)
+    np.testing.assert_allclose(
+        [m["hessian/frobenius"], m["hessian/frobenius_stderr"], m["hessian/trace"]],
+        [fro.value, fro.stderr, tr.value],
+        rtol=1e-5,
+    )
+    assert m["hessian/frobenius"] >= m["hessian/frobenius_top2"] * 0.5
+    assert m["hessian/num_hvps"] > 12
+
+    # The schedule: every 2 steps up to step 4, then at each epoch's end (8 steps/epoch).
+    hook = train.Hook(tracker, every_steps=2, until_step=4, every_epochs=1)
+    fired = [s for s in range(1, 25) if hook.due("step", s, 0)]
+    assert fired == [2, 4]
+    assert hook.due("epoch", 8, 1) and hook.due("epoch", 16, 2)
