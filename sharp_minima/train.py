@@ -508,7 +508,8 @@ class Hook:
     ``s <= until_step`` if given; before that step's checkpoint), and/or after each
     ``every_epochs``-th epoch (after evaluation, before the epoch's checkpoint): e.g.
     ``Hook(tracker, every_steps=10, until_step=200, every_epochs=1)`` measures often early in
-    training and once per epoch later. It may return
+    training and once per epoch later; ``at_start=True`` adds a call at step 0, before
+    training (not when a run resumes). It may return
 
     - ``None``;
     - a dict of prefixed scalars, logged to ``metrics.jsonl``;
@@ -527,12 +528,59 @@ class Hook:
     every_epochs: int | None = None
     name: str = "hook"
     until_step: int | None = None  # the step schedule stops after this step (None: never)
+    at_start: bool = False  # also before the first step of a fresh run (step 0)
 
     def due(self, when: str, step: int, epoch: int) -> bool:
+        if when == "start":
+            return self.at_start
         if when == "step":
             early = self.until_step is None or step <= self.until_step
             return bool(self.every_steps) and early and step % self.every_steps == 0
         return bool(self.every_epochs) and epoch % self.every_epochs == 0
+
+
+class ValidationPlateau:
+    """An epoch hook: the learning rate ÷ ``1 / factor`` when ``metric`` has not improved for
+    ``patience`` evaluations (Jastrzębski et al. 2019: ÷10 when the validation loss has not
+    improved for 100 epochs).
+
+    The optimizer must carry an ``optax.inject_hyperparams`` ``learning_rate``. Stateless:
+    each call replays the rule over ``ctx.history`` (the evaluations so far, restored on a
+    resume), so a resumed run drops at the same epochs. Use as
+    ``Hook(ValidationPlateau(patience=5), every_epochs=1)``.
+    """
+
+    def __init__(self, patience: int, factor: float = 0.1, metric: str = "val/loss"):
+        if patience < 1 or not 0 < factor < 1:
+            raise ValueError(f"need patience >= 1 and 0 < factor < 1, got {patience}, {factor}")
+        self.patience, self.factor, self.metric = patience, factor, metric
+
+    def drops(self, history: list[dict]) -> list[int]:
+        """Indices of the evaluations in ``history`` after which the rate drops."""
+        best, wait, out = float("inf"), 0, []
+        for i, rec in enumerate(r for r in history if self.metric in r):
+            if rec[self.metric] < best:
+                best, wait = rec[self.metric], 0
+                continue
+            wait += 1
+            if wait >= self.patience:
+                out.append(i)
+                wait = 0
+        return out
+
+    def __call__(self, ctx):
+        evaluated = [r for r in ctx.history if self.metric in r]
+        if not evaluated:
+            raise ValueError(f"ValidationPlateau: no {self.metric!r} in the evaluations")
+        if not self.drops(evaluated) or self.drops(evaluated)[-1] != len(evaluated) - 1:
+            return None
+        lr = optax.tree_utils.tree_get(ctx.state.opt_state, "learning_rate")
+        if lr is None:
+            raise ValueError("ValidationPlateau needs an optax.inject_hyperparams learning_rate")
+        new = optax.tree_utils.tree_set(ctx.state.opt_state, learning_rate=lr * self.factor)
+        return HookResult(
+            {"plateau/learning_rate": float(lr * self.factor)}, ctx.state.replace(opt_state=new)
+        )
 
 
 @dataclasses.dataclass
@@ -606,7 +654,11 @@ def _conform(name: str, old: TrainState, new: TrainState) -> TrainState:
         )
 
     def like(n, o):
-        n = jnp.asarray(n, o.dtype)
+        if n is o:
+            return o
+        # A new leaf is copied: the training step donates the state, and the hook may keep
+        # the array it returned (e.g. eigenvectors it warm-starts from next time).
+        n = jnp.array(n, o.dtype, copy=True)
         sharding = getattr(o, "sharding", None)
         return jax.device_put(n, sharding) if sharding is not None else n
 
@@ -1007,6 +1059,17 @@ def build_model(config, data):
     return get_model(config.model.name, num_classes=data.num_classes, **dict(config.model.kwargs))
 
 
+def run_keys(config) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(init_key, data_key, aug_key)`` of a run: initialisation, shuffling, augmentation."""
+    return tuple(jax.random.split(jax.random.key(config.seed), 3))
+
+
+def initial_params(config, model, sample_x):
+    """The parameters `train` starts ``config`` from (e.g. for the distance travelled)."""
+    init_key, _ = jax.random.split(run_keys(config)[0])
+    return model.init({"params": init_key, "dropout": init_key}, sample_x, train=False)["params"]
+
+
 def init_state(model, tx, sample_x, key) -> TrainState:
     """Initial `TrainState` (on the host's default device; `train` replicates it)."""
     init_key, loop_key = jax.random.split(key)
@@ -1079,7 +1142,10 @@ def _optimizer(config, steps_per_epoch: int, tx):
     logged when it carries an ``inject_hyperparams`` ``learning_rate``)."""
     if tx is None:
         return make_optimizer(config, steps_per_epoch)
-    probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    try:
+        probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    except (ValueError, TypeError):  # a transform that needs the real params' shapes
+        return tx, None
     if optax.tree_utils.tree_get(probe, "learning_rate") is None:
         return tx, None
     return tx, lambda step, opt_state: optax.tree_utils.tree_get(opt_state, "learning_rate")
@@ -1155,16 +1221,18 @@ def _train_locked(
     model = build_model(config, data)
     tx, lr_fn = _optimizer(config, steps_per_epoch, tx)
     loss_fn = classification_loss(model, config.optim.weight_decay) if loss_fn is None else loss_fn
-    init_key, data_key, aug_key = jax.random.split(jax.random.key(config.seed), 3)
+    init_key, data_key, aug_key = run_keys(config)
     checkpointer = Checkpointer(workdir, config)
     state, resumed_from = restore_or_init(
         checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh, log=log or print
     )
     if init_variables is not None and not resumed_from:
+        # Copies: the training step donates its state, and the caller keeps its arrays.
+        params = jax.tree.map(jnp.array, init_variables["params"])
         start = state.replace(
-            params=init_variables["params"],
-            batch_stats=init_variables.get("batch_stats", {}),
-            opt_state=tx.init(init_variables["params"]),
+            params=params,
+            batch_stats=jax.tree.map(jnp.array, init_variables.get("batch_stats", {})),
+            opt_state=tx.init(params),
         )
         try:
             state = _conform("init_variables", state, start)
@@ -1277,10 +1345,10 @@ class _Loop:
             self.checkpointer.save(state)
             return state, False
         rec = evaluate(self.evaluators, state, epoch)
+        self.history.append(rec)  # epoch hooks see this evaluation in ctx.history
         state, extra = self._hooks("epoch", state, step, epoch)
         rec.update(extra)
         self.metrics_log.write(rec)
-        self.history.append(rec)
         shown = "  ".join(
             f"{k} {v:.4f}" for k, v in rec.items() if "/" in k and isinstance(v, float)
         )
@@ -1310,6 +1378,10 @@ class _Loop:
         if resumed_from and should_stop_early(c, self.history):
             self.progress.message(f"already stopped early at step {resumed_from}")
             return state, True
+        if not resumed_from:
+            state, extra = self._hooks("start", state, 0, 0)
+            if extra:
+                self.metrics_log.write({"step": 0, "epoch": 0, **extra})
         try:
             for epoch0 in range(resumed_from // spe, c.num_epochs):
                 epoch = epoch0 + 1

@@ -1,0 +1,487 @@
+"""Jastrzębski et al. (2019), Sec. 4: Nudged-SGD (NSGD) against SGD.
+
+NSGD takes the step γη along the top-K Hessian eigenvectors and η elsewhere
+(`sharp_minima.optim.nudge`); the directions are recomputed at the start of every epoch by a
+`sharp_minima.tracking.EigenTracker` hook that writes them into the optimizer state. With
+momentum, the velocity is nudged when applied and kept uncorrected in the buffer (the
+authors' Keras optimizer). ``run(config, workdir)`` trains, each in
+``workdir/runs/<name>/seed<s>/`` (resumable):
+
+- NSGD for K in ``ks`` at γ = ``gammas[0]``, and for γ in ``gammas`` at K = ``k``;
+- SGD at the base η (= NSGD with γ = 1) and at each of ``baseline_learning_rates``;
+
+all with η ÷ 10 after ``plateau_patience`` epochs without a better validation loss
+(`sharp_minima.train.ValidationPlateau`). At every evaluation it logs ‖H‖_F from the top
+``frobenius_k`` eigenvalues (the paper's top-50 approximation) and the distance from the
+initialisation. ``report.md`` has the paper's Table 1 columns — ‖H‖_F at the best
+validation epoch / at the end, test accuracy at the best validation epoch, validation
+accuracy at epoch ``val_epoch``, final training loss, distance from the initialisation at the
+best validation epoch — beside the paper's Tables 1–6, with a yes/no line per claim.
+A run that diverges (NaN) is reported as such, as the paper excludes its diverged γ = 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sharp_minima import files, optim, plotting, train
+from sharp_minima import tree_util as tu
+from sharp_minima.studies.common import key_streams
+from sharp_minima.studies.sharpest_directions import make_tracker
+
+# The paper's tables (App. C): name -> rows (‖H‖_F best/final, test acc., val acc. (50),
+# final loss, distance). ResNet-32 uses K = 5 for the γ rows? The paper does not say which K
+# the γ rows use; we run them at K = config.nsgd.k.
+_COLUMNS = ("‖H‖_F best/final", "test acc.", "val. acc. (50)", "loss", "dist.")
+PAPER = {
+    "table1_resnet32_cifar10": {
+        "γ=0.01": ("1,018/1,019", "87.3%", "69.3%", "0.01324", "21.08"),
+        "γ=0.1": ("931/929", "87.2%", "69.0%", "0.00940", "21.32"),
+        "γ=1": ("272/324", "86.6%", "63.0%", "0.01719", "22.90"),
+        "γ=5": ("111/83", "85.5%", "52.3%", "1.17170", "25.32"),
+        "SGD(0.005)": ("678/946", "86.0%", "49.9%", "0.06221", "18.87"),
+        "SGD(0.1)": ("24/25", "88.0%", "84.7%", "0.00100", "50.73"),
+    },
+    "table2_simplecnn_cifar10": {
+        "γ=0.01": ("423/429", "87.1%", "83.5%", "0.00143", "17.63"),
+        "γ=0.1": ("294/268", "87.4%", "83.3%", "0.00126", "17.98"),
+        "γ=1": ("127/127", "86.6%", "82.3%", "0.00063", "19.76"),
+        "γ=5": ("130/129", "85.2%", "79.8%", "0.00160", "20.26"),
+        "SGD(0.005)": ("476/516", "85.8%", "78.0%", "0.00862", "14.94"),
+        "SGD(0.05)": ("34/26", "87.4%", "85.1%", "0.00008", "35.38"),
+    },
+    "table5_simplecnn_fashion_mnist": {
+        "γ=0.01": ("294/431", "92.6%", "90.3%", "0.05300", "13.73"),
+        "γ=0.1": ("257/341", "92.4%", "90.1%", "0.04340", "13.62"),
+        "γ=1": ("159/162", "92.5%", "89.8%", "0.04672", "14.85"),
+        "γ=5": ("75/101", "91.7%", "89.2%", "0.07820", "14.65"),
+    },
+    "table6_resnet32_cifar100": {
+        "γ=0.01": ("1,315/1,544", "56.9%", "27.8%", "0.18048", "31.37"),
+        "γ=0.1": ("797/1,192", "57.4%", "27.0%", "0.29081", "31.18"),
+        "γ=1": ("470/720", "54.1%", "25.6%", "0.28299", "32.67"),
+        "γ=5": ("240/378", "53.2%", "20.6%", "0.51348", "34.20"),
+    },
+}
+
+
+def paper_table(config) -> str | None:
+    """The paper's table that matches ``config`` best (None: no matching table)."""
+    model, data = config.model.name, config.data.name
+    if data == "cifar100":
+        return "table6_resnet32_cifar100"
+    if data == "fashion_mnist":
+        return "table5_simplecnn_fashion_mnist"
+    if model == "simplecnn":
+        return "table2_simplecnn_cifar10"
+    return "table1_resnet32_cifar10"
+
+
+def validate(config) -> None:
+    """Raises `train.ConfigError` for a config without a sensible ``nsgd`` section."""
+    if "nsgd" not in config:
+        raise train.ConfigError(f"config {config.name!r} has no 'nsgd' section")
+    train.validate_config(config)
+    n, t = config.nsgd, config.nsgd.curvature
+    checks = [
+        (all(k >= 1 for k in n.ks) and n.k >= 1, "config.nsgd.ks and config.nsgd.k must be >= 1"),
+        (len(n.gammas) >= 1 and all(g >= 0 for g in n.gammas), "config.nsgd.gammas must be >= 0"),
+        (all(lr > 0 for lr in n.baseline_learning_rates), "baseline_learning_rates must be > 0"),
+        (0 <= n.momentum < 1, f"config.nsgd.momentum must be in [0, 1), got {n.momentum}"),
+        (n.plateau_patience >= 1, "config.nsgd.plateau_patience must be >= 1"),
+        (n.frobenius_k >= 1, "config.nsgd.frobenius_k must be >= 1"),
+        (
+            1 <= n.val_epoch <= config.num_epochs,
+            f"config.nsgd.val_epoch must be in 1..{config.num_epochs}",
+        ),
+        (n.seeds >= 1, "config.nsgd.seeds must be >= 1"),
+        (
+            0 < t.fraction <= 1 and t.num_examples >= 0 and t.batch_size >= 1,
+            "config.nsgd.curvature: fraction in (0, 1], num_examples >= 0, batch_size >= 1",
+        ),
+        (
+            config.data.validation_fraction > 0,
+            "NSGD drops η on a validation plateau: set config.data.validation_fraction > 0",
+        ),
+        (config.eval_every_epochs == 1, "config.eval_every_epochs must be 1 (per-epoch tables)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise train.ConfigError(message)
+
+
+@dataclasses.dataclass
+class RunSpec:
+    name: str  # "K5_gamma0.01", "sgd_lr0.05"
+    label: str  # the table's row name
+    k: int  # 0: plain SGD
+    gamma: float
+    learning_rate: float
+
+
+def plan(config) -> list[RunSpec]:
+    """The runs (one seed each), in training order, without duplicates."""
+    n, lr = config.nsgd, config.optim.learning_rate
+    specs = [RunSpec(f"sgd_lr{lr:g}", f"SGD({lr:g})", 0, 1.0, lr)]
+    for k in n.ks:
+        specs.append(
+            RunSpec(f"K{k}_gamma{n.gammas[0]:g}", f"K={k}, γ={n.gammas[0]:g}", k, n.gammas[0], lr)
+        )
+    for g in n.gammas:
+        specs.append(RunSpec(f"K{n.k}_gamma{g:g}", f"γ={g:g}", n.k, g, lr))
+    for b in n.baseline_learning_rates:
+        specs.append(RunSpec(f"sgd_lr{b:g}", f"SGD({b:g})", 0, 1.0, b))
+    out, seen = [], set()
+    for s in specs:
+        if s.name not in seen:
+            seen.add(s.name)
+            out.append(s)
+    return out
+
+
+def make_tx(spec: RunSpec, momentum: float) -> optax.GradientTransformation:
+    """NSGD (or SGD) with an injectable learning rate (the plateau hook lowers it)."""
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=spec.learning_rate)
+    parts = [optax.trace(momentum)] if momentum else []
+    if spec.k:
+        parts.append(optim.nudge(gamma=spec.gamma, num_directions=spec.k))
+    return optax.chain(*parts, sgd)
+
+
+class Distance:
+    """An epoch hook: ‖θ − θ₀‖ from the initialisation (recomputed from the config's seed)."""
+
+    def __init__(self, params0):
+        self.params0 = params0
+        self._jit = jax.jit(lambda p, p0: tu.norm(tu.sub(p, p0)))
+
+    def __call__(self, ctx):
+        return {"distance": float(self._jit(ctx.state.params, self.params0))}
+
+
+def _run_one(spec, config, seed, workdir, data, log, keys):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.seed = seed
+    cfg.optim.learning_rate = spec.learning_rate
+    if config.nsgd.momentum:
+        cfg.optim.name, cfg.optim.momentum = "momentum", config.nsgd.momentum
+    cfg.lock()
+    n, t = config.nsgd, config.nsgd.curvature
+    run_dir = os.path.join(workdir, "runs", spec.name, f"seed{seed}")
+    model = train.build_model(cfg, data)
+    key = jax.random.fold_in(keys["nsgd/curvature"], zlib.crc32(f"{spec.name}/{seed}".encode()))
+    k_dir, k_fro = jax.random.split(key)
+    fro = make_tracker(cfg, t, data, model, k_fro, k=n.frobenius_k, name="hessian")
+    hooks = [train.Hook(fro, every_epochs=1, at_start=True, name="frobenius")]
+    if spec.k:
+        directions = make_tracker(
+            cfg, t, data, model, k_dir, k=spec.k, name="directions", set_directions=True
+        )
+        # Recomputed at the start of every epoch: at step 0, then after each epoch.
+        hooks.insert(0, train.Hook(directions, every_epochs=1, at_start=True, name="directions"))
+    params0 = train.initial_params(cfg, model, jnp.asarray(data.x_train[:1]))
+    hooks.append(train.Hook(Distance(params0), every_epochs=1, name="distance"))
+    hooks.append(
+        train.Hook(train.ValidationPlateau(n.plateau_patience), every_epochs=1, name="plateau")
+    )
+    marker = os.path.join(run_dir, "diverged.json")
+    if os.path.exists(marker):
+        return None
+    try:
+        train.train(
+            cfg,
+            run_dir,
+            tx=make_tx(spec, n.momentum),
+            hooks=hooks,
+            data=data,
+            log=log,
+            label=f"[{spec.name} s{seed}] ",
+        )
+    except train.NonFiniteError as e:
+        log(f"[{spec.name} s{seed}] diverged: {e}")
+        if jax.process_index() == 0:
+            files.write_json(marker, {"error": str(e)})
+        return None
+    return fro.description
+
+
+def summarize(records: list[dict], config) -> dict | None:
+    """The Table 1 columns of one run from its metrics records."""
+    evals = [r for r in records if "val/accuracy" in r and "test/accuracy" in r]
+    if not evals:
+        return None
+    key = f"hessian/frobenius_top{config.nsgd.frobenius_k}"
+    best = max(evals, key=lambda r: r["val/accuracy"])
+    at = [r for r in evals if r["epoch"] == config.nsgd.val_epoch]
+    fro_first = [r for r in records if r.get("step") == 0 and key in r]
+    return {
+        "fro_best": best.get(key),
+        "fro_final": evals[-1].get(key),
+        "lambda_max_best": best.get("hessian/lambda_1"),
+        "lambda_max_final": evals[-1].get("hessian/lambda_1"),
+        "lambda_max_peak": max(r.get("hessian/lambda_1", 0.0) for r in records),
+        "test_accuracy_best": best["test/accuracy"],
+        "best_epoch": best["epoch"],
+        "val_accuracy_at": at[0]["val/accuracy"] if at else None,
+        "train_loss_final": evals[-1]["train/loss"],
+        "distance_best": best.get("distance"),
+        "fro_init": fro_first[0][key] if fro_first else None,
+        "curve": [
+            (r["epoch"], r["val/accuracy"], r["train/loss"], r.get("hessian/lambda_1"), r.get(key))
+            for r in evals
+        ],
+    }
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def aggregate(per_seed: list[dict | None]) -> dict:
+    """Mean over seeds of each column; ``diverged`` counts the seeds that diverged."""
+    ok = [s for s in per_seed if s is not None]
+    out = {"diverged": len(per_seed) - len(ok), "seeds": len(per_seed)}
+    if ok:
+        for key in (
+            "fro_best",
+            "fro_final",
+            "lambda_max_best",
+            "lambda_max_final",
+            "lambda_max_peak",
+            "test_accuracy_best",
+            "val_accuracy_at",
+            "train_loss_final",
+            "distance_best",
+        ):
+            out[key] = _mean([s[key] for s in ok])
+        out["curve"] = ok[0]["curve"]
+    return out
+
+
+def claims(config, table: dict) -> list[tuple[str, bool | None, str]]:
+    """The claims of Sec. 4, tested on the aggregated table."""
+    n, lr = config.nsgd, config.optim.learning_rate
+    sgd = table.get(f"sgd_lr{lr:g}", {})
+    out = []
+    if "val_accuracy_at" not in sgd:
+        return out
+    small = [(g, table.get(f"K{n.k}_gamma{g:g}", {})) for g in n.gammas if g < 1]
+    small = [(g, v) for g, v in small if v.get("val_accuracy_at") is not None]
+    if small:
+        faster = all(v["val_accuracy_at"] > sgd["val_accuracy_at"] for _, v in small)
+        sharper = all(v["lambda_max_peak"] > sgd["lambda_max_peak"] for _, v in small)
+        nums = "; ".join(
+            f"γ={g:g}: val. acc. at epoch {n.val_epoch} {100 * v['val_accuracy_at']:.2f}%, "
+            f"peak λ_max {v['lambda_max_peak']:.3g}"
+            for g, v in small
+        ) + (
+            f"; SGD({lr:g}): {100 * sgd['val_accuracy_at']:.2f}%, peak λ_max "
+            f"{sgd['lambda_max_peak']:.3g}"
+        )
+        out.append(
+            (
+                f"NSGD with γ < 1 (K={n.k}) optimises faster than SGD at the same η "
+                f"(higher validation accuracy at epoch {n.val_epoch}) and traverses a "
+                "sharper region (higher peak λ_max)",
+                faster and sharper,
+                nums,
+            )
+        )
+        end_sharper = all((v.get("fro_final") or 0) > (sgd.get("fro_final") or 0) for _, v in small)
+        out.append(
+            (
+                f"NSGD with γ < 1 ends in a sharper region (higher final ‖H‖_F top-"
+                f"{n.frobenius_k}) than SGD at the same η",
+                end_sharper,
+                "; ".join(f"γ={g:g}: {v['fro_final']:.4g}" for g, v in small)
+                + f"; SGD: {sgd['fro_final']:.4g}",
+            )
+        )
+    big = [(g, table.get(f"K{n.k}_gamma{g:g}", {})) for g in n.gammas if g > 1]
+    big = [(g, v) for g, v in big if v.get("fro_final") is not None]
+    if big:
+        out.append(
+            (
+                "NSGD with γ > 1 ends in a wider region (lower final ‖H‖_F) than SGD",
+                all(v["fro_final"] < sgd["fro_final"] for _, v in big),
+                "; ".join(f"γ={g:g}: {v['fro_final']:.4g}" for g, v in big)
+                + f"; SGD: {sgd['fro_final']:.4g}",
+            )
+        )
+    ks = [(k, table.get(f"K{k}_gamma{n.gammas[0]:g}", {})) for k in sorted(n.ks)]
+    ks = [(k, v) for k, v in ks if v.get("lambda_max_peak") is not None]
+    if len(ks) >= 2:
+        peaks = [v["lambda_max_peak"] for _, v in ks]
+        out.append(
+            (
+                f"a larger K (γ={n.gammas[0]:g}) reaches a sharper region (peak λ_max "
+                "grows with K)",
+                all(a < b for a, b in zip(peaks, peaks[1:])),
+                ", ".join(f"K={k}: {v['lambda_max_peak']:.3g}" for k, v in ks),
+            )
+        )
+    return out
+
+
+def _fmt(v, fmt):
+    return "—" if v is None else format(v, fmt)
+
+
+def report_markdown(config, specs, table, results_claims, data, description) -> str:
+    n = config.nsgd
+    mom = f", momentum {n.momentum:g} (velocity nudged when applied)" if n.momentum else ""
+    lines = [
+        f"# Jastrzębski et al. (2019), Sec. 4: Nudged-SGD — {config.name}",
+        "",
+        f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {len(data.x_train)} "
+        f"{data.name} training examples ({data.source}), {len(data.x_val)} for validation; base "
+        f"η = {config.optim.learning_rate:g}, S = {config.batch_size}{mom}, {config.num_epochs} "
+        f"epochs, η ÷ 10 after {n.plateau_patience} epochs without a better validation loss; "
+        f"{n.seeds} seed(s) (mean). NSGD's directions: top K eigenvectors at the start of every "
+        f"epoch; ‖H‖_F from the top {n.frobenius_k}; curvature loss: {description}. The paper: "
+        "ResNet-32 / SimpleCNN on CIFAR-10 (Fashion-MNIST, CIFAR-100), η = 0.01, 200+ epochs, "
+        "plateau patience 100 epochs, top-50 ‖H‖_F, 2 seeds.",
+        "",
+        "## Claims",
+        "",
+        "| claim | holds here | numbers |",
+        "| --- | --- | --- |",
+    ]
+    for claim, ok, nums in results_claims:
+        lines.append(f"| {claim} | {'yes' if ok else 'no'} | {nums} |")
+    lines += [
+        "",
+        f"## Table 1 columns (here; mean over {n.seeds} seed(s))",
+        "",
+        f"| run | ‖H‖_F best/final | test acc. (best val.) | val. acc. ({n.val_epoch}) | loss | "
+        "dist. | λ_max peak |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in specs:
+        v = table.get(spec.name, {})
+        if "test_accuracy_best" not in v:
+            lines.append(
+                f"| {spec.label} | diverged ({v.get('diverged', '?')}/{n.seeds} seeds) | | | | | |"
+            )
+            continue
+        pct = lambda x: "—" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+        lines.append(
+            f"| {spec.label} | {_fmt(v['fro_best'], '.4g')}/{_fmt(v['fro_final'], '.4g')} | "
+            f"{pct(v['test_accuracy_best'])} | {pct(v['val_accuracy_at'])} | "
+            f"{_fmt(v['train_loss_final'], '.5f')} | {_fmt(v['distance_best'], '.2f')} | "
+            f"{_fmt(v['lambda_max_peak'], '.4g')} |"
+        )
+    for name, rows in PAPER.items():
+        mark = " (the closest to this config)" if name == paper_table(config) else ""
+        lines += [
+            "",
+            f"## Paper, {name.replace('_', ' ')}{mark}",
+            "",
+            "| run | " + " | ".join(_COLUMNS) + " |",
+            "|" + " --- |" * (len(_COLUMNS) + 1),
+        ]
+        lines += [f"| {row} | " + " | ".join(cells) + " |" for row, cells in rows.items()]
+    lines += ["", "Figures: nsgd_curves, nsgd_k (.png/.pdf).", ""]
+    return "\n".join(lines)
+
+
+def figures(config, specs, table, workdir) -> list[str]:
+    from matplotlib.figure import Figure
+
+    n = config.nsgd
+    groups = [
+        (
+            "γ",
+            [s for s in specs if s.k == n.k or s.name == f"sgd_lr{config.optim.learning_rate:g}"],
+        ),
+        (
+            "K",
+            [
+                s
+                for s in specs
+                if (s.k and s.gamma == n.gammas[0])
+                or s.name == f"sgd_lr{config.optim.learning_rate:g}"
+            ],
+        ),
+    ]
+    names = []
+    for tag, runs in groups:
+        fig = Figure(figsize=(15, 4))
+        axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+        for i, spec in enumerate(runs):
+            curve = table.get(spec.name, {}).get("curve")
+            if not curve:
+                continue
+            ep, val, loss, lam, fro = map(np.asarray, zip(*curve))
+            color = "k" if not spec.k else f"C{i}"
+            axes[0].plot(ep, 100 * val, color=color, label=spec.label)
+            axes[1].plot(ep, loss, color=color)
+            axes[2].plot(ep, lam.astype(float), color=color)
+            axes[2].plot(ep, fro.astype(float), color=color, ls="--", lw=0.8)
+        axes[0].set_title("validation accuracy (%)")
+        axes[1].set_title("training loss")
+        axes[1].set_yscale("log")
+        axes[2].set_title(f"λ_max (solid), ‖H‖_F top-{n.frobenius_k} (dashed)")
+        axes[2].set_yscale("log")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+        axes[0].legend(fontsize=8)
+        name = "nsgd_curves" if tag == "γ" else "nsgd_k"
+        fig.tight_layout()
+        plotting.save(fig, workdir, name)
+        names.append(name)
+    return names
+
+
+def run(config, workdir: str, *, data=None, log=print) -> dict:
+    """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures."""
+    validate(config)
+    with files.workdir_lock(workdir, log=log):
+        return _run_locked(config, workdir, data, log)
+
+
+def _run_locked(config, workdir, data, log) -> dict:
+    data = train.load_data(config) if data is None else data
+    if config.batch_size > len(data.x_train):
+        raise train.ConfigError(
+            f"config.batch_size={config.batch_size} exceeds the {len(data.x_train)} training "
+            "examples"
+        )
+    n = config.nsgd
+    keys = key_streams(config.seed, "nsgd/curvature")
+    specs = plan(config)
+    table, description = {}, ""
+    for spec in specs:
+        per_seed = []
+        for seed in range(config.seed, config.seed + n.seeds):
+            desc = _run_one(spec, config, seed, workdir, data, log, keys)
+            description = description or desc or ""
+            path = os.path.join(workdir, "runs", spec.name, f"seed{seed}", "metrics.jsonl")
+            ok = desc is not None and os.path.exists(path)
+            per_seed.append(summarize(train.MetricsLog(path).records(), config) if ok else None)
+        table[spec.name] = aggregate(per_seed)
+    results_claims = claims(config, table)
+    names = figures(config, specs, table, workdir) if jax.process_index() == 0 else []
+    report = report_markdown(config, specs, table, results_claims, data, description)
+    results = {
+        "config": config.name,
+        "curvature_loss": description,
+        "claims": [{"claim": c, "holds": ok, "numbers": nums} for c, ok, nums in results_claims],
+        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in table.items()},
+    }
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, "results.json"), results)
+        files.write_atomic(os.path.join(workdir, "report.md"), report)
+    for claim, ok, nums in results_claims:
+        log(f"[{'yes' if ok else 'no '}] {claim}: {nums}")
+    log(f"wrote {workdir}/report.md, results.json and {', '.join(names)} (.png/.pdf)")
+    return results

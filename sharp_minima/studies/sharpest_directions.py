@@ -1,0 +1,966 @@
+"""Jastrzębski et al. (2019), Sec. 3: the sharpest directions along the SGD trajectory.
+
+``run(config, workdir)`` trains, in ``workdir/runs/<name>/`` (each resumable), with a
+`sharp_minima.tracking.EigenTracker` hook (top ``k`` eigenvalues, often early in training and
+once per epoch later):
+
+- **evolution** (Figs. 2, 4, 13): SGD for each η of ``learning_rates``, each batch size S of
+  ``batch_sizes`` and each momentum of ``momenta`` (the others at the base values);
+- **probe** (Figs. 5, 6), on the run with η = ``probe_learning_rate``: at every measurement,
+  10 mini-batch gradients g against the top eigenvectors — the mean |cos(g, e_i)| over the
+  top 5 against random directions, E[L(θ − αη g̃₁) − L(θ)] for α in ``alphas`` (g̃₁ = ⟨g,
+  e₁⟩e₁), and L(θ + k e₁ η E|g̃₁|) for k in [−5, 5];
+- **full batch** (Fig. 3): gradient descent on the first ``gd_examples`` training examples
+  for each η of ``gd_learning_rates``, its Hessian on those examples, drawn with 2/η (the
+  edge of stability of Cohen et al. 2021);
+- **variants** (Fig. 7): from the base run's parameters after ``variants_from_epoch`` epochs,
+  SGD, "SGD top" (only the gradient along e₁), "SGD constant top" (along e₁ at the restart)
+  and "SGD no top" (the gradient minus its e₁ part), e₁ recomputed every
+  ``variants_every_steps`` steps;
+- **schedule** (Fig. 12): η for L epochs, then η/10, for L in ``schedule_first_epochs``.
+
+Then ``report.md`` (the scale, a yes/no line per claim of the paper, the paper's numbers
+beside ours), ``results.json`` and figures (PNG + PDF) in ``workdir``. The curvature loss is
+the training objective's data term plus the same L2 term, with BatchNorm in evaluation mode
+(running statistics) and the training augmentation when training uses it; the report
+states it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+
+from sharp_minima import files, losses, optim, plotting, tracking, train
+from sharp_minima import tree_util as tu
+from sharp_minima.data import pipeline
+from sharp_minima.objective import batch_mean, normalized_weights
+from sharp_minima.studies.common import key_streams
+
+# The paper's numbers (Sec. 3.2, Figs. 4-7): what each report puts beside ours.
+PAPER = {
+    "alpha_sweep": {
+        "simplecnn": {2.0: "+2.1%", 4.0: "+11.1%", 0.25: "≈ −2%", 0.5: "≈ −2%"},
+        "resnet32": {2.0: "+3%", 4.0: "+13.1%", 0.25: "≈ −0.5%", 0.5: "≈ −0.5%"},
+    },
+    "max_cosine": "0.2–0.4 (maximum over training of the mean |cos| with the top 5)",
+    "nsgd_k20_lambda_max": "≈ 8·10³ (NSGD K = 20) vs ≈ 150 (SGD), ResNet-32",
+}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(config) -> None:
+    """Raises `train.ConfigError` for a config without a sensible ``sharpest`` section."""
+    if "sharpest" not in config:
+        raise train.ConfigError(f"config {config.name!r} has no 'sharpest' section")
+    train.validate_config(config)
+    s, t = config.sharpest, config.sharpest.curvature
+    checks = [
+        (1 <= t.k <= 50, f"config.sharpest.curvature.k must be in 1..50, got {t.k}"),
+        (
+            0 < t.fraction <= 1,
+            f"config.sharpest.curvature.fraction must be in (0, 1], got {t.fraction}",
+        ),
+        (t.num_examples >= 0, "config.sharpest.curvature.num_examples must be >= 0"),
+        (t.batch_size >= 1, "config.sharpest.curvature.batch_size must be >= 1"),
+        (t.every_steps >= 0 and t.until_step >= 0, "curvature.every_steps/until_step must be >= 0"),
+        (t.stochastic >= 0, "config.sharpest.curvature.stochastic must be >= 0"),
+        (
+            len(s.learning_rates) >= 1 and min(s.learning_rates) > 0,
+            "config.sharpest.learning_rates must be positive",
+        ),
+        (
+            len(s.batch_sizes) >= 1 and min(s.batch_sizes) >= 1,
+            "config.sharpest.batch_sizes must be >= 1",
+        ),
+        (all(0 <= m < 1 for m in s.momenta), "config.sharpest.momenta must be in [0, 1)"),
+        (s.probe_learning_rate > 0, "config.sharpest.probe_learning_rate must be > 0"),
+        (s.num_grads >= 1, "config.sharpest.num_grads must be >= 1"),
+        (len(s.alphas) >= 1 and min(s.alphas) > 0, "config.sharpest.alphas must be > 0"),
+        (s.line_points >= 2, "config.sharpest.line_points must be >= 2"),
+        (
+            s.gd_examples >= 1 and s.gd_steps >= 1 and s.gd_every_steps >= 1,
+            "config.sharpest.gd_examples/gd_steps/gd_every_steps must be >= 1",
+        ),
+        (all(lr > 0 for lr in s.gd_learning_rates), "config.sharpest.gd_learning_rates > 0"),
+        (
+            1 <= s.variants_from_epoch and s.variants_epochs >= 0 and s.variants_every_steps >= 1,
+            "config.sharpest.variants_from_epoch/_epochs/_every_steps must be >= 1 "
+            "(variants_epochs 0 = off)",
+        ),
+        (
+            all(1 <= e < config.num_epochs for e in s.schedule_first_epochs),
+            f"config.sharpest.schedule_first_epochs must be in 1..{config.num_epochs - 1}",
+        ),
+        (s.seeds >= 1, "config.sharpest.seeds must be >= 1"),
+        (config.optim.name == "sgd", "the study trains with plain SGD: config.optim.name='sgd'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise train.ConfigError(message)
+
+
+# ------------------------------------------------------------------------------- the runs
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One training run of the study."""
+
+    name: str
+    group: str  # evolution, full_batch, variants, schedule
+    config: ml_collections.ConfigDict
+    probe: bool = False
+    variant: str = ""  # sgd, top, constant_top, no_top
+
+
+def _derived(config, **changes) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted fields changed (``optim__momentum=0.9``)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    for key, value in changes.items():
+        node, *path = key.split("__")
+        target = c
+        for part in [node, *path][:-1]:
+            target = target[part]
+        target[[node, *path][-1]] = value
+    c.lock()
+    return c
+
+
+def run_name(lr: float, batch_size: int, momentum: float) -> str:
+    return f"lr{lr:g}_bs{batch_size}_mom{momentum:g}"
+
+
+def plan(config) -> list[RunSpec]:
+    """Every run of the study, in the order they are trained."""
+    s = config.sharpest
+    lr0, bs0 = config.optim.learning_rate, config.batch_size
+    combos = [(lr, bs0, 0.0) for lr in s.learning_rates]
+    combos += [(lr0, bs, 0.0) for bs in s.batch_sizes]
+    combos += [(lr0, bs0, mom) for mom in s.momenta]
+    if (s.probe_learning_rate, bs0, 0.0) not in combos:
+        combos.append((s.probe_learning_rate, bs0, 0.0))
+    specs, seen = [], set()
+    for lr, bs, mom in combos:
+        name = run_name(lr, bs, mom)
+        if name in seen:
+            continue
+        seen.add(name)
+        changes = {"optim__learning_rate": lr, "batch_size": bs}
+        if mom:
+            changes.update(optim__name="momentum", optim__momentum=mom)
+        specs.append(
+            RunSpec(
+                name,
+                "evolution",
+                _derived(config, **changes),
+                lr == s.probe_learning_rate and bs == bs0 and not mom,
+            )
+        )
+    for lr in s.gd_learning_rates:
+        cfg = _derived(
+            config,
+            optim__learning_rate=lr,
+            batch_size=s.gd_examples,
+            num_epochs=s.gd_steps,
+            eval_every_epochs=s.gd_every_steps,
+            eval_train_examples=0,
+            log_every_steps=s.gd_every_steps,
+            data__max_train=s.gd_examples,
+            data__augment=False,
+        )
+        specs.append(RunSpec(f"gd_lr{lr:g}", "full_batch", cfg))
+    if s.variants_epochs:
+        start = _derived(config, num_epochs=s.variants_from_epoch)
+        specs.append(RunSpec("variants/start", "variants", start, variant="start"))
+        for v in ("sgd", "top", "constant_top", "no_top"):
+            cfg = _derived(config, num_epochs=s.variants_epochs, eval_every_epochs=1)
+            specs.append(RunSpec(f"variants/{v}", "variants", cfg, variant=v))
+    for first in s.schedule_first_epochs:
+        cfg = _derived(
+            config,
+            schedule__name="step",
+            schedule__boundaries_epochs=(first,),
+            schedule__decay_factor=0.1,
+        )
+        specs.append(RunSpec(f"schedule_L{first}", "schedule", cfg))
+    return specs
+
+
+def curvature_subset(config, t, data, key, *, full: bool = False) -> tracking.Subset:
+    """The curvature subset of a run, by the curvature section ``t`` (``full``: every
+    training example, for gradient descent)."""
+    n = len(data.x_train)
+    augment = pipeline.random_crop_flip if config.data.augment else None
+    if full:
+        return tracking.Subset(
+            key, data.x_train, data.y_train, num_examples=n, batch_size=min(t.batch_size, n)
+        )
+    return tracking.Subset(
+        key,
+        data.x_train,
+        data.y_train,
+        fraction=t.fraction,
+        num_examples=t.num_examples or None,
+        batch_size=t.batch_size,
+        resample=t.resample,
+        augment=augment,
+    )
+
+
+def curvature_description(config, model, data) -> str:
+    """What the curvature loss is, in words (the reports state it)."""
+    parts = ["mean cross-entropy"]
+    if config.optim.weight_decay:
+        parts.append(f"+ L2 {config.optim.weight_decay:g}/2·‖w‖² (as in training)")
+    if config.data.augment:
+        parts.append("on augmented inputs (as in training)")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(data.x_train[:1]))
+    bn = "batch_stats" in shapes
+    bn = "BatchNorm in evaluation mode (running statistics)" if bn else "no BatchNorm"
+    return f"{' '.join(parts)}; {bn}; dropout off"
+
+
+def make_tracker(
+    config, t, data, model, key, *, k, full=False, set_directions=False, name="hessian"
+) -> tracking.EigenTracker:
+    """The run's `tracking.EigenTracker` (top ``k``) on its curvature subset (section ``t``)."""
+    k_sub, k_lanczos = jax.random.split(key)
+    return tracking.EigenTracker(
+        losses.evaluation_loss(model, config.optim.weight_decay),
+        curvature_subset(config, t, data, k_sub, full=full),
+        key=k_lanczos,
+        k=k,
+        wrt="^params/",
+        tol=t.tol,
+        stochastic=t.stochastic,
+        set_directions=set_directions,
+        name=name,
+        description=curvature_description(config, model, data),
+    )
+
+
+class StepProbe:
+    """The SGD step against the sharpest directions (Figs. 5 and 6), as a trainer hook run
+    right after the tracker's (it reads ``tracker.vectors``).
+
+    At each call: ``num_grads`` mini-batch gradients g_j (batch ``batch_size``) of the
+    curvature loss, their mean |cos| with the top 5 eigenvectors and with random directions,
+    ΔL(α) = mean_j L(θ − αη g̃₁ⱼ) − L(θ) (L on the curvature subset), and
+    L(θ + k e₁ η mean_j |⟨g_j, e₁⟩|) on a grid of k in [−5, 5]. One compiled kernel, owned
+    by the probe.
+    """
+
+    def __init__(
+        self,
+        tracker,
+        data,
+        *,
+        batch_size,
+        learning_rate,
+        key,
+        num_grads,
+        alphas,
+        line_points,
+        top=5,
+    ):
+        self.tracker, self.batch_size, self.lr = tracker, batch_size, learning_rate
+        self.x, self.y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        self.key, self.num_grads, self.top = key, num_grads, top
+        self.alphas = jnp.asarray(alphas, jnp.float32)
+        self.ks = jnp.linspace(-5.0, 5.0, line_points)
+        self.loss_fn = tracker.curvature.loss_fn
+        self._kernel_jit = jax.jit(self._kernel)
+
+    def _kernel(self, variables, vectors, grad_idx, subset, weights, lr, alphas, ks, key):
+        x0, unravel = tu.ravel(variables["params"])
+
+        def with_params(flat):
+            return {**variables, "params": unravel(flat)}
+
+        def full_loss(flat):
+            return batch_mean(lambda b: self.loss_fn(with_params(flat), b), subset, weights)
+
+        def grad(idx):
+            batch = {"x": self.x[idx], "y": self.y[idx]}
+            return jax.grad(lambda f: self.loss_fn(with_params(f), batch))(x0)
+
+        g = lax.map(grad, grad_idx)  # (J, D)
+        e = jax.vmap(lambda v: tu.ravel(v)[0])(vectors["params"])  # (K, D)
+        gnorm = jnp.linalg.norm(g, axis=1, keepdims=True)
+        cos_top = jnp.mean(jnp.abs(g @ e[: self.top].T) / gnorm)
+        r = jax.random.normal(key, (8, x0.shape[0]), x0.dtype)
+        r = r / jnp.linalg.norm(r, axis=1, keepdims=True)
+        cos_random = jnp.mean(jnp.abs(g @ r.T) / gnorm)
+        loss0 = full_loss(x0)
+        g1 = g @ e[0]  # (J,) components along e_1
+
+        def delta(alpha):
+            return jnp.mean(lax.map(lambda c: full_loss(x0 - alpha * lr * c * e[0]), g1)) - loss0
+
+        step = lr * jnp.mean(jnp.abs(g1))
+        along = lax.map(lambda k: full_loss(x0 + k * step * e[0]), ks)
+        return {
+            "cos_top": cos_top,
+            "cos_random": cos_random,
+            "loss": loss0,
+            "delta": lax.map(delta, alphas),
+            "step_e1": step,
+            "along_e1": along,
+        }
+
+    def __call__(self, ctx):
+        tr = self.tracker
+        if not tr.history or tr.history[-1][0] != ctx.step:
+            return None
+        key = jax.random.fold_in(self.key, ctx.step)
+        k_idx, k_rand = jax.random.split(key)
+        n = self.x.shape[0]
+        grad_idx = jax.vmap(lambda k: jax.random.permutation(k, n)[: self.batch_size])(
+            jax.random.split(k_idx, self.num_grads)
+        )
+        subset, weights = tr.subset(ctx.step)
+        weights = normalized_weights(subset, weights, jnp.float32)
+        out = self._kernel_jit(
+            ctx.state.variables(),
+            tr.vectors,
+            grad_idx,
+            subset,
+            weights,
+            jnp.float32(self.lr),
+            self.alphas,
+            self.ks,
+            k_rand,
+        )
+        out = jax.tree.map(np.asarray, out)
+        ctx.save_arrays("probe", ks=np.asarray(self.ks), alphas=np.asarray(self.alphas), **out)
+        metrics = {
+            "probe/cos_top5": float(out["cos_top"]),
+            "probe/cos_random": float(out["cos_random"]),
+            "probe/loss": float(out["loss"]),
+            "probe/step_e1": float(out["step_e1"]),
+        }
+        for a, d in zip(np.asarray(self.alphas), out["delta"]):
+            metrics[f"probe/delta_alpha{a:g}"] = float(d)
+        return metrics
+
+
+def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
+    """Trains one run (resuming if it was interrupted); returns the `train.TrainResult`."""
+    cfg = spec.config
+    run_dir = os.path.join(workdir, "runs", spec.name)
+    s = config.sharpest
+    t = s.curvature
+    run_data = data
+    if spec.group == "full_batch":
+        run_data = dataclasses.replace(
+            data, x_train=data.x_train[: s.gd_examples], y_train=data.y_train[: s.gd_examples]
+        )
+    model = train.build_model(cfg, run_data)
+    key = jax.random.fold_in(keys["sharpest/curvature"], zlib.crc32(spec.name.encode()))
+    hooks, tx, init = [], None, None
+    if spec.group == "full_batch":
+        tracker = make_tracker(cfg, t, run_data, model, key, k=t.k, full=True)
+        hooks.append(train.Hook(tracker, every_steps=s.gd_every_steps, at_start=True))
+    elif spec.group == "variants" and spec.variant != "start":
+        init = base_variables
+        e1 = _top_direction(cfg, t, run_data, model, key, base_variables)
+        if spec.variant == "sgd":
+            tx = optax.sgd(cfg.optim.learning_rate)
+        elif spec.variant == "constant_top":
+            tx = optax.chain(optim.project_onto(e1), optax.sgd(cfg.optim.learning_rate))
+        else:
+            proj = optim.project_onto if spec.variant == "top" else optim.project_out
+            tx = optax.chain(proj(e1), optax.sgd(cfg.optim.learning_rate))
+        refresh = spec.variant in ("top", "no_top")
+        tracker = make_tracker(
+            cfg,
+            t,
+            run_data,
+            model,
+            key,
+            k=max(1, min(t.k, 5)),
+            set_directions=(lambda v: jax.tree.map(lambda a: a[:1], v["params"]))
+            if refresh
+            else False,
+        )
+        hooks.append(train.Hook(tracker, every_steps=s.variants_every_steps, at_start=True))
+    else:
+        tracker = make_tracker(cfg, t, run_data, model, key, k=t.k)
+        hooks.append(
+            train.Hook(
+                tracker,
+                every_steps=t.every_steps or None,
+                until_step=t.until_step,
+                every_epochs=1,
+                at_start=True,
+            )
+        )
+        if spec.probe:
+            probe = StepProbe(
+                tracker,
+                run_data,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.optim.learning_rate,
+                key=jax.random.fold_in(keys["sharpest/probe"], 0),
+                num_grads=s.num_grads,
+                alphas=s.alphas,
+                line_points=s.line_points,
+            )
+            hooks.append(
+                train.Hook(
+                    probe,
+                    every_steps=t.every_steps or None,
+                    until_step=t.until_step,
+                    every_epochs=1,
+                    at_start=True,
+                    name="probe",
+                )
+            )
+    return train.train(
+        cfg,
+        run_dir,
+        tx=tx,
+        hooks=hooks,
+        data=run_data,
+        log=log,
+        label=f"[{spec.name}] ",
+        init_variables=init,
+    ), tracker
+
+
+def _top_direction(cfg, t, data, model, key, variables):
+    """e₁ at ``variables`` (the restart point of the variants), params-shaped, leading axis 1."""
+    tracker = make_tracker(cfg, t, data, model, key, k=1)
+    tracker.measure(variables, 0)
+    return jax.tree.map(lambda a: a[:1], tracker.vectors["params"])
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def series(records: list[dict], prefix: str = "hessian") -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values (T, k))`` of the tracked eigenvalues in a run's metrics records."""
+    rows = {}
+    for r in records:
+        if f"{prefix}/lambda_1" in r:
+            vals = []
+            i = 1
+            while f"{prefix}/lambda_{i}" in r:
+                vals.append(r[f"{prefix}/lambda_{i}"])
+                i += 1
+            rows[r["step"]] = vals
+    steps = np.asarray(sorted(rows), int)
+    return steps, np.asarray([rows[s] for s in steps], float).reshape(len(steps), -1)
+
+
+def summarize_run(records: list[dict], steps_per_epoch: int) -> dict:
+    """Peak and final λ_max, their steps, the first measurement, accuracies and the probe."""
+    steps, values = series(records)
+    evals = [r for r in records if "test/accuracy" in r]
+    out = {"steps_per_epoch": steps_per_epoch}
+    if len(steps):
+        lam = values[:, 0]
+        i = int(np.argmax(lam))
+        out.update(
+            lambda_first=float(lam[0]),
+            lambda_peak=float(lam[i]),
+            peak_step=int(steps[i]),
+            lambda_final=float(lam[-1]),
+            last_step=int(steps[-1]),
+            lambda_last_quarter=float(np.median(lam[len(lam) * 3 // 4 :])),
+            lambda_median=float(np.median(lam)),
+        )
+    if evals:
+        out.update(
+            train_loss=evals[-1].get("train/loss"),
+            train_accuracy=evals[-1].get("train/accuracy"),
+            test_accuracy=evals[-1].get("test/accuracy"),
+        )
+    probe = [r for r in records if "probe/cos_top5" in r]
+    if probe:
+        out["probe"] = probe
+    return out
+
+
+def _rel(d, loss):
+    return 100.0 * d / loss if loss else float("nan")
+
+
+def claims(config, summaries: dict) -> list[tuple[str, bool | None, str]]:
+    """``(claim, holds, numbers)`` for each claim of Sec. 3 this study tests."""
+    s = config.sharpest
+    lr0, bs0 = config.optim.learning_rate, config.batch_size
+    out = []
+
+    def get(lr, bs, mom):
+        return summaries.get(run_name(lr, bs, mom), {})
+
+    evo = [(n, v) for n, v in summaries.items() if n.startswith("lr") and "lambda_peak" in v]
+    if evo:
+        grew = [v["lambda_peak"] >= 1.5 * v["lambda_first"] for _, v in evo]
+        settled = [
+            v["peak_step"] < 0.75 * v["last_step"]
+            or abs(v["lambda_last_quarter"] - v["lambda_peak"]) <= 0.15 * v["lambda_peak"]
+            for _, v in evo
+        ]
+        nums = "; ".join(
+            f"{n}: {v['lambda_first']:.3g} → peak {v['lambda_peak']:.3g} at step "
+            f"{v['peak_step']} → {v['lambda_final']:.3g} at {v['last_step']}"
+            for n, v in evo
+        )
+        out.append(
+            (
+                "λ_max grows early in training, then peaks or stabilises",
+                all(grew) and all(settled),
+                nums,
+            )
+        )
+
+    def ordered(name, keys, values, decreasing):
+        pairs = [(k, v) for k, v in zip(keys, values) if v is not None]
+        if len(pairs) < 2:
+            return
+        vals = [v for _, v in pairs]
+        ok = (
+            all(a > b for a, b in zip(vals, vals[1:]))
+            if decreasing
+            else all(a < b for a, b in zip(vals, vals[1:]))
+        )
+        out.append((name, ok, ", ".join(f"{k}: {v:.3g}" for k, v in pairs)))
+
+    lrs = sorted(s.learning_rates)
+    ordered(
+        "the λ_max peak is lower for a larger η (S fixed)",
+        [f"η={lr:g}" for lr in lrs],
+        [get(lr, bs0, 0.0).get("lambda_peak") for lr in lrs],
+        decreasing=True,
+    )
+    bss = sorted(s.batch_sizes)
+    ordered(
+        "the λ_max peak is lower for a smaller S (η fixed)",
+        [f"S={b}" for b in bss],
+        [get(lr0, b, 0.0).get("lambda_peak") for b in bss],
+        decreasing=False,
+    )
+    moms = sorted({0.0, *s.momenta})
+    ordered(
+        "the λ_max peak is lower with more momentum (Fig. 13)",
+        [f"μ={m:g}" for m in moms],
+        [get(lr0, bs0, m).get("lambda_peak") for m in moms],
+        decreasing=True,
+    )
+    if out and out[-1][0].startswith("the λ_max peak is lower with more momentum"):
+        # Not part of the verdict: the median over the run, for the reader of a "no".
+        med = ", ".join(
+            f"μ={m:g}: {get(lr0, bs0, m).get('lambda_median', float('nan')):.3g}" for m in moms
+        )
+        out[-1] = (out[-1][0], out[-1][1], f"{out[-1][2]} (median λ_max over the run: {med})")
+
+    for lr in s.gd_learning_rates:
+        v = summaries.get(f"gd_lr{lr:g}", {})
+        if "lambda_peak" not in v:
+            continue
+        edge = 2.0 / lr
+        ok = 0.8 * edge <= v["lambda_peak"] and v["lambda_last_quarter"] <= 1.3 * edge
+        out.append(
+            (
+                f"full-batch GD (η={lr:g}): λ_max climbs to about 2/η = {edge:.3g} and stays "
+                "near it",
+                ok,
+                f"first {v['lambda_first']:.3g}, peak {v['lambda_peak']:.3g} "
+                f"(step {v['peak_step']}), "
+                f"median of the last quarter {v['lambda_last_quarter']:.3g}",
+            )
+        )
+
+    probed = summaries.get(run_name(s.probe_learning_rate, bs0, 0.0), {})
+    probe = probed.get("probe", [])
+    if probe:
+        spe = probed["steps_per_epoch"]
+        early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
+        rel = {
+            a: np.mean([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
+            for a in s.alphas
+        }
+        up = all(rel[a] > 0 for a in s.alphas if a > 1)
+        down = all(rel[a] < 0 for a in s.alphas if a < 1)
+        out.append(
+            (
+                f"early in training (first {s.early_epochs} epochs, η={s.probe_learning_rate:g}), "
+                "a step αη g̃₁ along e₁ raises the loss for α > 1 and lowers it for α < 1",
+                up and down,
+                ", ".join(f"α={a:g}: {rel[a]:+.2f}%" for a in s.alphas),
+            )
+        )
+        cos = np.asarray([r["probe/cos_top5"] for r in probe])
+        rnd = np.asarray([r["probe/cos_random"] for r in probe])
+        out.append(
+            (
+                "the mini-batch gradient is far better aligned with the top 5 eigenvectors than "
+                "with random directions (mean |cos| ≥ 5× random)",
+                bool(np.mean(cos) >= 5 * np.mean(rnd)),
+                f"mean |cos| with top 5: {np.mean(cos):.3f} (max {np.max(cos):.3f}); random: "
+                f"{np.mean(rnd):.4f}",
+            )
+        )
+
+    var = {v: summaries.get(f"variants/{v}", {}) for v in ("sgd", "top", "constant_top", "no_top")}
+    if all("lambda_final" in v and v.get("train_loss") is not None for v in var.values()):
+        base = var["sgd"]
+        top, no_top = var["top"], var["no_top"]
+        nums = "; ".join(
+            f"{n}: λ_max {v['lambda_final']:.3g}, train loss {v['train_loss']:.4f}"
+            for n, v in var.items()
+        )
+        out.append(
+            (
+                '"SGD top" ends flatter (lower λ_max) with a higher loss than SGD',
+                top["lambda_final"] < base["lambda_final"]
+                and top["train_loss"] > base["train_loss"],
+                nums,
+            )
+        )
+        out.append(
+            (
+                '"SGD no top" ends sharper (higher λ_max) at a similar loss (within 25% of SGD\'s)',
+                no_top["lambda_final"] > base["lambda_final"]
+                and abs(no_top["train_loss"] - base["train_loss"]) <= 0.25 * base["train_loss"],
+                nums,
+            )
+        )
+
+    sched = [(L, summaries.get(f"schedule_L{L}", {})) for L in sorted(s.schedule_first_epochs)]
+    sched = [(L, v) for L, v in sched if "test_accuracy" in v and "drop_lambda" in v]
+    if len(sched) >= 2:
+        nums = "; ".join(
+            f"L={L}: λ_max at the drop {v['drop_lambda']:.3g} → final {v['lambda_final']:.3g}, "
+            f"test acc. {100 * v['test_accuracy']:.2f}%"
+            for L, v in sched
+        )
+        shortest, longest = sched[0][1], sched[-1][1]
+        grows = shortest["lambda_final"] > shortest["drop_lambda"]
+        worse = shortest["test_accuracy"] < longest["test_accuracy"]
+        out.append(
+            (
+                "a shorter first stage (L) makes λ_max grow after the drop and ends with a "
+                "lower test accuracy (Fig. 12)",
+                grows and worse,
+                nums,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------- figures
+
+
+def figures(config, summaries, records, workdir) -> list[str]:
+    """The study's figures (PNG + PDF); returns their names."""
+    from matplotlib.figure import Figure
+
+    s = config.sharpest
+    lr0, bs0 = config.optim.learning_rate, config.batch_size
+    names = []
+
+    def spe(name):
+        return summaries[name]["steps_per_epoch"]
+
+    groups = [
+        ("η", [(f"η={lr:g}", run_name(lr, bs0, 0.0), lr) for lr in sorted(s.learning_rates)]),
+        ("S", [(f"S={b}", run_name(lr0, b, 0.0), lr0) for b in sorted(s.batch_sizes)]),
+        ("μ", [(f"μ={m:g}", run_name(lr0, bs0, m), lr0) for m in sorted({0.0, *s.momenta})]),
+    ]
+    fig = Figure(figsize=(15, 4))
+    for j, (label, runs) in enumerate(groups):
+        ax = fig.add_subplot(1, 3, j + 1)
+        for i, (tag, name, lr) in enumerate(runs):
+            if name not in records:
+                continue
+            steps, values = series(records[name])
+            if not len(steps):
+                continue
+            color = f"C{i}"
+            ax.plot(steps / spe(name), values[:, 0], color=color, label=f"{tag} λ₁")
+            if values.shape[1] > 1:
+                ax.plot(steps / spe(name), values[:, 1], color=color, ls="--", lw=0.8)
+            ax.axhline(2 / lr, color=color, ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"λ₁ (solid), λ₂ (dashed) vs {label}; dotted: 2/η")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    plotting.save(fig, workdir, "eigenvalues")
+    names.append("eigenvalues")
+
+    gd = [lr for lr in s.gd_learning_rates if f"gd_lr{lr:g}" in records]
+    if gd:
+        fig = Figure(figsize=(6 * len(gd), 4))
+        for j, lr in enumerate(gd):
+            ax = fig.add_subplot(1, len(gd), j + 1)
+            steps, values = series(records[f"gd_lr{lr:g}"])
+            for i in range(values.shape[1]):
+                ax.plot(
+                    steps,
+                    values[:, i],
+                    lw=1.5 if i == 0 else 0.7,
+                    label=f"λ{i + 1}" if i < 3 else None,
+                )
+            ax.axhline(2 / lr, color="k", ls=":", label="2/η")
+            acc = [
+                (r["step"], r["train/accuracy"])
+                for r in records[f"gd_lr{lr:g}"]
+                if "train/accuracy" in r
+            ]
+            if acc:
+                ax2 = ax.twinx()
+                ax2.plot(*zip(*acc), color="gray", lw=0.8)
+                ax2.set_ylabel("train accuracy", color="gray")
+            ax.set_xlabel("gradient-descent step")
+            ax.set_title(f"full-batch GD, η={lr:g}, {s.gd_examples} examples")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        plotting.save(fig, workdir, "full_batch")
+        names.append("full_batch")
+
+    probed = run_name(s.probe_learning_rate, bs0, 0.0)
+    if probed in records and summaries[probed].get("probe"):
+        probe = summaries[probed]["probe"]
+        fig = Figure(figsize=(15, 4))
+        ax = fig.add_subplot(1, 3, 1)
+        ep = np.asarray([r["step"] for r in probe]) / spe(probed)
+        for a in s.alphas:
+            rel = [_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in probe]
+            ax.plot(ep, rel, label=f"α={a:g}")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("E[L(θ − αη g̃₁)] − L(θ)  (% of L)")
+        ax.set_title("step along e₁ (Fig. 6 left)")
+        ax.legend(fontsize=8)
+        ax = fig.add_subplot(1, 3, 2)
+        ax.plot(ep, [r["probe/cos_top5"] for r in probe], label="top-5 eigenvectors")
+        ax.plot(ep, [r["probe/cos_random"] for r in probe], label="random directions")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean |cos(g, ·)|")
+        ax.set_title("gradient alignment (Fig. 5)")
+        ax.legend(fontsize=8)
+        ax = fig.add_subplot(1, 3, 3)
+        arrays = _probe_arrays(workdir, probed)
+        lam = dict(zip(*series(records[probed])))
+        if arrays:
+            lams = np.asarray([lam.get(st, [np.nan])[0] for st, _ in arrays])
+            norm = (lams - np.nanmin(lams)) / max(np.nanmax(lams) - np.nanmin(lams), 1e-12)
+            import matplotlib
+
+            cmap = matplotlib.colormaps["coolwarm"]
+            for (_, a), c in zip(arrays, norm):
+                ax.plot(a["ks"], a["along_e1"] - a["loss"], color=cmap(c), lw=0.8)
+            ax.set_xlabel("k  (θ + k·e₁·η·E|g̃₁|)")
+            ax.set_ylabel("L − L(θ)")
+            ax.set_title("loss along e₁ per measurement (blue→red: λ₁)")
+        fig.tight_layout()
+        plotting.save(fig, workdir, "step_vs_curvature")
+        names.append("step_vs_curvature")
+
+    var = [v for v in ("sgd", "top", "constant_top", "no_top") if f"variants/{v}" in records]
+    if var:
+        fig = Figure(figsize=(10, 4))
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for v in var:
+            recs = records[f"variants/{v}"]
+            steps, values = series(recs)
+            ax2.plot(steps, values[:, 0], label=v.replace("_", " "))
+            tl = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
+            if tl:
+                ax1.plot(*zip(*tl), label=v.replace("_", " "))
+        ax1.set_title("training loss (Fig. 7)")
+        ax1.set_xlabel("step after the restart")
+        ax2.set_title("λ_max")
+        ax2.set_xlabel("step after the restart")
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
+        plotting.save(fig, workdir, "variants")
+        names.append("variants")
+
+    sched = [L for L in sorted(s.schedule_first_epochs) if f"schedule_L{L}" in records]
+    if sched:
+        fig = Figure(figsize=(10, 4))
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for i, L in enumerate(sched):
+            name = f"schedule_L{L}"
+            steps, values = series(records[name])
+            ax1.plot(steps / spe(name), values[:, 0], color=f"C{i}", label=f"L={L}")
+            key = f"hessian/frobenius_top{values.shape[1]}"
+            fro = [(r["step"] / spe(name), r[key]) for r in records[name] if key in r]
+            if fro:
+                ax1.plot(*zip(*fro), color=f"C{i}", ls="--", lw=0.8)
+            acc = [(r["epoch"], r["test/accuracy"]) for r in records[name] if "test/accuracy" in r]
+            ax2.plot(*zip(*acc), color=f"C{i}", label=f"L={L}")
+            ax1.axvline(L, color=f"C{i}", ls=":", lw=0.8)
+        ax1.set_yscale("log")
+        ax1.set_xlabel("epoch")
+        ax1.set_title("λ_max (solid), ‖H‖_F top-k (dashed)")
+        ax2.set_xlabel("epoch")
+        ax2.set_title("test accuracy (Fig. 12)")
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
+        plotting.save(fig, workdir, "schedule")
+        names.append("schedule")
+    return names
+
+
+def _probe_arrays(workdir, name):
+    folder = os.path.join(workdir, "runs", name, "arrays", "probe")
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".npz"):
+            with np.load(os.path.join(folder, f)) as z:
+                out.append((int(f.split(".")[0]), {k: z[k] for k in z.files}))
+    return out
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def report_markdown(config, summaries, results_claims, data, description) -> str:
+    s = config.sharpest
+    n = len(data.x_train)
+    lines = [
+        f"# Jastrzębski et al. (2019), Sec. 3 — {config.name}",
+        "",
+        f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {n} {data.name} training "
+        f"examples ({data.source}); plain SGD, base η = {config.optim.learning_rate:g}, S = "
+        f"{config.batch_size}, {config.num_epochs} epochs; top {s.curvature.k} eigenvalues by "
+        f"Lanczos on {description}, every {s.curvature.every_steps} steps up to step "
+        f"{s.curvature.until_step}, then every epoch. The paper: SimpleCNN / ResNet-32 / VGG-11 "
+        "on CIFAR-10 (and an LSTM on PTB), top 10 eigenvalues by ARPACK on ~2,500 training "
+        "examples, 200+ epochs.",
+        "",
+        "## Claims",
+        "",
+        "| claim | holds here | numbers |",
+        "| --- | --- | --- |",
+    ]
+    for claim, ok, nums in results_claims:
+        lines.append(f"| {claim} | {'yes' if ok else 'no'} | {nums} |")
+    lines += [
+        "",
+        "## The paper's numbers",
+        "",
+        "| quantity | paper | here |",
+        "| --- | --- | --- |",
+    ]
+    probed = summaries.get(run_name(s.probe_learning_rate, config.batch_size, 0.0), {})
+    probe = probed.get("probe", [])
+    if probe:
+        spe = probed["steps_per_epoch"]
+        early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
+        for a in s.alphas:
+            here = np.mean([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
+            paper = ", ".join(f"{m}: {v[a]}" for m, v in PAPER["alpha_sweep"].items() if a in v)
+            lines.append(
+                f"| ΔL/L for α = {a:g} (first {s.early_epochs} epochs) | {paper or '—'} | "
+                f"{here:+.2f}% |"
+            )
+        cos = max(r["probe/cos_top5"] for r in probe)
+        lines.append(
+            f"| max mean \\|cos\\| gradient vs top 5 | {PAPER['max_cosine']} | {cos:.3f} |"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | λ_max first | peak (step) | final | 2/η | train acc. | test acc. |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in plan(config):
+        v = summaries.get(spec.name, {})
+        if "lambda_peak" not in v:
+            continue
+        lr = spec.config.optim.learning_rate
+        acc = lambda key, v=v: f"{100 * v[key]:.2f}%" if v.get(key) is not None else "—"  # noqa: E731
+        lines.append(
+            f"| {spec.name} | {v['lambda_first']:.3g} | {v['lambda_peak']:.3g} ({v['peak_step']}) "
+            f"| {v['lambda_final']:.3g} | {2 / lr:.3g} | {acc('train_accuracy')} | "
+            f"{acc('test_accuracy')} |"
+        )
+    lines += [
+        "",
+        "Figures: eigenvalues, full_batch, step_vs_curvature, variants, schedule (.png/.pdf).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+def run(config, workdir: str, *, data=None, log=print) -> dict:
+    """Runs the study (resuming finished and interrupted runs), writes the report."""
+    validate(config)
+    with files.workdir_lock(workdir, log=log):
+        return _run_locked(config, workdir, data, log)
+
+
+def _run_locked(config, workdir, data, log) -> dict:
+    data = train.load_data(config) if data is None else data
+    s = config.sharpest
+    n = len(data.x_train)
+    for b in [*s.batch_sizes, config.batch_size]:
+        if b > n:
+            raise train.ConfigError(f"batch size {b} exceeds the {n} training examples")
+    if s.gd_learning_rates and s.gd_examples > n:
+        raise train.ConfigError(
+            f"config.sharpest.gd_examples={s.gd_examples} exceeds the {n} training examples"
+        )
+    keys = key_streams(config.seed, "sharpest/curvature", "sharpest/probe")
+    records, summaries, description = {}, {}, ""
+    base_variables = None
+    for spec in plan(config):
+        result, tracker = _train_run(spec, config, workdir, data, log, keys, base_variables)
+        description = description or tracker.description
+        if spec.variant == "start":
+            base_variables = result.state.variables()
+            continue
+        recs = train.MetricsLog(os.path.join(workdir, "runs", spec.name, "metrics.jsonl")).records()
+        records[spec.name] = recs
+        spe = max(1, len(result.data.x_train) // spec.config.batch_size)
+        summaries[spec.name] = summarize_run(recs, spe)
+        if spec.group == "schedule":
+            drop = spec.config.schedule.boundaries_epochs[0] * spe
+            steps, values = series(recs)
+            if len(steps):
+                summaries[spec.name]["drop_lambda"] = float(
+                    values[np.argmin(np.abs(steps - drop)), 0]
+                )
+    results_claims = claims(config, summaries)
+    names = figures(config, summaries, records, workdir) if jax.process_index() == 0 else []
+    report = report_markdown(config, summaries, results_claims, data, description)
+    results = {
+        "config": config.name,
+        "curvature_loss": description,
+        "claims": [{"claim": c, "holds": ok, "numbers": nums} for c, ok, nums in results_claims],
+        "runs": {
+            k: {kk: vv for kk, vv in v.items() if kk != "probe"} for k, v in summaries.items()
+        },
+    }
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, "results.json"), results)
+        files.write_atomic(os.path.join(workdir, "report.md"), report.encode())
+    for claim, ok, nums in results_claims:
+        log(f"[{'yes' if ok else 'no '}] {claim}: {nums}")
+    log(f"wrote {workdir}/report.md, results.json and {', '.join(names)} (.png/.pdf)")
+    return results
