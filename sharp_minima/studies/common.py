@@ -1,11 +1,15 @@
-"""Helpers shared by the studies: named key streams and mean ± std summaries."""
+"""Helpers shared by the studies: named key streams, mean ± std summaries, the claims table
+and the study outputs."""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import jax
 import numpy as np
+
+from sharp_minima import files
 
 
 def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
@@ -51,3 +55,28 @@ def mean_std(summary: dict, key: str, group: str, digits: int = 2) -> str:
         return "—"
     mean, std, n = summary[group][key]
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+Claim = tuple[str, bool, str]  # (the paper's claim, holds here, the numbers behind it)
+
+
+def claims_table(claims: list[Claim]) -> list[str]:
+    """The report's ``## Claims`` section: a yes/no line per claim with its numbers."""
+    lines = ["## Claims", "", "| claim | holds here | numbers |", "| --- | --- | --- |"]
+    return lines + [f"| {c} | {'yes' if ok else 'no'} | {nums} |" for c, ok, nums in claims]
+
+
+def write_outputs(workdir, report: str, results: dict, claims: list[Claim], figures, log) -> dict:
+    """Writes ``report.md`` and ``results.json`` (with the claims) atomically on process 0,
+    prints the claims; returns ``results``."""
+    results = {
+        **results,
+        "claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in claims],
+    }
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, "results.json"), results)
+        files.write_atomic(os.path.join(workdir, "report.md"), report)
+    for claim, ok, nums in claims:
+        log(f"[{'yes' if ok else 'no '}] {claim}: {nums}")
+    log(f"wrote {workdir}/report.md, results.json and {', '.join(figures)} (.png/.pdf)")
+    return results

@@ -43,7 +43,7 @@ from sharp_minima import files, losses, optim, plotting, tracking, train
 from sharp_minima import tree_util as tu
 from sharp_minima.data import pipeline
 from sharp_minima.objective import batch_mean, normalized_weights
-from sharp_minima.studies.common import key_streams
+from sharp_minima.studies.common import claims_table, key_streams, write_outputs
 
 # The paper's numbers (Sec. 3.2, Figs. 4-7): what each report puts beside ours.
 PAPER = {
@@ -51,7 +51,7 @@ PAPER = {
         "simplecnn": {2.0: "+2.1%", 4.0: "+11.1%", 0.25: "≈ −2%", 0.5: "≈ −2%"},
         "resnet32": {2.0: "+3%", 4.0: "+13.1%", 0.25: "≈ −0.5%", 0.5: "≈ −0.5%"},
     },
-    "max_cosine": "0.2–0.4 (maximum over training of the mean |cos| with the top 5)",
+    "max_cosine": "0.2–0.4 (maximum over training of the mean \\|cos\\| with the top 5)",
     "nsgd_k20_lambda_max": "≈ 8·10³ (NSGD K = 20) vs ≈ 150 (SGD), ResNet-32",
 }
 
@@ -232,14 +232,27 @@ def curvature_description(config, model, data) -> str:
 
 
 def make_tracker(
-    config, t, data, model, key, *, k, full=False, set_directions=False, name="hessian"
+    config,
+    t,
+    data,
+    model,
+    subset_key,
+    key,
+    *,
+    k,
+    full=False,
+    set_directions=False,
+    name="hessian",
 ) -> tracking.EigenTracker:
-    """The run's `tracking.EigenTracker` (top ``k``) on its curvature subset (section ``t``)."""
-    k_sub, k_lanczos = jax.random.split(key)
+    """The run's `tracking.EigenTracker` (top ``k``) on its curvature subset (section ``t``).
+
+    Every run of a study passes the same ``subset_key``: the same examples (a 5% subset's
+    top eigenvalue varies by ~20% from one draw to another, which would blur comparisons
+    between runs); ``key`` (the Lanczos start vectors) is the run's own."""
     return tracking.EigenTracker(
         losses.evaluation_loss(model, config.optim.weight_decay),
-        curvature_subset(config, t, data, k_sub, full=full),
-        key=k_lanczos,
+        curvature_subset(config, t, data, subset_key, full=full),
+        key=key,
         k=k,
         wrt="^params/",
         tol=t.tol,
@@ -368,13 +381,14 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
         )
     model = train.build_model(cfg, run_data)
     key = jax.random.fold_in(keys["sharpest/curvature"], zlib.crc32(spec.name.encode()))
+    subset_key = keys["sharpest/subset"]
     hooks, tx, init = [], None, None
     if spec.group == "full_batch":
-        tracker = make_tracker(cfg, t, run_data, model, key, k=t.k, full=True)
+        tracker = make_tracker(cfg, t, run_data, model, subset_key, key, k=t.k, full=True)
         hooks.append(train.Hook(tracker, every_steps=s.gd_every_steps, at_start=True))
     elif spec.group == "variants" and spec.variant != "start":
         init = base_variables
-        e1 = _top_direction(cfg, t, run_data, model, key, base_variables)
+        e1 = _top_direction(cfg, t, run_data, model, subset_key, key, base_variables)
         if spec.variant == "sgd":
             tx = optax.sgd(cfg.optim.learning_rate)
         elif spec.variant == "constant_top":
@@ -388,6 +402,7 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
             t,
             run_data,
             model,
+            subset_key,
             key,
             k=max(1, min(t.k, 5)),
             set_directions=(lambda v: jax.tree.map(lambda a: a[:1], v["params"]))
@@ -396,7 +411,7 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
         )
         hooks.append(train.Hook(tracker, every_steps=s.variants_every_steps, at_start=True))
     else:
-        tracker = make_tracker(cfg, t, run_data, model, key, k=t.k)
+        tracker = make_tracker(cfg, t, run_data, model, subset_key, key, k=t.k)
         hooks.append(
             train.Hook(
                 tracker,
@@ -439,9 +454,9 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
     ), tracker
 
 
-def _top_direction(cfg, t, data, model, key, variables):
+def _top_direction(cfg, t, data, model, subset_key, key, variables):
     """e₁ at ``variables`` (the restart point of the variants), params-shaped, leading axis 1."""
-    tracker = make_tracker(cfg, t, data, model, key, k=1)
+    tracker = make_tracker(cfg, t, data, model, subset_key, key, k=1)
     tracker.measure(variables, 0)
     return jax.tree.map(lambda a: a[:1], tracker.vectors["params"])
 
@@ -849,13 +864,8 @@ def report_markdown(config, summaries, results_claims, data, description) -> str
         "on CIFAR-10 (and an LSTM on PTB), top 10 eigenvalues by ARPACK on ~2,500 training "
         "examples, 200+ epochs.",
         "",
-        "## Claims",
-        "",
-        "| claim | holds here | numbers |",
-        "| --- | --- | --- |",
     ]
-    for claim, ok, nums in results_claims:
-        lines.append(f"| {claim} | {'yes' if ok else 'no'} | {nums} |")
+    lines += claims_table(results_claims)
     lines += [
         "",
         "## The paper's numbers",
@@ -926,7 +936,7 @@ def _run_locked(config, workdir, data, log) -> dict:
         raise train.ConfigError(
             f"config.sharpest.gd_examples={s.gd_examples} exceeds the {n} training examples"
         )
-    keys = key_streams(config.seed, "sharpest/curvature", "sharpest/probe")
+    keys = key_streams(config.seed, "sharpest/subset", "sharpest/curvature", "sharpest/probe")
     records, summaries, description = {}, {}, ""
     base_variables = None
     for spec in plan(config):
@@ -952,15 +962,8 @@ def _run_locked(config, workdir, data, log) -> dict:
     results = {
         "config": config.name,
         "curvature_loss": description,
-        "claims": [{"claim": c, "holds": ok, "numbers": nums} for c, ok, nums in results_claims],
         "runs": {
             k: {kk: vv for kk, vv in v.items() if kk != "probe"} for k, v in summaries.items()
         },
     }
-    if jax.process_index() == 0:
-        files.write_json(os.path.join(workdir, "results.json"), results)
-        files.write_atomic(os.path.join(workdir, "report.md"), report.encode())
-    for claim, ok, nums in results_claims:
-        log(f"[{'yes' if ok else 'no '}] {claim}: {nums}")
-    log(f"wrote {workdir}/report.md, results.json and {', '.join(names)} (.png/.pdf)")
-    return results
+    return write_outputs(workdir, report, results, results_claims, names, log)
