@@ -185,3 +185,34 @@ def test_bad_configs_exit_2(tmp_path, module, override):
     assert ("curvature.k" if module == "sharpest_directions" else "validation_fraction") in (
         out.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sharpest_directions.py",
+        "sharpest_directions.py:paper",
+        "sharpest_directions.py:resnet32",
+        "sharpest_directions.py:resnet32_bn",
+        "sharpest_directions.py:vgg11",
+        "sharpest_directions.py:ptb",
+        "sharpest_directions.py:mnist1d",
+        "nudged_sgd.py",
+        "nudged_sgd.py:paper",
+        "nudged_sgd.py:simplecnn",
+        "nudged_sgd.py:paper,lr01",
+        "nudged_sgd.py:paper,momentum",
+        "nudged_sgd.py:simplecnn,fashion",
+        "nudged_sgd.py:paper,cifar100",
+        "nudged_sgd.py:imdb",
+        "nudged_sgd.py:mnist1d",
+    ],
+)
+def test_paper_and_cpu_configs_validate(spec):
+    config = load_config(spec)
+    study = sharpest_directions if spec.startswith("sharpest") else nudged_sgd
+    study.validate(config)
+    if spec == "nudged_sgd.py:simplecnn":  # the "medium" SimpleCNN: f = 100, k = 5
+        assert config.model.kwargs.widths[0] == 100 and config.model.kwargs.kernel_size == 5
+    if spec.endswith(":resnet32_bn"):
+        assert config.model.name == "resnet32_bn"
