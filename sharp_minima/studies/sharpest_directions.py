@@ -412,15 +412,14 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
         hooks.append(train.Hook(tracker, every_steps=s.variants_every_steps, at_start=True))
     else:
         tracker = make_tracker(cfg, t, run_data, model, subset_key, key, k=t.k)
-        hooks.append(
-            train.Hook(
-                tracker,
-                every_steps=t.every_steps or None,
-                until_step=t.until_step,
-                every_epochs=1,
-                at_start=True,
-            )
+        # Often early in training, once per epoch later, and at step 0; the probe follows.
+        schedule = dict(
+            every_steps=t.every_steps or None,
+            until_step=t.until_step,
+            every_epochs=1,
+            at_start=True,
         )
+        hooks.append(train.Hook(tracker, **schedule))
         if spec.probe:
             probe = StepProbe(
                 tracker,
@@ -432,16 +431,7 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
                 alphas=s.alphas,
                 line_points=s.line_points,
             )
-            hooks.append(
-                train.Hook(
-                    probe,
-                    every_steps=t.every_steps or None,
-                    until_step=t.until_step,
-                    every_epochs=1,
-                    at_start=True,
-                    name="probe",
-                )
-            )
+            hooks.append(train.Hook(probe, name="probe", **schedule))
     return train.train(
         cfg,
         run_dir,
