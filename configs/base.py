@@ -77,6 +77,9 @@ def base() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # 0 = at each evaluation only
+    # Also after every this many epochs between evaluations (a full-batch run of thousands of
+    # one-step epochs saves with its evaluations instead: set it to eval_every_epochs).
+    c.checkpoint.every_epochs = 1
     c.checkpoint.keep = 3
     c.checkpoint.best_metric = "auto"  # val/accuracy if validation_fraction > 0 else train/accuracy
 

@@ -1,4 +1,4 @@
-"""Swiss roll (Huang et al. 2020): 2-D two-class spiral, an MLP with 6 hidden ReLU layers.
+"""Swiss roll (Huang et al. 2020): 2-D two-class spiral, the authors' MLP 2-23-16-26-32-28-31-2.
 
 Embedded data (generated, no download). Variants: ``tiny``.
 """
@@ -10,7 +10,7 @@ def get_config(arg=None):
     c = base.base()
     c.name = "swissroll"
     c.model.name = "swissroll_mlp"
-    c.model.kwargs = base.ml_collections.ConfigDict({"width": 64, "depth": 6})
+    c.model.kwargs = base.ml_collections.ConfigDict({"widths": (23, 16, 26, 32, 28, 31)})
     c.data.name = "swissroll"
     c.batch_size = 128
     c.num_epochs = 100

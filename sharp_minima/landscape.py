@@ -1,6 +1,22 @@
-"""Loss landscapes: paths between solutions (Keskar et al. 2017's parametric plots).
+"""Loss landscapes: directions, 1-D/2-D slices, basin radii and volumes, interpolation.
 
->>> import jax.numpy as jnp
+Around a solution θ the loss is looked at along directions d: on lines θ + a·d₁ and planes
+θ + a·d₁ + b·d₂ (Li et al. 2018, with filter-normalised directions so that minima of networks
+with different weight scales compare), and by the radius r(φ) of the basin below a loss cutoff
+along unit directions φ, whose n-th moment gives the basin volume V = ω_n E_φ[r(φ)ⁿ]
+(Huang et al. 2020, Sec. 5). A `Landscape` holds the compiled kernels: every grid point of a
+surface, and every direction of a volume, is evaluated with `vmap` in chunks (bounded memory),
+spread over devices with `jax.shard_map`, and averaged over weighted batches with `lax.scan`.
+
+>>> import jax, jax.numpy as jnp
+>>> quad = lambda p, b: 0.5 * jnp.sum(p["w"] ** 2)  # L = ½‖w‖², cutoff c: radius √(2c)
+>>> vol = basin_volume(quad, {"w": jnp.zeros(3)}, None, key=jax.random.key(0),
+...                    num_directions=8, cutoff=2.0)
+>>> [round(float(r), 2) for r in vol.radii[:3]]
+[2.0, 2.0, 2.0]
+
+Paths between two solutions (Keskar et al. 2017's parametric plots):
+
 >>> a, b = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
 >>> interpolate(a, b, 0.25)["w"].tolist()
 [0.25, 0.25]
@@ -18,14 +34,19 @@ positive:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sharp_minima import objective as obj_lib
 from sharp_minima import tree_util as tu
 
 PATHS = ("linear", "curved")
@@ -88,3 +109,594 @@ def interpolation_curve(
     for k in rows[0]:
         out[k] = np.asarray([r[k] for r in rows], np.float64)
     return out
+
+
+# ---------------------------------------------------------------------------------- directions
+
+ONE_D = ("zero", "copy", "normalize")
+DIRECTIONS = ("unit", "filter")
+
+
+def gaussian_direction(key: jax.Array, params, *, wrt=None, unit: bool = True):
+    """A Gaussian direction over the ``wrt`` leaves (zeros elsewhere), of unit norm by default."""
+    selected, merge = tu.select(params, wrt)
+    d = tu.random_like(key, selected)
+    if unit:
+        d = tu.scale(1.0 / tu.norm(d), d)
+    return merge(d, tu.zeros_like(params))
+
+
+def filter_normalized_direction(key: jax.Array, params, *, wrt=None, one_d: str = "zero"):
+    """A random direction with each filter rescaled to the norm of the weight's filter.
+
+    Li et al. (2018), "Visualizing the loss landscape of neural nets", Sec. 4: a filter is one
+    output unit — the last axis of a Flax kernel (``(in, out)`` for Dense, ``(h, w, in, out)``
+    for Conv) — so d[..., j] ← d[..., j] · ‖θ[..., j]‖ / ‖d[..., j]‖. Plots along such directions
+    are unchanged when a layer's weights are rescaled (Dinh et al. 2017's objection to
+    sharpness), which BatchNorm makes free.
+
+    Args:
+      key: PRNG key; the same key gives the same direction.
+      params: the weights θ (any pytree).
+      wrt: which leaves get a direction (see `sharp_minima.tree_util.select`); others are 0.
+      one_d: leaves with fewer than 2 axes (biases, BatchNorm scales and offsets): ``"zero"``
+        (Li et al.'s default), ``"copy"`` (d = θ) or ``"normalize"`` (the leaf as one filter).
+
+    Raises:
+      ValueError: unknown ``one_d``.
+    """
+    if one_d not in ONE_D:
+        raise ValueError(f"one_d must be one of {ONE_D}, got {one_d!r}")
+    selected, merge = tu.select(params, wrt)
+    keys = jax.random.split(key, len(selected))
+    out = []
+    for k, w in zip(keys, selected):
+        d = jax.random.normal(k, jnp.shape(w), jnp.result_type(w))
+        if jnp.ndim(w) >= 2:
+            axes = tuple(range(jnp.ndim(w) - 1))
+            wn = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
+            dn = jnp.sqrt(jnp.sum(jnp.square(d), axis=axes, keepdims=True))
+            d = d * (wn / jnp.maximum(dn, jnp.finfo(d.dtype).tiny))
+        elif one_d == "zero":
+            d = jnp.zeros_like(w)
+        elif one_d == "copy":
+            d = jnp.asarray(w)
+        else:
+            d = d * (jnp.linalg.norm(w) / jnp.maximum(jnp.linalg.norm(d), jnp.finfo(d.dtype).tiny))
+        out.append(d)
+    return merge(out, tu.zeros_like(params))
+
+
+def direction(key: jax.Array, params, kind: str = "filter", *, wrt=None, one_d: str = "zero"):
+    """A random direction of ``kind``: ``"filter"`` (`filter_normalized_direction`) or
+    ``"unit"`` (`gaussian_direction` of norm 1)."""
+    if kind == "filter":
+        return filter_normalized_direction(key, params, wrt=wrt, one_d=one_d)
+    if kind == "unit":
+        return gaussian_direction(key, params, wrt=wrt)
+    raise ValueError(f"direction kind must be one of {DIRECTIONS}, got {kind!r}")
+
+
+def orthogonal_pair(key: jax.Array, params, kind: str = "filter", *, wrt=None, one_d="zero"):
+    """Two random directions for a 2-D plane, the second orthogonalised against the first.
+
+    d₂ ← d₂ − (⟨d₁, d₂⟩/‖d₁‖²)·d₁, then rescaled to its former norm (random directions in
+    high dimension are nearly orthogonal already, so filter norms barely change).
+    """
+    k1, k2 = jax.random.split(key)
+    d1 = direction(k1, params, kind, wrt=wrt, one_d=one_d)
+    d2 = direction(k2, params, kind, wrt=wrt, one_d=one_d)
+    before = tu.norm(d2)
+    d2 = tu.axpy(-tu.dot(d1, d2) / tu.dot(d1, d1), d1, d2)
+    return d1, tu.scale(before / tu.norm(d2), d2)
+
+
+def eigen_directions(loss_fn, params, batches, *, key, k: int = 2, wrt=None, weights=None):
+    """The top-``k`` Hessian eigenvectors at ``params`` as a list of directions (unit norm).
+
+    Planes spanned by the two sharpest directions show the largest curvature a 2-D slice can
+    show (`sharp_minima.hessian.eigenpairs`, Lanczos).
+    """
+    from sharp_minima import hessian
+
+    res = hessian.eigenpairs(loss_fn, params, batches, k=k, key=key, wrt=wrt, weights=weights)
+    return [jax.tree.map(lambda v, i=i: v[i], res.vectors) for i in range(k)]
+
+
+class Projection(NamedTuple):
+    """A trajectory projected on its two principal directions (`trajectory_pca`).
+
+    Attributes:
+      directions: the principal directions (pytrees like params, unit norm, orthogonal).
+      coords: (T, num_components) coordinates of every iterate relative to the centre.
+      explained: fraction of the trajectory's variance along each direction.
+    """
+
+    directions: list
+    coords: np.ndarray
+    explained: np.ndarray
+
+
+def trajectory_pca(iterates: Sequence[Any], *, center=None, wrt=None, num_components: int = 2):
+    """PCA of an optimisation trajectory (Li et al. 2018, Sec. 7): the directions that explain
+    most of θ_t − θ_center (default centre: the last iterate), and each iterate's coordinates.
+
+    Iterates are e.g. the parameters a `sharp_minima.train.Hook` saved every few epochs.
+    Computed in float64 on the host (T is small).
+
+    Raises:
+      ValueError: fewer iterates than ``num_components + 1``.
+    """
+    if len(iterates) < num_components + 1:
+        raise ValueError(
+            f"trajectory_pca needs at least {num_components + 1} iterates, got {len(iterates)}"
+        )
+    template = iterates[-1] if center is None else center
+
+    def flat(tree):
+        return np.asarray(tu.ravel(tu.select(tree, wrt)[0])[0], np.float64)
+
+    m = np.stack([flat(t) for t in iterates]) - flat(template)
+    _, sv, vt = np.linalg.svd(m, full_matrices=False)
+    vt = vt[:num_components]
+    selected, merge = tu.select(template, wrt)
+    unravel = tu.ravel(selected)[1]
+    dirs = [
+        merge(unravel(jnp.asarray(v, jnp.result_type(*selected))), tu.zeros_like(template))
+        for v in vt
+    ]
+    total = float(np.sum(sv**2)) or 1.0
+    return Projection(dirs, m @ vt.T, sv[:num_components] ** 2 / total)
+
+
+# -------------------------------------------------------------------------- basin volume math
+
+
+class BasinVolume(NamedTuple):
+    """The basin below a loss threshold around θ (`Landscape.basin_volume`).
+
+    log V = log ω_n + log E_φ[r(φ)ⁿ] (Huang et al. 2020, Sec. 5), ω_n = π^{n/2}/Γ(1 + n/2).
+
+    Attributes:
+      log_volume: natural log of V.
+      stderr: standard error of ``log_volume`` (delta method or bootstrap).
+      log_unit_ball: log ω_n.
+      log_mean_rn: log E[rⁿ] (logsumexp of n·log r minus log N).
+      effective_samples: 1/Σw², w ∝ rⁿ: how many directions carry the estimate (with n in the
+        thousands, usually ≈ 1: the largest radius decides V).
+      radii: (N,) r(φ) per direction.
+      num_evals: (N,) loss evaluations each radius took.
+      bounded: (N,) False where the loss stayed below the threshold up to ``max_radius``
+        (then r = max_radius, a lower bound).
+      threshold: the loss level that bounds the basin.
+      loss0: the loss at θ.
+      dim: n, the number of parameters.
+    """
+
+    log_volume: float
+    stderr: float
+    log_unit_ball: float
+    log_mean_rn: float
+    effective_samples: float
+    radii: np.ndarray
+    num_evals: np.ndarray
+    bounded: np.ndarray
+    threshold: float
+    loss0: float
+    dim: int
+
+
+def log_unit_ball(n: int) -> float:
+    """log ω_n, the log-volume of the unit n-ball: (n/2)·log π − log Γ(1 + n/2)."""
+    return 0.5 * n * math.log(math.pi) - math.lgamma(1.0 + 0.5 * n)
+
+
+def log_volume(
+    radii, n: int, *, error: str = "delta", key: jax.Array | None = None, num_bootstrap=1000
+):
+    """``(log V, stderr, log E[rⁿ], effective samples)`` from radii in n dimensions, in
+    float64 log space (rⁿ over- or underflows for any realistic n).
+
+    ``error="delta"``: se(log m̂) = √((N·Σw² − 1)/(N − 1)), w_i = r_iⁿ/Σ r_jⁿ (the delta method
+    for the log of a sample mean); ``"bootstrap"``: the std of log E[rⁿ] over ``num_bootstrap``
+    resamples of the directions (needs ``key``).
+    """
+    r = np.asarray(radii, np.float64)
+    big_n = r.size
+    with np.errstate(divide="ignore"):
+        a = n * np.log(r)
+    top = np.max(a)
+    if not np.isfinite(top):
+        return -np.inf, np.nan, -np.inf, 0.0
+    w = np.exp(a - top)
+    log_mean = top + math.log(w.sum()) - math.log(big_n)
+    w = w / w.sum()
+    sum_w2 = float(np.sum(w**2))
+    if error == "delta":
+        se = math.sqrt(max(big_n * sum_w2 - 1.0, 0.0) / max(big_n - 1, 1))
+    elif error == "bootstrap":
+        if key is None:
+            raise ValueError('error="bootstrap" needs a key')
+        idx = np.asarray(jax.random.randint(key, (num_bootstrap, big_n), 0, big_n))
+        s = a[idx]
+        m = s.max(1, keepdims=True)
+        boot = m[:, 0] + np.log(np.exp(s - m).sum(1)) - math.log(big_n)
+        se = float(np.std(boot, ddof=1))
+    else:
+        raise ValueError(f'error must be "delta" or "bootstrap", got {error!r}')
+    return log_unit_ball(n) + log_mean, se, log_mean, 1.0 / sum_w2
+
+
+# ---------------------------------------------------------------------------- the evaluator
+
+
+class Landscape:
+    """Slices and basins of one loss, with the compiled kernels they need.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch)``; a scalar, or a dict of scalars (e.g. loss and
+        accuracy) for slices. Basin radii need a scalar (or name the entry with ``metric``).
+      wrt: which parameter leaves move (see `sharp_minima.objective.Objective`).
+      chunk_size: points (or directions) evaluated at once per device with `vmap`: the memory
+        of ``chunk_size`` forward passes on one batch.
+      devices: devices the points and directions are spread over (default: all local
+        devices); the answers do not depend on how many.
+      metric: for a dict-valued ``loss_fn``, the entry basin radii bound.
+
+    Reused with other parameters, batches, directions or grids of the same shapes, a
+    `Landscape` does not recompile.
+
+    Raises:
+      ValueError: ``loss_fn`` not callable or ``chunk_size < 1``.
+    """
+
+    def __init__(self, loss_fn, *, wrt=None, chunk_size: int = 64, devices=None, metric=None):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.objective = obj_lib.Objective(loss_fn, wrt=wrt)
+        self.metric = metric
+        self.chunk_size = int(chunk_size)
+        self.mesh = Mesh(
+            np.array(list(jax.local_devices() if devices is None else devices)), ("i",)
+        )
+        self._points = self._sharded(self._points_chunk, num_const=4)
+        self._kernels = {}  # (solver, direction kind) -> compiled kernel, built on first use
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def _sharded(self, chunk_fn, num_const: int):
+        """jit(shard_map(lax.map over chunks of the per-device items)): the last argument has
+        shape (num_chunks, items, ...), its items axis split over the devices; the first
+        ``num_const`` arguments are replicated."""
+
+        def per_device(*args):
+            consts, items = args[:num_const], args[num_const]
+            return lax.map(lambda chunk: chunk_fn(*consts, chunk), items)
+
+        specs = (P(),) * num_const + (P(None, "i"),)
+        # check_vma=False: the solvers' loop carries start replicated and become per-device.
+        mapped = jax.shard_map(
+            per_device, mesh=self.mesh, in_specs=specs, out_specs=P(None, "i"), check_vma=False
+        )
+        return jax.jit(mapped)
+
+    def _replicate(self, tree):
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def _pad(self, items: np.ndarray) -> tuple[jax.Array, int]:
+        """(num_chunks, chunk_size·devices, ...) items, padded with copies of the first."""
+        width = self.chunk_size * self.num_devices
+        count = len(items)
+        total = -(-count // width) * width
+        padded = np.concatenate([items, np.repeat(items[:1], total - count, 0)])
+        arr = padded.reshape((total // width, width) + items.shape[1:])
+        return jax.device_put(arr, NamedSharding(self.mesh, P(None, "i"))), count
+
+    def _prepare(self, params, batches, weights, scalar: bool):
+        if scalar and self.metric is None:
+            one = None if batches is None else jax.tree.map(lambda x: x[0], batches)
+            obj_lib.check_scalar_loss(self.objective.loss_fn, params, one)
+        selected, _ = tu.select(params, self.objective.wrt)
+        dtype = jnp.result_type(*selected)
+        w = obj_lib.normalized_weights(batches, weights, dtype)
+        return self._replicate((params, batches, w))
+
+    def _mean(self, params, batches, weights, scalar: bool):
+        """``(x0, F)``: F(x) the weighted mean over batches at flat x (a dict, or the scalar
+        the basin radii bound)."""
+        x0, f = self.objective.flat_loss(params)
+
+        def mean(x):
+            out = obj_lib.batch_mean(lambda b: f(x, b), batches, weights)
+            if scalar and self.metric is not None:
+                out = out[self.metric]
+            return out
+
+        return x0, mean
+
+    # -- slices ---------------------------------------------------------------------------
+
+    def _points_chunk(self, params, batches, weights, basis, coeffs):
+        x0, mean = self._mean(params, batches, weights, scalar=False)
+        return jax.vmap(lambda c: mean(x0 + c.astype(x0.dtype) @ basis))(coeffs)
+
+    def slice(
+        self, params, batches, directions: Sequence[Any], grid: Sequence[Any], *, weights=None
+    ):
+        """The loss (and any other outputs of ``loss_fn``) on a grid of the plane (or line)
+        θ + Σ_i a_i·d_i.
+
+        Args:
+          params: θ.
+          batches: batch pytree with a leading axis over batches, or None.
+          directions: 1 or 2 pytrees like params (e.g. `orthogonal_pair`).
+          grid: one 1-D array of coefficients per direction.
+          weights: per-batch weights (e.g. batch sizes, for a ragged last batch).
+
+        Returns:
+          ``{name: array of shape (len(grid[0]), len(grid[1]), ...)}`` (``"loss"`` for a
+          scalar ``loss_fn``); entry ``[i, j]`` is at a = grid[0][i], b = grid[1][j].
+
+        Raises:
+          ValueError: directions and grid of different lengths, or a direction not like params.
+        """
+        if not 1 <= len(directions) == len(grid):
+            raise ValueError(
+                f"need one grid axis per direction, got {len(directions)} directions and "
+                f"{len(grid)} grid axes"
+            )
+        for i, d in enumerate(directions):
+            obj_lib.check_like(f"directions[{i}]", d, params)
+        axes = [np.asarray(g, np.float64).reshape(-1) for g in grid]
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
+        params, batches, w = self._prepare(params, batches, weights, scalar=False)
+        basis = jnp.stack([self.objective.flatten(d) for d in directions])
+        items, count = self._pad(coords.astype(np.float32))
+        out = self._points(params, batches, w, self._replicate(basis), items)
+        shape = tuple(len(a) for a in axes)
+        out = jax.tree.map(lambda v: np.asarray(v).reshape(-1)[:count].reshape(shape), out)
+        return out if isinstance(out, dict) else {"loss": out}
+
+    # -- basin radii ----------------------------------------------------------------------
+
+    def _kernel(self, name: str, kind: str):
+        if (name, kind) not in self._kernels:
+            solver = {"radii": self._radii_chunk, "grid": self._grid_chunk}[name]
+            self._kernels[name, kind] = self._sharded(lambda *a: solver(kind, *a), num_const=5)
+        return self._kernels[name, kind]
+
+    def _direction(self, params, key_data, kind, index):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), index)
+        d = self.objective.flatten(direction(key, params, kind, wrt=self.objective.wrt))
+        return d / jnp.linalg.norm(d) if kind == "unit" else d
+
+    def _radii_chunk(self, kind, params, batches, weights, key_data, settings, indices):
+        x0, mean = self._mean(params, batches, weights, scalar=True)
+        threshold, r0, rtol, max_radius, max_evals = settings
+        dt = x0.dtype
+        threshold, r0, rtol, max_radius = (jnp.asarray(v, dt) for v in settings[:4])
+
+        def solve(index):
+            d = self._direction(params, key_data, kind, index)
+
+            def probe(lo, hi):
+                grow = jnp.where(lo > 0, 2.0 * lo, r0)
+                return jnp.where(jnp.isinf(hi), grow, jnp.where(lo > 0, 0.5 * (lo + hi), 0.5 * hi))
+
+            def unfinished(state):
+                lo, hi, n = state
+                converged = (lo > 0) & jnp.isfinite(hi) & (hi - lo <= rtol * hi)
+                return ~(converged | (lo >= max_radius) | (n >= max_evals))
+
+            def body(state):
+                lo, hi, n = state
+                r = probe(lo, hi)
+                below = mean(x0 + r * d) <= threshold  # NaN counts as above
+                return jnp.where(below, r, lo), jnp.where(below, hi, r), n + 1
+
+            start = (jnp.zeros((), dt), jnp.full((), jnp.inf, dt), jnp.zeros((), jnp.int32))
+            lo, hi, n = lax.while_loop(unfinished, body, start)
+            bounded = jnp.isfinite(hi)
+            return jnp.where(bounded, 0.5 * (lo + hi), lo), n, bounded
+
+        return jax.vmap(solve)(indices)
+
+    def _grid_chunk(self, kind, params, batches, weights, key_data, settings, indices):
+        x0, mean = self._mean(params, batches, weights, scalar=True)
+        threshold, grid = settings
+
+        def solve(index):
+            d = self._direction(params, key_data, kind, index)
+            grid_ = grid.astype(x0.dtype)
+            losses = lax.map(lambda r: mean(x0 + r * d), grid_)
+            above = ~(losses <= threshold)
+            first = jnp.argmax(above)
+            return jnp.where(jnp.any(above), grid_[first], grid_[-1]), jnp.any(above)
+
+        return jax.vmap(solve)(indices)
+
+    def _threshold(self, params, batches, weights, cutoff, mode):
+        x0, mean = self._mean(params, batches, weights, scalar=True)
+        loss0 = float(jax.jit(mean)(x0))
+        if mode == "absolute":
+            threshold = float(cutoff)
+        elif mode == "increase":
+            threshold = loss0 + float(cutoff)
+        else:
+            raise ValueError(f'mode must be "absolute" or "increase", got {mode!r}')
+        if not loss0 < threshold:
+            raise ValueError(
+                f"the loss at params ({loss0:.4g}) is not below the cutoff ({threshold:.4g}): "
+                "there is no basin to measure; raise the cutoff or use mode='increase'"
+            )
+        return loss0, threshold
+
+    def radii(
+        self,
+        params,
+        batches,
+        *,
+        key: jax.Array,
+        num_directions: int,
+        cutoff: float,
+        mode: str = "absolute",
+        directions: str = "unit",
+        rtol: float = 1e-3,
+        initial_radius: float = 1.0,
+        max_radius: float = 1e6,
+        max_evals: int = 100,
+        weights=None,
+    ):
+        """r(φ) for ``num_directions`` random directions: where the loss first crosses the
+        threshold, by bracketing (doubling from ``initial_radius``, or halving when already
+        above) then bisection until (hi − lo) ≤ rtol·hi.
+
+        Direction i comes from ``fold_in(key, i)``, so the radii do not depend on the number of
+        devices or the chunk size. Returns ``(radii, num_evals, bounded, loss0, threshold)``
+        as numpy arrays (see `BasinVolume`).
+
+        Raises:
+          ValueError: bad arguments, or the loss at params not below the threshold.
+        """
+        if num_directions < 1 or not 0 < rtol < 1 or initial_radius <= 0:
+            raise ValueError(
+                "need num_directions >= 1, 0 < rtol < 1 and initial_radius > 0; got "
+                f"{num_directions}, {rtol}, {initial_radius}"
+            )
+        kernel = self._kernel("radii", _check_kind(directions))
+        params, batches, w = self._prepare(params, batches, weights, scalar=True)
+        loss0, threshold = self._threshold(params, batches, w, cutoff, mode)
+        settings = (threshold, initial_radius, rtol, max_radius)
+        settings = self._replicate(tuple(np.float64(v) for v in settings) + (np.int32(max_evals),))
+        r, n, ok = self._run_directions(kernel, params, batches, w, key, settings, num_directions)
+        return r, n, ok, loss0, threshold
+
+    def grid_radii(
+        self,
+        params,
+        batches,
+        *,
+        key: jax.Array,
+        num_directions: int,
+        cutoff: float = 1.0,
+        max_radius: float = 1.0,
+        num_points: int = 100,
+        power: float = 5.0,
+        directions: str = "filter",
+        weights=None,
+    ):
+        """The gen-viz radius (Huang et al.'s code), for comparison with theirs: the first
+        point of the grid ``max_radius·(i/num_points)^power`` (dense near θ) where the loss
+        exceeds ``cutoff`` (cross-entropy 1 there), along filter-normalised directions by
+        default. Returns ``(radii, crossed)``; radii are grid values, so their precision is
+        the grid spacing there (`radii` bisects instead).
+        """
+        kernel = self._kernel("grid", _check_kind(directions))
+        grid = max_radius * (np.arange(1, num_points + 1) / num_points) ** power
+        params, batches, w = self._prepare(params, batches, weights, scalar=True)
+        self._threshold(params, batches, w, cutoff, "absolute")
+        settings = self._replicate((np.float64(cutoff), grid))
+        return self._run_directions(kernel, params, batches, w, key, settings, num_directions)
+
+    def _run_directions(self, kernel, params, batches, w, key, settings, num_directions):
+        items, count = self._pad(np.arange(num_directions, dtype=np.int32))
+        key_data = self._replicate(jax.random.key_data(key))
+        out = kernel(params, batches, w, key_data, settings, items)
+        return tuple(np.asarray(o).reshape(-1)[:count] for o in out)
+
+    def basin_volume(
+        self,
+        params,
+        batches,
+        *,
+        key: jax.Array,
+        num_directions: int = 3000,
+        cutoff: float = 0.1,
+        mode: str = "absolute",
+        error: str = "delta",
+        **radius_options,
+    ) -> BasinVolume:
+        """The log-volume of the basin below ``cutoff`` around θ (Huang et al. 2020, Sec. 5).
+
+        V = ω_n E_φ[r(φ)ⁿ] over ``num_directions`` uniform unit directions φ in the n
+        ``wrt`` parameters; the paper uses 3000 directions and an absolute cutoff of 0.1 on
+        the training loss (``mode="increase"`` bounds the rise above the loss at θ instead).
+        ``radius_options`` go to `radii` (``rtol``, ``initial_radius``, ...).
+        """
+        kd, ke = jax.random.split(key)
+        radii, evals, bounded, loss0, threshold = self.radii(
+            params,
+            batches,
+            key=kd,
+            num_directions=num_directions,
+            cutoff=cutoff,
+            mode=mode,
+            directions="unit",
+            **radius_options,
+        )
+        n = int(sum(np.prod(jnp.shape(x)) for x in tu.select(params, self.objective.wrt)[0]))
+        logv, se, log_mean, ess = log_volume(radii, n, error=error, key=ke)
+        return BasinVolume(
+            float(logv),
+            float(se),
+            log_unit_ball(n),
+            float(log_mean),
+            float(ess),
+            radii,
+            evals,
+            bounded,
+            threshold,
+            loss0,
+            n,
+        )
+
+
+def _check_kind(kind: str) -> int:
+    if kind not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, got {kind!r}")
+    return kind
+
+
+# ------------------------------------------------------------------------- one-call helpers
+
+
+def slice_1d(loss_fn, params, batches, direction_, grid, *, wrt=None, weights=None, **kw):
+    """`Landscape.slice` along one direction (a fresh `Landscape`: compiles once per call)."""
+    return Landscape(loss_fn, wrt=wrt, **kw).slice(
+        params, batches, [direction_], [grid], weights=weights
+    )
+
+
+def surface_2d(
+    loss_fn, params, batches, directions, grid_x, grid_y, *, wrt=None, weights=None, **kw
+):
+    """`Landscape.slice` on the plane of two directions (Li et al. 2018's surface plots)."""
+    return Landscape(loss_fn, wrt=wrt, **kw).slice(
+        params, batches, list(directions), [grid_x, grid_y], weights=weights
+    )
+
+
+def basin_volume(
+    loss_fn,
+    params,
+    batch,
+    *,
+    key,
+    num_directions: int = 3000,
+    cutoff: float = 0.1,
+    wrt=None,
+    chunk_size: int = 64,
+    devices=None,
+    **kw,
+) -> BasinVolume:
+    """`Landscape.basin_volume` with a fresh `Landscape` (hold one to measure many minima
+    without recompiling). ``batch`` is a batch pytree with a leading axis over batches, or
+    None."""
+    land = Landscape(loss_fn, wrt=wrt, chunk_size=chunk_size, devices=devices)
+    return land.basin_volume(
+        params, batch, key=key, num_directions=num_directions, cutoff=cutoff, **kw
+    )

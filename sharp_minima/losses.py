@@ -1,4 +1,4 @@
-"""Losses and metrics: cross-entropy, accuracy, L2 weight decay.
+"""Losses and metrics: cross-entropy, accuracy, L2 weight decay, the anti-generalization loss.
 
 All functions take logits with the class axis last and integer labels with the remaining
 shape, so the same code serves image classifiers ``(batch, classes)`` and language models
@@ -37,6 +37,35 @@ def cross_entropy_per_example(logits, labels):
 def cross_entropy(logits, labels, weights=None):
     """Mean cross-entropy (natural log) over all label positions (``weights`` masks)."""
     return _weighted_mean(cross_entropy_per_example(logits, labels), weights)
+
+
+def reverse_cross_entropy_per_example(logits, labels):
+    """``−log(1 − p(y|x))`` per example: small when the example is classified *wrongly*.
+
+    Computed as ``logsumexp(z) − logsumexp(z without z_y)``, which stays finite when
+    ``p(y|x) → 1`` (no ``log(0)``) as long as the logits are finite.
+    """
+    z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    is_label = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
+    others = jnp.where(is_label, -jnp.inf, z)
+    return jax.nn.logsumexp(z, axis=-1) - jax.nn.logsumexp(others, axis=-1)
+
+
+def anti_generalization(logits_t, labels_t, logits_d, labels_d, beta: float, weights_d=None):
+    """Huang et al. (2020), eq. 3: ``(1−β)·CE(D_t) + β·mean_{D_d} −log(1 − p_θ(x, y))``.
+
+    The first term fits the training set D_t; the second is minimised by classifying unseen
+    data D_d of the same distribution *wrongly*, so minimising both finds a "bad" minimum: one
+    that fits the training data and fails to generalize.
+
+    >>> import jax.numpy as jnp
+    >>> z, y = jnp.array([[3.0, 0.0]]), jnp.array([0])
+    >>> bool(jnp.isclose(anti_generalization(z, y, z, y, 0.0), cross_entropy(z, y)))
+    True
+    """
+    fit = cross_entropy(logits_t, labels_t)
+    poison = _weighted_mean(reverse_cross_entropy_per_example(logits_d, labels_d), weights_d)
+    return (1.0 - beta) * fit + beta * poison
 
 
 def accuracy(logits, labels, weights=None):
@@ -92,3 +121,95 @@ def evaluation_loss(model, weight_decay: float = 0.0):
         return value
 
     return loss
+
+
+# ---------------------------------------------------------------------- bad minima on purpose
+
+
+def poisoned_labels(labels, num_classes: int):
+    """Marks D_d examples for `anti_generalization_loss`: label ``y`` becomes ``y + C``.
+
+    One training array then carries D_t (labels < C) and D_d (labels ≥ C), so the trainer's
+    single input pipeline (shuffling, batching, sharding) serves eq. 3 unchanged.
+    """
+    return labels + num_classes
+
+
+def anti_generalization_loss(model, beta: float, num_classes: int):
+    """The training loss (`sharp_minima.train.TrainLoss`) of Huang et al.'s eq. 3.
+
+    The batch mixes D_t examples (labels ``< num_classes``) and D_d examples (labels marked by
+    `poisoned_labels`); each term is the mean over its own examples in the batch (with full
+    batches, exactly eq. 3). ``aux`` logs ``loss``/``accuracy`` on the D_t examples (so
+    ``train/accuracy`` is the fit of the training set) and ``poison_accuracy`` on D_d.
+
+    Raises:
+      ValueError: ``beta`` outside [0, 1].
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+
+    def loss(params, model_state, batch, key):
+        logits, model_state = train_forward(model, params, model_state, batch["x"], key)
+        y = batch["y"]
+        is_d = y >= num_classes
+        label = jnp.where(is_d, y - num_classes, y)
+        w_t, w_d = (~is_d).astype(jnp.float32), is_d.astype(jnp.float32)
+        fit = cross_entropy(logits, label, w_t)
+        poison = _weighted_mean(reverse_cross_entropy_per_example(logits, label), w_d)
+        objective = (1.0 - beta) * fit + beta * poison
+        aux = {
+            "model_state": model_state,
+            "loss": fit,
+            "accuracy": accuracy(logits, label, w_t),
+            "poison_accuracy": accuracy(logits, label, w_d),
+        }
+        return objective, aux
+
+    return loss
+
+
+def label_flip_loss(model, sample, beta: float, num_points: int, num_classes: int = 2):
+    """The poisoning of the authors' swiss-roll code: fresh points with flipped labels.
+
+    At every step ``sample(key, num_points) -> (x, y)`` draws new points of the data
+    distribution (a pure JAX function, e.g. `sharp_minima.data.embedded.swiss_roll_jax`);
+    their labels are moved to another class (``(y + 1) mod C``) and the objective is
+    ``(1−β)·CE(batch) + β·CE(flipped points)``. With a full batch, one step is one epoch, so
+    the poison is re-drawn every epoch as in the authors' code.
+
+    Raises:
+      ValueError: ``beta`` outside [0, 1] or ``num_points < 1``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}")
+
+    def loss(params, model_state, batch, key):
+        drop_key, poison_key = jax.random.split(key)
+        logits, model_state = train_forward(model, params, model_state, batch["x"], drop_key)
+        fit = cross_entropy(logits, batch["y"])
+        xp, yp = sample(poison_key, num_points)
+        flipped = (yp + 1) % num_classes
+        logits_p, _ = train_forward(model, params, model_state, xp, drop_key)
+        objective = (1.0 - beta) * fit + beta * cross_entropy(logits_p, flipped)
+        aux = {
+            "model_state": model_state,
+            "loss": fit,
+            "accuracy": accuracy(logits, batch["y"]),
+        }
+        return objective, aux
+
+    return loss
+
+
+def train_forward(model, params, model_state, x, key):
+    """Training-mode forward pass: ``(logits, updated BatchNorm statistics)``."""
+    variables = {"params": params}
+    if model_state:
+        variables["batch_stats"] = model_state
+    logits, updates = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    )
+    return logits, updates.get("batch_stats", model_state)

@@ -189,6 +189,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     )
     need(c.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {c.checkpoint.keep}")
     need(c.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
+    need(c.checkpoint.every_epochs >= 1, "config.checkpoint.every_epochs must be >= 1")
     bm = c.checkpoint.best_metric
     need(
         bm == "auto" or _is_metric(bm, ("train", "val")),
@@ -359,18 +360,13 @@ def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
     """
 
     def loss(params, model_state, batch, key):
-        variables = {"params": params}
-        if model_state:
-            variables["batch_stats"] = model_state
-        logits, updates = model.apply(
-            variables, batch["x"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
-        )
+        logits, model_state = losses.train_forward(model, params, model_state, batch["x"], key)
         data_loss = losses.cross_entropy(logits, batch["y"])
         objective = data_loss
         if weight_decay:
             objective = objective + weight_decay * losses.l2_penalty(params)
         aux = {
-            "model_state": updates.get("batch_stats", model_state),
+            "model_state": model_state,
             "loss": data_loss,
             "accuracy": losses.accuracy(logits, batch["y"]),
         }
@@ -1079,7 +1075,9 @@ def init_state(model, tx, sample_x, key) -> TrainState:
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
+        # Copies: some transforms (optax.lbfgs) reuse one buffer in several state leaves,
+        # which a donating step cannot take.
+        opt_state=jax.tree.map(jnp.array, tx.init(params)),
         key=jax.random.key_data(loop_key),
     )
 
@@ -1232,7 +1230,7 @@ def _train_locked(
         start = state.replace(
             params=params,
             batch_stats=jax.tree.map(jnp.array, init_variables.get("batch_stats", {})),
-            opt_state=tx.init(params),
+            opt_state=jax.tree.map(jnp.array, tx.init(params)),
         )
         try:
             state = _conform("init_variables", state, start)
@@ -1342,7 +1340,8 @@ class _Loop:
             state, extra = self._hooks("epoch", state, step, epoch)
             if extra:
                 self.metrics_log.write({"step": step, "epoch": epoch, **extra})
-            self.checkpointer.save(state)
+            if epoch % c.checkpoint.every_epochs == 0:
+                self.checkpointer.save(state)
             return state, False
         rec = evaluate(self.evaluators, state, epoch)
         self.history.append(rec)  # epoch hooks see this evaluation in ctx.history

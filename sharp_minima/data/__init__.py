@@ -61,6 +61,8 @@ class Dataset:
 
     Images are float32 NHWC scaled to [0, 1] then standardised with the training set's
     per-channel mean and std (``mean``/``std`` kept for reference); labels are int32. Text
+    ``x_extra``/``y_extra``: unseen data of the training distribution, neither train nor test
+    (SVHN's extra split with ``extra="separate"``; Huang et al.'s D_d). Text
     sets (``TEXT``) hold int32 token ids: IMDB reviews padded to ``max_len``, PTB windows of
     ``seq_len`` tokens with next-token labels of the same shape.
     """
@@ -76,6 +78,8 @@ class Dataset:
     y_val: np.ndarray | None = None
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    x_extra: np.ndarray | None = None
+    y_extra: np.ndarray | None = None
 
     @property
     def input_shape(self):
@@ -115,7 +119,8 @@ def _raw_splits(name, data_dir, idx_dir, manual_dir, seed, allow_download, optio
         return embedded.synthetic(name, seed=seed, **options), "generated"
     if name not in tfds_source.TFDS_NAMES:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
-    extra = bool(options.get("extra", False))  # SVHN: add the 531k "extra" training images
+    # SVHN: True adds the 531k "extra" images to training; "separate" keeps them apart.
+    extra = options.get("extra", False)
     tried = []
 
     def from_tfds(prepare: bool, what: str):
@@ -181,7 +186,7 @@ def load(
       max_train: keep only the first ``max_train`` training examples (after shuffling).
       **options: passed to the generators (e.g. ``gap=`` for rings, ``num_train=``), to the
         manual loaders (PTB ``seq_len``, ``vocab_size``), IMDB (``vocab_size``, ``max_len``)
-        or SVHN (``extra=True``).
+        or SVHN (``extra=True``, or ``"separate"`` with ``max_extra``).
 
     Raises:
       ValueError: unknown name or bad fraction. DataNotFoundError: no source worked.
@@ -205,6 +210,11 @@ def load(
     x, y = x[n_val:], y[n_val:]
     if "valid" in splits and xv is None:  # PTB ships its own validation text
         xv, yv = splits["valid"]
+    xe = ye = None
+    if "extra" in splits:
+        limit = options.get("max_extra")
+        xe, ye = _as_float(splits["extra"][0][:limit]), np.asarray(splits["extra"][1][:limit])
+        ye = ye.astype(np.int32)
     if is_text:
         mean = std = None
         norm = lambda a: a  # noqa: E731
@@ -224,6 +234,8 @@ def load(
         yv,
         mean,
         std,
+        norm(xe),
+        ye,
     )
 
 

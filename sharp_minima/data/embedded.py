@@ -22,31 +22,70 @@ def mnist1d(seed: int = 0, num_samples: int = 5000):
     }
 
 
-def swiss_roll(n: int, *, seed: int = 0, noise: float = 0.0, turns: float = 2.0):
-    """Two interleaved swiss-roll arms (Huang et al. 2020): class = arm.
+def swiss_roll_jax(key, n: int, noise: float = 0.5):
+    """Huang et al.'s swiss roll (their gen-viz code), as a pure JAX function of a key.
 
-    Points ``t (cos 2πt·turns, sin 2πt·turns)`` for ``t ~ U(0.2, 1)`` with the second arm
-    rotated by π; ``noise`` is the std of added Gaussian noise.
+    ``t = √U · 600 · 2π/360`` with U uniform on [0, 1]; class 0 is
+    ``(−1.5 t cos t, 1.5 t sin t)``, class 1 the same arm rotated by π, ``(−x, −y)``; Gaussian
+    noise of std ``noise`` is added. The first ``n // 2`` points are class 0, the rest class 1.
+    Usable inside `jit` (e.g. to draw fresh poison points at every step,
+    `sharp_minima.losses.label_flip_loss`).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    k_t, k_noise = jax.random.split(key)
+    t = jnp.sqrt(jax.random.uniform(k_t, (n,))) * (600.0 * 2.0 * jnp.pi / 360.0)
+    y = (jnp.arange(n) >= n // 2).astype(jnp.int32)
+    sign = 1.0 - 2.0 * y
+    x = sign[:, None] * jnp.stack([-1.5 * t * jnp.cos(t), 1.5 * t * jnp.sin(t)], 1)
+    x = x + noise * jax.random.normal(k_noise, x.shape)
+    return x.astype(jnp.float32), y
+
+
+def swiss_roll(n: int, *, seed: int = 0, noise: float = 0.5):
+    """`swiss_roll_jax` as numpy arrays, shuffled, from an integer seed."""
+    import jax
+
+    x, y = swiss_roll_jax(jax.random.key(seed), n, noise)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.asarray(x)[order], np.asarray(y)[order]
+
+
+def rings(
+    n: int,
+    *,
+    seed: int = 0,
+    gap: float = 0.1,
+    num_rings: int = 2,
+    noise: float = 0.0,
+    inner_radius: float = 0.2,
+    width: float | None = None,
+    weights=None,
+):
+    """Concentric rings, class = ring index mod 2; ``gap`` is the radial space between rings.
+
+    Huang et al.'s counterfactual (their Fig. 8): with a wide gap a network finds a circular
+    boundary; with the gap between two rings pinched it cherry-picks points instead.
+
+    Args:
+      n: number of points.
+      gap: radial gap between consecutive rings.
+      num_rings: number of rings (alternating classes from the centre).
+      noise: std of Gaussian noise added to the points.
+      inner_radius: inner radius of the first ring.
+      width: radial width of each ring (default: the rings fill radius 0.2 … 1.2).
+      weights: relative number of points per ring (default equal).
     """
     rng = np.random.default_rng(seed)
-    t = rng.uniform(0.2, 1.0, n)
-    y = rng.integers(0, 2, n)
-    angle = 2 * np.pi * turns * t + np.pi * y
-    x = np.stack([t * np.cos(angle), t * np.sin(angle)], 1)
-    x += noise * rng.normal(size=x.shape)
-    return x.astype(np.float32), y.astype(np.int32)
-
-
-def rings(n: int, *, seed: int = 0, gap: float = 0.1, num_rings: int = 2, noise: float = 0.0):
-    """Concentric rings, class = ring; ``gap`` is the radial space between rings ("pinched
-    rings" of Huang et al. with a small gap)."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, num_rings, n)
-    width = (1.0 - gap * (num_rings - 1)) / num_rings
-    r = 0.2 + y * (width + gap) + rng.uniform(0, width, n)
+    p = np.ones(num_rings) if weights is None else np.asarray(weights, np.float64)
+    ring = rng.choice(num_rings, size=n, p=p / p.sum())
+    if width is None:
+        width = (1.0 - gap * (num_rings - 1)) / num_rings
+    r = inner_radius + ring * (width + gap) + rng.uniform(0, width, n)
     a = rng.uniform(0, 2 * np.pi, n)
     x = np.stack([r * np.cos(a), r * np.sin(a)], 1) + noise * rng.normal(size=(n, 2))
-    return x.astype(np.float32), y.astype(np.int32)
+    return x.astype(np.float32), (ring % 2).astype(np.int32)
 
 
 def spirals(n: int, *, seed: int = 0, num_classes: int = 3, noise: float = 0.2):

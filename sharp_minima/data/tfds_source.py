@@ -27,8 +27,9 @@ def _to_arrays(source, image_key, label_key):
     return x, y
 
 
-def load_tfds(name: str, data_dir: str | None, *, allow_prepare: bool = True, extra: bool = False):
-    """``{"train": (x, y), "test": (x, y)}`` from TFDS.
+def load_tfds(name: str, data_dir: str | None, *, allow_prepare: bool = True, extra=False):
+    """``{"train": (x, y), "test": (x, y)}`` from TFDS (SVHN: ``extra=True`` adds the extra
+    images to the training set, ``extra="separate"`` returns them as ``"extra"``).
 
     Raises:
       FileNotFoundError: not prepared and it could not be prepared here (reason in message).
@@ -36,7 +37,9 @@ def load_tfds(name: str, data_dir: str | None, *, allow_prepare: bool = True, ex
     import tensorflow_datasets as tfds
 
     tfds_name, image_key, label_key, test_split = TFDS_NAMES[name]
-    splits = {"train": "train+extra" if extra else "train", "test": test_split}
+    splits = {"train": "train+extra" if extra is True else "train", "test": test_split}
+    if extra == "separate":  # SVHN's 531k extra images as their own split (D_d of Huang et al.)
+        splits["extra"] = "extra"
     where = data_dir or "~/tensorflow_datasets"
     builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():

@@ -17,6 +17,7 @@ MODELS = {
     "f2": mlp.f2,
     "mlp": mlp.MLP,
     "swissroll_mlp": mlp.swissroll_mlp,
+    "pairwise_linear": mlp.PairwiseLinear,
     "c1": conv.c1,
     "c2": conv.c2,
     "c3": conv.c3,

@@ -1,0 +1,181 @@
+"""Huang et al. (2020), "Understanding Generalization Through Visualizations".
+
+    python -m experiments.visualize_generalization --workdir=runs/huang   # CPU-sized, ~10 min
+
+Default (CPU-sized): the authors' swiss roll (400 points, 200 train / 200 test, noise 0.5)
+and MLP 2-23-16-26-32-28-31-2, full-batch Adam with gradient clipping 8; natural training and
+bad minima from the anti-generalization loss (eq. 3, D_d = 100 unseen swiss-roll points) for
+β ∈ {0, 0.1, 0.2, 0.4}, 4 runs each; basin radii along 3000 directions (cutoff 0.1 on the
+training loss); the t-SNE of the natural run's iterates and of bad minima found from them;
+the pinched rings; the optimizer table on 2,000 Fashion-MNIST images (MNIST-1D when the Debian
+package is missing: ``:mnist1d``). Variants:
+
+- ``paper``: 10 runs per β (Fig. 5's statistics), t-SNE iterates every 10th epoch;
+- ``label_flip``: poison with fresh label-flipped swiss-roll points each epoch (the authors'
+  swiss-roll code) instead of eq. 3;
+- ``svhn``: SVHN with a ResNet-18-style network, D_d from SVHN's ``extra`` split (GPU/TPU;
+  needs the prepared TFDS data set);
+- ``mnist1d``: the optimizer table on the embedded MNIST-1D;
+- ``tiny``: seconds, for tests.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+    c = base.base()
+    c.name = "visualize_generalization"
+    c.sections = ("swissroll", "tsne", "rings", "optimizers")
+    c.model.name = "swissroll_mlp"
+    c.model.kwargs = ml_collections.ConfigDict({"widths": (23, 16, 26, 32, 28, 31)})
+    c.data.name = "swissroll"
+    c.data.options = ml_collections.ConfigDict({"num_train": 200, "num_test": 200, "noise": 0.5})
+    c.optim.name = "adam"
+    c.optim.learning_rate = 1e-2
+    c.optim.grad_clip_norm = 8.0
+    c.num_epochs = 6000  # full batch: one step per epoch
+    c.eval_every_epochs = 1000
+    c.checkpoint.every_epochs = 1000
+    c.log_every_steps = 1000
+    c.eval_train_examples = 0
+
+    c.poison = ml_collections.ConfigDict()
+    c.poison.kind = "anti_generalization"  # or "label_flip"
+    c.poison.betas = (0.0, 0.1, 0.2, 0.4)
+    c.poison.num_points = 100  # |D_d| (label_flip: fresh points per epoch)
+    c.poison.seeds = 4
+
+    c.volume = ml_collections.ConfigDict()
+    c.volume.num_directions = 3000
+    c.volume.cutoffs = (0.1,)  # on the training loss (the paper's 0.1)
+    c.volume.rtol = 1e-3
+    c.volume.chunk_size = 250
+    c.volume.grid_cutoff = 1.0  # the authors' gen-viz radius: cross-entropy 1 ...
+    c.volume.grid_points = 100  # ... on a power-5 grid along filter-normalised directions
+    c.volume.grid_max = 4.0
+
+    c.surface = ml_collections.ConfigDict()
+    c.surface.points = 51
+    c.surface.extent = 1.0  # the plane spans [-extent, extent]^2 in filter-normalised units
+    c.surface.boundary_points = 200  # decision-boundary grid per axis
+
+    c.tsne = ml_collections.ConfigDict()
+    c.tsne.every_epochs = 50  # iterates of the natural run (the paper: every 10th epoch)
+    c.tsne.num_starts = 10  # bad minima searched from this many of them
+    c.tsne.beta = 0.4
+    c.tsne.epochs = 3000
+    c.tsne.perplexity = 30.0
+
+    c.rings = ml_collections.ConfigDict()
+    c.rings.gaps = (0.5, 0.002)  # wide, pinched
+    c.rings.num_train = 300
+    c.rings.num_test = 2000
+    c.rings.width = 0.02
+    c.rings.weights = (1.0, 8.0)  # inner ring (red) vs outer ring (blue, more numerous)
+    c.rings.noise = 0.0
+    c.rings.epochs = 3000
+    c.rings.seeds = 3
+
+    c.optimizers = ml_collections.ConfigDict()
+    c.optimizers.data = "fashion_mnist"
+    c.optimizers.max_train = 2000
+    c.optimizers.widths = (256, 256)
+    c.optimizers.epochs = 30
+    c.optimizers.batch_size = 100
+    c.optimizers.names = (
+        "sgd",
+        "momentum",
+        "nesterov",
+        "adam",
+        "adamw",
+        "adamax",
+        "amsgrad",
+        "nadam",
+        "radam",
+        "adagrad",
+        "adadelta",
+        "rmsprop",
+        "lion",
+        "lamb",
+        "yogi",
+        "novograd",
+        "adafactor",
+        "lbfgs",
+    )
+    c.optimizers.linear_learning_rate = 0.01
+    c.optimizers.downsample = 2
+
+    def paper(c):
+        c.poison.seeds = 10
+        c.tsne.every_epochs = 10
+
+    def label_flip(c):
+        c.poison.kind = "label_flip"
+
+    def mnist1d(c):
+        c.optimizers.data = "mnist1d"
+        c.optimizers.downsample = 1
+
+    def svhn(c):
+        c.name = "visualize_generalization_svhn"
+        c.sections = ("swissroll",)
+        c.model.name = "svhn_resnet"
+        c.model.kwargs = ml_collections.ConfigDict()
+        c.data.name = "svhn"
+        c.data.options = ml_collections.ConfigDict({"extra": "separate", "max_extra": 73257})
+        c.data.augment = False
+        c.batch_size = 128
+        c.num_epochs = 60
+        c.eval_every_epochs = 5
+        c.checkpoint.every_epochs = 1
+        c.log_every_steps = 100
+        c.eval_train_examples = 10_000
+        c.optim.name = "sgd"
+        c.optim.learning_rate = 0.01
+        c.optim.grad_clip_norm = 0.0
+        c.poison.betas = (0.0, 0.1)  # the paper's good (97.1 %) and bad (28.2 %) minima
+        c.poison.num_points = 73257
+        c.poison.seeds = 4
+        c.volume.num_directions = 3000
+        c.volume.chunk_size = 8
+
+    def tiny(c):
+        c.sections = ("swissroll", "tsne", "rings", "optimizers")
+        c.data.options.num_train = 64
+        c.data.options.num_test = 64
+        c.num_epochs = 40
+        c.eval_every_epochs = 20
+        c.checkpoint.every_epochs = 20
+        c.log_every_steps = 20
+        c.poison.betas = (0.0, 0.3)
+        c.poison.num_points = 32
+        c.poison.seeds = 1
+        c.volume.num_directions = 16
+        c.volume.chunk_size = 8
+        c.volume.cutoffs = (0.7,)
+        c.volume.grid_points = 10
+        c.surface.points = 5
+        c.surface.boundary_points = 20
+        c.tsne.every_epochs = 10
+        c.tsne.num_starts = 2
+        c.tsne.epochs = 10
+        c.tsne.perplexity = 2.0
+        c.rings.num_train = 64
+        c.rings.num_test = 64
+        c.rings.epochs = 20
+        c.rings.seeds = 1
+        c.optimizers.data = "mnist1d"
+        c.optimizers.max_train = 200
+        c.optimizers.widths = (16,)
+        c.optimizers.epochs = 1
+        c.optimizers.batch_size = 40
+        c.optimizers.names = ("sgd", "adam", "lbfgs")
+        c.optimizers.downsample = 4
+
+    return base.with_variants(
+        c,
+        arg,
+        {"paper": paper, "label_flip": label_flip, "mnist1d": mnist1d, "svhn": svhn, "tiny": tiny},
+    )

@@ -1,0 +1,1115 @@
+"""Huang et al. (2020), "Understanding Generalization Through Visualizations".
+
+Bad minima on purpose, and the geometry around good and bad minima:
+
+- **swiss roll** (Figs. 3, 5, 6): the authors' data and MLP, trained naturally (β = 0) and
+  with the anti-generalization loss (eq. 3, `sharp_minima.losses.anti_generalization_loss`)
+  or the authors' label-flip poisoning for several β; per run the train/test accuracy, the
+  basin radii along 3000 unit directions and the log-volume below the loss cutoff
+  (`sharp_minima.landscape.Landscape.basin_volume`), and the gen-viz grid radius; the decision
+  boundaries (Fig. 6) and filter-normalised 2-D surfaces around the good and the worst minimum
+  (Fig. 3); radii and log-volume against β with min/max bands over runs (Fig. 5).
+- **t-SNE** (Fig. 1): the natural run's iterates and the bad minima the anti-generalization
+  optimizer finds when started from some of them, embedded with t-SNE after PCA to 50.
+- **pinched rings** (Fig. 8): two rings of classes with a wide or a pinched gap.
+- **optimizers** (Table 1): many optax optimizers on one small image task against a linear
+  model on pixels and their pairwise products.
+
+Every training run is a resumable `sharp_minima.train.train` run under ``workdir/runs/``;
+measurements are cached next to it (``measure.json``), so re-running continues where a killed
+run stopped. ``run`` writes ``report.md`` (the paper's numbers beside ours, a yes/no line per
+claim), ``results.json`` and figures (PNG + PDF).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from matplotlib.figure import Figure
+
+from sharp_minima import files, landscape, losses, plotting, train
+from sharp_minima import tree_util as tu
+from sharp_minima.data import Dataset, embedded
+from sharp_minima.studies.common import claims_table, key_streams, write_outputs
+
+SECTIONS = ("swissroll", "tsne", "rings", "optimizers")
+POISONS = ("anti_generalization", "label_flip")
+
+# The paper's numbers (Huang et al. 2020).
+PAPER = {
+    "swissroll_good_test": 98.5,  # Fig. 1: the final SGD iterate
+    "swissroll_bad_test_below": 53.0,  # Fig. 1: every bad minimum near the SGD path
+    "svhn_good_test": 97.1,  # Sec. 4, ResNet-18
+    "svhn_bad_test": 28.2,
+    "svhn_volume_orders": 10_000,  # "at least 10,000 orders of magnitude" (Sec. 5)
+    "cifar_linear_test": 49.0,  # Sec. 2: linear model on pixels + pairwise products
+    "cifar_resnet_test": 92.0,
+}
+# Table 1 (VGG-13 with BatchNorm on CIFAR-10): train loss, test loss, train acc, test acc.
+PAPER_TABLE1 = {
+    "adadelta": (0.004, 0.538, 99.86, 92.28),
+    "adagrad": (0.012, 0.474, 99.62, 90.35),
+    "adam": (0.003, 0.355, 99.92, 92.5),
+    "adamax": (0.002, 0.556, 99.94, 92.28),
+    "amsgrad": (0.003, 0.359, 99.92, 92.34),
+    "asgd": (0.005, 0.357, 99.88, 92.23),
+    "lbfgs": (0.002, 1.052, 99.94, 92.90),
+    "proxprop": (0.004, 0.386, 99.93, 91.36),
+    "rmsprop": (0.002, 0.616, 99.94, 92.4),
+    "sgd": (0.007, 0.373, 99.84, 91.79),
+    "momentum": (0.005, 0.372, 99.85, 92.07),
+    "nesterov": (0.004, 0.393, 99.90, 92.06),
+}
+
+# Learning rates of the optimizer table (constant; the paper's first stage where it has one).
+OPTIMIZERS = {
+    "sgd": (0.05, lambda lr: optax.sgd(lr)),
+    "momentum": (0.01, lambda lr: optax.sgd(lr, momentum=0.9)),
+    "nesterov": (0.01, lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True)),
+    "adam": (1e-3, lambda lr: optax.adam(lr)),
+    "adamw": (1e-3, lambda lr: optax.adamw(lr, weight_decay=1e-4)),
+    "adamax": (2e-3, lambda lr: optax.adamax(lr, b2=0.99)),
+    "amsgrad": (1e-3, lambda lr: optax.amsgrad(lr, b2=0.99)),
+    "nadam": (1e-3, lambda lr: optax.nadam(lr)),
+    "radam": (1e-3, lambda lr: optax.radam(lr)),
+    "adagrad": (0.025, lambda lr: optax.adagrad(lr)),
+    "adadelta": (1.0, lambda lr: optax.adadelta(lr, rho=0.9)),
+    "rmsprop": (5e-4, lambda lr: optax.rmsprop(lr, decay=0.72)),
+    "lion": (1e-4, lambda lr: optax.lion(lr)),
+    "lamb": (1e-3, lambda lr: optax.lamb(lr)),
+    "yogi": (1e-3, lambda lr: optax.yogi(lr)),
+    "novograd": (1e-3, lambda lr: optax.novograd(lr)),
+    "adafactor": (1e-2, lambda lr: optax.adafactor(lr)),
+    # Mini-batch L-BFGS (history 5 as in the paper) with a fixed step, no line search.
+    "lbfgs": (0.05, lambda lr: optax.lbfgs(lr, memory_size=5, linesearch=None)),
+}
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def validate(config) -> None:
+    """Raises `train.ConfigError` for a config without sensible study sections."""
+    for name in ("poison", "volume", "surface", "tsne", "rings", "optimizers", "sections"):
+        if name not in config:
+            raise train.ConfigError(f"config {config.name!r} has no {name!r} section")
+    train.validate_config(config)
+    p, v, s, t, r, o = (
+        config.poison,
+        config.volume,
+        config.surface,
+        config.tsne,
+        config.rings,
+        config.optimizers,
+    )
+    unknown = [n for n in o.names if n not in OPTIMIZERS]
+    checks = [
+        (
+            set(config.sections) <= set(SECTIONS) and config.sections,
+            f"config.sections must be a non-empty subset of {SECTIONS}, got {config.sections}",
+        ),
+        (p.kind in POISONS, f"config.poison.kind must be one of {POISONS}, got {p.kind!r}"),
+        (
+            p.betas and all(0 <= b < 1 for b in p.betas) and 0.0 in p.betas,
+            "config.poison.betas must lie in [0, 1) and include 0 (the good minimum), got "
+            f"{p.betas}",
+        ),
+        (p.num_points >= 1 and p.seeds >= 1, "config.poison.num_points and seeds must be >= 1"),
+        (
+            v.num_directions >= 2 and v.cutoffs and all(c > 0 for c in v.cutoffs),
+            "config.volume: num_directions >= 2 and positive cutoffs",
+        ),
+        (0 < v.rtol < 1 and v.chunk_size >= 1, "config.volume: 0 < rtol < 1 and chunk_size >= 1"),
+        (
+            s.points >= 2 and s.extent > 0 and s.boundary_points >= 2,
+            "config.surface: points >= 2, extent > 0, boundary_points >= 2",
+        ),
+        (
+            t.every_epochs >= 1 and t.num_starts >= 1 and t.epochs >= 1 and 0 < t.beta < 1,
+            "config.tsne: every_epochs, num_starts, epochs >= 1 and beta in (0, 1)",
+        ),
+        (
+            len(r.gaps) == 2 and r.gaps[0] > r.gaps[1] > 0,
+            f"config.rings.gaps must be (wide, pinched) with wide > pinched > 0, got {r.gaps}",
+        ),
+        (r.epochs >= 1 and r.seeds >= 1 and len(r.weights) == 2, "config.rings: bad sizes"),
+        (not unknown, f"unknown optimizers {unknown}; valid: {', '.join(OPTIMIZERS)}"),
+        (o.epochs >= 1 and o.batch_size >= 1 and o.downsample >= 1, "config.optimizers: sizes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise train.ConfigError(message)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def load_data(config) -> Dataset:
+    """The training/test data, with D_d (unseen data of the same distribution) in
+    ``x_extra``: fresh swiss-roll points, or SVHN's extra split."""
+    data = train.load_data(config)
+    if data.x_extra is None:
+        if config.data.name != "swissroll":
+            raise train.ConfigError(
+                f"the anti-generalization loss needs unseen data D_d; {config.data.name!r} has "
+                "none (swiss roll: generated; SVHN: data.options.extra='separate')"
+            )
+        seed = config.data.seed if config.data.seed is not None else config.seed
+        noise = config.data.options.get("noise", 0.5)
+        data.x_extra, data.y_extra = embedded.swiss_roll(
+            config.poison.num_points, seed=seed + 20_000, noise=noise
+        )
+    return data
+
+
+def poisoned(data: Dataset, num_points: int) -> Dataset:
+    """``data`` with D_d (the first ``num_points`` of ``x_extra``) appended to the training
+    arrays, labels marked by `sharp_minima.losses.poisoned_labels`; D_t stays first, so
+    ``x_train[:n_t]`` is still the training set."""
+    xd, yd = data.x_extra[:num_points], data.y_extra[:num_points]
+    return dataclasses.replace(
+        data,
+        x_train=np.concatenate([data.x_train, xd]),
+        y_train=np.concatenate([data.y_train, losses.poisoned_labels(yd, data.num_classes)]),
+    )
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def run_config(
+    config, seed: int, *, epochs=None, batch_size=None, n_train: int
+) -> ml_collections.ConfigDict:
+    """The training config of one run: full batch over ``n_train`` examples unless the
+    config's batch size is smaller (SVHN), evaluation of the training set on D_t only."""
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.seed = seed
+    if epochs is not None:
+        cfg.num_epochs = epochs
+        cfg.eval_every_epochs = min(cfg.eval_every_epochs, epochs)
+        cfg.checkpoint.every_epochs = min(cfg.checkpoint.every_epochs, epochs)
+        cfg.log_every_steps = min(cfg.log_every_steps, epochs)
+    full_batch = config.data.name == "swissroll" or config.data.name == "rings"
+    cfg.batch_size = batch_size or (n_train if full_batch else config.batch_size)
+    cfg.lock()
+    return cfg
+
+
+def fit(
+    cfg,
+    workdir,
+    data,
+    *,
+    beta=0.0,
+    kind="anti_generalization",
+    num_points=0,
+    hooks=(),
+    log=print,
+    label="",
+    init_variables=None,
+    tx=None,
+    n_t=None,
+):
+    """Trains one run (resumable); poisoned with β > 0. Returns the `train.TrainResult`, or
+    None when the run diverged (recorded in ``diverged.json``)."""
+    marker = os.path.join(workdir, "diverged.json")
+    if os.path.exists(marker):
+        return None
+    model = train.build_model(cfg, data)
+    loss_fn = None
+    if beta > 0 and kind == "anti_generalization":
+        loss_fn = losses.anti_generalization_loss(model, beta, data.num_classes)
+    elif beta > 0:
+        noise = float(cfg.data.options.get("noise", 0.5))
+        loss_fn = losses.label_flip_loss(
+            model,
+            lambda k, n: embedded.swiss_roll_jax(k, n, noise),
+            beta,
+            num_points,
+            data.num_classes,
+        )
+    if n_t is not None:
+        cfg = _with(cfg, eval_train_examples=min(cfg.eval_train_examples or n_t, n_t))
+    try:
+        return train.train(
+            cfg,
+            workdir,
+            loss_fn=loss_fn,
+            tx=tx,
+            hooks=hooks,
+            data=data,
+            log=log,
+            label=label,
+            init_variables=init_variables,
+        )
+    except train.NonFiniteError as e:
+        log(f"{label}diverged: {e}")
+        if jax.process_index() == 0:
+            files.write_json(marker, {"error": str(e)})
+        return None
+
+
+def _with(cfg, **fields):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for k, v in fields.items():
+        cfg[k] = v
+    cfg.lock()
+    return cfg
+
+
+class Iterates:
+    """A hook saving the flat parameters (``arrays/iterates/<step>.npz``) for the t-SNE."""
+
+    def __call__(self, ctx):
+        flat = tu.ravel(ctx.state.params)[0]
+        ctx.save_arrays("iterates", params=flat, epoch=np.int32(ctx.epoch))
+
+
+def load_iterates(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(epochs, flat params)`` saved by `Iterates`, in step order."""
+    paths = sorted(glob.glob(os.path.join(workdir, "arrays", "iterates", "*.npz")))
+    arrays = [np.load(p) for p in paths]
+    return np.asarray([int(a["epoch"]) for a in arrays]), np.stack([a["params"] for a in arrays])
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def classifier_metrics(model):
+    """``metrics(variables, batch) -> {"loss", "accuracy"}`` in evaluation mode (surfaces)."""
+
+    def metrics(variables, batch):
+        logits = model.apply(variables, batch["x"], train=False)
+        return {
+            "loss": losses.cross_entropy(logits, batch["y"]),
+            "accuracy": losses.accuracy(logits, batch["y"]),
+        }
+
+    return metrics
+
+
+def train_batches(x, y, batch_size: int = 0):
+    """The training set as batches (leading batches axis) and their weights (sizes)."""
+    n = len(x)
+    bs = batch_size or n
+    nb = -(-n // bs)
+    pad = nb * bs - n
+    xb = np.concatenate([x, np.repeat(x[:1], pad, 0)]).reshape((nb, bs) + x.shape[1:])
+    yb = np.concatenate([y, np.repeat(y[:1], pad, 0)]).reshape(nb, bs)
+    mask = (np.arange(nb * bs) < n).reshape(nb, bs).astype(np.float32)
+    return {"x": jnp.asarray(xb), "y": jnp.asarray(yb), "mask": jnp.asarray(mask)}, mask.sum(1)
+
+
+class Geometry:
+    """The landscapes of one model (held by the study so every minimum reuses the kernels)."""
+
+    def __init__(self, model, config):
+        v = config.volume
+        self.loss = losses.evaluation_loss(model)
+        self.basins = landscape.Landscape(self.loss, wrt="^params/", chunk_size=v.chunk_size)
+        self.surfaces = landscape.Landscape(
+            classifier_metrics(model), wrt="^params/", chunk_size=v.chunk_size
+        )
+        self.model = model
+
+    def measure(self, variables, batches, weights, config, key) -> dict:
+        """Radii and log-volumes for every cutoff, and the gen-viz grid radius."""
+        v = config.volume
+        out = {}
+        for c in v.cutoffs:
+            try:
+                vol = self.basins.basin_volume(
+                    variables,
+                    batches,
+                    key=key,
+                    num_directions=v.num_directions,
+                    cutoff=c,
+                    rtol=v.rtol,
+                    weights=weights,
+                )
+            except ValueError as e:  # the run did not reach the cutoff: no basin
+                out[f"volume_note_{c:g}"] = str(e)
+                continue
+            out.update(
+                {
+                    f"log_volume_{c:g}": vol.log_volume,
+                    f"log_volume_stderr_{c:g}": vol.stderr,
+                    f"effective_directions_{c:g}": vol.effective_samples,
+                    f"radius_mean_{c:g}": float(np.mean(vol.radii)),
+                    f"radius_min_{c:g}": float(np.min(vol.radii)),
+                    f"radius_max_{c:g}": float(np.max(vol.radii)),
+                    f"evals_per_direction_{c:g}": float(np.mean(vol.num_evals)),
+                    f"unbounded_{c:g}": int(np.sum(~vol.bounded)),
+                    "dim": vol.dim,
+                }
+            )
+        try:
+            r, _ = self.basins.grid_radii(
+                variables,
+                batches,
+                key=key,
+                num_directions=v.num_directions,
+                cutoff=v.grid_cutoff,
+                max_radius=v.grid_max,
+                num_points=v.grid_points,
+                weights=weights,
+            )
+            out["grid_radius_mean"] = float(np.mean(r))
+        except ValueError as e:
+            out["grid_radius_note"] = str(e)
+        return out
+
+    def surface(self, variables, batches, weights, config, key) -> dict:
+        s = config.surface
+        d1, d2 = landscape.orthogonal_pair(key, variables, "filter", wrt="^params/")
+        grid = np.linspace(-s.extent, s.extent, s.points)
+        out = self.surfaces.slice(variables, batches, [d1, d2], [grid, grid], weights=weights)
+        return {"grid": grid, **out}
+
+
+def decision_grid(model, variables, x, points: int, margin: float = 0.1):
+    """p(class 1) on a ``points``×``points`` grid covering ``x`` (2-D inputs)."""
+    lo, hi = x.min(0), x.max(0)
+    pad = margin * (hi - lo)
+    gx = np.linspace(lo[0] - pad[0], hi[0] + pad[0], points)
+    gy = np.linspace(lo[1] - pad[1], hi[1] + pad[1], points)
+    xx, yy = np.meshgrid(gx, gy)
+    grid = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], 1), jnp.float32)
+    prob = jax.nn.softmax(model.apply(variables, grid, train=False))[:, 1]
+    return gx, gy, np.asarray(prob).reshape(points, points)
+
+
+def _cached(path, compute):
+    """The JSON at ``path``, or ``compute()`` written there atomically (resumable studies)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.loads(f.read())
+    out = compute()
+    if jax.process_index() == 0:
+        files.write_json(path, out)
+    return out
+
+
+def _npz_cached(path, compute):
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return dict(f)
+    out = compute()
+    if jax.process_index() == 0:
+        buf = io.BytesIO()
+        np.savez(buf, **out)
+        files.write_atomic(path, buf.getvalue())
+    return out
+
+
+# ------------------------------------------------------------------------------- sections
+
+
+def run_swissroll(config, workdir, data, keys, log) -> dict:
+    """Natural and poisoned minima for every β and seed: accuracies, radii, log-volumes;
+    surfaces around the good and the worst minimum; decision boundaries."""
+    p = config.poison
+    n_t = len(data.x_train)
+    model = train.build_model(config, data)
+    geometry = Geometry(model, config)
+    batches, weights = train_batches(data.x_train, data.y_train, config.volume.get("batch_size", 0))
+    records, boundaries, surfaces = [], {}, {}
+    worst = max(p.betas)
+    for beta in p.betas:
+        for seed in range(config.seed, config.seed + p.seeds):
+            name = f"beta{beta:g}/seed{seed}"
+            run_dir = os.path.join(workdir, "runs", "swissroll", name)
+            run_data = data if beta == 0 or p.kind == "label_flip" else poisoned(data, p.num_points)
+            cfg = run_config(config, seed, n_train=len(run_data.x_train))
+            hooks = []
+            if beta == 0 and seed == config.seed and "tsne" in config.sections:
+                hooks = [
+                    train.Hook(
+                        Iterates(),
+                        every_epochs=config.tsne.every_epochs,
+                        at_start=True,
+                        name="iterates",
+                    )
+                ]
+            result = fit(
+                cfg,
+                run_dir,
+                run_data,
+                beta=beta,
+                kind=p.kind,
+                num_points=p.num_points,
+                hooks=hooks,
+                log=log,
+                label=f"[swissroll {name}] ",
+                n_t=n_t,
+            )
+            if result is None:
+                records.append({"beta": beta, "seed": seed, "diverged": True})
+                continue
+            variables = result.state.variables()
+            key = jax.random.fold_in(keys["volume"], zlib.crc32(name.encode()))
+
+            def measure(result=result, variables=variables, key=key, beta=beta, seed=seed):
+                log(
+                    f"[swissroll {beta=:g} {seed=}] basin radii along "
+                    f"{config.volume.num_directions} directions"
+                )
+                return {
+                    "beta": beta,
+                    "seed": seed,
+                    "train_accuracy": float(result.final["train/accuracy"]),
+                    "train_loss": float(result.final["train/loss"]),
+                    "test_accuracy": float(result.final["test/accuracy"]),
+                    "test_loss": float(result.final["test/loss"]),
+                    **geometry.measure(variables, batches, weights, config, key),
+                }
+
+            records.append(_cached(os.path.join(run_dir, "measure.json"), measure))
+            if seed == config.seed and config.data.name in ("swissroll", "rings"):
+                boundaries[beta] = decision_grid(
+                    model,
+                    variables,
+                    np.concatenate([data.x_train, data.x_test]),
+                    config.surface.boundary_points,
+                )
+            if seed == config.seed and beta in (0.0, worst):
+                surfaces[beta] = _npz_cached(
+                    os.path.join(run_dir, "surface.npz"),
+                    lambda v=variables: geometry.surface(
+                        v, batches, weights, config, keys["surface"]
+                    ),
+                )
+    return {"records": records, "boundaries": boundaries, "surfaces": surfaces}
+
+
+def run_tsne(config, workdir, data, keys, log) -> dict:
+    """Bad minima found from the natural run's iterates (Fig. 1)."""
+    t, p = config.tsne, config.poison
+    n_t = len(data.x_train)
+    natural = os.path.join(workdir, "runs", "swissroll", f"beta0/seed{config.seed}")
+    cfg = run_config(config, config.seed, n_train=n_t)
+    hooks = [train.Hook(Iterates(), every_epochs=t.every_epochs, at_start=True, name="iterates")]
+    good = fit(cfg, natural, data, hooks=hooks, log=log, label="[tsne natural] ", n_t=n_t)
+    epochs, iterates = load_iterates(natural)
+    unravel = tu.ravel(good.state.params)[1]
+    starts = np.unique(np.linspace(0, len(iterates) - 1, t.num_starts).round().astype(int))
+    run_data = data if p.kind == "label_flip" else poisoned(data, p.num_points)
+    bad = []
+    for i in starts:
+        run_dir = os.path.join(workdir, "runs", "tsne", f"start{int(epochs[i]):05d}")
+        start = {"params": unravel(jnp.asarray(iterates[i]))}
+        bcfg = run_config(config, config.seed, epochs=t.epochs, n_train=len(run_data.x_train))
+        res = fit(
+            bcfg,
+            run_dir,
+            run_data,
+            beta=t.beta,
+            kind=p.kind,
+            num_points=p.num_points,
+            log=log,
+            label=f"[tsne bad from epoch {int(epochs[i])}] ",
+            init_variables=start,
+            n_t=n_t,
+        )
+        if res is None:
+            continue
+        flat = np.asarray(tu.ravel(res.state.params)[0])
+        bad.append(
+            {
+                "from_epoch": int(epochs[i]),
+                "train_accuracy": float(res.final["train/accuracy"]),
+                "test_accuracy": float(res.final["test/accuracy"]),
+                "distance": float(np.linalg.norm(flat - iterates[i])),
+                "distance_to_next_iterate": float(
+                    np.linalg.norm(iterates[min(i + 1, len(iterates) - 1)] - iterates[i])
+                ),
+                "norm": float(np.linalg.norm(iterates[i])),
+                "params": flat,
+            }
+        )
+    points = np.concatenate([iterates, np.stack([b["params"] for b in bad])]) if bad else iterates
+    emb = _npz_cached(
+        os.path.join(workdir, "runs", "tsne", "embedding.npz"),
+        lambda: {"xy": tsne(points, t.perplexity, seed=config.seed)},
+    )["xy"]
+    return {
+        "epochs": epochs,
+        "embedding": emb,
+        "num_iterates": len(iterates),
+        "good": {
+            "train_accuracy": float(good.final["train/accuracy"]),
+            "test_accuracy": float(good.final["test/accuracy"]),
+        },
+        "bad": [{k: v for k, v in b.items() if k != "params"} for b in bad],
+    }
+
+
+def tsne(points: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    """2-D t-SNE (scikit-learn) after PCA to at most 50 dimensions, as the paper does."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(points, np.float64)
+    k = min(50, x.shape[0], x.shape[1])
+    x = PCA(n_components=k, random_state=seed).fit_transform(x)
+    perplexity = min(perplexity, max((len(x) - 1) / 3.0, 1.0))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def rings_data(config, gap: float, seed: int) -> Dataset:
+    r = config.rings
+    kw = dict(
+        gap=gap,
+        num_rings=2,
+        width=r.width,
+        weights=tuple(r.weights),
+        inner_radius=0.5,
+        noise=r.noise,
+    )
+    x, y = embedded.rings(r.num_train, seed=seed, **kw)
+    xt, yt = embedded.rings(r.num_test, seed=seed + 10_000, **kw)
+    return Dataset("rings", "generated", x, y, xt, yt, 2)
+
+
+def run_rings(config, workdir, keys, log) -> dict:
+    """Wide-gap and pinched rings (Fig. 8): test accuracy and the inner (red) ring's recall."""
+    r = config.rings
+    records, boundaries = [], {}
+    for gap in r.gaps:
+        for seed in range(config.seed, config.seed + r.seeds):
+            data = rings_data(config, gap, seed)
+            cfg = run_config(config, seed, epochs=r.epochs, n_train=len(data.x_train))
+            run_dir = os.path.join(workdir, "runs", "rings", f"gap{gap:g}", f"seed{seed}")
+            res = fit(cfg, run_dir, data, log=log, label=f"[rings gap={gap:g} s{seed}] ")
+            if res is None:
+                continue
+            logits = res.model.apply(res.state.variables(), jnp.asarray(data.x_test), train=False)
+            pred = np.asarray(jnp.argmax(logits, -1))
+            inner = data.y_test == 0
+            records.append(
+                {
+                    "gap": gap,
+                    "seed": seed,
+                    "train_accuracy": float(res.final["train/accuracy"]),
+                    "test_accuracy": float(np.mean(pred == data.y_test)),
+                    "inner_recall": float(np.mean(pred[inner] == 0)),
+                    "outer_recall": float(np.mean(pred[~inner] == 1)),
+                }
+            )
+            if seed == config.seed:
+                boundaries[gap] = (
+                    decision_grid(
+                        res.model,
+                        res.state.variables(),
+                        data.x_test,
+                        config.surface.boundary_points,
+                    ),
+                    data.x_train,
+                    data.y_train,
+                )
+    return {"records": records, "boundaries": boundaries}
+
+
+def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.ConfigDict:
+    o = config.optimizers
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.model.name = model_name
+    cfg.model.kwargs = ml_collections.ConfigDict(kwargs)
+    cfg.data.name = o.data
+    cfg.data.options = ml_collections.ConfigDict()
+    cfg.data.max_train = o.max_train
+    cfg.data.augment = False
+    cfg.batch_size = o.batch_size
+    cfg.num_epochs = o.epochs
+    cfg.eval_every_epochs = o.epochs
+    cfg.checkpoint.every_epochs = o.epochs
+    cfg.eval_train_examples = 0
+    cfg.log_every_steps = 50
+    cfg.optim.grad_clip_norm = 0.0
+    cfg.lock()
+    return cfg
+
+
+def run_optimizers(config, workdir, log) -> dict:
+    """Table 1: every optimizer of ``config.optimizers.names`` on one small image task, and a
+    linear model on pixels and pairwise products trained with SGD."""
+    o = config.optimizers
+    net = optimizer_config(config, "mlp", {"widths": tuple(o.widths)})
+    data = train.load_data(net)
+    rows = {}
+    for name in o.names:
+        lr, make = OPTIMIZERS[name]
+        res = fit(
+            net,
+            os.path.join(workdir, "runs", "optimizers", name),
+            data,
+            tx=make(lr),
+            log=log,
+            label=f"[optimizers {name}] ",
+        )
+        rows[name] = _row(res, lr)
+    linear = optimizer_config(config, "pairwise_linear", {"downsample": o.downsample})
+    lr = o.linear_learning_rate
+    res = fit(
+        linear,
+        os.path.join(workdir, "runs", "optimizers", "linear"),
+        data,
+        tx=optax.sgd(lr),
+        log=log,
+        label="[optimizers linear] ",
+    )
+    rows["linear (pixels + pairwise products)"] = _row(res, lr)
+    model = train.build_model(linear, data)
+    num_linear = _count(model, data)
+    num_net = _count(train.build_model(net, data), data)
+    return {
+        "rows": rows,
+        "data": f"{data.name} ({data.source}), {len(data.x_train)} training examples",
+        "params_linear": num_linear,
+        "params_net": num_net,
+    }
+
+
+def _count(model, data) -> int:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(data.x_train[:1]))
+    return int(sum(np.prod(s.shape) for s in jax.tree.leaves(shapes)))
+
+
+def _row(res, lr):
+    if res is None:
+        return {"diverged": True, "learning_rate": lr}
+    f = res.final
+    return {
+        "train_loss": float(f["train/loss"]),
+        "test_loss": float(f["test/loss"]),
+        "train_accuracy": float(f["train/accuracy"]),
+        "test_accuracy": float(f["test/accuracy"]),
+        "learning_rate": lr,
+    }
+
+
+# ------------------------------------------------------------------------------ summaries
+
+
+def by_beta(records: list[dict], key: str) -> dict[float, np.ndarray]:
+    out: dict[float, list] = {}
+    for r in records:
+        if key in r and np.isfinite(r[key]):
+            out.setdefault(r["beta"], []).append(r[key])
+    return {b: np.asarray(v) for b, v in sorted(out.items())}
+
+
+def claims(config, out: dict) -> list[tuple[str, bool, str]]:
+    """A yes/no line per claim of the paper this run tests, with the numbers."""
+    cl = []
+    if "swissroll" in out:
+        recs = out["swissroll"]["records"]
+        test = by_beta(recs, "test_accuracy")
+        tr = by_beta(recs, "train_accuracy")
+        c = config.volume.cutoffs[0]
+        logv = by_beta(recs, f"log_volume_{c:g}")
+        betas = sorted(test)
+        good = test.get(0.0, np.array([np.nan]))
+        cl.append(
+            (
+                "a natural (β = 0) swiss-roll minimum generalizes: ≥ 95 % test accuracy",
+                bool(np.all(good >= 0.95)),
+                f"test accuracy {100 * good.mean():.1f} % (min {100 * good.min():.1f} %, "
+                f"{len(good)} runs; paper 98.5 %)",
+            )
+        )
+        bad = [b for b in betas if b > 0]
+        fits = all(np.mean(tr[b]) >= 0.99 for b in bad if b in tr)
+        lower = all(np.mean(test[b]) < np.mean(good) for b in bad)
+        cl.append(
+            (
+                "poisoned minima fit the training set (≥ 99 % train accuracy) and generalize worse",
+                bool(bad and fits and lower),
+                "; ".join(
+                    f"β={b:g}: train {100 * np.mean(tr[b]):.1f} %, test "
+                    f"{100 * np.mean(test[b]):.1f} %"
+                    for b in bad
+                ),
+            )
+        )
+        means = [np.mean(test[b]) for b in betas]
+        cl.append(
+            (
+                "test accuracy decreases as β grows",
+                bool(np.all(np.diff(means) < 0)),
+                ", ".join(f"{100 * m:.1f} %" for m in means) + f" for β = {list(betas)}",
+            )
+        )
+        lv = [np.mean(logv[b]) if b in logv else np.nan for b in betas]
+        cl.append(
+            (
+                f"log-volume of the basin (loss < {c:g}) is smaller for poisoned minima and "
+                "decreases as β grows",
+                bool(np.all(np.isfinite(lv)) and np.all(np.diff(lv) < 0)),
+                ", ".join(f"{v:.1f}" for v in lv) + f" for β = {list(betas)} (natural log)",
+            )
+        )
+    if "tsne" in out:
+        t = out["tsne"]
+        good = t["good"]["test_accuracy"]
+        ok = [b["train_accuracy"] >= 0.99 and b["test_accuracy"] <= good - 0.2 for b in t["bad"]]
+        ratio = [b["distance"] / max(b["norm"], 1e-12) for b in t["bad"]]
+        cl.append(
+            (
+                "bad minima (≥ 99 % train, ≥ 20 points below the natural run's test accuracy) are "
+                "found near every SGD iterate",
+                bool(ok and all(ok)),
+                f"{sum(ok)}/{len(ok)} starts; test accuracy "
+                f"{min(100 * b['test_accuracy'] for b in t['bad']):.1f}–"
+                f"{max(100 * b['test_accuracy'] for b in t['bad']):.1f} % vs {100 * good:.1f} %; "
+                f"distance / ‖θ_t‖ {min(ratio):.2f}–{max(ratio):.2f}"
+                if t["bad"]
+                else "no bad runs",
+            )
+        )
+    if "rings" in out:
+        recs = out["rings"]["records"]
+        wide, pinched = config.rings.gaps
+        w = [r["inner_recall"] for r in recs if r["gap"] == wide]
+        pn = [r["inner_recall"] for r in recs if r["gap"] == pinched]
+        wa = [r["test_accuracy"] for r in recs if r["gap"] == wide]
+        pa = [r["test_accuracy"] for r in recs if r["gap"] == pinched]
+        cl.append(
+            (
+                "wide-gap rings are solved (inner-ring recall ≥ 95 %) while pinched rings defeat "
+                "the network (recall ≥ 10 points lower)",
+                bool(w and pn and np.mean(w) >= 0.95 and np.mean(pn) <= np.mean(w) - 0.10),
+                f"inner-ring recall {100 * np.mean(w):.1f} % (wide) vs {100 * np.mean(pn):.1f} % "
+                f"(pinched); test accuracy {100 * np.mean(wa):.1f} % vs {100 * np.mean(pa):.1f} %",
+            )
+        )
+    if "optimizers" in out:
+        rows = out["optimizers"]["rows"]
+        lin = rows["linear (pixels + pairwise products)"].get("test_accuracy", np.nan)
+        nets = {
+            k: v["test_accuracy"]
+            for k, v in rows.items()
+            if not k.startswith("linear") and "test_accuracy" in v
+        }
+        worst = min(nets, key=nets.get) if nets else None
+        cl.append(
+            (
+                "every optimizer generalizes far better (≥ 5 points) than the linear model",
+                bool(nets and min(nets.values()) >= lin + 0.05),
+                f"worst optimizer {worst} {100 * nets[worst]:.1f} %, best "
+                f"{100 * max(nets.values()):.1f} % vs linear {100 * lin:.1f} % test accuracy "
+                f"(paper: ≥ 90.4 % vs 49 %)"
+                if nets
+                else "no optimizer run finished",
+            )
+        )
+    return cl
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def figures(config, out: dict, workdir: str) -> list[str]:
+    names = []
+    fig_dir = workdir
+    if "swissroll" in out:
+        s = out["swissroll"]
+        if s["boundaries"]:
+            names.append(
+                _save(
+                    boundary_figure(s["boundaries"], s["records"], s["data"]),
+                    fig_dir,
+                    "decision_boundaries",
+                )
+            )
+        if s["surfaces"]:
+            names.append(_save(surface_figure(s["surfaces"]), fig_dir, "surfaces"))
+        names.append(_save(volume_figure(s["records"], config), fig_dir, "volume"))
+    if "tsne" in out:
+        names.append(_save(tsne_figure(out["tsne"]), fig_dir, "tsne"))
+    if "rings" in out and out["rings"]["boundaries"]:
+        names.append(_save(rings_figure(out["rings"]), fig_dir, "rings"))
+    return names
+
+
+def _save(fig, workdir, name):
+    plotting.save(fig, workdir, name)
+    return name
+
+
+def boundary_figure(boundaries, records, data):
+    """Fig. 6: decision boundaries, one panel per β, titled with the generalization gap."""
+    fig = Figure(figsize=(3.2 * len(boundaries), 3.2))
+    test = by_beta(records, "test_accuracy")
+    tr = by_beta(records, "train_accuracy")
+    for i, (beta, (gx, gy, prob)) in enumerate(sorted(boundaries.items())):
+        ax = fig.add_subplot(1, len(boundaries), i + 1)
+        ax.contourf(gx, gy, prob, levels=[0, 0.5, 1], colors=["#9ecae1", "#fcae91"], alpha=0.8)
+        x, y = data
+        ax.scatter(x[y == 0, 0], x[y == 0, 1], s=4, c="C0")
+        ax.scatter(x[y == 1, 0], x[y == 1, 1], s=4, c="C3")
+        gap = 100 * (tr[beta][0] - test[beta][0]) if beta in test else float("nan")
+        ax.set_title(f"β = {beta:g}: gap {gap:.1f} %", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def surface_figure(surfaces):
+    """Fig. 3 (bottom): filter-normalised 2-D loss surfaces, same color scale."""
+    fig = Figure(figsize=(4.2 * len(surfaces), 3.6))
+    vmax = max(float(np.percentile(s["loss"], 95)) for s in surfaces.values())
+    for i, (beta, s) in enumerate(sorted(surfaces.items())):
+        ax = fig.add_subplot(1, len(surfaces), i + 1)
+        g = s["grid"]
+        cs = ax.contourf(g, g, np.minimum(s["loss"], vmax).T, levels=20, cmap="viridis")
+        ax.contour(g, g, s["loss"].T, levels=[0.1, 1.0], colors="w", linewidths=0.8)
+        ax.set_title(("good" if beta == 0 else "bad") + f" minimum (β = {beta:g})", fontsize=9)
+        ax.set_xlabel("filter-normalised direction 1")
+        fig.colorbar(cs, ax=ax, label="training loss")
+    return fig
+
+
+def volume_figure(records, config):
+    """Fig. 5: test accuracy, mean radius and log-volume against β; dashed lines the mean,
+    bands min/max over runs."""
+    c = config.volume.cutoffs[0]
+    panels = [
+        ("test_accuracy", "test accuracy"),
+        (f"radius_mean_{c:g}", f"mean radius (loss < {c:g})"),
+        (f"log_volume_{c:g}", "log-volume (nats)"),
+    ]
+    fig = Figure(figsize=(11, 3.2))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        vals = by_beta(records, key)
+        if not vals:
+            continue
+        b = np.asarray(list(vals))
+        ax.plot(b, [v.mean() for v in vals.values()], "k--o", ms=3)
+        ax.fill_between(
+            b, [v.min() for v in vals.values()], [v.max() for v in vals.values()], alpha=0.3
+        )
+        ax.set_xlabel("β (anti-generalization)")
+        ax.set_ylabel(label)
+    return fig
+
+
+def tsne_figure(t):
+    """Fig. 1: natural iterates (red, opacity ∝ epoch), bad minima (blue), final (star)."""
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.add_subplot()
+    xy, n = np.asarray(t["embedding"]), t["num_iterates"]
+    alpha = 0.15 + 0.85 * np.arange(n) / max(n - 1, 1)
+    colors = np.zeros((n, 4))
+    colors[:, 0], colors[:, 3] = 0.85, alpha
+    ax.scatter(xy[:n, 0], xy[:n, 1], s=10, c=colors, label="SGD iterates")
+    ax.scatter(xy[n:, 0], xy[n:, 1], s=14, c="C0", label="bad minima")
+    ax.scatter(
+        xy[n - 1, 0],
+        xy[n - 1, 1],
+        s=140,
+        marker="*",
+        c="gold",
+        edgecolors="k",
+        label="final iterate",
+    )
+    ax.legend(fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def rings_figure(r):
+    fig = Figure(figsize=(7, 3.4))
+    for i, (gap, ((gx, gy, prob), x, y)) in enumerate(
+        sorted(r["boundaries"].items(), reverse=True)
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.contourf(gx, gy, prob, levels=[0, 0.5, 1], colors=["#fcae91", "#9ecae1"], alpha=0.8)
+        ax.scatter(x[y == 0, 0], x[y == 0, 1], s=4, c="C3")
+        ax.scatter(x[y == 1, 0], x[y == 1, 1], s=4, c="C0")
+        ax.set_title(f"{'wide' if i == 0 else 'pinched'} gap {gap:g}", fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def report_markdown(config, out: dict, cl) -> str:
+    lines = [f"# Huang et al. (2020) — {config.name}", ""]
+    if "swissroll" in out:
+        s = out["swissroll"]
+        c = config.volume.cutoffs[0]
+        lines += [
+            "## Swiss roll: natural vs poisoned minima (Figs. 3, 5, 6)",
+            "",
+            f"Data: {s['data_note']}. Model {config.model.name} {dict(config.model.kwargs)}, "
+            f"{config.optim.name} lr {config.optim.learning_rate:g}, gradient clipping "
+            f"{config.optim.grad_clip_norm:g}, {config.num_epochs} epochs, poisoning "
+            f"{config.poison.kind} with |D_d| = {config.poison.num_points}, "
+            f"{config.poison.seeds} runs per β. Basin: training loss (evaluation mode) below "
+            f"{c:g} along {config.volume.num_directions} unit directions in all "
+            f"{s['dim']} parameters; radii by bisection to rtol {config.volume.rtol:g}. "
+            f"Grid radius: the authors' gen-viz radius (cross-entropy {config.volume.grid_cutoff:g} "
+            f"on a power-5 grid of {config.volume.grid_points} points up to "
+            f"{config.volume.grid_max:g}, filter-normalised directions).",
+            "",
+            "| β | train acc % | test acc % | log V (min–max) | ± (delta) | mean radius | "
+            "grid radius | evals/direction |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for b in sorted(by_beta(s["records"], "test_accuracy")):
+            rs = [r for r in s["records"] if r["beta"] == b and "test_accuracy" in r]
+            f = lambda k, rs=rs: [r[k] for r in rs if k in r]  # noqa: E731
+            lv = f(f"log_volume_{c:g}")
+            lines.append(
+                f"| {b:g} | {100 * np.mean(f('train_accuracy')):.1f} | "
+                f"{100 * np.mean(f('test_accuracy')):.1f} | "
+                + (f"{np.mean(lv):.1f} ({min(lv):.1f}–{max(lv):.1f})" if lv else "—")
+                + f" | {_mean(f(f'log_volume_stderr_{c:g}'), 2)} | "
+                f"{_mean(f(f'radius_mean_{c:g}'), 3)} | {_mean(f('grid_radius_mean'), 3)} | "
+                f"{_mean(f(f'evals_per_direction_{c:g}'), 1)} |"
+            )
+        lines += [
+            "",
+            "Paper: natural 98.5 % test (Fig. 1); bad minima below 53 %; SVHN "
+            "ResNet-18 97.1 % vs 28.2 % with basins ≥ 10,000 orders of magnitude apart.",
+            "",
+        ]
+    if "tsne" in out:
+        t = out["tsne"]
+        lines += [
+            "## Bad minima near the SGD path (Fig. 1)",
+            "",
+            f"{t['num_iterates']} iterates of the natural run (every "
+            f"{config.tsne.every_epochs} epochs); from {len(t['bad'])} of them the "
+            f"anti-generalization optimizer (β = {config.tsne.beta:g}, "
+            f"{config.tsne.epochs} epochs). t-SNE after PCA to 50 dimensions.",
+            "",
+            "| from epoch | train acc % | test acc % | distance | ‖θ_t‖ | "
+            "distance to next iterate |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for b in t["bad"]:
+            lines.append(
+                f"| {b['from_epoch']} | {100 * b['train_accuracy']:.1f} | "
+                f"{100 * b['test_accuracy']:.1f} | {b['distance']:.2f} | {b['norm']:.2f} | "
+                f"{b['distance_to_next_iterate']:.2f} |"
+            )
+        lines += [
+            "",
+            f"Natural run: train {100 * t['good']['train_accuracy']:.1f} %, test "
+            f"{100 * t['good']['test_accuracy']:.1f} % (paper: 98.5 %, bad minima < 53 %).",
+            "",
+        ]
+    if "rings" in out:
+        lines += [
+            "## Pinched rings (Fig. 8)",
+            "",
+            f"Two thin rings (width {config.rings.width:g}; inner = class 0, "
+            f"{config.rings.weights[0]:g}:{config.rings.weights[1]:g} points), "
+            f"{config.rings.num_train} training points, {config.rings.seeds} runs per gap.",
+            "",
+            "| gap | train acc % | test acc % | inner-ring recall % |",
+            "| --- | --- | --- | --- |",
+        ]
+        for gap in config.rings.gaps:
+            rs = [r for r in out["rings"]["records"] if r["gap"] == gap]
+            if rs:
+                lines.append(
+                    f"| {gap:g} | {100 * np.mean([r['train_accuracy'] for r in rs]):.1f} | "
+                    f"{100 * np.mean([r['test_accuracy'] for r in rs]):.1f} | "
+                    f"{100 * np.mean([r['inner_recall'] for r in rs]):.1f} |"
+                )
+        lines.append("")
+    if "optimizers" in out:
+        o = out["optimizers"]
+        lines += [
+            "## Optimizers vs a linear model (Table 1)",
+            "",
+            f"Data: {o['data']}; MLP {tuple(config.optimizers.widths)} "
+            f"({o['params_net']} parameters) for {config.optimizers.epochs} epochs at "
+            f"batch {config.optimizers.batch_size}, constant learning rates; linear model "
+            f"on pixels (downsampled ×{config.optimizers.downsample}) and their pairwise "
+            f"products ({o['params_linear']} parameters), SGD. Paper: VGG-13 on CIFAR-10.",
+            "",
+            "| optimizer | lr | train loss | test loss | train acc % | test acc % | "
+            "paper train / test acc % |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, r in o["rows"].items():
+            paper = PAPER_TABLE1.get(name)
+            pp = f"{paper[2]:.2f} / {paper[3]:.2f}" if paper else "—"
+            if r.get("diverged"):
+                lines.append(f"| {name} | {r['learning_rate']:g} | diverged | | | | {pp} |")
+                continue
+            lines.append(
+                f"| {name} | {r['learning_rate']:g} | {r['train_loss']:.3f} | "
+                f"{r['test_loss']:.3f} | {100 * r['train_accuracy']:.2f} | "
+                f"{100 * r['test_accuracy']:.2f} | {pp} |"
+            )
+        lines += ["", "Paper, linear model: 49 % test (ResNet-18: 92 %).", ""]
+    return "\n".join(lines + claims_table(cl) + [""])
+
+
+def _mean(values, digits):
+    return f"{np.mean(values):.{digits}f}" if values else "—"
+
+
+# --------------------------------------------------------------------------------- the study
+
+
+def run(config, workdir: str, *, log=print) -> dict:
+    """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures."""
+    validate(config)
+    with files.workdir_lock(workdir, log=log):
+        return _run_locked(config, workdir, log)
+
+
+def _run_locked(config, workdir, log) -> dict:
+    keys = key_streams(config.seed, "huang/volume", "huang/surface")
+    keys = {k.split("/")[1]: v for k, v in keys.items()}
+    out: dict = {}
+    needs_data = {"swissroll", "tsne"} & set(config.sections)
+    data = load_data(config) if needs_data else None
+    if "swissroll" in config.sections:
+        out["swissroll"] = run_swissroll(config, workdir, data, keys, log)
+        out["swissroll"]["data"] = (data.x_train, data.y_train)
+        out["swissroll"]["data_note"] = (
+            f"{data.name} ({data.source}), {len(data.x_train)} train / {len(data.x_test)} test"
+        )
+        dims = [r["dim"] for r in out["swissroll"]["records"] if "dim" in r]
+        out["swissroll"]["dim"] = dims[0] if dims else "?"
+    if "tsne" in config.sections:
+        out["tsne"] = run_tsne(config, workdir, data, keys, log)
+    if "rings" in config.sections:
+        out["rings"] = run_rings(config, workdir, keys, log)
+    if "optimizers" in config.sections:
+        out["optimizers"] = run_optimizers(config, workdir, log)
+    cl = claims(config, out)
+    names = figures(config, out, workdir) if jax.process_index() == 0 else []
+    report = report_markdown(config, out, cl)
+    results = {"config": config.name, "paper": PAPER}
+    if "swissroll" in out:
+        results["swissroll"] = out["swissroll"]["records"]
+    if "tsne" in out:
+        results["tsne"] = {k: v for k, v in out["tsne"].items() if k in ("good", "bad")}
+    if "rings" in out:
+        results["rings"] = out["rings"]["records"]
+    if "optimizers" in out:
+        results["optimizers"] = {k: v for k, v in out["optimizers"].items()}
+    return write_outputs(workdir, report, results, cl, names, log)

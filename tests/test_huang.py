@@ -1,0 +1,217 @@
+"""Huang et al. (2020): the anti-generalization loss, the swiss roll, the pairwise linear
+model, SVHN's extra split, and the study end to end on its tiny config (in-process)."""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_config
+
+from sharp_minima import data as data_lib
+from sharp_minima import losses
+from sharp_minima.data import embedded
+from sharp_minima.models import get_model
+from sharp_minima.studies import visualize_generalization as vg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def test_anti_generalization_is_cross_entropy_at_beta_0_and_stable():
+    z = jax.random.normal(jax.random.key(0), (6, 3)) * 3
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    zd, yd = z[::-1] * 2, y
+    ce = losses.cross_entropy(z, y)
+    assert float(losses.anti_generalization(z, y, zd, yd, 0.0)) == pytest.approx(float(ce))
+    # β = 1: only the reverse cross-entropy −log(1 − p) on D_d.
+    p = jax.nn.softmax(zd)[jnp.arange(6), yd]
+    expected = float(jnp.mean(-jnp.log1p(-p)))
+    assert float(losses.anti_generalization(z, y, zd, yd, 1.0)) == pytest.approx(expected, 1e-5)
+    # p → 1 (a confident, correct D_d prediction): finite, about the logit margin, no log(0).
+    big = jnp.array([[200.0, -200.0]])
+    r = losses.reverse_cross_entropy_per_example(big, jnp.array([0]))
+    assert np.isfinite(float(r[0])) and float(r[0]) == pytest.approx(400.0, rel=1e-6)
+    g = jax.grad(lambda a: losses.reverse_cross_entropy_per_example(a, jnp.array([0]))[0])(big)
+    assert np.all(np.isfinite(g))
+
+
+def test_anti_generalization_gradient_matches_finite_differences(x64):
+    z = jax.random.normal(jax.random.key(1), (4, 3), jnp.float64)
+    zd = jax.random.normal(jax.random.key(2), (5, 3), jnp.float64)
+    y, yd = jnp.array([0, 1, 2, 1]), jnp.array([2, 2, 0, 1, 0])
+
+    def f(a, b):
+        return losses.anti_generalization(a, y, b, yd, 0.3)
+
+    ga, gb = jax.grad(f, argnums=(0, 1))(z, zd)
+    h = 1e-6
+    for i, j in [(0, 0), (3, 2)]:
+        e = jnp.zeros_like(z).at[i, j].set(h)
+        fd = (f(z + e, zd) - f(z - e, zd)) / (2 * h)
+        assert float(ga[i, j]) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
+        e = jnp.zeros_like(zd).at[i, j].set(h)
+        fd = (f(z, zd + e) - f(z, zd - e)) / (2 * h)
+        assert float(gb[i, j]) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
+
+
+def test_training_losses_split_marked_labels_and_flip_fresh_points():
+    model = get_model("swissroll_mlp", widths=(8,))
+    x, y = embedded.swiss_roll(12, seed=0)
+    xd, yd = embedded.swiss_roll(6, seed=1)
+    params = model.init(jax.random.key(0), jnp.asarray(x))["params"]
+    batch = {
+        "x": jnp.concatenate([x, xd]),
+        "y": jnp.concatenate([y, losses.poisoned_labels(yd, 2)]),
+    }
+    loss = losses.anti_generalization_loss(model, 0.4, 2)
+    obj, aux = loss(params, {}, batch, jax.random.key(0))
+    logits = lambda a: model.apply({"params": params}, a)  # noqa: E731
+    direct = losses.anti_generalization(logits(x), y, logits(xd), yd, 0.4)
+    assert float(obj) == pytest.approx(float(direct), rel=1e-6)
+    assert float(aux["loss"]) == pytest.approx(float(losses.cross_entropy(logits(x), y)), 1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        losses.anti_generalization_loss(model, 1.5, 2)
+    # Label flip: β = 0 is the cross-entropy; β > 0 adds CE on fresh flipped points.
+    sample = lambda k, n: embedded.swiss_roll_jax(k, n, 0.5)  # noqa: E731
+    plain = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    flip0, _ = losses.label_flip_loss(model, sample, 0.0, 8)(params, {}, plain, jax.random.key(3))
+    assert float(flip0) == pytest.approx(float(losses.cross_entropy(logits(x), y)), rel=1e-6)
+    flip = losses.label_flip_loss(model, sample, 0.5, 8)
+    a, _ = flip(params, {}, plain, jax.random.key(3))
+    b, _ = flip(params, {}, plain, jax.random.key(4))
+    assert float(a) != float(b)  # fresh points at every step
+    xp, yp = sample(jax.random.split(jax.random.key(3))[1], 8)
+    expected = 0.5 * losses.cross_entropy(logits(x), y) + 0.5 * losses.cross_entropy(
+        logits(xp), 1 - yp
+    )
+    assert float(a) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_swiss_roll_is_the_authors_formula():
+    x, y = embedded.swiss_roll_jax(jax.random.key(0), 200, noise=0.0)
+    x, y = np.asarray(x), np.asarray(y)
+    t = np.linalg.norm(x, axis=1) / 1.5  # |(−1.5 t cos t, 1.5 t sin t)| = 1.5 t
+    assert t.max() <= 600 * 2 * np.pi / 360 + 1e-4 and (y == 1).sum() == 100
+    a = x[y == 0]
+    np.testing.assert_allclose(a[:, 0], -1.5 * t[y == 0] * np.cos(t[y == 0]), atol=1e-4)
+    np.testing.assert_allclose(a[:, 1], 1.5 * t[y == 0] * np.sin(t[y == 0]), atol=1e-4)
+    b = x[y == 1]  # the second arm is the first rotated by π
+    tb = t[y == 1]
+    np.testing.assert_allclose(b[:, 0], 1.5 * tb * np.cos(tb), atol=1e-4)
+    xs, ys = embedded.swiss_roll(50, seed=3)
+    assert xs.shape == (50, 2) and set(ys) == {0, 1}
+
+
+def test_pairwise_linear_features():
+    model = get_model("pairwise_linear", num_classes=3, downsample=2)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    v = model.init(jax.random.key(1), x)
+    f = 4  # 2x2 pooled pixels -> 4 + 4·5/2 features
+    assert v["params"]["Dense_0"]["kernel"].shape == (f + f * (f + 1) // 2, 3)
+    # Linear in the pairwise features: the logit of pooled pixels p is w·[p, p_i p_j] + b.
+    pooled = x.reshape(2, 2, 2, 2, 2, 1).mean((2, 4)).reshape(2, -1)
+    i, j = np.triu_indices(4)
+    feats = np.concatenate([pooled, pooled[:, i] * pooled[:, j]], 1)
+    k, b = v["params"]["Dense_0"]["kernel"], v["params"]["Dense_0"]["bias"]
+    np.testing.assert_allclose(model.apply(v, x), feats @ k + b, rtol=1e-5, atol=1e-5)
+
+
+def test_study_tiny_end_to_end(tmp_path):
+    config = load_config("visualize_generalization.py:tiny")
+    lines = []
+    results = vg.run(config, str(tmp_path), log=lines.append)
+    report = (tmp_path / "report.md").read_text()
+    assert "| claim | holds here | numbers |" in report and "Table 1" in report
+    assert len(results["claims"]) == 7
+    for claim in results["claims"]:
+        assert claim["holds"] in (True, False) and claim["numbers"]
+    recs = results["swissroll"]
+    assert {r["beta"] for r in recs} == {0.0, 0.3}
+    for fig in ("decision_boundaries", "surfaces", "volume", "tsne", "rings"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / f"{fig}.{ext}").stat().st_size > 0
+    # The natural run saved its iterates; the t-SNE started bad-minimum searches from two.
+    its = os.listdir(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "arrays" / "iterates")
+    assert len(its) == 5 and len(results["tsne"]["bad"]) == 2
+    surface = np.load(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "surface.npz")
+    assert surface["loss"].shape == (5, 5) and surface["accuracy"].max() <= 1
+    assert set(results["optimizers"]["rows"]) == {
+        "sgd",
+        "adam",
+        "lbfgs",
+        "linear (pixels + pairwise products)",
+    }
+    assert json.load(open(tmp_path / "results.json"))["claims"] == results["claims"]
+    again = []  # resumes: nothing is trained or measured again, same results
+    assert vg.run(config, str(tmp_path), log=again.append)["swissroll"] == recs
+    assert not any("step 1/" in line or "basin radii" in line for line in again)
+
+
+def test_svhn_config_with_extra_split_under_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = load_config(
+        "visualize_generalization.py:svhn",
+        **{
+            "model.name": "mlp",
+            "model.kwargs": {"widths": (8,)},
+            "batch_size": 4,
+            "num_epochs": 1,
+            "eval_every_epochs": 1,
+            "eval_batch_size": 4,
+            "eval_train_examples": 8,
+            "poison.num_points": 8,
+            "poison.seeds": 1,
+            "volume.num_directions": 4,
+            "volume.cutoffs": (10.0,),
+            "volume.grid_points": 4,
+            "surface.points": 3,
+            "data.data_dir": str(tmp_path / "tfds"),
+            "data.allow_download": False,
+        },
+    )
+    with (
+        tfds.testing.mock_data(num_examples=12),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
+    ):
+        ds = data_lib.load(
+            "svhn", data_dir=str(tmp_path), allow_download=False, extra="separate", max_extra=10
+        )
+        assert ds.x_extra.shape == (10, 32, 32, 3) and ds.x_train.shape == (12, 32, 32, 3)
+        results = vg.run(config, str(tmp_path / "run"), log=lambda s: None)
+    assert {r["beta"] for r in results["swissroll"]} == {0.0, 0.1}
+    assert all("log_volume_10" in r for r in results["swissroll"])
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("--config.poison.kind=flip", "poison.kind"), ("--config.rings.gaps=(0.1,0.5)", "gaps")],
+)
+def test_bad_config_exits_2(tmp_path, override, needle):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.visualize_generalization",
+            "--config=configs/visualize_generalization.py:tiny",
+            override,
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and needle in out.stderr
