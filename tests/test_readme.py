@@ -119,3 +119,19 @@ def test_readme_optim_example_runs():
     tx, params = namespace["tx"], namespace["params"]
     updates, _ = tx.update(params, tx.init(params), params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_readme_landscape_example_runs():
+    block = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+        if "basin_volume" in b
+    )
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    vol, surface = namespace["vol"], namespace["surface"]
+    import numpy as np
+
+    exact = -0.5 * np.log(36.0) + np.log(4 * np.pi / 3)  # ω_3 ∏ √(2c/h_i), c = 0.5
+    assert abs(vol.log_volume - exact) < 5 * vol.stderr + 0.01
+    assert surface.shape == (51, 51) and surface[25, 25] == 0.0

@@ -166,10 +166,20 @@ def load_data(config) -> Dataset:
             )
         seed = config.data.seed if config.data.seed is not None else config.seed
         noise = config.data.options.get("noise", 0.5)
-        data.x_extra, data.y_extra = embedded.swiss_roll(
+        x, data.y_extra = embedded.swiss_roll(
             config.poison.num_points, seed=seed + 20_000, noise=noise
         )
+        data.x_extra = standardize(data, x)  # in the coordinates of the (standardised) data
     return data
+
+
+def standardize(data: Dataset, x):
+    """``x`` in the coordinates `sharp_minima.data.load` standardised ``data`` to (train mean
+    and std), so generated points (D_d, fresh poison) lie where the training data lies."""
+    if data.mean is None:
+        return x
+    mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
+    return ((x - mean) / std).astype(np.float32)
 
 
 def poisoned(data: Dataset, num_points: int) -> Dataset:
@@ -231,13 +241,14 @@ def fit(
         loss_fn = losses.anti_generalization_loss(model, beta, data.num_classes)
     elif beta > 0:
         noise = float(cfg.data.options.get("noise", 0.5))
-        loss_fn = losses.label_flip_loss(
-            model,
-            lambda k, n: embedded.swiss_roll_jax(k, n, noise),
-            beta,
-            num_points,
-            data.num_classes,
-        )
+        shift = tuple(np.asarray(data.mean, float)) if data.mean is not None else (0.0, 0.0)
+        scale = tuple(np.asarray(data.std, float)) if data.std is not None else (1.0, 1.0)
+
+        def sample(k, n):  # fresh swiss-roll points, standardised like the training data
+            x, y = embedded.swiss_roll_jax(k, n, noise)
+            return (x - jnp.asarray(shift)) / jnp.asarray(scale), y
+
+        loss_fn = losses.label_flip_loss(model, sample, beta, num_points, data.num_classes)
     if n_t is not None:
         cfg = _with(cfg, eval_train_examples=min(cfg.eval_train_examples or n_t, n_t))
     try:
@@ -964,7 +975,8 @@ def report_markdown(config, out: dict, cl) -> str:
             f"{config.poison.seeds} runs per β. Basin: training loss (evaluation mode) below "
             f"{c:g} along {config.volume.num_directions} unit directions in all "
             f"{s['dim']} parameters; radii by bisection to rtol {config.volume.rtol:g}. "
-            f"Grid radius: the authors' gen-viz radius (cross-entropy {config.volume.grid_cutoff:g} "
+            "Grid radius: the authors' gen-viz radius (cross-entropy "
+            f"{config.volume.grid_cutoff:g} "
             f"on a power-5 grid of {config.volume.grid_points} points up to "
             f"{config.volume.grid_max:g}, filter-normalised directions).",
             "",
