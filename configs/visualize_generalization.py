@@ -66,6 +66,7 @@ def get_config(arg=None):
     c.tsne.num_starts = 10  # bad minima searched from this many of them
     c.tsne.beta = 0.4
     c.tsne.epochs = 3000
+    c.tsne.learning_rate = 1e-3  # a small step keeps the search near its starting iterate
     c.tsne.perplexity = 30.0
 
     c.rings = ml_collections.ConfigDict()

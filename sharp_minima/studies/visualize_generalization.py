@@ -198,12 +198,14 @@ def poisoned(data: Dataset, num_points: int) -> Dataset:
 
 
 def run_config(
-    config, seed: int, *, epochs=None, batch_size=None, n_train: int
+    config, seed: int, *, epochs=None, batch_size=None, n_train: int, learning_rate=None
 ) -> ml_collections.ConfigDict:
     """The training config of one run: full batch over ``n_train`` examples unless the
     config's batch size is smaller (SVHN), evaluation of the training set on D_t only."""
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.seed = seed
+    if learning_rate is not None:
+        cfg.optim.learning_rate = learning_rate
     if epochs is not None:
         cfg.num_epochs = epochs
         cfg.eval_every_epochs = min(cfg.eval_every_epochs, epochs)
@@ -519,7 +521,13 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
     for i in starts:
         run_dir = os.path.join(workdir, "runs", "tsne", f"start{int(epochs[i]):05d}")
         start = {"params": unravel(jnp.asarray(iterates[i]))}
-        bcfg = run_config(config, config.seed, epochs=t.epochs, n_train=len(run_data.x_train))
+        bcfg = run_config(
+            config,
+            config.seed,
+            epochs=t.epochs,
+            n_train=len(run_data.x_train),
+            learning_rate=t.learning_rate,
+        )
         res = fit(
             bcfg,
             run_dir,
