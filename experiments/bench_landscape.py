@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The benchmark's flags, defined only when it runs as a script."""
     flags.DEFINE_integer("directions", 3000, "Directions of the batched radii.")
-    flags.DEFINE_integer("loop_directions", 200, "Directions timed in the Python loop.")
+    flags.DEFINE_integer("loop_directions", 100, "Directions timed in the Python loop.")
     flags.DEFINE_integer("points", 51, "Surface grid points per axis.")
     flags.DEFINE_integer("loop_points", 400, "Surface points timed in the Python loop.")
     flags.DEFINE_integer("chunk_size", 250, "Directions / points per vmapped chunk.")

@@ -361,6 +361,7 @@ class Landscape:
         )
         self._points = self._sharded(self._points_chunk, num_const=4)
         self._kernels = {}  # (solver, direction kind) -> compiled kernel, built on first use
+        self._loss0 = jax.jit(self._loss_at_params)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -519,9 +520,12 @@ class Landscape:
 
         return jax.vmap(solve)(indices)
 
-    def _threshold(self, params, batches, weights, cutoff, mode):
+    def _loss_at_params(self, params, batches, weights):
         x0, mean = self._mean(params, batches, weights, scalar=True)
-        loss0 = float(jax.jit(mean)(x0))
+        return mean(x0)
+
+    def _threshold(self, params, batches, weights, cutoff, mode):
+        loss0 = float(self._loss0(params, batches, weights))
         if mode == "absolute":
             threshold = float(cutoff)
         elif mode == "increase":
