@@ -36,8 +36,6 @@ def define_flags():
 
 def trained_swissroll():
     """A natural swiss-roll minimum (variables, batches, model)."""
-    import jax.numpy as jnp
-
     from configs import visualize_generalization as vgc
     from sharp_minima import train
     from sharp_minima.studies import visualize_generalization as vg
@@ -47,7 +45,7 @@ def trained_swissroll():
     cfg = vg.run_config(config, 0, epochs=2000, n_train=len(data.x_train))
     res = train.train(cfg, tempfile.mkdtemp(), data=data, log=lambda s: None)
     batches, _ = vg.train_batches(data.x_train, data.y_train)
-    return res.state.variables(), batches, res.model, jnp
+    return res.state.variables(), batches, res.model
 
 
 def best_of(fn, repeats=3):
@@ -67,7 +65,7 @@ def main(argv):
     from sharp_minima import landscape, losses
     from sharp_minima.studies import visualize_generalization as vg
 
-    variables, batches, model, jnp = trained_swissroll()
+    variables, batches, model = trained_swissroll()
     loss = losses.evaluation_loss(model)
     land = landscape.Landscape(loss, wrt="^params/", chunk_size=FLAGS.chunk_size)
     key = jax.random.key(0)

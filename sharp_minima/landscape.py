@@ -477,7 +477,7 @@ class Landscape:
 
     def _radii_chunk(self, kind, params, batches, weights, key_data, settings, indices):
         x0, mean = self._mean(params, batches, weights, scalar=True)
-        threshold, r0, rtol, max_radius, max_evals = settings
+        max_evals = settings[4]
         dt = x0.dtype
         threshold, r0, rtol, max_radius = (jnp.asarray(v, dt) for v in settings[:4])
 

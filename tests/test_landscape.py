@@ -24,8 +24,14 @@ def test_basin_volume_of_a_quadratic_is_the_ellipsoid(x64):
     h = jnp.array([0.5, 1.0, 4.0, 9.0])
     c = 0.3
     vol = L.basin_volume(
-        quadratic(h), {"w": jnp.zeros(4)}, None, key=jax.random.key(1), num_directions=6000,
-        cutoff=c, rtol=1e-6, chunk_size=512,
+        quadratic(h),
+        {"w": jnp.zeros(4)},
+        None,
+        key=jax.random.key(1),
+        num_directions=6000,
+        cutoff=c,
+        rtol=1e-6,
+        chunk_size=512,
     )
     exact = L.log_unit_ball(4) + float(np.sum(0.5 * np.log(2 * c / np.asarray(h))))
     assert vol.dim == 4 and vol.bounded.all()
@@ -37,12 +43,20 @@ def test_basin_volume_of_a_quadratic_is_the_ellipsoid(x64):
     assert vol.radii[7] == pytest.approx(float(np.sqrt(2 * c / jnp.sum(h * phi**2))), rel=1e-5)
     # "increase" mode measures the rise above the loss at θ (here the same, L(0) = 0).
     r2 = L.Landscape(quadratic(h)).radii(
-        {"w": jnp.zeros(4)}, None, key=jax.random.key(1), num_directions=4, cutoff=c,
-        mode="increase", rtol=1e-6,
+        {"w": jnp.zeros(4)},
+        None,
+        key=jax.random.key(1),
+        num_directions=4,
+        cutoff=c,
+        mode="increase",
+        rtol=1e-6,
     )[0]
-    assert np.allclose(r2, L.Landscape(quadratic(h)).radii(
-        {"w": jnp.zeros(4)}, None, key=jax.random.key(1), num_directions=4, cutoff=c, rtol=1e-6
-    )[0])
+    assert np.allclose(
+        r2,
+        L.Landscape(quadratic(h)).radii(
+            {"w": jnp.zeros(4)}, None, key=jax.random.key(1), num_directions=4, cutoff=c, rtol=1e-6
+        )[0],
+    )
 
 
 def test_log_volume_in_log_space_for_huge_n():
@@ -65,12 +79,19 @@ def test_radii_count_evaluations_and_reject_a_point_above_the_cutoff():
     # r0 = 1: 2 doublings (1, 2, 4 → crossed) then bisection to 1e-3: about 2 + log2(2/1e-3).
     assert 8 <= evals.min() and evals.max() <= 14
     with pytest.raises(ValueError, match="not below the cutoff"):
-        land.radii({"w": jnp.full(3, 3.0)}, None, key=jax.random.key(0), num_directions=2,
-                   cutoff=1.0)
+        land.radii(
+            {"w": jnp.full(3, 3.0)}, None, key=jax.random.key(0), num_directions=2, cutoff=1.0
+        )
     # A flat direction is reported unbounded at max_radius.
     flat = L.Landscape(lambda p, b: 0.5 * p["w"][0] ** 2)
-    r, _, bounded, *_ = flat.radii({"w": jnp.zeros(2)}, None, key=jax.random.key(0),
-                                   num_directions=3, cutoff=1e9, max_radius=64.0)
+    r, _, bounded, *_ = flat.radii(
+        {"w": jnp.zeros(2)},
+        None,
+        key=jax.random.key(0),
+        num_directions=3,
+        cutoff=1e9,
+        max_radius=64.0,
+    )
     assert not bounded.any() and np.all(r >= 64.0)
 
 
@@ -130,7 +151,7 @@ def test_every_grid_value_equals_a_direct_evaluation_on_1_and_4_devices():
     ]
     for i, a in enumerate(xs):
         for j, b in enumerate(ys):
-            p = jax.tree.map(lambda w, u, v: w + a * u + b * v, params, d1, d2)
+            p = jax.tree.map(lambda w, u, v, a=a, b=b: w + a * u + b * v, params, d1, d2)
             per = [metrics(p, jax.tree.map(lambda t, k=k: t[k], batches)) for k in range(2)]
             direct = {k: (8 * per[0][k] + 6 * per[1][k]) / 14 for k in per[0]}
             for s in surfaces:

@@ -435,7 +435,7 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
     n_t = len(data.x_train)
     model = train.build_model(config, data)
     geometry = Geometry(model, config)
-    batches, weights = train_batches(data.x_train, data.y_train, config.volume.get("batch_size", 0))
+    batches, weights = train_batches(data.x_train, data.y_train)
     records, boundaries, surfaces = [], {}, {}
     worst = max(p.betas)
     for beta in p.betas:
