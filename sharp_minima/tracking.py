@@ -30,8 +30,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sharp_minima import hessian
+from sharp_minima.train.hooks import HookResult
 
 
 class Subset:
@@ -249,10 +251,6 @@ class EigenTracker:
         )
         if self.set_directions is None:
             return metrics
-        import optax  # noqa: PLC0415 - only hooks that steer an optimizer need it
-
-        from sharp_minima.train import HookResult  # noqa: PLC0415 - train imports flax
-
         directions = self.set_directions(out.vectors)
         opt_state = optax.tree_utils.tree_set(ctx.state.opt_state, directions=directions)
         return HookResult(metrics, ctx.state.replace(opt_state=opt_state))

@@ -1,0 +1,109 @@
+"""The trainer: ``train(config, workdir)`` trains any config of ``configs/`` and resumes when
+the workdir already holds checkpoints of the same run.
+
+``from sharp_minima import train`` offers every name below; each lives in the module named
+after its concept (imported on first use, so ``import sharp_minima.train.hooks`` — as
+`sharp_minima.tracking` does — loads neither the loop nor flax):
+
+- `config` — `validate_config`, `ConfigError`, `load_data`, `build_model`, `run_keys`,
+  `setup` / `Setup` (a config validated once with its data and model built: studies hand
+  it to `train` so nothing is validated or built twice).
+- `mesh` — `make_mesh`, `replicate`, `serialize_collectives` (data-parallel over devices).
+- `optimizer` — `make_optimizer`, `learning_rate_schedule` (sgd, momentum, nesterov, adam,
+  adamw, rmsprop, adagrad; constant, step, cosine, warm-up with the linear scaling rule of
+  Goyal et al. 2017, reduce-on-plateau).
+- `steps` — `TrainState`, `classification_loss` (the default `TrainLoss`; any research loss
+  ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
+  `make_train_step`, `make_eval_step`, `Evaluator`, `init_state`, `initial_params`.
+- `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
+  hook runs every N steps or epochs, may log scalars, replace the state (e.g. new
+  directions in the optimizer state), write arrays with ``ctx.save_arrays``.
+- `console` — `Progress`, `MetricsBuffer`, `MetricsLog`, `MetricWriters` (metrics.jsonl,
+  and TensorBoard with ``config.tensorboard``), `NonFiniteError`.
+- `checkpoint` — `Checkpointer` (last + best), `restore_or_init`, `check_resumable`.
+- `loop` — `train`, `TrainResult`, `Interrupted`, `should_stop_early`.
+
+Weight decay is the L2 term ``λ/2 ‖w‖²`` added to the loss (kernels and embeddings only), as in
+Keskar et al. (2017) and Jastrzębski et al. (2019).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "config": (
+        "OPTIMIZERS",
+        "SCHEDULES",
+        "TRAINING_FIELDS",
+        "EVAL_METRICS",
+        "ConfigError",
+        "Setup",
+        "setup",
+        "validate_config",
+        "load_data",
+        "build_model",
+        "run_keys",
+        "config_dict",
+        "MODELS",
+        "get_model",
+    ),
+    "mesh": ("make_mesh", "serialize_collectives", "replicate"),
+    "optimizer": ("learning_rate_schedule", "make_optimizer", "resolve_optimizer"),
+    "steps": (
+        "TrainState",
+        "TrainLoss",
+        "classification_loss",
+        "make_train_step",
+        "make_eval_step",
+        "make_get_batch",
+        "Evaluator",
+        "init_state",
+        "initial_params",
+        "make_evaluators",
+        "evaluate",
+    ),
+    "hooks": (
+        "Hook",
+        "HookResult",
+        "LoopContext",
+        "StopTraining",
+        "ValidationPlateau",
+        "save_arrays",
+        "run_hooks",
+        "conform",
+    ),
+    "console": (
+        "NonFiniteError",
+        "Progress",
+        "MetricsBuffer",
+        "MetricsLog",
+        "MetricWriters",
+        "TensorBoardLog",
+        "fmt_time",
+    ),
+    "checkpoint": (
+        "CheckpointError",
+        "Checkpointer",
+        "best_metric",
+        "restore_checkpoint",
+        "restore_or_init",
+        "check_resumable",
+        "has_checkpoint",
+    ),
+    "loop": ("train", "TrainResult", "Interrupted", "should_stop_early"),
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sharp_minima.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sharp_minima.train.{_WHERE[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,0 +1,242 @@
+"""Checkpoints of a run: the last few and the best (orbax), restore with fallback past damaged
+ones, and the check that a workdir's run may be resumed with a config."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sharp_minima.train.config import TRAINING_FIELDS, ConfigError, config_dict
+from sharp_minima.train.steps import TrainState, init_state
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of the workdir can be restored (the message names each and why)."""
+
+
+def best_metric(config) -> str:
+    """The metric that picks the best checkpoint (``"auto"``: val/accuracy if there is a
+    validation split, else train/accuracy — never the test set)."""
+    m = config.checkpoint.best_metric
+    if m == "auto":
+        return "val/accuracy" if config.data.validation_fraction > 0 else "train/accuracy"
+    return m
+
+
+class Checkpointer:
+    """The last ``config.checkpoint.keep`` states (``checkpoints/``) and the best one by
+    `best_metric` (``checkpoint_best/``), saved synchronously with orbax."""
+
+    def __init__(self, workdir: str, config):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        opts = dict(enable_async_checkpointing=False, create=True)
+        root = os.path.abspath(workdir)
+        self.root = root
+        # A save interrupted by a kill leaves "<step>.orbax-checkpoint-tmp…" folders behind;
+        # the caller holds the workdir lock, so no other process is writing them.
+        for sub in ("checkpoints", "checkpoint_best"):
+            folder = os.path.join(root, sub)
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if "orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        self.last = ocp.CheckpointManager(
+            os.path.join(root, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, **opts),
+        )
+        self.metric = best_metric(config)
+        self.best = ocp.CheckpointManager(
+            os.path.join(root, "checkpoint_best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                best_fn=lambda m: m[self.metric],
+                best_mode="min" if self.metric.endswith("loss") else "max",
+                keep_checkpoints_without_metrics=False,
+                **opts,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.last.latest_step()
+
+    def restore_latest(self, target: TrainState, log=None) -> TrainState | None:
+        """The newest saved state that restores, with ``target``'s shardings (None when there
+        is no checkpoint).
+
+        A damaged checkpoint (a truncated file, missing metadata, ...) is moved aside to
+        ``checkpoints_damaged/<step>`` (never deleted) and the next older one is tried; ``log``
+        is told which step was damaged and why.
+
+        Raises:
+          CheckpointError: checkpoints exist but none restores (each is named, with its
+            error; nothing is moved).
+        """
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
+        damaged = []
+        for step in sorted(self.last.all_steps(), reverse=True):
+            try:
+                with _silenced_logging():
+                    state = self.last.restore(step, args=self._ocp.args.StandardRestore(abstract))
+            except Exception as e:  # noqa: BLE001  (any failure to read means "damaged")
+                _drop_orbax_read_noise()
+                meta = os.path.join(self.root, "checkpoints", str(step), "default", "_METADATA")
+                reason = "its _METADATA file is missing" if not os.path.exists(meta) else None
+                damaged.append((step, reason or _first_line(e)))
+                continue
+            for bad, reason in damaged:
+                moved = self._move_aside(bad)
+                if log is not None:
+                    log(f"checkpoint at step {bad} is damaged ({reason}); moved to {moved}")
+            if damaged:
+                self.last.reload()
+            return state
+        if damaged:
+            raise CheckpointError(
+                f"no checkpoint in {self.root}/checkpoints restores ("
+                + "; ".join(f"step {s}: {r}" for s, r in damaged)
+                + "); move the folder aside to start over"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.root, "checkpoints", str(step))
+        dst = os.path.join(self.root, "checkpoints_damaged", str(step))
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = os.path.join(self.root, "checkpoints_damaged", f"{step}-{n}")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return dst
+
+    def save(self, state: TrainState, metrics: dict | None = None) -> None:
+        """Saves ``state`` as the latest (once per step) and, given evaluation ``metrics``
+        holding a finite `best_metric`, as the best candidate."""
+        s = int(state.step)
+        if self.last.latest_step() != s:
+            self.last.save(s, args=self._ocp.args.StandardSave(state))
+        value = (metrics or {}).get(self.metric)
+        if value is not None and math.isfinite(value):
+            self.best.save(s, args=self._ocp.args.StandardSave(state), metrics={self.metric: value})
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+@contextlib.contextmanager
+def _silenced_logging():
+    """Orbax and asyncio log whole tracebacks when a checkpoint cannot be read; the caller
+    reports the failure in one line instead."""
+    logging.disable(logging.CRITICAL)
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()  # failed reader tasks complain when collected: let them do it now
+        sys.unraisablehook = hook
+        logging.disable(logging.NOTSET)
+
+
+def _from_orbax(tb) -> bool:
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxReadNoise(logging.Filter):
+    def filter(self, record):
+        return "orbax" not in record.getMessage() and "async_deserialize" not in str(record.msg)
+
+
+_noise_dropped = False
+
+
+def _drop_orbax_read_noise() -> None:
+    """After a checkpoint failed to read, orbax's abandoned reader tasks complain whenever they
+    are garbage-collected ("Task exception was never retrieved", "Exception ignored in ...") —
+    possibly long after the restore. Drop those (and only those) for the rest of the process;
+    the failure itself was reported in one line."""
+    global _noise_dropped
+    if _noise_dropped:
+        return
+    _noise_dropped = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _from_orbax(getattr(unraisable.exc_value, "__traceback__", None)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrbaxReadNoise())
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+    text = text.split(" See full")[0]  # TensorStore appends its whole spec
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def restore_checkpoint(directory: str, target: TrainState, step: int | None = None):
+    """Restores a `TrainState` from an orbax folder (latest step unless ``step`` is given),
+    with the shardings of ``target``. Returns None when the folder has no checkpoint."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_or_init(checkpointer: Checkpointer, model, tx, sample_x, key, mesh: Mesh, log=None):
+    """``(state, resumed_from)``: the newest checkpoint that restores if there is one (see
+    `Checkpointer.restore_latest`), else a fresh `init_state`; replicated over ``mesh``."""
+    state = init_state(model, tx, sample_x, key)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    restored = checkpointer.restore_latest(state, log=log)
+    if restored is None:
+        return state, 0
+    return restored, int(restored.step)
+
+
+def check_resumable(workdir: str, config) -> None:
+    """Refuses a config whose `TRAINING_FIELDS` differ from those of the checkpointed run in
+    ``workdir``. A workdir without a checkpoint (e.g. a run that failed before its first
+    checkpoint) accepts any config.
+
+    Raises:
+      ConfigError: naming the fields that differ.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or not has_checkpoint(workdir):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = config_dict(config)
+    diff = sorted(k for k in TRAINING_FIELDS if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(
+            f"{workdir} holds a run with a different config (fields differ: {', '.join(diff)}); "
+            "use another --workdir, or delete it to start over"
+        )
+
+
+def has_checkpoint(workdir: str) -> bool:
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))

@@ -1,0 +1,240 @@
+"""The compiled steps of a run: the state, the training loss, the train and eval steps.
+
+- `TrainState` — params, BatchNorm statistics, optimizer state, step and the loop key, as one
+  pytree (checkpointed whole, so a resumed run continues bit for bit on the same hardware).
+- `classification_loss` — the default `TrainLoss`; any research loss of the same protocol
+  ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train` instead.
+- `make_train_step`, `make_eval_step`, `make_get_batch` — ``jit``-compiled once; the state is
+  donated; the batch is sharded over the ``"data"`` axis of a device mesh and the state
+  replicated, so the same code runs on one CPU, several GPUs, a TPU, or several hosts.
+- `Evaluator`, `make_evaluators`, `evaluate` — loss and accuracy in evaluation mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sharp_minima import data as data_lib
+from sharp_minima import losses
+from sharp_minima.train.config import run_keys
+from sharp_minima.train.mesh import replicate, serialize_collectives
+
+# A training loss: ``loss(params, model_state, batch, key) -> (objective, aux)``; ``aux`` is a
+# dict whose ``"model_state"`` entry (if any) replaces the BatchNorm statistics and whose other
+# (scalar) entries are logged as ``train/<name>``.
+TrainLoss = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+      step: number of optimizer steps taken (int32 scalar).
+      params: model parameters.
+      batch_stats: BatchNorm running statistics (``{}`` for models without BatchNorm).
+      opt_state: optax state.
+      key: raw ``uint32`` data of the loop key (``jax.random.key_data``) so that the state can be
+        checkpointed; dropout at step ``t`` uses ``fold_in(key, t)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    key: jax.Array
+
+    def variables(self):
+        """The ``variables`` dict for ``model.apply``."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
+
+
+def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
+    """The default training loss: mean cross-entropy (+ ``weight_decay · l2_penalty``).
+
+    Returns ``loss(params, model_state, batch, key) -> (objective, aux)``, the `TrainLoss`
+    protocol: the model runs in training mode (batch statistics, dropout from ``key``);
+    ``aux["model_state"]`` holds the updated BatchNorm statistics and the other entries of
+    ``aux`` (``loss``, ``accuracy``) are logged as ``train/<name>``.
+    """
+
+    def loss(params, model_state, batch, key):
+        logits, model_state = losses.train_forward(model, params, model_state, batch["x"], key)
+        data_loss = losses.cross_entropy(logits, batch["y"])
+        objective = data_loss
+        if weight_decay:
+            objective = objective + weight_decay * losses.l2_penalty(params)
+        aux = {
+            "model_state": model_state,
+            "loss": data_loss,
+            "accuracy": losses.accuracy(logits, batch["y"]),
+        }
+        return objective, aux
+
+    return loss
+
+
+def make_train_step(
+    loss_fn: TrainLoss,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    lr_fn: Callable[[Any, Any], Any] | None = None,
+    log_every: int = 1,
+):
+    """``train_step(state, batch) -> (state, metrics)``, jitted once with the state donated.
+
+    Args:
+      loss_fn: a `TrainLoss` (e.g. `classification_loss`, or a research loss).
+      tx: any optax transformation; ``tx.update`` receives the params and ``value=objective``
+        (for ``reduce_on_plateau``).
+      mesh: the batch arrives sharded along its ``"data"`` axis; the state stays replicated.
+      lr_fn: optional ``lr_fn(step, opt_state)`` logged as ``train/learning_rate``.
+      log_every: ``train/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
+        CPU) is computed only on steps that end a multiple of ``log_every`` (0 elsewhere).
+
+    Metrics (prefixed ``train/``: ``objective``, the scalars of the loss's aux, ``grad_norm``,
+    ``learning_rate``) are computed inside the step and stay on device until a log step.
+    """
+
+    tx = optax.with_extra_args_support(tx)  # a plain transform ignores value=
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
+        aux = dict(aux)
+        stats = aux.pop("model_state", state.batch_stats)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=objective)
+        params = optax.apply_updates(state.params, updates)
+        on_log_step = (state.step + 1) % log_every == 0
+        grad_norm = jax.lax.cond(
+            on_log_step, optax.tree.norm, lambda g: jnp.zeros((), jnp.float32), grads
+        )
+        metrics = {"train/objective": objective, "train/grad_norm": grad_norm}
+        metrics.update({f"train/{k}": v for k, v in aux.items()})
+        if lr_fn is not None:
+            metrics["train/learning_rate"] = lr_fn(state.step, state.opt_state)
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
+        )
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def make_eval_step(model, mesh: Mesh, batch_size: int):
+    """``eval_step(state, x, y, w, i)``: sums of loss, correct predictions and weights over
+    batch ``i`` of the padded, replicated eval arrays (``w`` masks the padding)."""
+
+    def step(state: TrainState, x, y, w, i):
+        def take(a):
+            out = jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
+            return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P("data")))
+
+        bx, by, bw = take(x), take(y), take(w)
+        logits = model.apply(state.variables(), bx, train=False)
+        ce = losses.cross_entropy_per_example(logits, by)
+        bw = jnp.broadcast_to(bw.reshape(bw.shape + (1,) * (ce.ndim - 1)), ce.shape)
+        correct = (jnp.argmax(logits, -1) == by).astype(jnp.float32)
+        return {
+            "loss": jnp.sum(ce * bw),
+            "correct": jnp.sum(correct * bw),
+            "count": jnp.sum(bw),
+        }
+
+    return jax.jit(step, out_shardings=NamedSharding(mesh, P()))
+
+
+def make_get_batch(mesh: Mesh, augment: bool):
+    """``get_batch(x, y, perm, i, key, step)``: batch ``i`` of an epoch permutation, gathered
+    on device from the replicated training arrays, augmented, and sharded over ``"data"``."""
+
+    def get(x, y, perm, i, key, step):
+        idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
+        bx, by = x[idx], y[idx]
+        if augment:
+            bx = data_lib.random_crop_flip(jax.random.fold_in(key, step), bx)
+        return {"x": bx, "y": by}
+
+    return jax.jit(get, out_shardings=NamedSharding(mesh, P("data")))
+
+
+class Evaluator:
+    """Loss and accuracy of a state on a fixed example set, with one compiled step."""
+
+    def __init__(self, eval_step, x, y, batch_size: int, mesh: Mesh):
+        n = len(x)
+        padded = -(-n // batch_size) * batch_size
+        pad = [(0, padded - n)] + [(0, 0)] * (x.ndim - 1)
+        self.num_batches = padded // batch_size
+        self.x = replicate(np.pad(x, pad), mesh)
+        self.y = replicate(np.pad(y, pad[: y.ndim]), mesh)
+        self.w = replicate(np.pad(np.ones(n, np.float32), (0, padded - n)), mesh)
+        self.eval_step = eval_step
+        self.size = n
+        self.sync = serialize_collectives(mesh)
+
+    def __call__(self, state) -> dict[str, float]:
+        parts = [
+            self.sync(self.eval_step(state, self.x, self.y, self.w, i))
+            for i in range(self.num_batches)
+        ]
+        sums = jax.device_get(jax.tree.map(lambda *a: sum(a), *parts))
+        count = max(float(sums["count"]), 1.0)
+        return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+
+
+def initial_params(config, model, sample_x):
+    """The parameters `train` starts ``config`` from (e.g. for the distance travelled)."""
+    init_key, _ = jax.random.split(run_keys(config)[0])
+    return model.init({"params": init_key, "dropout": init_key}, sample_x, train=False)["params"]
+
+
+def init_state(model, tx, sample_x, key) -> TrainState:
+    """Initial `TrainState` (on the host's default device; `train` replicates it)."""
+    init_key, loop_key = jax.random.split(key)
+    variables = model.init({"params": init_key, "dropout": init_key}, sample_x, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        # Copies: some transforms (optax.lbfgs) reuse one buffer in several state leaves,
+        # which a donating step cannot take.
+        opt_state=jax.tree.map(jnp.array, tx.init(params)),
+        key=jax.random.key_data(loop_key),
+    )
+
+
+def make_evaluators(config, model, data, mesh: Mesh) -> dict[str, Evaluator]:
+    """Loss and accuracy on the training subset (``eval_train_examples``), the validation
+    split (if any) and the test set, in evaluation mode, each with one compiled step."""
+    ebs = config.eval_batch_size - config.eval_batch_size % mesh.size or mesh.size
+    step = make_eval_step(model, mesh, ebs)
+    m = config.eval_train_examples or len(data.x_train)
+    out = {"train": Evaluator(step, data.x_train[:m], data.y_train[:m], ebs, mesh)}
+    if data.x_val is not None:
+        out["val"] = Evaluator(step, data.x_val, data.y_val, ebs, mesh)
+    out["test"] = Evaluator(step, data.x_test, data.y_test, ebs, mesh)
+    return out
+
+
+def evaluate(evaluators: dict[str, Evaluator], state: TrainState, epoch: int) -> dict:
+    """One evaluation record ``{"step", "epoch", "<split>/loss", "<split>/accuracy", ...}``."""
+    rec = {"step": int(state.step), "epoch": epoch}
+    for split, ev in evaluators.items():
+        for k, v in ev(state).items():
+            rec[f"{split}/{k}"] = v
+    return rec
