@@ -85,6 +85,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 50
     c.progress = True
+    c.tensorboard = False  # also write the metrics as TensorBoard events (needs tensorboardX)
     return c
 
 

@@ -37,6 +37,7 @@ def define_flags():
 def trained_swissroll():
     """A natural swiss-roll minimum (variables, batches, model)."""
     from configs import visualize_generalization as vgc
+    from sharp_minima import data as data_lib
     from sharp_minima import train
     from sharp_minima.studies import visualize_generalization as vg
 
@@ -44,7 +45,7 @@ def trained_swissroll():
     data = vg.load_data(config)
     cfg = vg.run_config(config, 0, epochs=2000, n_train=len(data.x_train))
     res = train.train(cfg, tempfile.mkdtemp(), data=data, log=lambda s: None)
-    batches, _ = vg.train_batches(data.x_train, data.y_train)
+    batches, _ = data_lib.all_batches(data.x_train, data.y_train)
     return res.state.variables(), batches, res.model
 
 

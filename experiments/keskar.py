@@ -20,7 +20,6 @@ def main(argv):
     from sharp_minima.studies import keskar
 
     with cli.user_errors_exit_2():
-        keskar.validate(config)
         keskar.run(config, cli.FLAGS.workdir, log=cli.log)
     cli.log(open(os.path.join(cli.FLAGS.workdir, "report.md")).read())
 

@@ -59,10 +59,10 @@ def write_atomic(path: str, data: str | bytes) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     """Atomic JSON dump (numpy scalars and arrays are converted)."""
-    write_atomic(path, json.dumps(obj, indent=2, default=_to_builtin) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2, default=to_builtin) + "\n")
 
 
-def _to_builtin(x):
+def to_builtin(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     raise TypeError(f"cannot serialise {type(x).__name__} to JSON")

@@ -183,8 +183,13 @@ def nsgd(
     num_directions: int | None = None,
     momentum: float = 0.0,
     nudge_velocity: bool = True,
+    inject_learning_rate: bool = False,
 ) -> optax.GradientTransformation:
     """Nudged-SGD: SGD with learning rate γη along the directions and η elsewhere.
+
+    With ``inject_learning_rate`` the SGD step is ``optax.inject_hyperparams(optax.sgd)``, so
+    its ``learning_rate`` lives in the optimizer state where a hook can lower it (e.g.
+    `sharp_minima.train.ValidationPlateau`).
 
     With momentum, ``nudge_velocity=True`` nudges the velocity when it is applied and keeps
     the uncorrected velocity in the buffer (as the authors' Keras optimizer does):
@@ -201,8 +206,9 @@ def nsgd(
     if not 0 <= momentum < 1:
         raise ValueError(f"nsgd: momentum must be in [0, 1), got {momentum}")
     nudged = nudge(directions, gamma, num_directions=num_directions)
+    sgd = optax.inject_hyperparams(optax.sgd) if inject_learning_rate else optax.sgd
     if not momentum:
-        return optax.chain(nudged, optax.sgd(learning_rate))
+        return optax.chain(nudged, sgd(learning_rate))
     if nudge_velocity:
-        return optax.chain(optax.trace(momentum), nudged, optax.sgd(learning_rate))
-    return optax.chain(nudged, optax.sgd(learning_rate, momentum=momentum))
+        return optax.chain(optax.trace(momentum), nudged, sgd(learning_rate))
+    return optax.chain(nudged, sgd(learning_rate, momentum=momentum))

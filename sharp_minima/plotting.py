@@ -1,4 +1,7 @@
-"""Matplotlib figures used by the studies (saved as PNG and PDF).
+"""Figures of the library's measurements, which any study or notebook can draw: a spectral
+density, tracked eigenvalues, an interpolation curve; and `save` (PNG + PDF), which
+`sharp_minima.studies.common.write_outputs` calls for every study. A figure that belongs to
+one study lives in that study's module, beside its ``figures(config, results)``.
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot: nothing here picks a
 backend or registers figures with pyplot's global state, so a script on a headless server needs
@@ -37,13 +40,16 @@ def spectrum_figure(density, top_values=None, title="Hessian spectral density"):
     """SLQ density (log scale) with the Lanczos top eigenvalues marked.
 
     Args:
-      density: a `sharp_minima.hessian.SpectralDensity`.
+      density: a `sharp_minima.hessian.SpectralDensity` (or its ``_asdict()``).
       top_values: optional eigenvalues to mark as vertical lines.
       title: figure title.
     """
     fig, ax = _subplots(figsize=(6, 3.5))
-    floor = max(density.density.max() * 1e-8, 1e-12)
-    ax.semilogy(density.grid, np.maximum(density.density, floor), color="C0", label="SLQ density")
+    if not isinstance(density, dict):
+        density = density._asdict()
+    grid, values = np.asarray(density["grid"]), np.asarray(density["density"])
+    floor = max(values.max() * 1e-8, 1e-12)
+    ax.semilogy(grid, np.maximum(values, floor), color="C0", label="SLQ density")
     if top_values is not None:
         for i, v in enumerate(np.atleast_1d(top_values)):
             ax.axvline(
@@ -87,37 +93,4 @@ def parametric_figure(curve, title="Parametric plot"):
     lines = ax.get_lines()[:2] + ax2.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center left")
     ax.set_title(title, fontsize=10)
-    return fig
-
-
-def sharpness_figure(summary):
-    """Bar chart of mean ± std sharpness per regime, one group per (space, ε); log scale."""
-    keys = [k for k in next(iter(summary.values())) if k.startswith("sharpness_")]
-    keys = [k for k in keys if k.count("_") == 2]  # sharpness_<space>_<eps>
-    keys = sorted(keys, key=lambda k: (k.split("_")[1], -float(k.split("_")[2])))
-    regimes = list(summary)
-    fig, ax = _subplots(figsize=(1.6 + 1.3 * len(keys), 3.6))
-    width = 0.8 / max(len(regimes), 1)
-    for i, r in enumerate(regimes):
-        means = [summary[r][k][0] if k in summary[r] else np.nan for k in keys]
-        stds = [summary[r][k][1] if k in summary[r] else 0.0 for k in keys]
-        ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, label=r, capsize=2)
-    ax.set_xticks(np.arange(len(keys)) + width * (len(regimes) - 1) / 2)
-    ax.set_xticklabels([k.replace("sharpness_", "").replace("_", "\nε=") for k in keys], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("ε-sharpness φ")
-    ax.legend(fontsize=8)
-    ax.set_title("Keskar ε-sharpness (mean ± std over seeds)", fontsize=10)
-    return fig
-
-
-def batch_sweep_figure(batch_sizes, sharpness, test_accuracy, epsilon):
-    """Keskar et al.'s Fig. 4: sharpness and test accuracy against batch size."""
-    fig, ax = _subplots(figsize=(5.6, 3.6))
-    ax.semilogx(batch_sizes, sharpness, "bo-")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(f"sharpness (ε={epsilon:g})", color="b")
-    ax2 = ax.twinx()
-    ax2.semilogx(batch_sizes, test_accuracy, "rs--")
-    ax2.set_ylabel("test accuracy (%)", color="r")
     return fig

@@ -18,7 +18,12 @@ The loss is whatever you pass: `sharp_minima.losses.evaluation_loss(model, weigh
 is the training objective's data term plus the same L2 term, with BatchNorm in evaluation
 mode (running statistics), which `EigenTracker.description` states.
 
-Only jax, numpy, optax (and `sharp_minima.hessian`) are imported.
+A study's trackers come from its config: `curvature_subset` (the subset a curvature section
+asks for), `describe_loss` (the curvature loss in words, for reports) and `make_tracker`
+(both, with `sharp_minima.losses.evaluation_loss` and the training run's weight decay).
+
+Only jax, numpy, optax (and `sharp_minima.hessian`, the trainer's hook protocol
+`sharp_minima.train.hooks`) are imported: not the training loop, not flax.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sharp_minima import hessian
+from sharp_minima import hessian, losses
+from sharp_minima.data import pipeline
 from sharp_minima.train.hooks import HookResult
 
 
@@ -93,17 +99,17 @@ class Subset:
         self._fixed = None if resample else self._draw(key)
 
     def _draw(self, key):
-        idx = jax.random.permutation(key, len(self.x))[: self.size]
-        return idx.reshape(self.num_batches, self.batch_size)
+        return pipeline.subset_indices(key, len(self.x), self.size, self.batch_size)
 
     def __call__(self, step: int):
         idx = self._draw(jax.random.fold_in(self.key, step)) if self.resample else self._fixed
-        x = self.x[idx]
+        batches = pipeline.stack_batches(self.x, self.y, idx)
         if self.augment is not None:
+            x = batches["x"]
             flat = x.reshape((-1,) + x.shape[2:])
             aug = self.augment(jax.random.fold_in(jax.random.fold_in(self.key, step), 1), flat)
-            x = aug.reshape(x.shape)
-        return {"x": x, "y": self.y[idx]}, jnp.ones((self.num_batches,))
+            batches["x"] = aug.reshape(x.shape)
+        return batches, jnp.ones((self.num_batches,))
 
     def describe(self) -> str:
         how = "a fresh random draw at every call" if self.resample else "fixed random examples"
@@ -254,3 +260,75 @@ class EigenTracker:
         directions = self.set_directions(out.vectors)
         opt_state = optax.tree_utils.tree_set(ctx.state.opt_state, directions=directions)
         return HookResult(metrics, ctx.state.replace(opt_state=opt_state))
+
+
+# ------------------------------------------------------------------- trackers from configs
+
+
+def curvature_subset(config, section, data, key, *, full: bool = False) -> Subset:
+    """The curvature subset a config's curvature ``section`` asks for (``fraction``,
+    ``num_examples`` (0 = by fraction), ``batch_size``, ``resample``), through the training
+    augmentation when ``config.data.augment`` is set; ``full``: every training example (for
+    full-batch gradient descent)."""
+    n = len(data.x_train)
+    if full:
+        return Subset(
+            key, data.x_train, data.y_train, num_examples=n, batch_size=min(section.batch_size, n)
+        )
+    return Subset(
+        key,
+        data.x_train,
+        data.y_train,
+        fraction=section.fraction,
+        num_examples=section.num_examples or None,
+        batch_size=section.batch_size,
+        resample=section.resample,
+        augment=pipeline.random_crop_flip if config.data.augment else None,
+    )
+
+
+def describe_loss(config, model, data) -> str:
+    """What `sharp_minima.losses.evaluation_loss` of a training run is, in words."""
+    parts = ["mean cross-entropy"]
+    if config.optim.weight_decay:
+        parts.append(f"+ L2 {config.optim.weight_decay:g}/2·‖w‖² (as in training)")
+    if config.data.augment:
+        parts.append("on augmented inputs (as in training)")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(data.x_train[:1]))
+    bn = "batch_stats" in shapes
+    bn = "BatchNorm in evaluation mode (running statistics)" if bn else "no BatchNorm"
+    return f"{' '.join(parts)}; {bn}; dropout off"
+
+
+def make_tracker(
+    config,
+    section,
+    data,
+    model,
+    subset_key,
+    key,
+    *,
+    k: int,
+    full: bool = False,
+    set_directions: bool | Callable = False,
+    name: str = "hessian",
+) -> EigenTracker:
+    """The `EigenTracker` (top ``k``) of a training run of ``config`` on the curvature subset
+    of ``section`` (its ``tol`` and ``stochastic`` too), for the run's objective
+    (`describe_loss`).
+
+    Every run of a study passes the same ``subset_key``: the same examples (a 5% subset's
+    top eigenvalue varies by ~20% from one draw to another, which would blur comparisons
+    between runs); ``key`` (the Lanczos start vectors) is the run's own."""
+    return EigenTracker(
+        losses.evaluation_loss(model, config.optim.weight_decay),
+        curvature_subset(config, section, data, subset_key, full=full),
+        key=key,
+        k=k,
+        wrt="^params/",
+        tol=section.tol,
+        stochastic=section.stochastic,
+        set_directions=set_directions,
+        name=name,
+        description=describe_loss(config, model, data),
+    )

@@ -9,3 +9,53 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Each study's tiny config, run once per test session (tests/test_studies.py and the studies'
+# own tests read it; a test that changes a workdir works on a copy: `tiny_study.copy`).
+TINY = {
+    "keskar": "quickstart.py:tiny",
+    "curvature_demo": "curvature_demo.py:tiny",
+    "sharpest_directions": "sharpest_directions.py:tiny",
+    "nudged_sgd": "nudged_sgd.py:tiny",
+    "visualize_generalization": "visualize_generalization.py:tiny",
+}
+
+
+@dataclasses.dataclass
+class TinyRun:
+    config: object
+    workdir: str
+    results: dict
+    lines: list
+
+    def copy(self, dst) -> str:
+        """A copy of the run's workdir at ``dst`` (e.g. to extend or re-measure it)."""
+        shutil.copytree(self.workdir, dst, dirs_exist_ok=True)
+        return str(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """``tiny_study(name) -> TinyRun``: the study's tiny config, run once per session."""
+    from helpers import load_config
+
+    done = {}
+
+    def get(name: str) -> TinyRun:
+        if name not in done:
+            module = importlib.import_module(f"sharp_minima.studies.{name}")
+            config = load_config(TINY[name])
+            workdir = str(tmp_path_factory.mktemp(name))
+            lines = []
+            results = module.run(config, workdir, log=lines.append)
+            done[name] = TinyRun(config, workdir, results, lines)
+        return done[name]
+
+    return get

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +17,21 @@ from jax.flatten_util import ravel_pytree
 
 from sharp_minima import losses, optim, tracking, train
 from sharp_minima.studies import nudged_sgd, sharpest_directions
+from sharp_minima.studies import runs as study_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_sharpest_directions_tiny_end_to_end(tmp_path):
-    config = load_config("sharpest_directions.py:tiny")
-    lines = []
-    results = sharpest_directions.run(config, str(tmp_path), log=lines.append)
+def test_sharpest_directions_tiny_end_to_end(tiny_study):
+    run = tiny_study("sharpest_directions")
+    config, results, tmp_path = run.config, run.results, Path(run.workdir)
     runs = results["runs"]
     names = {s.name for s in sharpest_directions.plan(config)}
     assert names - {"variants/start"} == set(runs)
     # Every tracked run starts with a measurement at step 0 (before training).
     for name in ("lr0.1_bs32_mom0", "gd_lr0.1", "variants/top"):
         records = read_jsonl(tmp_path / "runs" / name / "metrics.jsonl")
-        steps, values = sharpest_directions.series(records)
+        steps, values = study_runs.series(records, "hessian/lambda_")
         assert steps[0] == 0 and np.all(values[:, 0] >= values[:, -1])
     # The probe: cosines, the alpha-sweep and the loss along e_1 at every measurement.
     probed = read_jsonl(tmp_path / "runs" / "lr0.05_bs32_mom0" / "metrics.jsonl")
@@ -52,14 +53,11 @@ def test_sharpest_directions_tiny_end_to_end(tmp_path):
         for ext in ("png", "pdf"):
             assert (tmp_path / f"{fig}.{ext}").stat().st_size > 0
     assert json.load(open(tmp_path / "results.json"))["claims"] == results["claims"]
-    again = []  # a second call resumes every run: nothing is trained again
-    assert sharpest_directions.run(config, str(tmp_path), log=again.append)["runs"] == runs
-    assert not any("step 1/" in line for line in again)
 
 
-def test_nudged_sgd_tiny_end_to_end(tmp_path):
-    config = load_config("nudged_sgd.py:tiny")
-    results = nudged_sgd.run(config, str(tmp_path), log=lambda s: None)
+def test_nudged_sgd_tiny_end_to_end(tiny_study):
+    run = tiny_study("nudged_sgd")
+    config, results, tmp_path = run.config, run.results, Path(run.workdir)
     runs = results["runs"]
     assert set(runs) == {s.name for s in nudged_sgd.plan(config)}
     sgd = runs["sgd_lr0.05"]

@@ -5,11 +5,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
 
-from configs import quickstart
 from sharp_minima import train
 from sharp_minima.studies import keskar
 
@@ -28,10 +28,10 @@ def _run(args, env=None, tmp_path=None):
     )
 
 
-def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
-    lines = []
-    results = keskar.run(quickstart.get_config("tiny"), str(tmp_path), log=lines.append)
-    assert any("sharpness full" in line for line in lines)
+def test_quickstart_tiny_end_to_end(tiny_study):
+    run = tiny_study("keskar")
+    results, tmp_path = run.results, Path(run.workdir)
+    assert any("sharpness full" in line for line in run.lines)
     assert json.load(open(tmp_path / "results.json"))["summary"] == results["summary"]
     assert {r["regime"] for r in results["runs"]} == {"sb", "lb"}
     for r in results["runs"]:
@@ -44,19 +44,13 @@ def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
             assert (tmp_path / f"{name}.{ext}").stat().st_size > 0
     report = (tmp_path / "report.md").read_text()
     assert "| 0.001 |" in report and "LB sharper than SB" in report
-    again = []  # resumes: no training, sharpness read from the cache
-    assert (
-        keskar.run(quickstart.get_config("tiny"), str(tmp_path), log=again.append)["runs"]
-        == (results["runs"])
-    )
-    assert any("resumed from step" in line for line in again)
-    assert not any("sharpness full" in line for line in again)
 
 
-def test_quickstart_command_line_prints_the_report(tmp_path):
-    out = _run(["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}"])
+def test_quickstart_command_line_resumes_and_prints_the_report(tiny_study, tmp_path):
+    workdir = tiny_study("keskar").copy(tmp_path / "w")  # a finished run: nothing to train
+    out = _run(["--config=configs/quickstart.py:tiny", f"--workdir={workdir}"])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "Table 3" in out.stdout and "sharpness full" in out.stdout
+    assert "Table 3" in out.stdout and "resumed from step" in out.stdout
 
 
 def test_c2_without_cifar_exits_2_saying_how_to_get_it(tmp_path):
@@ -86,6 +80,10 @@ def test_tiny_c2_on_tfds_mock_data(tmp_path):
     config.progress = False
     config.keskar.curved_path = False
     config.keskar.batch_sweep = (16,)
+    config.keskar.epsilons = (1e-3,)
+    config.keskar.subspace_dim = 0
+    config.keskar.average_sigma = 0.0
+    config.keskar.max_iter = 1
     config.num_devices = 1
     config.lock()
     with (
@@ -123,15 +121,14 @@ def test_regimes_from_config():
 def test_report_shows_every_paper_cell(net):
     """Every number of the paper's Tables 2, 3, 4, 6, 7 for this network is in its report."""
     config = importlib.import_module(f"configs.{net}").get_config()
-    row = {"train_accuracy": [99.0, 0.1, 2], "test_accuracy": [90.0, 0.1, 2]}
+    stat = {"mean": 1.0, "std": 0.1, "min": 0.9, "max": 1.1, "n": 2}
+    row = {"train_accuracy": {**stat, "mean": 99.0}, "test_accuracy": {**stat, "mean": 90.0}}
     row.update(
-        {
-            f"sharpness_{s}_{e}": [1.0, 0.1, 2]
-            for s in ("full", "subspace")
-            for e in ("0.001", "0.0005")
-        }
+        {f"sharpness_{s}_{e}": stat for s in ("full", "subspace") for e in ("0.001", "0.0005")}
     )
-    report = keskar.report_markdown(config, {"sb": row, "lb": row}, 50_000)
+    summary = {"sb": row, "lb": row}
+    results = {"summary": summary, "data": {"num_train": 50_000}, "runs": []}
+    report = keskar.report_markdown(config, {**results, "claims": []})
     paper = keskar.PAPER[net]
     cells = [c for key in paper if not isinstance(paper[key], dict) for c in paper[key]]
     for table in ("augment", "conservative"):

@@ -77,20 +77,23 @@ def test_readme_training_example_runs():
         assert "train/param_norm" in logged
 
 
-def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path):
+def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path, tiny_study):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     def demo(*args):
         cmd = [sys.executable, "-m", "experiments.curvature_demo", *args]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
-    out = demo("--config=configs/curvature_demo.py:tiny", f"--workdir={tmp_path}")
+    run = tiny_study("curvature_demo")  # trained and measured once per session
+    assert run.results["tracking"]["steps"] == [4, 8]  # every 4 steps, warm-started
+    assert len(os.listdir(os.path.join(run.workdir, "arrays", "hessian"))) == 2
+    workdir = run.copy(tmp_path / "w")
+    os.remove(os.path.join(workdir, "tracking.png"))
+    out = demo("--config=configs/curvature_demo.py:tiny", f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("results.json", "tracking.png", "tracking.pdf", "spectrum.png", "spectrum.pdf"):
-        assert (tmp_path / name).exists(), name
-    results = json.load(open(tmp_path / "results.json"))
-    assert results["tracking"]["steps"] == [4, 8]  # every 4 steps, warm-started
-    assert len(os.listdir(tmp_path / "arrays" / "hessian")) == 2
+    for name in ("results.json", "report.md", "tracking.png", "tracking.pdf", "spectrum.png"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert json.load(open(os.path.join(workdir, "results.json")))["tracking"]["steps"] == [4, 8]
     bad = demo("--stepz=3", f"--workdir={tmp_path}")
     assert bad.returncode == 2 and "stepz" in bad.stderr and "Traceback" not in bad.stderr
     bad = demo(
@@ -101,7 +104,8 @@ def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path):
     assert bad.returncode == 2 and "config.curvature.k must be >= 1" in bad.stderr
 
 
-def test_keskar_notebook_runs_with_the_tiny_config(tmp_path):
+def test_keskar_notebook_runs_with_the_tiny_config(tmp_path, tiny_study):
+    tiny_study("keskar").copy(tmp_path)  # the tiny study is trained once per test session
     nb = json.loads(read("experiments/notebooks/keskar_quickstart.ipynb"))
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "quickstart.get_config()" in code and "runs/quickstart_notebook" in code
@@ -110,6 +114,7 @@ def test_keskar_notebook_runs_with_the_tiny_config(tmp_path):
     namespace = {}
     exec(compile(code, "keskar_quickstart.ipynb", "exec"), namespace)
     assert (tmp_path / "report.md").exists() and namespace["results"]["runs"]
+    assert set(namespace["figures"]) >= {"parametric_linear", "sharpness"}
 
 
 def test_readme_optim_example_runs():
@@ -135,3 +140,18 @@ def test_readme_landscape_example_runs():
     exact = -0.5 * np.log(36.0) + np.log(4 * np.pi / 3)  # ω_3 ∏ √(2c/h_i), c = 0.5
     assert abs(vol.log_volume - exact) < 5 * vol.stderr + 0.01
     assert surface.shape == (51, 51) and surface[25, 25] == 0.0
+
+
+def test_readme_study_contract_example_runs(tmp_path, tiny_study):
+    block = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+        if "keskar.figures(config, results)" in b
+    )
+    workdir = tiny_study("keskar").copy(tmp_path / "w")  # trained once per session
+    assert '"runs/keskar_tiny"' in block
+    namespace = {}
+    exec(
+        compile(block.replace('"runs/keskar_tiny"', repr(workdir)), "README.md", "exec"), namespace
+    )
+    assert namespace["results"]["runs"] and "sharpness" in namespace["figures"]

@@ -1,6 +1,7 @@
 """Runs that survive real use: extendable studies, damaged checkpoints, workdir locks, fixing a
 failed run, validation before any work, one-line Ctrl-C, and the smaller guarantees."""
 
+import glob
 import os
 import signal
 import stat
@@ -41,10 +42,13 @@ def one_clear_line(out):
 # 1. ----------------------------------------------------------------- extending a finished study
 
 
-def test_a_finished_study_takes_more_seeds_and_epsilons_measuring_only_what_is_new(tmp_path):
-    first = []
-    keskar.run(quickstart.get_config("tiny"), str(tmp_path), log=first.append)
-    assert sum("sharpness " in line for line in first) == 2 * 4  # sb, lb x (full, sub) x 2 ε
+def test_a_finished_study_takes_more_seeds_and_epsilons_measuring_only_what_is_new(
+    tmp_path, tiny_study
+):
+    first = tiny_study("keskar")  # the quickstart's tiny config, finished
+    measured = [line for line in first.lines if line.strip().startswith("sharpness ")]
+    assert len(measured) == 2 * 4  # sb, lb x (full, sub) x 2 ε
+    first.copy(tmp_path)
     config = quickstart.get_config("tiny")
     config.unlock()
     config.keskar.seeds = 2
@@ -52,7 +56,7 @@ def test_a_finished_study_takes_more_seeds_and_epsilons_measuring_only_what_is_n
     config.lock()
     more = []
     out = keskar.run(config, str(tmp_path), log=more.append)
-    measured = [line for line in more if "sharpness " in line]
+    measured = [line for line in more if line.strip().startswith("sharpness ")]
     # seed 0 (sb, lb): only ε = 2e-3, full and subspace; seed 1 (sb, lb): all 3 ε x 2 spaces.
     assert len(measured) == 2 * 2 + 2 * 6
     assert sum("ε=0.002" in line for line in measured) == 4 + 4  # every run has the new ε
@@ -66,7 +70,10 @@ def test_a_finished_study_takes_more_seeds_and_epsilons_measuring_only_what_is_n
     assert all("sharpness_full_0.002" in r for r in out["runs"])
 
 
-def test_measurements_done_before_an_interrupt_are_kept(tmp_path, monkeypatch):
+def test_measurements_done_before_an_interrupt_are_kept(tmp_path, monkeypatch, tiny_study):
+    tiny_study("keskar").copy(tmp_path)  # trained; the measurements are taken again below
+    for path in glob.glob(str(tmp_path / "runs" / "*" / "*" / "sharpness.json")):
+        os.remove(path)
     calls, interrupted = [], []
     real = keskar.measure
 

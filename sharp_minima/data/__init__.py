@@ -16,12 +16,18 @@ import os
 import numpy as np
 
 from sharp_minima.data import embedded, idx, manual, pipeline, text, tfds_source
-from sharp_minima.data.pipeline import curvature_batches, epoch_permutation, random_crop_flip
+from sharp_minima.data.pipeline import (
+    all_batches,
+    curvature_batches,
+    epoch_permutation,
+    random_crop_flip,
+)
 
 __all__ = [
     "DATASETS",
     "DataNotFoundError",
     "Dataset",
+    "all_batches",
     "curvature_batches",
     "epoch_permutation",
     "load",

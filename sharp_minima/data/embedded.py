@@ -4,22 +4,63 @@ from __future__ import annotations
 
 import numpy as np
 
+_MNIST1D: dict = {}  # (seed, num_samples) -> the generated arrays, for this process
+
 
 def mnist1d(seed: int = 0, num_samples: int = 5000):
     """MNIST-1D (Greydanus 2020), generated procedurally by the `mnist1d` package.
 
+    Generating 5000 examples takes seconds, so the arrays are kept for the process and on disk
+    (``$XDG_CACHE_HOME/sharp_minima`` or ``~/.cache/sharp_minima``, keyed by the package
+    version, seed and size; skipped when the folder is not writable). The arrays depend on
+    nothing else.
+
     Returns ``{"train": (x, y), "test": (x, y)}`` with x of shape (n, 40, 1).
     """
+    key = (seed, num_samples)
+    if key not in _MNIST1D:
+        _MNIST1D[key] = _mnist1d_cached(seed, num_samples)
+    arrays = _MNIST1D[key]
+    return {
+        "train": (arrays["x"].copy(), arrays["y"].copy()),
+        "test": (arrays["x_test"].copy(), arrays["y_test"].copy()),
+    }
+
+
+def _mnist1d_cached(seed: int, num_samples: int) -> dict:
+    import importlib.metadata
+    import io
+    import os
+
+    from sharp_minima import files
+
+    version = importlib.metadata.version("mnist1d")
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(root, "sharp_minima", f"mnist1d-{version}-seed{seed}-n{num_samples}.npz")
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    except (OSError, KeyError, ValueError):
+        pass
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.seed, args.num_samples = seed, num_samples
     d = make_dataset(args)
     f = lambda a: np.asarray(a, np.float32)[..., None]  # noqa: E731
-    return {
-        "train": (f(d["x"]), np.asarray(d["y"], np.int32)),
-        "test": (f(d["x_test"]), np.asarray(d["y_test"], np.int32)),
+    arrays = {
+        "x": f(d["x"]),
+        "y": np.asarray(d["y"], np.int32),
+        "x_test": f(d["x_test"]),
+        "y_test": np.asarray(d["y_test"], np.int32),
     }
+    try:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        files.write_atomic(path, buf.getvalue())
+    except OSError:  # a read-only home: generate each time
+        pass
+    return arrays
 
 
 def swiss_roll_jax(key, n: int, noise: float = 0.5):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def epoch_permutation(key, num_examples: int, batch_size: int):
@@ -30,6 +31,42 @@ def random_crop_flip(key, images, *, padding: int = 4, flip: bool = True):
     return out
 
 
+def subset_indices(key, num_examples: int, size: int, batch_size: int):
+    """Indices (num_batches, batch_size) of ``size`` random examples of ``num_examples``,
+    rounded down to whole batches (at least one)."""
+    bs = min(batch_size, size)
+    nb = size // bs
+    return jax.random.permutation(key, num_examples)[: nb * bs].reshape(nb, bs)
+
+
+def ordered_indices(num_examples: int, batch_size: int = 0):
+    """``(indices, mask)``: every example in order as (num_batches, batch_size) indices
+    (``batch_size`` 0: one batch), the last batch padded with example 0 and masked out."""
+    bs = batch_size or num_examples
+    nb = -(-num_examples // bs)
+    flat = np.arange(nb * bs)
+    mask = (flat < num_examples).reshape(nb, bs).astype(np.float32)
+    return np.where(flat < num_examples, flat, 0).reshape(nb, bs), mask
+
+
+def stack_batches(x, y, indices, mask=None) -> dict:
+    """The batches ``{"x": x[indices], "y": y[indices]}`` (plus ``"mask"``) with a leading
+    batches axis, gathered on device: the one way examples become the stacked batches of
+    `sharp_minima.hessian` and the other measurements."""
+    out = {"x": jnp.asarray(x)[indices], "y": jnp.asarray(y)[indices]}
+    if mask is not None:
+        out["mask"] = jnp.asarray(mask)
+    return out
+
+
+def all_batches(x, y, batch_size: int = 0):
+    """``(batches, weights)``: every example in order (`ordered_indices`), with a ``mask``
+    for the padding and the real example count of each batch as its weight (so the
+    measurement is exactly the mean over all examples)."""
+    indices, mask = ordered_indices(len(x), batch_size)
+    return stack_batches(x, y, indices, mask), mask.sum(1)
+
+
 def curvature_batches(
     key, x, y, *, fraction: float = 0.05, batch_size: int = 256, num_examples: int | None = None
 ):
@@ -40,8 +77,5 @@ def curvature_batches(
     """
     n = len(x)
     size = num_examples if num_examples is not None else max(1, int(round(fraction * n)))
-    size = min(size, n)
-    bs = min(batch_size, size)
-    nb = size // bs
-    idx = jax.random.permutation(key, n)[: nb * bs].reshape(nb, bs)
-    return {"x": jnp.asarray(x)[idx], "y": jnp.asarray(y)[idx]}, jnp.ones((nb,))
+    idx = subset_indices(key, n, min(size, n), batch_size)
+    return stack_batches(x, y, idx), jnp.ones((idx.shape[0],))

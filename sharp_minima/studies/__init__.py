@@ -1,9 +1,35 @@
 """One module per source work: runs, measurements, reports, figures and the paper's numbers.
 
-Each study is ``run(config, workdir, *, data=None, log=print) -> dict`` (resumable: calling it
-again on the same workdir continues and recomputes nothing that is done), importable from a
-notebook; ``experiments/<study>.py`` only parses flags and calls it.
+**The study contract.** Every study module offers
+
+- ``run(config, workdir, *, data=None, log=print) -> results``: the whole study into
+  ``workdir``, resumable — calling it again on the same workdir continues an interrupted
+  study and recomputes nothing that is done (runs resume from their checkpoints,
+  measurements are read from their caches); ``data`` replaces the config's data set (e.g. one
+  loaded in a notebook); ``log`` takes every line of progress.
+- ``figures(config, results) -> dict[str, matplotlib.figure.Figure]``: draws from
+  ``results`` alone and saves nothing, so a notebook shows
+  ``study.figures(config, results)["name"]`` inline.
+- ``report_markdown(config, results) -> str``: ``report.md`` (the scale, the paper's numbers
+  beside this run's, the claims).
+- ``claims(config, results) -> [(claim, holds, numbers)]``: a yes/no verdict per claim of the
+  paper this run tests, with the numbers behind it.
+
+``run`` ends with `common.write_outputs`, the one place a study's ``report.md``,
+``results.json`` (+ ``results.npz`` for large arrays) and figures (PNG + PDF) are saved.
+Studies are built from `runs` (derived run configs, run folders, training that records a
+diverged run, measurement caches, aggregation over seeds, logged series) and the library's
+measurements; they add no numerical kernels and never import one another.
+``experiments/<study>.py`` only parses flags and calls ``run``.
+
+Figures: a figure that belongs to one study is drawn in that study's module; figures of
+library measurements that several studies (and notebooks) use are in `sharp_minima.plotting`.
 
 - `keskar` — Keskar et al. (2017): large-batch training, ε-sharpness, parametric plots.
+- `sharpest_directions` — Jastrzębski et al. (2019), Sec. 3: the top Hessian eigenvalues
+  along SGD, the step against the sharpest directions, full-batch GD, SGD variants.
+- `nudged_sgd` — Jastrzębski et al. (2019), Sec. 4: Nudged-SGD against SGD (Table 1).
+- `visualize_generalization` — Huang et al. (2020): bad minima, decision boundaries, basin
+  volumes, loss surfaces, t-SNE of the trajectory, pinched rings, optimizers vs linear.
 - `curvature_demo` — the top Hessian eigenvalues of a small MLP tracked along training.
 """

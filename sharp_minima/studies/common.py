@@ -1,15 +1,18 @@
-"""Helpers shared by the studies: named key streams, mean ± std summaries, the claims table
-and the study outputs."""
+"""What every study shares besides its runs (`sharp_minima.studies.runs`): named key
+streams, table cells, the claims table, and `write_outputs` — the one place a study's
+report, results and figures are saved."""
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from sharp_minima import files
+from sharp_minima import files, plotting
 
 
 def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
@@ -28,55 +31,86 @@ def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
     return {n: jax.random.fold_in(root, zlib.crc32(n.encode()) & 0x7FFFFFFF) for n in names}
 
 
-def summarize(records: list[dict], group: str) -> dict:
-    """``{group value: {field: [mean, std, count]}}`` over the records of each group, for every
-    numeric field (booleans and ``seed`` excluded)."""
-    by: dict[str, list[dict]] = {}
-    for r in records:
-        by.setdefault(r[group], []).append(r)
-    out = {}
-    for name, rs in by.items():
-        keys = [
-            k
-            for k, v in rs[0].items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "seed"
-        ]
-        out[name] = {
-            k: [float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs])), len(rs)]
-            for k in keys
-            if all(k in r for r in rs)
-        }
-    return out
-
-
-def mean_std(summary: dict, key: str, group: str, digits: int = 2) -> str:
-    """``"mean ± std"`` (or ``"mean"`` for one record, ``"—"`` when absent) for a table cell."""
-    if group not in summary or key not in summary[group]:
+def mean_std(summary: dict, key: str, group, digits: int = 2) -> str:
+    """``"mean ± std"`` (or ``"mean"`` for one run, ``"—"`` when absent) of a field of
+    `sharp_minima.studies.runs.aggregate`'s summary, for a table cell."""
+    stat = summary.get(group, {}).get(key)
+    if not isinstance(stat, dict):
         return "—"
-    mean, std, n = summary[group][key]
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+    mean, std = stat["mean"], stat["std"]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if stat["n"] > 1 else f"{mean:.{digits}f}"
+
+
+INLINE_SIZE = 64  # arrays up to this many numbers stay in results.json
+
+
+def _move_arrays(obj, path: str, arrays: dict):
+    """``obj`` with every array of more than `INLINE_SIZE` numbers moved into ``arrays``."""
+    if isinstance(obj, dict):
+        return {
+            k: _move_arrays(v, f"{path}/{k}" if path else str(k), arrays) for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [_move_arrays(v, f"{path}/{i}", arrays) for i, v in enumerate(obj)]
+    if hasattr(obj, "shape") and np.size(obj) > INLINE_SIZE:
+        arrays[path] = np.asarray(obj)
+        return f"results.npz:{path}"
+    return obj
 
 
 Claim = tuple[str, bool, str]  # (the paper's claim, holds here, the numbers behind it)
 
 
-def claims_table(claims: list[Claim]) -> list[str]:
-    """The report's ``## Claims`` section: a yes/no line per claim with its numbers."""
+def claims_table(claims: list) -> list[str]:
+    """The report's ``## Claims`` section: a yes/no line per claim with its numbers (claims
+    as ``(claim, holds, numbers)`` or as the dicts of ``results["claims"]``)."""
     lines = ["## Claims", "", "| claim | holds here | numbers |", "| --- | --- | --- |"]
-    return lines + [f"| {c} | {'yes' if ok else 'no'} | {nums} |" for c, ok, nums in claims]
+    for c in claims:
+        c, ok, nums = (c["claim"], c["holds"], c["numbers"]) if isinstance(c, dict) else c
+        lines.append(f"| {c} | {'yes' if ok else 'no'} | {nums} |")
+    return lines
 
 
-def write_outputs(workdir, report: str, results: dict, claims: list[Claim], figures, log) -> dict:
-    """Writes ``report.md`` and ``results.json`` (with the claims) atomically on process 0,
-    prints the claims; returns ``results``."""
+def write_outputs(
+    config,
+    results: dict,
+    workdir: str,
+    log=print,
+    *,
+    claims: Callable,
+    figures: Callable,
+    report: Callable,
+) -> dict:
+    """Saves a study's outputs, all in ``workdir``: ``report.md``, ``results.json`` (arrays of
+    more than `INLINE_SIZE` numbers go to ``results.npz``, named by their path in the results,
+    which ``results.json`` gives as ``"results.npz:<path>"``) and each figure as PNG and PDF,
+    on process 0, atomically; prints the claims. Returns ``results`` with its claims.
+
+    Args:
+      config, results: the study's config and what its ``run`` measured.
+      claims: the study's ``claims(config, results) -> [(claim, holds, numbers)]``.
+      figures: ``figures(config, results) -> {name: Figure}`` (draws, saves nothing).
+      report: ``report_markdown(config, results) -> str`` (sees ``results["claims"]``).
+    """
+    found = claims(config, results)
     results = {
         **results,
-        "claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in claims],
+        "claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in found],
     }
+    names = []
     if jax.process_index() == 0:
-        files.write_json(os.path.join(workdir, "results.json"), results)
-        files.write_atomic(os.path.join(workdir, "report.md"), report)
-    for claim, ok, nums in claims:
+        arrays: dict[str, np.ndarray] = {}
+        plain = _move_arrays(results, "", arrays)
+        files.write_json(os.path.join(workdir, "results.json"), plain)
+        if arrays:
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            files.write_atomic(os.path.join(workdir, "results.npz"), buf.getvalue())
+        files.write_atomic(os.path.join(workdir, "report.md"), report(config, results))
+        for name, fig in figures(config, results).items():
+            plotting.save(fig, workdir, name)
+            names.append(name)
+    for claim, ok, nums in found:
         log(f"[{'yes' if ok else 'no '}] {claim}: {nums}")
-    log(f"wrote {workdir}/report.md, results.json and {', '.join(figures)} (.png/.pdf)")
+    log(f"wrote {workdir}/report.md, results.json and {', '.join(names)} (.png/.pdf)")
     return results

@@ -4,8 +4,9 @@ The run is `sharp_minima.train.train` with a `sharp_minima.tracking.EigenTracker
 top ``curvature.k`` eigenvalues every ``curvature.every_steps`` steps (warm-started Lanczos,
 as in Jastrzębski et al. 2019). At the end, with the same `sharp_minima.hessian.Curvature`:
 the top and bottom eigenpairs, the trace (Hutch++), the Frobenius norm (Hutchinson and
-top-k) and the spectral density (SLQ). Writes ``results.json``, ``tracking.{png,pdf}`` and
-``spectrum.{png,pdf}`` into the workdir; re-running resumes the training.
+top-k) and the spectral density (SLQ), cached in ``measure.json``. Writes ``report.md``,
+``results.json``, ``tracking.{png,pdf}`` and ``spectrum.{png,pdf}`` into the workdir;
+re-running resumes the training and recomputes nothing that is done.
 
 The curvature loss: mean cross-entropy on a fixed subset of ``curvature.examples`` training
 examples, evaluation mode (this model has no BatchNorm or dropout), no regulariser.
@@ -20,7 +21,8 @@ import numpy as np
 
 from sharp_minima import data as data_lib
 from sharp_minima import files, losses, plotting, tracking, train
-from sharp_minima.studies.common import key_streams
+from sharp_minima.studies import runs
+from sharp_minima.studies.common import key_streams, write_outputs
 
 
 def validate(config) -> None:
@@ -58,67 +60,129 @@ def _run_locked(config, workdir, data, log) -> dict:
         num_examples=c.examples,
         batch_size=c.examples,
     )
-    loss = losses.evaluation_loss(train.build_model(config, data))
+    model = train.build_model(config, data)
+    loss = losses.evaluation_loss(model)
     tracker = tracking.EigenTracker(
         loss, batches, key=keys["curvature/lanczos"], k=c.k, weights=weights, wrt="^params/"
     )
     result = train.train(
-        config, workdir, data=data, log=log, hooks=[train.Hook(tracker, every_steps=c.every_steps)]
+        train.setup(config, data=data, model=model),
+        workdir,
+        log=log,
+        hooks=[train.Hook(tracker, every_steps=c.every_steps)],
     )
     # The tracked values come from metrics.jsonl, so a resumed run keeps the earlier ones.
-    records = train.MetricsLog(os.path.join(workdir, "metrics.jsonl")).records()
-    tracked = {
-        r["step"]: [r[f"hessian/lambda_{i + 1}"] for i in range(c.k)]
-        for r in records
-        if "hessian/lambda_1" in r
-    }
+    steps, tracked = runs.series(runs.read_metrics(workdir), "hessian/lambda_")
+    tracked = dict(zip(steps.tolist(), tracked.tolist()))
     final_step = int(result.state.step)
+    params, curv = result.state.variables(), tracker.curvature
+    cache = runs.Cache(os.path.join(workdir, "measure.json"))
+    key = {"step": final_step, "curvature": c.to_dict()}
     if final_step not in tracked:
-        m = tracker.measure(result.state.variables(), final_step)
-        tracked[final_step] = [m[f"hessian/lambda_{i + 1}"] for i in range(c.k)]
-    log("measuring the final Hessian ...")
-    params, curv, key = result.state.variables(), tracker.curvature, keys["curvature/final"]
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    top = curv.eigenpairs(params, batches, k=c.final_k, key=k1, weights=weights)
-    bottom = curv.eigenpairs(params, batches, k=3, key=k1, which="SA", weights=weights)
-    tr = curv.trace(params, batches, key=k2, num_matvecs=150, weights=weights)
-    fro = curv.frobenius_norm(params, batches, key=k3, num_matvecs=100, weights=weights)
-    fro_top = curv.frobenius_norm(params, batches, key=k3, method="top_k", k=20, weights=weights)
-    density = curv.spectral_density(
-        params, batches, key=k4, num_probes=8, num_steps=60, weights=weights
-    )
+
+        def final_tracked():
+            m = tracker.measure(params, final_step)
+            return [m[f"hessian/lambda_{i + 1}"] for i in range(c.k)]
+
+        tracked[final_step] = cache.get("final_tracked", key, final_tracked)
+
+    done = []  # the final measurements, computed at most once (numbers and density)
+
+    def final_hessian():
+        if done:
+            return done[0]
+        log("measuring the final Hessian ...")
+        k1, k2, k3, k4 = jax.random.split(keys["curvature/final"], 4)
+        top = curv.eigenpairs(params, batches, k=c.final_k, key=k1, weights=weights)
+        bottom = curv.eigenpairs(params, batches, k=3, key=k1, which="SA", weights=weights)
+        tr = curv.trace(params, batches, key=k2, num_matvecs=150, weights=weights)
+        fro = curv.frobenius_norm(params, batches, key=k3, num_matvecs=100, weights=weights)
+        fro_top = curv.frobenius_norm(
+            params, batches, key=k3, method="top_k", k=20, weights=weights
+        )
+        density = curv.spectral_density(
+            params, batches, key=k4, num_probes=8, num_steps=60, weights=weights
+        )
+        out = (
+            {
+                "hessian/top_eigenvalues": top.values,
+                "hessian/top_residuals": top.residuals,
+                "hessian/bottom_eigenvalues": bottom.values,
+                "hessian/trace": tr._asdict(),
+                "hessian/frobenius_hutchinson": fro._asdict(),
+                "hessian/frobenius_top20": fro_top._asdict(),
+            },
+            {"grid": density.grid, "density": density.density},
+        )
+        done.append(out)
+        return out
+
     steps = sorted(tracked)
-    tracked = np.asarray([tracked[s] for s in steps])
     results = {
         "train/accuracy": result.final["train/accuracy"],
         "test/accuracy": result.final["test/accuracy"],
         "curvature_loss": f"mean cross-entropy on {c.examples} training examples, eval mode",
         "num_params": int(sum(p.size for p in jax.tree.leaves(result.state.params))),
-        "hessian/top_eigenvalues": top.values,
-        "hessian/top_residuals": top.residuals,
-        "hessian/bottom_eigenvalues": bottom.values,
-        "hessian/trace": tr._asdict(),
-        "hessian/frobenius_hutchinson": fro._asdict(),
-        "hessian/frobenius_top20": fro_top._asdict(),
-        "hessian/num_traces": curv.num_traces,
-        "tracking": {"steps": steps, "top_eigenvalues": tracked},
+        **cache.get("final_hessian", key, lambda: final_hessian()[0]),
+        "hessian/density": cache.arrays("density", key, lambda: final_hessian()[1]),
+        "tracking": {"steps": steps, "top_eigenvalues": [tracked[s] for s in steps]},
     }
-    if jax.process_index() == 0:
-        files.write_json(os.path.join(workdir, "results.json"), results)
-        plotting.save(
-            plotting.tracking_figure(
-                steps, tracked, title=f"{config.name}: top Hessian eigenvalues"
-            ),
-            workdir,
-            "tracking",
-        )
-        plotting.save(plotting.spectrum_figure(density, top.values), workdir, "spectrum")
+    top, bottom = results["hessian/top_eigenvalues"], results["hessian/bottom_eigenvalues"]
+    tr, fro = results["hessian/trace"], results["hessian/frobenius_hutchinson"]
     log(f"train acc {results['train/accuracy']:.3f}  test acc {results['test/accuracy']:.3f}")
-    log(f"top eigenvalues {np.round(top.values, 4).tolist()}")
-    log(f"bottom eigenvalues {np.round(bottom.values, 5).tolist()}")
+    log(f"top eigenvalues {np.round(top, 4).tolist()}")
+    log(f"bottom eigenvalues {np.round(bottom, 5).tolist()}")
     log(
-        f"trace {tr.value:.3f} ± {tr.stderr:.3f}   ||H||_F {fro.value:.3f} ± {fro.stderr:.3f}"
-        f" (top-20: {fro_top.value:.3f})"
+        f"trace {tr['value']:.3f} ± {tr['stderr']:.3f}   ||H||_F {fro['value']:.3f} ± "
+        f"{fro['stderr']:.3f} (top-20: {results['hessian/frobenius_top20']['value']:.3f})"
     )
-    log(f"wrote {workdir}/results.json, tracking.png/pdf, spectrum.png/pdf")
-    return results
+    return write_outputs(
+        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
+    )
+
+
+def claims(config, results: dict) -> list:
+    """None: the demo reproduces no paper's claim."""
+    return []
+
+
+def figures(config, results: dict) -> dict:
+    """``tracking`` (the top eigenvalues along training) and ``spectrum`` (the final SLQ
+    density with the top eigenvalues marked)."""
+    t = results["tracking"]
+    return {
+        "tracking": plotting.tracking_figure(
+            t["steps"], t["top_eigenvalues"], title=f"{config.name}: top Hessian eigenvalues"
+        ),
+        "spectrum": plotting.spectrum_figure(
+            results["hessian/density"], results["hessian/top_eigenvalues"]
+        ),
+    }
+
+
+def report_markdown(config, results: dict) -> str:
+    """``report.md``: the run, the curvature loss and the final Hessian's numbers."""
+    tr, fro = results["hessian/trace"], results["hessian/frobenius_hutchinson"]
+    top = ", ".join(f"{v:.4g}" for v in results["hessian/top_eigenvalues"])
+    bottom = ", ".join(f"{v:.3g}" for v in results["hessian/bottom_eigenvalues"])
+    return "\n".join(
+        [
+            f"# Curvature demo — {config.name}",
+            "",
+            f"{config.model.name} {dict(config.model.kwargs)} ({results['num_params']} "
+            f"parameters) on {config.data.name}, {config.num_epochs} epochs: train accuracy "
+            f"{100 * results['train/accuracy']:.2f}%, test {100 * results['test/accuracy']:.2f}%. "
+            f"Curvature loss: {results['curvature_loss']}.",
+            "",
+            "| quantity | value |",
+            "| --- | --- |",
+            f"| top eigenvalues | {top} |",
+            f"| bottom eigenvalues | {bottom} |",
+            f"| trace (Hutch++) | {tr['value']:.4g} ± {tr['stderr']:.2g} |",
+            f"| ‖H‖_F (Hutchinson) | {fro['value']:.4g} ± {fro['stderr']:.2g} |",
+            f"| ‖H‖_F (top 20) | {results['hessian/frobenius_top20']['value']:.4g} |",
+            "",
+            "Figures: tracking, spectrum (.png/.pdf).",
+            "",
+        ]
+    )

@@ -25,17 +25,18 @@ From a notebook::
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 
 import jax
 import numpy as np
+from matplotlib.figure import Figure
 
 from sharp_minima import data as data_lib
 from sharp_minima import files, landscape, losses, plotting, sharpness, train
-from sharp_minima.studies.common import key_streams, mean_std, summarize
+from sharp_minima.studies import runs
+from sharp_minima.studies.common import key_streams, mean_std, write_outputs
 
 # Keskar et al. (2017), mean and std over 5 seeds, as (SB, LB) pairs of (mean, std): Table 2
 # (accuracy %), Table 3 (full space) and Table 4 (random 100-d subspace) at ε = 1e-3 and 5e-4;
@@ -194,17 +195,17 @@ def regimes(config, num_train: int, num_devices: int = 1) -> list[dict]:
 
 def run_config(config, regime: dict, seed: int):
     """The training config of one (regime, seed) run; the data split stays the base seed's."""
-    c = copy.deepcopy(config)
-    c.unlock()
-    if c.data.seed is None:
-        c.data.seed = config.seed
-    c.seed = config.seed + seed
-    c.batch_size = regime["batch_size"]
-    c.data.augment = regime["augment"]
-    c.optim.proximal = regime["proximal"]
-    c.optim.proximal_inner_steps = config.keskar.conservative_inner_steps
-    c.lock()
-    return c
+    return runs.derive(
+        config,
+        {
+            "data.seed": config.seed if config.data.seed is None else config.data.seed,
+            "data.augment": regime["augment"],
+            "optim.proximal": regime["proximal"],
+            "optim.proximal_inner_steps": config.keskar.conservative_inner_steps,
+        },
+        seed=config.seed + seed,
+        batch_size=regime["batch_size"],
+    )
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -286,28 +287,29 @@ def _flatten(measurements: dict) -> dict:
     return out
 
 
-def train_and_measure(config, regime, seed, workdir, data, measurement, log):
+def train_and_measure(config, regime, seed, workdir, data, model, measurement, log):
     """One (regime, seed): train (resumable), then measure sharpness.
 
-    ``sharpness.json`` caches each measurement as soon as it is done, keyed by the training
-    step and by everything the value depends on (`measurement_plan`): an interrupted run
-    keeps what it measured, and a study extended with a new ε or seed measures only what is
-    new. ``measurement = (meter, batches, weights, key)``: the shared `SharpnessMeter`, the
-    subset of f and the sharpness key stream (folded with the seed, so SB and LB of one seed
-    share A).
+    ``sharpness.json`` (a `runs.Cache`) keeps each measurement as soon as it is done, keyed by
+    the training step and by everything the value depends on (`measurement_plan`): an
+    interrupted run keeps what it measured, and a study extended with a new ε or seed
+    measures only what is new. ``measurement = (meter, batches, weights, key)``: the shared
+    `SharpnessMeter`, the subset of f and the sharpness key stream (folded with the seed, so
+    SB and LB of one seed share A). Returns ``(record, result)``; a run that diverged gives
+    a record with ``"diverged": True`` and its message, and no result.
     """
     meter, batches, weights, key = measurement
-    run_dir = os.path.join(workdir, "runs", regime["name"], f"seed{seed}")
-    path = os.path.join(run_dir, "sharpness.json")
+    folder = runs.run_dir(workdir, regime["name"], f"seed{seed}")
     c = run_config(config, regime, seed)
     label = f"[{regime['name']} seed {seed}] "
     log(f"== {regime['name']} (batch {regime['batch_size']}) seed {seed}")
-    result = train.train(c, run_dir, data=data, log=log, label=label)
+    result = runs.train_run(train.setup(c, data=data, model=model), folder, log=log, label=label)
+    head = {"regime": regime["name"], "batch_size": regime["batch_size"], "seed": seed}
+    if isinstance(result, runs.Diverged):
+        return {**head, "diverged": True, "message": result.message}, None
     final = result.final
     record = {
-        "regime": regime["name"],
-        "batch_size": regime["batch_size"],
-        "seed": seed,
+        **head,
         "step": int(result.state.step),
         "epochs": final.get("epoch"),
         "train_accuracy": 100 * final["train/accuracy"],
@@ -315,27 +317,23 @@ def train_and_measure(config, regime, seed, workdir, data, measurement, log):
         "train_loss": final["train/loss"],
         "test_loss": final["test/loss"],
     }
-    cached = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("step") == record["step"]:
-            cached = old.get("measurements", {})
-    plan = measurement_plan(config)
+    cache = runs.Cache(os.path.join(folder, "sharpness.json"))
     key = jax.random.fold_in(key, seed)
     variables = result.state.variables()
-    for spec in plan:
-        if cached.get(spec["name"], {}).get("spec") == spec:
-            continue
-        value = measure(c, meter, spec, variables, batches, weights, key, log)
-        cached[spec["name"]] = {"spec": spec, **value}
-        files.write_json(path, {**record, "measurements": cached})
-    record.update(_flatten({m["name"]: cached[m["name"]] for m in plan}))
+    done = {}
+    for spec in measurement_plan(config):
+        done[spec["name"]] = cache.get(
+            spec["name"],
+            {**spec, "step": record["step"]},
+            lambda spec=spec: measure(c, meter, spec, variables, batches, weights, key, log),
+        )
+    record.update(_flatten(done))
     return record, result
 
 
-def parametric(config, data, sb, lb, paths, log) -> dict:
-    """Train/test loss and accuracy along each path from x_SB (α=0) to x_LB (α=1).
+def parametric(config, workdir, data, sb, lb, paths, log) -> dict:
+    """Train/test loss and accuracy along each path from x_SB (α=0) to x_LB (α=1), each
+    path cached (`runs.Cache`) under the two runs' steps and the plot's settings.
 
     BatchNorm running variances are interpolated geometrically (`landscape.interpolate`'s
     ``geometric``): linear extrapolation beyond [0, 1] would make them negative. Means and
@@ -361,14 +359,22 @@ def parametric(config, data, sb, lb, paths, log) -> dict:
 
     a, b = sb.state.variables(), lb.state.variables()
     alphas = np.linspace(-1.0, 2.0, k.interpolation_points)
-    curves = {}
-    for path in paths:
+    cache = runs.Cache(runs.run_dir(workdir, "parametric.json"))
+    key = {
+        "sb_step": int(sb.state.step),
+        "lb_step": int(lb.state.step),
+        "points": k.interpolation_points,
+        "examples": m,
+    }
+
+    def curve(path):
         log(f"parametric plot ({path} path, {len(alphas)} points)")
-        curve = landscape.interpolation_curve(
+        out = landscape.interpolation_curve(
             metrics, a, b, alphas, path=path, geometric=landscape.BATCHNORM_VARIANCES
         )
-        curves[path] = {key: v.tolist() for key, v in curve.items()}
-    return curves
+        return {name: v.tolist() for name, v in out.items()}
+
+    return {path: cache.get(path, key, lambda path=path: curve(path)) for path in paths}
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -381,9 +387,29 @@ def _paper_cell(value) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def report_markdown(config, summary, num_train) -> str:
+def claims(config, results: dict) -> list[tuple[str, bool, str]]:
+    """The paper's two claims on this run: LB sharper than SB (full space, first ε), and SB
+    generalizing at least as well as LB."""
+    summary = results["summary"]
+    eps0 = f"{config.keskar.epsilons[0]:g}"
+    get = lambda r, key: summary.get(r, {}).get(key, {"mean": np.nan})["mean"]  # noqa: E731
+    sb_s, lb_s = get("sb", f"sharpness_full_{eps0}"), get("lb", f"sharpness_full_{eps0}")
+    sb_t, lb_t = get("sb", "test_accuracy"), get("lb", "test_accuracy")
+    ratio = lb_s / sb_s if sb_s else float("nan")
+    return [
+        (
+            f"LB sharper than SB (full space, ε={eps0})",
+            bool(lb_s > sb_s),
+            f"{lb_s:.3g} vs {sb_s:.3g} (ratio {ratio:.3g})",
+        ),
+        ("SB test accuracy ≥ LB", bool(sb_t >= lb_t), f"{sb_t:.2f}% vs {lb_t:.2f}%"),
+    ]
+
+
+def report_markdown(config, results: dict) -> str:
     """``report.md``: this run's Tables 2–4, 6, 7 beside the paper's (every cell of the
     paper for F1–C4), the sweeps, and a yes/no line per claim."""
+    summary, num_train = results["summary"], results["data"]["num_train"]
     net = config.model.name
     paper = PAPER.get(net, {})
     pp = lambda key, i: _paper_cell(paper[key][i]) if key in paper else "—"  # noqa: E731
@@ -451,17 +477,18 @@ def report_markdown(config, summary, num_train) -> str:
             f"{mean_std(summary, 'average_sharpness', 'lb', 4)} |",
             "",
         ]
-    eps0 = f"{k.epsilons[0]:g}"
-    get = lambda r, key: summary.get(r, {}).get(key, [np.nan])[0]  # noqa: E731
-    sb_s, lb_s = get("sb", f"sharpness_full_{eps0}"), get("lb", f"sharpness_full_{eps0}")
-    sb_t, lb_t = get("sb", "test_accuracy"), get("lb", "test_accuracy")
+    lines += ["## The paper's claims on this run", ""]
     lines += [
-        "## The paper's claims on this run",
-        "",
-        f"- LB sharper than SB (full space, ε={eps0}): {lb_s:.3g} vs {sb_s:.3g} → "
-        f"**{'yes' if lb_s > sb_s else 'no'}** (ratio {lb_s / sb_s if sb_s else float('nan'):.3g})",
-        f"- SB test accuracy ≥ LB: {sb_t:.2f}% vs {lb_t:.2f}% → "
-        f"**{'yes' if sb_t >= lb_t else 'no'}**",
+        f"- {c['claim']}: {c['numbers']} → **{'yes' if c['holds'] else 'no'}**"
+        for c in results["claims"]
+    ]
+    diverged = [r for r in results["runs"] if r.get("diverged")]
+    if diverged:
+        lines.append(
+            "- diverged (NaN/Inf, not retried): "
+            + "; ".join(f"{r['regime']} seed {r['seed']}: {r['message']}" for r in diverged)
+        )
+    lines += [
         "",
         "Figures: parametric_linear, parametric_curved, sharpness (and sharpness_vs_batch), "
         "PNG and PDF.",
@@ -528,7 +555,7 @@ def _sweep_tables(config, summary, paper) -> list[str]:
         ]
         for r in ["sb", "lb"] + extra:
             lines.append(
-                f"| {r} | {summary[r]['batch_size'][0]:.0f} | "
+                f"| {r} | {summary[r]['batch_size']['mean']:.0f} | "
                 f"{mean_std(summary, 'train_accuracy', r)} | "
                 f"{mean_std(summary, 'test_accuracy', r)} | "
                 f"{mean_std(summary, f'sharpness_full_{eps[0]}', r)} |"
@@ -537,36 +564,69 @@ def _sweep_tables(config, summary, paper) -> list[str]:
     return lines
 
 
-def figures(config, workdir, summary, records, curves) -> None:
-    for path, curve in curves.items():
-        plotting.save(
-            plotting.parametric_figure(
-                curve, title=f"{config.name}: {path} path x_SB (α=0) → x_LB (α=1)"
-            ),
-            workdir,
-            f"parametric_{path}",
+def figures(config, results: dict) -> dict:
+    """``parametric_linear`` / ``parametric_curved`` (Figs. 3, 10), ``sharpness`` (SB vs
+    LB) and, with a batch-size sweep, ``sharpness_vs_batch`` (Fig. 4) — Figures, nothing
+    saved."""
+    out = {}
+    for path, curve in results["parametric"].items():
+        out[f"parametric_{path}"] = plotting.parametric_figure(
+            curve, title=f"{config.name}: {path} path x_SB (α=0) → x_LB (α=1)"
         )
-    plotting.save(plotting.sharpness_figure(summary), workdir, "sharpness")
+    out["sharpness"] = sharpness_figure(results["summary"])
+    eps = config.keskar.epsilons[0]
     sweep = sorted(
         (
             (r["batch_size"], r)
-            for r in records
+            for r in results["runs"]
             if not r["regime"].endswith(("_aug", "_conservative"))
+            and f"sharpness_full_{eps:g}" in r
         ),
         key=lambda t: t[0],
     )
     if len({b for b, _ in sweep}) > 2:
-        eps = config.keskar.epsilons[0]
-        plotting.save(
-            plotting.batch_sweep_figure(
-                [b for b, _ in sweep],
-                [r[f"sharpness_full_{eps:g}"] for _, r in sweep],
-                [r["test_accuracy"] for _, r in sweep],
-                eps,
-            ),
-            workdir,
-            "sharpness_vs_batch",
+        out["sharpness_vs_batch"] = batch_sweep_figure(
+            [b for b, _ in sweep],
+            [r[f"sharpness_full_{eps:g}"] for _, r in sweep],
+            [r["test_accuracy"] for _, r in sweep],
+            eps,
         )
+    return out
+
+
+def sharpness_figure(summary):
+    """Bar chart of mean ± std sharpness per regime, one group per (space, ε); log scale."""
+    keys = [k for k in next(iter(summary.values())) if k.startswith("sharpness_")]
+    keys = [k for k in keys if k.count("_") == 2]  # sharpness_<space>_<eps>
+    keys = sorted(keys, key=lambda k: (k.split("_")[1], -float(k.split("_")[2])))
+    regimes = list(summary)
+    fig = Figure(figsize=(1.6 + 1.3 * len(keys), 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(regimes), 1)
+    for i, r in enumerate(regimes):
+        means = [summary[r][k]["mean"] if k in summary[r] else np.nan for k in keys]
+        stds = [summary[r][k]["std"] if k in summary[r] else 0.0 for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, label=r, capsize=2)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(regimes) - 1) / 2)
+    ax.set_xticklabels([k.replace("sharpness_", "").replace("_", "\nε=") for k in keys], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ε-sharpness φ")
+    ax.legend(fontsize=8)
+    ax.set_title("Keskar ε-sharpness (mean ± std over seeds)", fontsize=10)
+    return fig
+
+
+def batch_sweep_figure(batch_sizes, sharpness, test_accuracy, epsilon):
+    """Keskar et al.'s Fig. 4: sharpness and test accuracy against batch size."""
+    fig = Figure(figsize=(5.6, 3.6))
+    ax = fig.add_subplot()
+    ax.semilogx(batch_sizes, sharpness, "bo-")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"sharpness (ε={epsilon:g})", color="b")
+    ax2 = ax.twinx()
+    ax2.semilogx(batch_sizes, test_accuracy, "rs--")
+    ax2.set_ylabel("test accuracy (%)", color="r")
+    return fig
 
 
 # ------------------------------------------------------------------------------------ run
@@ -651,16 +711,17 @@ def _run_locked(config, workdir, data, log) -> dict:
     )
     keys = key_streams(config.seed, "keskar/sharpness_subset", "keskar/sharpness")
     batches, weights = sharpness_batches(config, data, keys["keskar/sharpness_subset"])
-    # One loss and one meter for every run: their compiled code is reused across runs.
-    meter = sharpness.SharpnessMeter(
-        losses.evaluation_loss(train.build_model(config, data)), wrt="^params/"
-    )
+    # One model, one loss and one meter for every run: their compiled code is reused.
+    model = train.build_model(config, data)
+    meter = sharpness.SharpnessMeter(losses.evaluation_loss(model), wrt="^params/")
     measurement = (meter, batches, weights, keys["keskar/sharpness"])
     records, results = [], {}
     t0 = time.time()
     for r in plan:
         for seed in range(r["seeds"]):
-            record, result = train_and_measure(config, r, seed, workdir, data, measurement, log)
+            record, result = train_and_measure(
+                config, r, seed, workdir, data, model, measurement, log
+            )
             records.append(record)
             results[(r["name"], seed)] = result
             elapsed = time.time() - t0
@@ -668,9 +729,9 @@ def _run_locked(config, workdir, data, log) -> dict:
                 f"-- {len(records)}/{total} runs done, {elapsed:.0f}s elapsed, ETA "
                 f"{elapsed / len(records) * (total - len(records)):.0f}s"
             )
-    summary = summarize(records, "regime")
     paths = ["linear"] + (["curved"] if config.keskar.curved_path else [])
-    curves = parametric(config, data, results[("sb", 0)], results[("lb", 0)], paths, log)
+    sb, lb = results[("sb", 0)], results[("lb", 0)]
+    curves = parametric(config, workdir, data, sb, lb, paths, log) if sb and lb else {}
     out = {
         "config": json.loads(config.to_json_best_effort()),
         "data": {
@@ -681,14 +742,10 @@ def _run_locked(config, workdir, data, log) -> dict:
         },
         "sharpness_loss": "mean cross-entropy, BatchNorm eval mode, dropout off, weights only",
         "runs": records,
-        "summary": summary,
+        "summary": runs.aggregate(records, "regime"),
         "parametric": curves,
         "paper": PAPER.get(config.model.name, {}),
     }
-    files.write_json(os.path.join(workdir, "results.json"), out)
-    files.write_atomic(
-        os.path.join(workdir, "report.md"), report_markdown(config, summary, num_train)
+    return write_outputs(
+        config, out, workdir, log, claims=claims, figures=figures, report=report_markdown
     )
-    figures(config, workdir, summary, records, curves)
-    log(f"wrote {workdir}/report.md, results.json and figures")
-    return out

@@ -23,19 +23,17 @@ A run that diverges (NaN) is reported as such, as the paper excludes its diverge
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from sharp_minima import files, optim, plotting, train
+from sharp_minima import files, optim, tracking, train
 from sharp_minima import tree_util as tu
+from sharp_minima.studies import runs
 from sharp_minima.studies.common import claims_table, key_streams, write_outputs
-from sharp_minima.studies.sharpest_directions import make_tracker
 
 # The paper's tables (App. C): name -> rows (‖H‖_F best/final, test acc., val acc. (50),
 # final loss, distance). ResNet-32 uses K = 5 for the γ rows? The paper does not say which K
@@ -148,12 +146,18 @@ def plan(config) -> list[RunSpec]:
 
 
 def make_tx(spec: RunSpec, momentum: float) -> optax.GradientTransformation:
-    """NSGD (or SGD) with an injectable learning rate (the plateau hook lowers it)."""
-    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=spec.learning_rate)
-    parts = [optax.trace(momentum)] if momentum else []
+    """NSGD (`sharp_minima.optim.nsgd`; SGD for K = 0) with an injectable learning rate (the
+    plateau hook lowers it)."""
     if spec.k:
-        parts.append(optim.nudge(gamma=spec.gamma, num_directions=spec.k))
-    return optax.chain(*parts, sgd)
+        return optim.nsgd(
+            spec.learning_rate,
+            gamma=spec.gamma,
+            num_directions=spec.k,
+            momentum=momentum,
+            inject_learning_rate=True,
+        )
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=spec.learning_rate)
+    return optax.chain(optax.trace(momentum), sgd) if momentum else optax.chain(sgd)
 
 
 class Distance:
@@ -167,32 +171,22 @@ class Distance:
         return {"distance": float(self._jit(ctx.state.params, self.params0))}
 
 
-def _run_one(spec, config, seed, workdir, data, log, keys):
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.seed = seed
-    cfg.optim.learning_rate = spec.learning_rate
+def _run_one(spec, config, seed, workdir, data, model, log, keys):
+    """Trains one (run, seed); returns its `train.TrainResult` or `runs.Diverged`, and the
+    curvature loss in words."""
+    changes = {"optim.learning_rate": spec.learning_rate}
     if config.nsgd.momentum:
-        cfg.optim.name, cfg.optim.momentum = "momentum", config.nsgd.momentum
-    cfg.lock()
+        changes.update({"optim.name": "momentum", "optim.momentum": config.nsgd.momentum})
+    cfg = runs.derive(config, changes, seed=seed)
     n, t = config.nsgd, config.nsgd.curvature
-    run_dir = os.path.join(workdir, "runs", spec.name, f"seed{seed}")
-    model = train.build_model(cfg, data)
     key = jax.random.fold_in(keys["nsgd/curvature"], zlib.crc32(f"{spec.name}/{seed}".encode()))
     k_dir, k_fro = jax.random.split(key)
     subset = keys["nsgd/subset"]  # the same examples for every run
-    fro = make_tracker(cfg, t, data, model, subset, k_fro, k=n.frobenius_k, name="hessian")
+    fro = tracking.make_tracker(cfg, t, data, model, subset, k_fro, k=n.frobenius_k)
     hooks = [train.Hook(fro, every_epochs=1, at_start=True, name="frobenius")]
     if spec.k:
-        directions = make_tracker(
-            cfg,
-            t,
-            data,
-            model,
-            subset,
-            k_dir,
-            k=spec.k,
-            name="directions",
-            set_directions=True,
+        directions = tracking.make_tracker(
+            cfg, t, data, model, subset, k_dir, k=spec.k, name="directions", set_directions=True
         )
         # Recomputed at the start of every epoch: at step 0, then after each epoch.
         hooks.insert(0, train.Hook(directions, every_epochs=1, at_start=True, name="directions"))
@@ -201,25 +195,15 @@ def _run_one(spec, config, seed, workdir, data, log, keys):
     hooks.append(
         train.Hook(train.ValidationPlateau(n.plateau_patience), every_epochs=1, name="plateau")
     )
-    marker = os.path.join(run_dir, "diverged.json")
-    if os.path.exists(marker):
-        return None
-    try:
-        train.train(
-            cfg,
-            run_dir,
-            tx=make_tx(spec, n.momentum),
-            hooks=hooks,
-            data=data,
-            log=log,
-            label=f"[{spec.name} s{seed}] ",
-        )
-    except train.NonFiniteError as e:
-        log(f"[{spec.name} s{seed}] diverged: {e}")
-        if jax.process_index() == 0:
-            files.write_json(marker, {"error": str(e)})
-        return None
-    return fro.description
+    result = runs.train_run(
+        train.setup(cfg, data=data, model=model),
+        runs.run_dir(workdir, spec.name, f"seed{seed}"),
+        tx=make_tx(spec, n.momentum),
+        hooks=hooks,
+        log=log,
+        label=f"[{spec.name} s{seed}] ",
+    )
+    return result, fro.description
 
 
 def summarize(records: list[dict], config) -> dict | None:
@@ -250,34 +234,31 @@ def summarize(records: list[dict], config) -> dict | None:
     }
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+COLUMNS = (
+    "fro_best",
+    "fro_final",
+    "lambda_max_best",
+    "lambda_max_final",
+    "lambda_max_peak",
+    "test_accuracy_best",
+    "val_accuracy_at",
+    "train_loss_final",
+    "distance_best",
+)
 
 
-def aggregate(per_seed: list[dict | None]) -> dict:
-    """Mean over seeds of each column; ``diverged`` counts the seeds that diverged."""
-    ok = [s for s in per_seed if s is not None]
-    out = {"diverged": len(per_seed) - len(ok), "seeds": len(per_seed)}
-    if ok:
-        for key in (
-            "fro_best",
-            "fro_final",
-            "lambda_max_best",
-            "lambda_max_final",
-            "lambda_max_peak",
-            "test_accuracy_best",
-            "val_accuracy_at",
-            "train_loss_final",
-            "distance_best",
-        ):
-            out[key] = _mean([s[key] for s in ok])
-        out["curve"] = ok[0]["curve"]
-    return out
+def table_row(stats: dict) -> dict:
+    """A row of the table from `runs.aggregate`'s statistics of one run over its seeds: the
+    mean of each column (None where no seed has it), and how many seeds diverged."""
+    row = {"diverged": stats["diverged"], "seeds": stats["runs"]}
+    if stats["diverged"] < stats["runs"]:
+        row.update({c: stats[c]["mean"] if c in stats else None for c in COLUMNS})
+    return row
 
 
-def claims(config, table: dict) -> list[tuple[str, bool | None, str]]:
+def claims(config, results: dict) -> list[tuple[str, bool | None, str]]:
     """The claims of Sec. 4, tested on the aggregated table."""
+    table = results["runs"]
     n, lr = config.nsgd, config.optim.learning_rate
     sgd = table.get(f"sgd_lr{lr:g}", {})
     out = []
@@ -355,23 +336,27 @@ def _fmt(v, fmt):
     return "—" if v is None else format(v, fmt)
 
 
-def report_markdown(config, specs, table, results_claims, data, description) -> str:
+def report_markdown(config, results: dict) -> str:
+    """``report.md``: the scale, the claims, this run's Table 1 columns, the paper's tables."""
     n = config.nsgd
+    specs, table, data = plan(config), results["runs"], results["data"]
     mom = f", momentum {n.momentum:g} (velocity nudged when applied)" if n.momentum else ""
     lines = [
         f"# Jastrzębski et al. (2019), Sec. 4: Nudged-SGD — {config.name}",
         "",
-        f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {len(data.x_train)} "
-        f"{data.name} training examples ({data.source}), {len(data.x_val)} for validation; base "
+        f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {data['num_train']} "
+        f"{data['name']} training examples ({data['source']}), {data['num_val']} for "
+        "validation; base "
         f"η = {config.optim.learning_rate:g}, S = {config.batch_size}{mom}, {config.num_epochs} "
         f"epochs, η ÷ 10 after {n.plateau_patience} epochs without a better validation loss; "
         f"{n.seeds} seed(s) (mean). NSGD's directions: top K eigenvectors at the start of every "
-        f"epoch; ‖H‖_F from the top {n.frobenius_k}; curvature loss: {description}. The paper: "
+        f"epoch; ‖H‖_F from the top {n.frobenius_k}; curvature loss: "
+        f"{results['curvature_loss']}. The paper: "
         "ResNet-32 / SimpleCNN on CIFAR-10 (Fashion-MNIST, CIFAR-100), η = 0.01, 200+ epochs, "
         "plateau patience 100 epochs, top-50 ‖H‖_F, 2 seeds.",
         "",
     ]
-    lines += claims_table(results_claims)
+    lines += claims_table(results["claims"])
     lines += [
         "",
         f"## Table 1 columns (here; mean over {n.seeds} seed(s))",
@@ -408,31 +393,23 @@ def report_markdown(config, specs, table, results_claims, data, description) -> 
     return "\n".join(lines)
 
 
-def figures(config, specs, table, workdir) -> list[str]:
+def figures(config, results: dict) -> dict:
+    """``nsgd_curves`` (the γ sweep) and ``nsgd_k`` (the K sweep) against SGD: validation
+    accuracy, training loss, λ_max and ‖H‖_F by epoch (Figures, nothing saved)."""
     from matplotlib.figure import Figure
 
-    n = config.nsgd
+    n, specs, curves = config.nsgd, plan(config), results["curves"]
+    sgd = f"sgd_lr{config.optim.learning_rate:g}"
     groups = [
-        (
-            "γ",
-            [s for s in specs if s.k == n.k or s.name == f"sgd_lr{config.optim.learning_rate:g}"],
-        ),
-        (
-            "K",
-            [
-                s
-                for s in specs
-                if (s.k and s.gamma == n.gammas[0])
-                or s.name == f"sgd_lr{config.optim.learning_rate:g}"
-            ],
-        ),
+        ("nsgd_curves", [s for s in specs if s.k == n.k or s.name == sgd]),
+        ("nsgd_k", [s for s in specs if (s.k and s.gamma == n.gammas[0]) or s.name == sgd]),
     ]
-    names = []
-    for tag, runs in groups:
+    out = {}
+    for name, group in groups:
         fig = Figure(figsize=(15, 4))
         axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
-        for i, spec in enumerate(runs):
-            curve = table.get(spec.name, {}).get("curve")
+        for i, spec in enumerate(group):
+            curve = curves.get(spec.name)
             if not curve:
                 continue
             ep, val, loss, lam, fro = map(np.asarray, zip(*curve))
@@ -449,11 +426,9 @@ def figures(config, specs, table, workdir) -> list[str]:
         for ax in axes:
             ax.set_xlabel("epoch")
         axes[0].legend(fontsize=8)
-        name = "nsgd_curves" if tag == "γ" else "nsgd_k"
         fig.tight_layout()
-        plotting.save(fig, workdir, name)
-        names.append(name)
-    return names
+        out[name] = fig
+    return out
 
 
 def run(config, workdir: str, *, data=None, log=print) -> dict:
@@ -471,24 +446,34 @@ def _run_locked(config, workdir, data, log) -> dict:
             "examples"
         )
     n = config.nsgd
+    model = train.build_model(config, data)  # one model for every run
     keys = key_streams(config.seed, "nsgd/subset", "nsgd/curvature")
-    specs = plan(config)
-    table, description = {}, ""
-    for spec in specs:
-        per_seed = []
+    records, curves, description = [], {}, ""
+    for spec in plan(config):
         for seed in range(config.seed, config.seed + n.seeds):
-            desc = _run_one(spec, config, seed, workdir, data, log, keys)
-            description = description or desc or ""
-            path = os.path.join(workdir, "runs", spec.name, f"seed{seed}", "metrics.jsonl")
-            ok = desc is not None and os.path.exists(path)
-            per_seed.append(summarize(train.MetricsLog(path).records(), config) if ok else None)
-        table[spec.name] = aggregate(per_seed)
-    results_claims = claims(config, table)
-    names = figures(config, specs, table, workdir) if jax.process_index() == 0 else []
-    report = report_markdown(config, specs, table, results_claims, data, description)
+            result, description = _run_one(spec, config, seed, workdir, data, model, log, keys)
+            row = None
+            if not isinstance(result, runs.Diverged):
+                metrics = runs.read_metrics(runs.run_dir(workdir, spec.name, f"seed{seed}"))
+                row = summarize(metrics, config)
+            if row is None:
+                records.append({"run": spec.name, "seed": seed, "diverged": True})
+                continue
+            curves.setdefault(spec.name, row.pop("curve"))  # the first seed's curve
+            records.append({"run": spec.name, "seed": seed, **row})
+    table = {name: table_row(stats) for name, stats in runs.aggregate(records, "run").items()}
     results = {
         "config": config.name,
         "curvature_loss": description,
-        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in table.items()},
+        "data": {
+            "name": data.name,
+            "source": data.source,
+            "num_train": len(data.x_train),
+            "num_val": len(data.x_val),
+        },
+        "runs": table,
+        "curves": curves,
     }
-    return write_outputs(workdir, report, results, results_claims, names, log)
+    return write_outputs(
+        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
+    )

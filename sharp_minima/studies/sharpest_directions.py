@@ -33,16 +33,13 @@ import os
 import zlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax import lax
 
-from sharp_minima import files, losses, optim, plotting, tracking, train
+from sharp_minima import files, gradients, optim, tracking, train
 from sharp_minima import tree_util as tu
-from sharp_minima.data import pipeline
-from sharp_minima.objective import batch_mean, normalized_weights
+from sharp_minima.studies import runs
 from sharp_minima.studies.common import claims_table, key_streams, write_outputs
 
 # The paper's numbers (Sec. 3.2, Figs. 4-7): what each report puts beside ours.
@@ -124,19 +121,6 @@ class RunSpec:
     variant: str = ""  # sgd, top, constant_top, no_top
 
 
-def _derived(config, **changes) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with dotted fields changed (``optim__momentum=0.9``)."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    for key, value in changes.items():
-        node, *path = key.split("__")
-        target = c
-        for part in [node, *path][:-1]:
-            target = target[part]
-        target[[node, *path][-1]] = value
-    c.lock()
-    return c
-
-
 def run_name(lr: float, batch_size: int, momentum: float) -> str:
     return f"lr{lr:g}_bs{batch_size}_mom{momentum:g}"
 
@@ -156,122 +140,56 @@ def plan(config) -> list[RunSpec]:
         if name in seen:
             continue
         seen.add(name)
-        changes = {"optim__learning_rate": lr, "batch_size": bs}
+        changes = {"optim.learning_rate": lr, "batch_size": bs}
         if mom:
-            changes.update(optim__name="momentum", optim__momentum=mom)
+            changes.update({"optim.name": "momentum", "optim.momentum": mom})
         specs.append(
             RunSpec(
                 name,
                 "evolution",
-                _derived(config, **changes),
+                runs.derive(config, changes),
                 lr == s.probe_learning_rate and bs == bs0 and not mom,
             )
         )
     for lr in s.gd_learning_rates:
-        cfg = _derived(
+        cfg = runs.derive(
             config,
-            optim__learning_rate=lr,
+            {"optim.learning_rate": lr, "data.max_train": s.gd_examples, "data.augment": False},
             batch_size=s.gd_examples,
             num_epochs=s.gd_steps,
             eval_every_epochs=s.gd_every_steps,
             eval_train_examples=0,
             log_every_steps=s.gd_every_steps,
-            data__max_train=s.gd_examples,
-            data__augment=False,
         )
         specs.append(RunSpec(f"gd_lr{lr:g}", "full_batch", cfg))
     if s.variants_epochs:
-        start = _derived(config, num_epochs=s.variants_from_epoch)
+        start = runs.derive(config, num_epochs=s.variants_from_epoch)
         specs.append(RunSpec("variants/start", "variants", start, variant="start"))
         for v in ("sgd", "top", "constant_top", "no_top"):
-            cfg = _derived(config, num_epochs=s.variants_epochs, eval_every_epochs=1)
+            cfg = runs.derive(config, num_epochs=s.variants_epochs, eval_every_epochs=1)
             specs.append(RunSpec(f"variants/{v}", "variants", cfg, variant=v))
     for first in s.schedule_first_epochs:
-        cfg = _derived(
+        cfg = runs.derive(
             config,
-            schedule__name="step",
-            schedule__boundaries_epochs=(first,),
-            schedule__decay_factor=0.1,
+            {
+                "schedule.name": "step",
+                "schedule.boundaries_epochs": (first,),
+                "schedule.decay_factor": 0.1,
+            },
         )
         specs.append(RunSpec(f"schedule_L{first}", "schedule", cfg))
     return specs
-
-
-def curvature_subset(config, t, data, key, *, full: bool = False) -> tracking.Subset:
-    """The curvature subset of a run, by the curvature section ``t`` (``full``: every
-    training example, for gradient descent)."""
-    n = len(data.x_train)
-    augment = pipeline.random_crop_flip if config.data.augment else None
-    if full:
-        return tracking.Subset(
-            key, data.x_train, data.y_train, num_examples=n, batch_size=min(t.batch_size, n)
-        )
-    return tracking.Subset(
-        key,
-        data.x_train,
-        data.y_train,
-        fraction=t.fraction,
-        num_examples=t.num_examples or None,
-        batch_size=t.batch_size,
-        resample=t.resample,
-        augment=augment,
-    )
-
-
-def curvature_description(config, model, data) -> str:
-    """What the curvature loss is, in words (the reports state it)."""
-    parts = ["mean cross-entropy"]
-    if config.optim.weight_decay:
-        parts.append(f"+ L2 {config.optim.weight_decay:g}/2·‖w‖² (as in training)")
-    if config.data.augment:
-        parts.append("on augmented inputs (as in training)")
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(data.x_train[:1]))
-    bn = "batch_stats" in shapes
-    bn = "BatchNorm in evaluation mode (running statistics)" if bn else "no BatchNorm"
-    return f"{' '.join(parts)}; {bn}; dropout off"
-
-
-def make_tracker(
-    config,
-    t,
-    data,
-    model,
-    subset_key,
-    key,
-    *,
-    k,
-    full=False,
-    set_directions=False,
-    name="hessian",
-) -> tracking.EigenTracker:
-    """The run's `tracking.EigenTracker` (top ``k``) on its curvature subset (section ``t``).
-
-    Every run of a study passes the same ``subset_key``: the same examples (a 5% subset's
-    top eigenvalue varies by ~20% from one draw to another, which would blur comparisons
-    between runs); ``key`` (the Lanczos start vectors) is the run's own."""
-    return tracking.EigenTracker(
-        losses.evaluation_loss(model, config.optim.weight_decay),
-        curvature_subset(config, t, data, subset_key, full=full),
-        key=key,
-        k=k,
-        wrt="^params/",
-        tol=t.tol,
-        stochastic=t.stochastic,
-        set_directions=set_directions,
-        name=name,
-        description=curvature_description(config, model, data),
-    )
 
 
 class StepProbe:
     """The SGD step against the sharpest directions (Figs. 5 and 6), as a trainer hook run
     right after the tracker's (it reads ``tracker.vectors``).
 
-    At each call: ``num_grads`` mini-batch gradients g_j (batch ``batch_size``) of the
-    curvature loss, their mean |cos| with the top 5 eigenvectors and with random directions,
-    ΔL(α) = mean_j L(θ − αη g̃₁ⱼ) − L(θ) (L on the curvature subset), and
-    L(θ + k e₁ η mean_j |⟨g_j, e₁⟩|) on a grid of k in [−5, 5]. One compiled kernel, owned
-    by the probe.
+    At each call, a `sharp_minima.gradients.DirectionProbe` on ``num_grads`` mini-batches
+    (batch ``batch_size``) of the curvature loss: their mean |cos| with the top 5
+    eigenvectors and with random directions, ΔL(α) (L on the curvature subset) and the loss
+    along e₁ on a grid of k in [−5, 5]; logged as ``probe/...`` and saved under
+    ``arrays/probe/``.
     """
 
     def __init__(
@@ -288,49 +206,13 @@ class StepProbe:
         top=5,
     ):
         self.tracker, self.batch_size, self.lr = tracker, batch_size, learning_rate
-        self.x, self.y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-        self.key, self.num_grads, self.top = key, num_grads, top
-        self.alphas = jnp.asarray(alphas, jnp.float32)
-        self.ks = jnp.linspace(-5.0, 5.0, line_points)
-        self.loss_fn = tracker.curvature.loss_fn
-        self._kernel_jit = jax.jit(self._kernel)
-
-    def _kernel(self, variables, vectors, grad_idx, subset, weights, lr, alphas, ks, key):
-        x0, unravel = tu.ravel(variables["params"])
-
-        def with_params(flat):
-            return {**variables, "params": unravel(flat)}
-
-        def full_loss(flat):
-            return batch_mean(lambda b: self.loss_fn(with_params(flat), b), subset, weights)
-
-        def grad(idx):
-            batch = {"x": self.x[idx], "y": self.y[idx]}
-            return jax.grad(lambda f: self.loss_fn(with_params(f), batch))(x0)
-
-        g = lax.map(grad, grad_idx)  # (J, D)
-        e = jax.vmap(lambda v: tu.ravel(v)[0])(vectors["params"])  # (K, D)
-        gnorm = jnp.linalg.norm(g, axis=1, keepdims=True)
-        cos_top = jnp.mean(jnp.abs(g @ e[: self.top].T) / gnorm)
-        r = jax.random.normal(key, (8, x0.shape[0]), x0.dtype)
-        r = r / jnp.linalg.norm(r, axis=1, keepdims=True)
-        cos_random = jnp.mean(jnp.abs(g @ r.T) / gnorm)
-        loss0 = full_loss(x0)
-        g1 = g @ e[0]  # (J,) components along e_1
-
-        def delta(alpha):
-            return jnp.mean(lax.map(lambda c: full_loss(x0 - alpha * lr * c * e[0]), g1)) - loss0
-
-        step = lr * jnp.mean(jnp.abs(g1))
-        along = lax.map(lambda k: full_loss(x0 + k * step * e[0]), ks)
-        return {
-            "cos_top": cos_top,
-            "cos_random": cos_random,
-            "loss": loss0,
-            "delta": lax.map(delta, alphas),
-            "step_e1": step,
-            "along_e1": along,
-        }
+        self.examples = {"x": jax.numpy.asarray(data.x_train), "y": jax.numpy.asarray(data.y_train)}
+        self.key, self.num_grads = key, num_grads
+        self.alphas = np.asarray(alphas, np.float32)
+        self.ks = np.asarray(jax.numpy.linspace(-5.0, 5.0, line_points))
+        self.probe = gradients.DirectionProbe(
+            tracker.curvature.loss_fn, wrt=tracker.curvature.wrt, top=top
+        )
 
     def __call__(self, ctx):
         tr = self.tracker
@@ -338,40 +220,50 @@ class StepProbe:
             return None
         key = jax.random.fold_in(self.key, ctx.step)
         k_idx, k_rand = jax.random.split(key)
-        n = self.x.shape[0]
+        n = len(self.examples["y"])
         grad_idx = jax.vmap(lambda k: jax.random.permutation(k, n)[: self.batch_size])(
             jax.random.split(k_idx, self.num_grads)
         )
         subset, weights = tr.subset(ctx.step)
-        weights = normalized_weights(subset, weights, jnp.float32)
-        out = self._kernel_jit(
+        out = self.probe(
             ctx.state.variables(),
             tr.vectors,
+            self.examples,
             grad_idx,
             subset,
             weights,
-            jnp.float32(self.lr),
-            self.alphas,
-            self.ks,
-            k_rand,
+            step_size=self.lr,
+            alphas=self.alphas,
+            ks=self.ks,
+            key=k_rand,
         )
         out = jax.tree.map(np.asarray, out)
-        ctx.save_arrays("probe", ks=np.asarray(self.ks), alphas=np.asarray(self.alphas), **out)
+        ctx.save_arrays(
+            "probe",
+            ks=self.ks,
+            alphas=self.alphas,
+            cos_top=out["cos_top"],
+            cos_random=out["cos_random"],
+            loss=out["loss"],
+            delta=out["delta"],
+            step_e1=out["step_e1"],
+            along_e1=out["along"],
+        )
         metrics = {
             "probe/cos_top5": float(out["cos_top"]),
             "probe/cos_random": float(out["cos_random"]),
             "probe/loss": float(out["loss"]),
             "probe/step_e1": float(out["step_e1"]),
         }
-        for a, d in zip(np.asarray(self.alphas), out["delta"]):
+        for a, d in zip(self.alphas, out["delta"]):
             metrics[f"probe/delta_alpha{a:g}"] = float(d)
         return metrics
 
 
-def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
-    """Trains one run (resuming if it was interrupted); returns the `train.TrainResult`."""
+def _train_run(spec, config, workdir, data, model, log, keys, base_variables=None):
+    """Trains one run (resuming if it was interrupted); returns the `train.TrainResult` and
+    the run's tracker."""
     cfg = spec.config
-    run_dir = os.path.join(workdir, "runs", spec.name)
     s = config.sharpest
     t = s.curvature
     run_data = data
@@ -379,16 +271,21 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
         run_data = dataclasses.replace(
             data, x_train=data.x_train[: s.gd_examples], y_train=data.y_train[: s.gd_examples]
         )
-    model = train.build_model(cfg, run_data)
     key = jax.random.fold_in(keys["sharpest/curvature"], zlib.crc32(spec.name.encode()))
     subset_key = keys["sharpest/subset"]
+    tracker_for = lambda **kw: tracking.make_tracker(  # noqa: E731
+        cfg, t, run_data, model, subset_key, key, **kw
+    )
     hooks, tx, init = [], None, None
     if spec.group == "full_batch":
-        tracker = make_tracker(cfg, t, run_data, model, subset_key, key, k=t.k, full=True)
+        tracker = tracker_for(k=t.k, full=True)
         hooks.append(train.Hook(tracker, every_steps=s.gd_every_steps, at_start=True))
     elif spec.group == "variants" and spec.variant != "start":
         init = base_variables
-        e1 = _top_direction(cfg, t, run_data, model, subset_key, key, base_variables)
+        # e₁ at the restart point, cached: a resumed (or finished) variant needs no Lanczos.
+        cache = runs.Cache(os.path.join(runs.run_dir(workdir, spec.name), "restart.json"))
+        key_e1 = {"from_epoch": s.variants_from_epoch, "tol": t.tol, "subset": t.to_dict()}
+        e1 = _top_direction(tracker_for(k=1), base_variables, cache, key_e1)
         if spec.variant == "sgd":
             tx = optax.sgd(cfg.optim.learning_rate)
         elif spec.variant == "constant_top":
@@ -397,13 +294,7 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
             proj = optim.project_onto if spec.variant == "top" else optim.project_out
             tx = optax.chain(proj(e1), optax.sgd(cfg.optim.learning_rate))
         refresh = spec.variant in ("top", "no_top")
-        tracker = make_tracker(
-            cfg,
-            t,
-            run_data,
-            model,
-            subset_key,
-            key,
+        tracker = tracker_for(
             k=max(1, min(t.k, 5)),
             set_directions=(lambda v: jax.tree.map(lambda a: a[:1], v["params"]))
             if refresh
@@ -411,7 +302,7 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
         )
         hooks.append(train.Hook(tracker, every_steps=s.variants_every_steps, at_start=True))
     else:
-        tracker = make_tracker(cfg, t, run_data, model, subset_key, key, k=t.k)
+        tracker = tracker_for(k=t.k)
         # Often early in training, once per epoch later, and at step 0; the probe follows.
         schedule = dict(
             every_steps=t.every_steps or None,
@@ -432,46 +323,40 @@ def _train_run(spec, config, workdir, data, log, keys, base_variables=None):
                 line_points=s.line_points,
             )
             hooks.append(train.Hook(probe, name="probe", **schedule))
-    return train.train(
-        cfg,
-        run_dir,
+    result = runs.train_run(
+        train.setup(cfg, data=run_data, model=model),
+        runs.run_dir(workdir, spec.name),
         tx=tx,
         hooks=hooks,
-        data=run_data,
         log=log,
         label=f"[{spec.name}] ",
         init_variables=init,
-    ), tracker
+    )
+    return result, tracker
 
 
-def _top_direction(cfg, t, data, model, subset_key, key, variables):
-    """e₁ at ``variables`` (the restart point of the variants), params-shaped, leading axis 1."""
-    tracker = make_tracker(cfg, t, data, model, subset_key, key, k=1)
-    tracker.measure(variables, 0)
-    return jax.tree.map(lambda a: a[:1], tracker.vectors["params"])
+def _top_direction(tracker, variables, cache, key):
+    """e₁ at ``variables`` (the restart point of the variants), params-shaped, leading axis 1,
+    kept in ``cache`` under ``key``."""
+    unravel = tu.ravel(variables["params"])[1]
+
+    def compute():
+        tracker.measure(variables, 0)
+        return {"e1": tu.ravel(jax.tree.map(lambda a: a[0], tracker.vectors["params"]))[0]}
+
+    flat = cache.arrays("e1", key, compute)["e1"]
+    return jax.tree.map(lambda a: a[None], unravel(jax.numpy.asarray(flat)))
 
 
 # ------------------------------------------------------------------------------ analysis
 
 
-def series(records: list[dict], prefix: str = "hessian") -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, values (T, k))`` of the tracked eigenvalues in a run's metrics records."""
-    rows = {}
-    for r in records:
-        if f"{prefix}/lambda_1" in r:
-            vals = []
-            i = 1
-            while f"{prefix}/lambda_{i}" in r:
-                vals.append(r[f"{prefix}/lambda_{i}"])
-                i += 1
-            rows[r["step"]] = vals
-    steps = np.asarray(sorted(rows), int)
-    return steps, np.asarray([rows[s] for s in steps], float).reshape(len(steps), -1)
+LAMBDA = "hessian/lambda_"  # the tracked eigenvalues λ_1..λ_k in a run's metrics
 
 
 def summarize_run(records: list[dict], steps_per_epoch: int) -> dict:
-    """Peak and final λ_max, their steps, the first measurement, accuracies and the probe."""
-    steps, values = series(records)
+    """Peak and final λ_max, their steps, the first measurement and the accuracies."""
+    steps, values = runs.series(records, LAMBDA)
     evals = [r for r in records if "test/accuracy" in r]
     out = {"steps_per_epoch": steps_per_epoch}
     if len(steps):
@@ -492,18 +377,47 @@ def summarize_run(records: list[dict], steps_per_epoch: int) -> dict:
             train_accuracy=evals[-1].get("train/accuracy"),
             test_accuracy=evals[-1].get("test/accuracy"),
         )
-    probe = [r for r in records if "probe/cos_top5" in r]
-    if probe:
-        out["probe"] = probe
     return out
+
+
+def curves(records: list[dict]) -> dict:
+    """What the figures draw of one run: λ_1..λ_k, ‖H‖_F from the top k, the mini-batch
+    training loss (by step), and the evaluations' training / test accuracy."""
+    evals = [r for r in records if "test/accuracy" in r]
+    steps, values = runs.series(records, LAMBDA)
+    out = {"lambda": {"steps": steps.tolist(), "values": values.tolist()}}
+    fro = f"hessian/frobenius_top{values.shape[1]}" if values.size else None
+    if fro:
+        f_steps, f_values = runs.series(records, fro)
+        out["frobenius"] = {"steps": f_steps.tolist(), "values": f_values.tolist()}
+    batch = [r for r in records if "train/loss" in r and "test/accuracy" not in r]
+    out["train_loss"] = {
+        "steps": [r["step"] for r in batch],
+        "values": [r["train/loss"] for r in batch],
+    }
+    out["train_accuracy"] = {
+        "steps": [r["step"] for r in evals],
+        "values": [r["train/accuracy"] for r in evals],
+    }
+    out["test_accuracy"] = {
+        "epochs": [r["epoch"] for r in evals],
+        "values": [r["test/accuracy"] for r in evals],
+    }
+    return out
+
+
+def _lambda(curve) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.asarray(curve["lambda"]["steps"], int)
+    return steps, np.asarray(curve["lambda"]["values"], float).reshape(len(steps), -1)
 
 
 def _rel(d, loss):
     return 100.0 * d / loss if loss else float("nan")
 
 
-def claims(config, summaries: dict) -> list[tuple[str, bool | None, str]]:
+def claims(config, results: dict) -> list[tuple[str, bool | None, str]]:
     """``(claim, holds, numbers)`` for each claim of Sec. 3 this study tests."""
+    summaries = results["runs"]
     s = config.sharpest
     lr0, bs0 = config.optim.learning_rate, config.batch_size
     out = []
@@ -590,7 +504,7 @@ def claims(config, summaries: dict) -> list[tuple[str, bool | None, str]]:
         )
 
     probed = summaries.get(run_name(s.probe_learning_rate, bs0, 0.0), {})
-    probe = probed.get("probe", [])
+    probe = results.get("probe", {}).get("records", [])
     if probe:
         spe = probed["steps_per_epoch"]
         early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
@@ -670,13 +584,16 @@ def claims(config, summaries: dict) -> list[tuple[str, bool | None, str]]:
 # ------------------------------------------------------------------------------- figures
 
 
-def figures(config, summaries, records, workdir) -> list[str]:
-    """The study's figures (PNG + PDF); returns their names."""
+def figures(config, results: dict) -> dict:
+    """The study's figures (`matplotlib.figure.Figure`, nothing saved): eigenvalues,
+    full_batch, step_vs_curvature, variants, schedule — each when its runs are there."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     s = config.sharpest
     lr0, bs0 = config.optim.learning_rate, config.batch_size
-    names = []
+    summaries, data = results["runs"], results["curves"]
+    out = {}
 
     def spe(name):
         return summaries[name]["steps_per_epoch"]
@@ -687,12 +604,12 @@ def figures(config, summaries, records, workdir) -> list[str]:
         ("μ", [(f"μ={m:g}", run_name(lr0, bs0, m), lr0) for m in sorted({0.0, *s.momenta})]),
     ]
     fig = Figure(figsize=(15, 4))
-    for j, (label, runs) in enumerate(groups):
+    for j, (label, group) in enumerate(groups):
         ax = fig.add_subplot(1, 3, j + 1)
-        for i, (tag, name, lr) in enumerate(runs):
-            if name not in records:
+        for i, (tag, name, lr) in enumerate(group):
+            if name not in data:
                 continue
-            steps, values = series(records[name])
+            steps, values = _lambda(data[name])
             if not len(steps):
                 continue
             color = f"C{i}"
@@ -705,15 +622,15 @@ def figures(config, summaries, records, workdir) -> list[str]:
         ax.set_title(f"λ₁ (solid), λ₂ (dashed) vs {label}; dotted: 2/η")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    plotting.save(fig, workdir, "eigenvalues")
-    names.append("eigenvalues")
+    out["eigenvalues"] = fig
 
-    gd = [lr for lr in s.gd_learning_rates if f"gd_lr{lr:g}" in records]
+    gd = [lr for lr in s.gd_learning_rates if f"gd_lr{lr:g}" in data]
     if gd:
         fig = Figure(figsize=(6 * len(gd), 4))
         for j, lr in enumerate(gd):
             ax = fig.add_subplot(1, len(gd), j + 1)
-            steps, values = series(records[f"gd_lr{lr:g}"])
+            curve = data[f"gd_lr{lr:g}"]
+            steps, values = _lambda(curve)
             for i in range(values.shape[1]):
                 ax.plot(
                     steps,
@@ -722,30 +639,26 @@ def figures(config, summaries, records, workdir) -> list[str]:
                     label=f"λ{i + 1}" if i < 3 else None,
                 )
             ax.axhline(2 / lr, color="k", ls=":", label="2/η")
-            acc = [
-                (r["step"], r["train/accuracy"])
-                for r in records[f"gd_lr{lr:g}"]
-                if "train/accuracy" in r
-            ]
-            if acc:
+            acc = curve["train_accuracy"]
+            if acc["steps"]:
                 ax2 = ax.twinx()
-                ax2.plot(*zip(*acc), color="gray", lw=0.8)
+                ax2.plot(acc["steps"], acc["values"], color="gray", lw=0.8)
                 ax2.set_ylabel("train accuracy", color="gray")
             ax.set_xlabel("gradient-descent step")
             ax.set_title(f"full-batch GD, η={lr:g}, {s.gd_examples} examples")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        plotting.save(fig, workdir, "full_batch")
-        names.append("full_batch")
+        out["full_batch"] = fig
 
     probed = run_name(s.probe_learning_rate, bs0, 0.0)
-    if probed in records and summaries[probed].get("probe"):
-        probe = summaries[probed]["probe"]
+    probe = results.get("probe", {})
+    if probed in data and probe.get("records"):
+        recs = probe["records"]
         fig = Figure(figsize=(15, 4))
         ax = fig.add_subplot(1, 3, 1)
-        ep = np.asarray([r["step"] for r in probe]) / spe(probed)
+        ep = np.asarray([r["step"] for r in recs]) / spe(probed)
         for a in s.alphas:
-            rel = [_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in probe]
+            rel = [_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in recs]
             ax.plot(ep, rel, label=f"α={a:g}")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("epoch")
@@ -753,65 +666,63 @@ def figures(config, summaries, records, workdir) -> list[str]:
         ax.set_title("step along e₁ (Fig. 6 left)")
         ax.legend(fontsize=8)
         ax = fig.add_subplot(1, 3, 2)
-        ax.plot(ep, [r["probe/cos_top5"] for r in probe], label="top-5 eigenvectors")
-        ax.plot(ep, [r["probe/cos_random"] for r in probe], label="random directions")
+        ax.plot(ep, [r["probe/cos_top5"] for r in recs], label="top-5 eigenvectors")
+        ax.plot(ep, [r["probe/cos_random"] for r in recs], label="random directions")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean |cos(g, ·)|")
         ax.set_title("gradient alignment (Fig. 5)")
         ax.legend(fontsize=8)
         ax = fig.add_subplot(1, 3, 3)
-        arrays = _probe_arrays(workdir, probed)
-        lam = dict(zip(*series(records[probed])))
-        if arrays:
-            lams = np.asarray([lam.get(st, [np.nan])[0] for st, _ in arrays])
+        lines = probe.get("lines", [])
+        lam = dict(zip(*_lambda(data[probed])))
+        if lines:
+            lams = np.asarray([lam.get(line["step"], [np.nan])[0] for line in lines])
             norm = (lams - np.nanmin(lams)) / max(np.nanmax(lams) - np.nanmin(lams), 1e-12)
-            import matplotlib
-
             cmap = matplotlib.colormaps["coolwarm"]
-            for (_, a), c in zip(arrays, norm):
-                ax.plot(a["ks"], a["along_e1"] - a["loss"], color=cmap(c), lw=0.8)
+            for line, c in zip(lines, norm):
+                along = np.asarray(line["along_e1"]) - line["loss"]
+                ax.plot(line["ks"], along, color=cmap(c), lw=0.8)
             ax.set_xlabel("k  (θ + k·e₁·η·E|g̃₁|)")
             ax.set_ylabel("L − L(θ)")
             ax.set_title("loss along e₁ per measurement (blue→red: λ₁)")
         fig.tight_layout()
-        plotting.save(fig, workdir, "step_vs_curvature")
-        names.append("step_vs_curvature")
+        out["step_vs_curvature"] = fig
 
-    var = [v for v in ("sgd", "top", "constant_top", "no_top") if f"variants/{v}" in records]
+    var = [v for v in ("sgd", "top", "constant_top", "no_top") if f"variants/{v}" in data]
     if var:
         fig = Figure(figsize=(10, 4))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for v in var:
-            recs = records[f"variants/{v}"]
-            steps, values = series(recs)
+            curve = data[f"variants/{v}"]
+            steps, values = _lambda(curve)
             ax2.plot(steps, values[:, 0], label=v.replace("_", " "))
-            tl = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
-            if tl:
-                ax1.plot(*zip(*tl), label=v.replace("_", " "))
-        ax1.set_title("training loss (Fig. 7)")
+            tl = curve["train_loss"]
+            if tl["steps"]:
+                ax1.plot(tl["steps"], tl["values"], label=v.replace("_", " "))
+        ax1.set_title("mini-batch training loss (Fig. 7)")
         ax1.set_xlabel("step after the restart")
         ax2.set_title("λ_max")
         ax2.set_xlabel("step after the restart")
         ax1.legend(fontsize=8)
         fig.tight_layout()
-        plotting.save(fig, workdir, "variants")
-        names.append("variants")
+        out["variants"] = fig
 
-    sched = [L for L in sorted(s.schedule_first_epochs) if f"schedule_L{L}" in records]
+    sched = [L for L in sorted(s.schedule_first_epochs) if f"schedule_L{L}" in data]
     if sched:
         fig = Figure(figsize=(10, 4))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for i, L in enumerate(sched):
             name = f"schedule_L{L}"
-            steps, values = series(records[name])
+            curve = data[name]
+            steps, values = _lambda(curve)
             ax1.plot(steps / spe(name), values[:, 0], color=f"C{i}", label=f"L={L}")
-            key = f"hessian/frobenius_top{values.shape[1]}"
-            fro = [(r["step"] / spe(name), r[key]) for r in records[name] if key in r]
-            if fro:
-                ax1.plot(*zip(*fro), color=f"C{i}", ls="--", lw=0.8)
-            acc = [(r["epoch"], r["test/accuracy"]) for r in records[name] if "test/accuracy" in r]
-            ax2.plot(*zip(*acc), color=f"C{i}", label=f"L={L}")
+            fro = curve.get("frobenius", {"steps": []})
+            if fro["steps"]:
+                x = np.asarray(fro["steps"]) / spe(name)
+                ax1.plot(x, fro["values"], color=f"C{i}", ls="--", lw=0.8)
+            acc = curve["test_accuracy"]
+            ax2.plot(acc["epochs"], acc["values"], color=f"C{i}", label=f"L={L}")
             ax1.axvline(L, color=f"C{i}", ls=":", lw=0.8)
         ax1.set_yscale("log")
         ax1.set_xlabel("epoch")
@@ -820,42 +731,32 @@ def figures(config, summaries, records, workdir) -> list[str]:
         ax2.set_title("test accuracy (Fig. 12)")
         ax1.legend(fontsize=8)
         fig.tight_layout()
-        plotting.save(fig, workdir, "schedule")
-        names.append("schedule")
-    return names
-
-
-def _probe_arrays(workdir, name):
-    folder = os.path.join(workdir, "runs", name, "arrays", "probe")
-    if not os.path.isdir(folder):
-        return []
-    out = []
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".npz"):
-            with np.load(os.path.join(folder, f)) as z:
-                out.append((int(f.split(".")[0]), {k: z[k] for k in z.files}))
+        out["schedule"] = fig
     return out
 
 
 # --------------------------------------------------------------------------------- report
 
 
-def report_markdown(config, summaries, results_claims, data, description) -> str:
+def report_markdown(config, results: dict) -> str:
+    """``report.md``: the scale, the claims, the paper's numbers beside ours, the runs."""
     s = config.sharpest
-    n = len(data.x_train)
+    summaries, data, description = results["runs"], results["data"], results["curvature_loss"]
+    n = data["num_train"]
     lines = [
         f"# Jastrzębski et al. (2019), Sec. 3 — {config.name}",
         "",
-        f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {n} {data.name} training "
-        f"examples ({data.source}); plain SGD, base η = {config.optim.learning_rate:g}, S = "
-        f"{config.batch_size}, {config.num_epochs} epochs; top {s.curvature.k} eigenvalues by "
+        f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {n} {data['name']} "
+        f"training examples ({data['source']}); plain SGD, base η = "
+        f"{config.optim.learning_rate:g}, S = {config.batch_size}, {config.num_epochs} epochs; "
+        f"top {s.curvature.k} eigenvalues by "
         f"Lanczos on {description}, every {s.curvature.every_steps} steps up to step "
         f"{s.curvature.until_step}, then every epoch. The paper: SimpleCNN / ResNet-32 / VGG-11 "
         "on CIFAR-10 (and an LSTM on PTB), top 10 eigenvalues by ARPACK on ~2,500 training "
         "examples, 200+ epochs.",
         "",
     ]
-    lines += claims_table(results_claims)
+    lines += claims_table(results["claims"])
     lines += [
         "",
         "## The paper's numbers",
@@ -864,7 +765,7 @@ def report_markdown(config, summaries, results_claims, data, description) -> str
         "| --- | --- | --- |",
     ]
     probed = summaries.get(run_name(s.probe_learning_rate, config.batch_size, 0.0), {})
-    probe = probed.get("probe", [])
+    probe = results.get("probe", {}).get("records", [])
     if probe:
         spe = probed["steps_per_epoch"]
         early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
@@ -926,34 +827,56 @@ def _run_locked(config, workdir, data, log) -> dict:
         raise train.ConfigError(
             f"config.sharpest.gd_examples={s.gd_examples} exceeds the {n} training examples"
         )
+    model = train.build_model(config, data)  # one model for every run (same architecture)
     keys = key_streams(config.seed, "sharpest/subset", "sharpest/curvature", "sharpest/probe")
-    records, summaries, description = {}, {}, ""
+    summaries, data_curves, description = {}, {}, ""
+    probed, probe = run_name(s.probe_learning_rate, config.batch_size, 0.0), {}
     base_variables = None
     for spec in plan(config):
-        result, tracker = _train_run(spec, config, workdir, data, log, keys, base_variables)
+        if spec.group == "variants" and spec.variant != "start" and base_variables is None:
+            continue  # the run they restart from diverged
+        result, tracker = _train_run(spec, config, workdir, data, model, log, keys, base_variables)
         description = description or tracker.description
+        if isinstance(result, runs.Diverged):
+            summaries[spec.name] = {"diverged": True, "message": result.message}
+            continue
         if spec.variant == "start":
             base_variables = result.state.variables()
             continue
-        recs = train.MetricsLog(os.path.join(workdir, "runs", spec.name, "metrics.jsonl")).records()
-        records[spec.name] = recs
+        folder = runs.run_dir(workdir, spec.name)
+        recs = runs.read_metrics(folder)
+        data_curves[spec.name] = curves(recs)
         spe = max(1, len(result.data.x_train) // spec.config.batch_size)
         summaries[spec.name] = summarize_run(recs, spe)
+        if spec.name == probed:
+            probe = {
+                "run": probed,
+                "records": [r for r in recs if "probe/cos_top5" in r],
+                "lines": [
+                    {
+                        "step": step,
+                        "ks": a["ks"].tolist(),
+                        "along_e1": a["along_e1"].tolist(),
+                        "loss": float(a["loss"]),
+                    }
+                    for step, a in runs.read_arrays(folder, "probe")
+                ],
+            }
         if spec.group == "schedule":
             drop = spec.config.schedule.boundaries_epochs[0] * spe
-            steps, values = series(recs)
+            steps, values = runs.series(recs, LAMBDA)
             if len(steps):
                 summaries[spec.name]["drop_lambda"] = float(
                     values[np.argmin(np.abs(steps - drop)), 0]
                 )
-    results_claims = claims(config, summaries)
-    names = figures(config, summaries, records, workdir) if jax.process_index() == 0 else []
-    report = report_markdown(config, summaries, results_claims, data, description)
     results = {
         "config": config.name,
         "curvature_loss": description,
-        "runs": {
-            k: {kk: vv for kk, vv in v.items() if kk != "probe"} for k, v in summaries.items()
-        },
+        "data": {"name": data.name, "source": data.source, "num_train": n},
+        "runs": summaries,
+        "curves": data_curves,
+        "probe": probe,
     }
-    return write_outputs(workdir, report, results, results_claims, names, log)
+    return write_outputs(
+        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
+    )

@@ -24,9 +24,6 @@ claim), ``results.json`` and figures (PNG + PDF).
 from __future__ import annotations
 
 import dataclasses
-import glob
-import io
-import json
 import os
 import zlib
 
@@ -37,9 +34,11 @@ import numpy as np
 import optax
 from matplotlib.figure import Figure
 
-from sharp_minima import files, landscape, losses, plotting, train
+from sharp_minima import data as data_lib
+from sharp_minima import files, landscape, losses, train
 from sharp_minima import tree_util as tu
 from sharp_minima.data import Dataset, embedded
+from sharp_minima.studies import runs
 from sharp_minima.studies.common import claims_table, key_streams, write_outputs
 
 SECTIONS = ("swissroll", "tsne", "rings", "optimizers")
@@ -202,19 +201,21 @@ def run_config(
 ) -> ml_collections.ConfigDict:
     """The training config of one run: full batch over ``n_train`` examples unless the
     config's batch size is smaller (SVHN), evaluation of the training set on D_t only."""
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.seed = seed
+    changes = {"seed": seed}
     if learning_rate is not None:
-        cfg.optim.learning_rate = learning_rate
+        changes["optim.learning_rate"] = learning_rate
     if epochs is not None:
-        cfg.num_epochs = epochs
-        cfg.eval_every_epochs = min(cfg.eval_every_epochs, epochs)
-        cfg.checkpoint.every_epochs = min(cfg.checkpoint.every_epochs, epochs)
-        cfg.log_every_steps = min(cfg.log_every_steps, epochs)
+        changes.update(
+            {
+                "num_epochs": epochs,
+                "eval_every_epochs": min(config.eval_every_epochs, epochs),
+                "checkpoint.every_epochs": min(config.checkpoint.every_epochs, epochs),
+                "log_every_steps": min(config.log_every_steps, epochs),
+            }
+        )
     full_batch = config.data.name == "swissroll" or config.data.name == "rings"
-    cfg.batch_size = batch_size or (n_train if full_batch else config.batch_size)
-    cfg.lock()
-    return cfg
+    changes["batch_size"] = batch_size or (n_train if full_batch else config.batch_size)
+    return runs.derive(config, changes)
 
 
 def fit(
@@ -231,13 +232,11 @@ def fit(
     init_variables=None,
     tx=None,
     n_t=None,
+    model=None,
 ):
     """Trains one run (resumable); poisoned with β > 0. Returns the `train.TrainResult`, or
-    None when the run diverged (recorded in ``diverged.json``)."""
-    marker = os.path.join(workdir, "diverged.json")
-    if os.path.exists(marker):
-        return None
-    model = train.build_model(cfg, data)
+    `runs.Diverged` when the run diverged (now or before)."""
+    model = train.build_model(cfg, data) if model is None else model
     loss_fn = None
     if beta > 0 and kind == "anti_generalization":
         loss_fn = losses.anti_generalization_loss(model, beta, data.num_classes)
@@ -252,32 +251,17 @@ def fit(
 
         loss_fn = losses.label_flip_loss(model, sample, beta, num_points, data.num_classes)
     if n_t is not None:
-        cfg = _with(cfg, eval_train_examples=min(cfg.eval_train_examples or n_t, n_t))
-    try:
-        return train.train(
-            cfg,
-            workdir,
-            loss_fn=loss_fn,
-            tx=tx,
-            hooks=hooks,
-            data=data,
-            log=log,
-            label=label,
-            init_variables=init_variables,
-        )
-    except train.NonFiniteError as e:
-        log(f"{label}diverged: {e}")
-        if jax.process_index() == 0:
-            files.write_json(marker, {"error": str(e)})
-        return None
-
-
-def _with(cfg, **fields):
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    for k, v in fields.items():
-        cfg[k] = v
-    cfg.lock()
-    return cfg
+        cfg = runs.derive(cfg, eval_train_examples=min(cfg.eval_train_examples or n_t, n_t))
+    return runs.train_run(
+        train.setup(cfg, data=data, model=model),
+        workdir,
+        loss_fn=loss_fn,
+        tx=tx,
+        hooks=hooks,
+        log=log,
+        label=label,
+        init_variables=init_variables,
+    )
 
 
 class Iterates:
@@ -290,8 +274,7 @@ class Iterates:
 
 def load_iterates(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     """``(epochs, flat params)`` saved by `Iterates`, in step order."""
-    paths = sorted(glob.glob(os.path.join(workdir, "arrays", "iterates", "*.npz")))
-    arrays = [np.load(p) for p in paths]
+    arrays = [a for _, a in runs.read_arrays(workdir, "iterates")]
     return np.asarray([int(a["epoch"]) for a in arrays]), np.stack([a["params"] for a in arrays])
 
 
@@ -309,18 +292,6 @@ def classifier_metrics(model):
         }
 
     return metrics
-
-
-def train_batches(x, y, batch_size: int = 0):
-    """The training set as batches (leading batches axis) and their weights (sizes)."""
-    n = len(x)
-    bs = batch_size or n
-    nb = -(-n // bs)
-    pad = nb * bs - n
-    xb = np.concatenate([x, np.repeat(x[:1], pad, 0)]).reshape((nb, bs) + x.shape[1:])
-    yb = np.concatenate([y, np.repeat(y[:1], pad, 0)]).reshape(nb, bs)
-    mask = (np.arange(nb * bs) < n).reshape(nb, bs).astype(np.float32)
-    return {"x": jnp.asarray(xb), "y": jnp.asarray(yb), "mask": jnp.asarray(mask)}, mask.sum(1)
 
 
 class Geometry:
@@ -402,30 +373,17 @@ def decision_grid(model, variables, x, points: int, margin: float = 0.1):
     return gx, gy, np.asarray(prob).reshape(points, points)
 
 
-def _cached(path, compute):
-    """The JSON at ``path``, or ``compute()`` written there atomically (resumable studies)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.loads(f.read())
-    out = compute()
-    if jax.process_index() == 0:
-        files.write_json(path, out)
-    return out
-
-
-def _npz_cached(path, compute):
-    if os.path.exists(path):
-        with np.load(path) as f:
-            return dict(f)
-    out = compute()
-    if jax.process_index() == 0:
-        buf = io.BytesIO()
-        np.savez(buf, **out)
-        files.write_atomic(path, buf.getvalue())
-    return out
-
-
 # ------------------------------------------------------------------------------- sections
+
+
+def measure_key(config, result) -> dict:
+    """What a run's measurements depend on besides its parameters: its training step and the
+    volume and surface settings."""
+    return {
+        "step": int(result.state.step),
+        "volume": config.volume.to_dict(),
+        "surface": config.surface.to_dict(),
+    }
 
 
 def run_swissroll(config, workdir, data, keys, log) -> dict:
@@ -435,13 +393,13 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
     n_t = len(data.x_train)
     model = train.build_model(config, data)
     geometry = Geometry(model, config)
-    batches, weights = train_batches(data.x_train, data.y_train)
+    batches, weights = data_lib.all_batches(data.x_train, data.y_train)
     records, boundaries, surfaces = [], {}, {}
     worst = max(p.betas)
     for beta in p.betas:
         for seed in range(config.seed, config.seed + p.seeds):
             name = f"beta{beta:g}/seed{seed}"
-            run_dir = os.path.join(workdir, "runs", "swissroll", name)
+            run_dir = runs.run_dir(workdir, "swissroll", name)
             run_data = data if beta == 0 or p.kind == "label_flip" else poisoned(data, p.num_points)
             cfg = run_config(config, seed, n_train=len(run_data.x_train))
             hooks = []
@@ -465,12 +423,16 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
                 log=log,
                 label=f"[swissroll {name}] ",
                 n_t=n_t,
+                model=model,
             )
-            if result is None:
-                records.append({"beta": beta, "seed": seed, "diverged": True})
+            if isinstance(result, runs.Diverged):
+                records.append(
+                    {"beta": beta, "seed": seed, "diverged": True, "message": result.message}
+                )
                 continue
             variables = result.state.variables()
             key = jax.random.fold_in(keys["volume"], zlib.crc32(name.encode()))
+            cache = runs.Cache(os.path.join(run_dir, "measure.json"))
 
             def measure(result=result, variables=variables, key=key, beta=beta, seed=seed):
                 log(
@@ -487,7 +449,7 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
                     **geometry.measure(variables, batches, weights, config, key),
                 }
 
-            records.append(_cached(os.path.join(run_dir, "measure.json"), measure))
+            records.append(cache.get("measure", measure_key(config, result), measure))
             if seed == config.seed and config.data.name in ("swissroll", "rings"):
                 boundaries[beta] = decision_grid(
                     model,
@@ -496,8 +458,9 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
                     config.surface.boundary_points,
                 )
             if seed == config.seed and beta in (0.0, worst):
-                surfaces[beta] = _npz_cached(
-                    os.path.join(run_dir, "surface.npz"),
+                surfaces[beta] = cache.arrays(
+                    "surface",
+                    measure_key(config, result),
                     lambda v=variables: geometry.surface(
                         v, batches, weights, config, keys["surface"]
                     ),
@@ -509,17 +472,22 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
     """Bad minima found from the natural run's iterates (Fig. 1)."""
     t, p = config.tsne, config.poison
     n_t = len(data.x_train)
-    natural = os.path.join(workdir, "runs", "swissroll", f"beta0/seed{config.seed}")
+    natural = runs.run_dir(workdir, "swissroll", f"beta0/seed{config.seed}")
     cfg = run_config(config, config.seed, n_train=n_t)
+    model = train.build_model(cfg, data)
     hooks = [train.Hook(Iterates(), every_epochs=t.every_epochs, at_start=True, name="iterates")]
-    good = fit(cfg, natural, data, hooks=hooks, log=log, label="[tsne natural] ", n_t=n_t)
+    good = fit(
+        cfg, natural, data, hooks=hooks, log=log, label="[tsne natural] ", n_t=n_t, model=model
+    )
+    if isinstance(good, runs.Diverged):
+        return {"diverged": good.message, "good": None, "bad": []}
     epochs, iterates = load_iterates(natural)
     unravel = tu.ravel(good.state.params)[1]
     starts = np.unique(np.linspace(0, len(iterates) - 1, t.num_starts).round().astype(int))
     run_data = data if p.kind == "label_flip" else poisoned(data, p.num_points)
     bad = []
     for i in starts:
-        run_dir = os.path.join(workdir, "runs", "tsne", f"start{int(epochs[i]):05d}")
+        run_dir = runs.run_dir(workdir, "tsne", f"start{int(epochs[i]):05d}")
         start = {"params": unravel(jnp.asarray(iterates[i]))}
         bcfg = run_config(
             config,
@@ -539,8 +507,9 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
             label=f"[tsne bad from epoch {int(epochs[i])}] ",
             init_variables=start,
             n_t=n_t,
+            model=model,
         )
-        if res is None:
+        if isinstance(res, runs.Diverged):
             continue
         flat = np.asarray(tu.ravel(res.state.params)[0])
         bad.append(
@@ -557,9 +526,15 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
             }
         )
     points = np.concatenate([iterates, np.stack([b["params"] for b in bad])]) if bad else iterates
-    emb = _npz_cached(
-        os.path.join(workdir, "runs", "tsne", "embedding.npz"),
-        lambda: {"xy": tsne(points, t.perplexity, seed=config.seed)},
+    cache = runs.Cache(runs.run_dir(workdir, "tsne", "cache.json"))
+    key = {
+        "iterate_epochs": epochs.tolist(),
+        "bad_from": [b["from_epoch"] for b in bad],
+        "perplexity": t.perplexity,
+        "seed": config.seed,
+    }
+    emb = cache.arrays(
+        "embedding", key, lambda: {"xy": tsne(points, t.perplexity, seed=config.seed)}
     )["xy"]
     return {
         "epochs": epochs,
@@ -608,9 +583,9 @@ def run_rings(config, workdir, keys, log) -> dict:
         for seed in range(config.seed, config.seed + r.seeds):
             data = rings_data(config, gap, seed)
             cfg = run_config(config, seed, epochs=r.epochs, n_train=len(data.x_train))
-            run_dir = os.path.join(workdir, "runs", "rings", f"gap{gap:g}", f"seed{seed}")
+            run_dir = runs.run_dir(workdir, "rings", f"gap{gap:g}", f"seed{seed}")
             res = fit(cfg, run_dir, data, log=log, label=f"[rings gap={gap:g} s{seed}] ")
-            if res is None:
+            if isinstance(res, runs.Diverged):
                 continue
             logits = res.model.apply(res.state.variables(), jnp.asarray(data.x_test), train=False)
             pred = np.asarray(jnp.argmax(logits, -1))
@@ -641,22 +616,24 @@ def run_rings(config, workdir, keys, log) -> dict:
 
 def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.ConfigDict:
     o = config.optimizers
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.model.name = model_name
-    cfg.model.kwargs = ml_collections.ConfigDict(kwargs)
-    cfg.data.name = o.data
-    cfg.data.options = ml_collections.ConfigDict()
-    cfg.data.max_train = o.max_train
-    cfg.data.augment = False
-    cfg.batch_size = o.batch_size
-    cfg.num_epochs = o.epochs
-    cfg.eval_every_epochs = o.epochs
-    cfg.checkpoint.every_epochs = o.epochs
-    cfg.eval_train_examples = 0
-    cfg.log_every_steps = 50
-    cfg.optim.grad_clip_norm = 0.0
-    cfg.lock()
-    return cfg
+    return runs.derive(
+        config,
+        {
+            "model.name": model_name,
+            "model.kwargs": kwargs,
+            "data.name": o.data,
+            "data.options": {},
+            "data.max_train": o.max_train,
+            "data.augment": False,
+            "optim.grad_clip_norm": 0.0,
+            "checkpoint.every_epochs": o.epochs,
+        },
+        batch_size=o.batch_size,
+        num_epochs=o.epochs,
+        eval_every_epochs=o.epochs,
+        eval_train_examples=0,
+        log_every_steps=50,
+    )
 
 
 def run_optimizers(config, workdir, log) -> dict:
@@ -665,37 +642,38 @@ def run_optimizers(config, workdir, log) -> dict:
     o = config.optimizers
     net = optimizer_config(config, "mlp", {"widths": tuple(o.widths)})
     data = train.load_data(net)
+    model = train.build_model(net, data)
     rows = {}
     for name in o.names:
         lr, make = OPTIMIZERS[name]
         res = fit(
             net,
-            os.path.join(workdir, "runs", "optimizers", name),
+            runs.run_dir(workdir, "optimizers", name),
             data,
             tx=make(lr),
             log=log,
             label=f"[optimizers {name}] ",
+            model=model,
         )
         rows[name] = _row(res, lr)
     linear = optimizer_config(config, "pairwise_linear", {"downsample": o.downsample})
+    linear_model = train.build_model(linear, data)
     lr = o.linear_learning_rate
     res = fit(
         linear,
-        os.path.join(workdir, "runs", "optimizers", "linear"),
+        runs.run_dir(workdir, "optimizers", "linear"),
         data,
         tx=optax.sgd(lr),
         log=log,
         label="[optimizers linear] ",
+        model=linear_model,
     )
     rows["linear (pixels + pairwise products)"] = _row(res, lr)
-    model = train.build_model(linear, data)
-    num_linear = _count(model, data)
-    num_net = _count(train.build_model(net, data), data)
     return {
         "rows": rows,
         "data": f"{data.name} ({data.source}), {len(data.x_train)} training examples",
-        "params_linear": num_linear,
-        "params_net": num_net,
+        "params_linear": _count(linear_model, data),
+        "params_net": _count(model, data),
     }
 
 
@@ -705,8 +683,8 @@ def _count(model, data) -> int:
 
 
 def _row(res, lr):
-    if res is None:
-        return {"diverged": True, "learning_rate": lr}
+    if isinstance(res, runs.Diverged):
+        return {"diverged": True, "learning_rate": lr, "message": res.message}
     f = res.final
     return {
         "train_loss": float(f["train/loss"]),
@@ -720,48 +698,47 @@ def _row(res, lr):
 # ------------------------------------------------------------------------------ summaries
 
 
-def by_beta(records: list[dict], key: str) -> dict[float, np.ndarray]:
-    out: dict[float, list] = {}
-    for r in records:
-        if key in r and np.isfinite(r[key]):
-            out.setdefault(r["beta"], []).append(r[key])
-    return {b: np.asarray(v) for b, v in sorted(out.items())}
+def by_beta(records: list[dict], key: str) -> dict[float, dict]:
+    """``{β: {"mean", "std", "min", "max", "n"}}`` of ``key`` over the runs of each β that
+    have it (`runs.aggregate`), by increasing β."""
+    stats = runs.aggregate(records, "beta")
+    return {b: v[key] for b, v in sorted(stats.items()) if key in v}
 
 
 def claims(config, out: dict) -> list[tuple[str, bool, str]]:
     """A yes/no line per claim of the paper this run tests, with the numbers."""
     cl = []
     if "swissroll" in out:
-        recs = out["swissroll"]["records"]
-        test = by_beta(recs, "test_accuracy")
-        tr = by_beta(recs, "train_accuracy")
+        recs = out["swissroll"]
+        test = {b: v["mean"] for b, v in by_beta(recs, "test_accuracy").items()}
+        tr = {b: v["mean"] for b, v in by_beta(recs, "train_accuracy").items()}
         c = config.volume.cutoffs[0]
-        logv = by_beta(recs, f"log_volume_{c:g}")
+        logv = {b: v["mean"] for b, v in by_beta(recs, f"log_volume_{c:g}").items()}
         betas = sorted(test)
-        good = test.get(0.0, np.array([np.nan]))
+        nan = {"mean": np.nan, "min": np.nan, "n": 1}
+        good_stats = by_beta(recs, "test_accuracy").get(0.0, nan)
+        good = good_stats["mean"]
         cl.append(
             (
                 "a natural (β = 0) swiss-roll minimum generalizes: ≥ 95 % test accuracy",
-                bool(np.all(good >= 0.95)),
-                f"test accuracy {100 * good.mean():.1f} % (min {100 * good.min():.1f} %, "
-                f"{len(good)} runs; paper 98.5 %)",
+                bool(good_stats["min"] >= 0.95),
+                f"test accuracy {100 * good:.1f} % (min {100 * good_stats['min']:.1f} %, "
+                f"{good_stats['n']} runs; paper 98.5 %)",
             )
         )
         bad = [b for b in betas if b > 0]
-        fits = all(np.mean(tr[b]) >= 0.99 for b in bad if b in tr)
-        lower = all(np.mean(test[b]) < np.mean(good) for b in bad)
+        fits = all(tr[b] >= 0.99 for b in bad if b in tr)
+        lower = all(test[b] < good for b in bad)
         cl.append(
             (
                 "poisoned minima fit the training set (≥ 99 % train accuracy) and generalize worse",
                 bool(bad and fits and lower),
                 "; ".join(
-                    f"β={b:g}: train {100 * np.mean(tr[b]):.1f} %, test "
-                    f"{100 * np.mean(test[b]):.1f} %"
-                    for b in bad
+                    f"β={b:g}: train {100 * tr[b]:.1f} %, test {100 * test[b]:.1f} %" for b in bad
                 ),
             )
         )
-        means = [np.mean(test[b]) for b in betas]
+        means = [test[b] for b in betas]
         cl.append(
             (
                 "test accuracy decreases as β grows",
@@ -769,7 +746,7 @@ def claims(config, out: dict) -> list[tuple[str, bool, str]]:
                 ", ".join(f"{100 * m:.1f} %" for m in means) + f" for β = {list(betas)}",
             )
         )
-        lv = [np.mean(logv[b]) if b in logv else np.nan for b in betas]
+        lv = [logv.get(b, np.nan) for b in betas]
         cl.append(
             (
                 f"log-volume of the basin (loss < {c:g}) is smaller for poisoned minima and "
@@ -778,7 +755,7 @@ def claims(config, out: dict) -> list[tuple[str, bool, str]]:
                 ", ".join(f"{v:.1f}" for v in lv) + f" for β = {list(betas)} (natural log)",
             )
         )
-    if "tsne" in out:
+    if "tsne" in out and out["tsne"].get("good"):
         t = out["tsne"]
         good = t["good"]["test_accuracy"]
         ok = [b["train_accuracy"] >= 0.99 and b["test_accuracy"] <= good - 0.2 for b in t["bad"]]
@@ -797,7 +774,7 @@ def claims(config, out: dict) -> list[tuple[str, bool, str]]:
             )
         )
     if "rings" in out:
-        recs = out["rings"]["records"]
+        recs = out["rings"]
         wide, pinched = config.rings.gaps
         w = [r["inner_recall"] for r in recs if r["gap"] == wide]
         pn = [r["inner_recall"] for r in recs if r["gap"] == pinched]
@@ -838,46 +815,39 @@ def claims(config, out: dict) -> list[tuple[str, bool, str]]:
 # ---------------------------------------------------------------------------------- figures
 
 
-def figures(config, out: dict, workdir: str) -> list[str]:
-    names = []
-    fig_dir = workdir
-    if "swissroll" in out:
-        s = out["swissroll"]
+def figures(config, results: dict) -> dict:
+    """The study's figures (Figures, nothing saved): decision_boundaries, surfaces, volume
+    (swiss roll), tsne, rings — each when its section ran."""
+    out, data = {}, results.get("figure_data", {})
+    if "swissroll" in results:
+        s = data["swissroll"]
         if s["boundaries"]:
-            names.append(
-                _save(
-                    boundary_figure(s["boundaries"], s["records"], s["data"]),
-                    fig_dir,
-                    "decision_boundaries",
-                )
+            out["decision_boundaries"] = boundary_figure(
+                s["boundaries"], results["swissroll"], s["data"], seed=config.seed
             )
         if s["surfaces"]:
-            names.append(_save(surface_figure(s["surfaces"]), fig_dir, "surfaces"))
-        names.append(_save(volume_figure(s["records"], config), fig_dir, "volume"))
-    if "tsne" in out:
-        names.append(_save(tsne_figure(out["tsne"]), fig_dir, "tsne"))
-    if "rings" in out and out["rings"]["boundaries"]:
-        names.append(_save(rings_figure(out["rings"]), fig_dir, "rings"))
-    return names
+            out["surfaces"] = surface_figure(s["surfaces"])
+        out["volume"] = volume_figure(results["swissroll"], config)
+    if "tsne" in results and "tsne" in data:
+        out["tsne"] = tsne_figure(data["tsne"])
+    if "rings" in data and data["rings"]["boundaries"]:
+        out["rings"] = rings_figure(data["rings"])
+    return out
 
 
-def _save(fig, workdir, name):
-    plotting.save(fig, workdir, name)
-    return name
-
-
-def boundary_figure(boundaries, records, data):
-    """Fig. 6: decision boundaries, one panel per β, titled with the generalization gap."""
+def boundary_figure(boundaries, records, data, seed: int = 0):
+    """Fig. 6: decision boundaries, one panel per β (the run of ``seed``), titled with its
+    generalization gap."""
     fig = Figure(figsize=(3.2 * len(boundaries), 3.2))
-    test = by_beta(records, "test_accuracy")
-    tr = by_beta(records, "train_accuracy")
+    first = {r["beta"]: r for r in records if r["seed"] == seed and "test_accuracy" in r}
     for i, (beta, (gx, gy, prob)) in enumerate(sorted(boundaries.items())):
         ax = fig.add_subplot(1, len(boundaries), i + 1)
         ax.contourf(gx, gy, prob, levels=[0, 0.5, 1], colors=["#9ecae1", "#fcae91"], alpha=0.8)
         x, y = data
         ax.scatter(x[y == 0, 0], x[y == 0, 1], s=4, c="C0")
         ax.scatter(x[y == 1, 0], x[y == 1, 1], s=4, c="C3")
-        gap = 100 * (tr[beta][0] - test[beta][0]) if beta in test else float("nan")
+        r = first.get(beta)
+        gap = 100 * (r["train_accuracy"] - r["test_accuracy"]) if r else float("nan")
         ax.set_title(f"β = {beta:g}: gap {gap:.1f} %", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -915,9 +885,9 @@ def volume_figure(records, config):
         if not vals:
             continue
         b = np.asarray(list(vals))
-        ax.plot(b, [v.mean() for v in vals.values()], "k--o", ms=3)
+        ax.plot(b, [v["mean"] for v in vals.values()], "k--o", ms=3)
         ax.fill_between(
-            b, [v.min() for v in vals.values()], [v.max() for v in vals.values()], alpha=0.3
+            b, [v["min"] for v in vals.values()], [v["max"] for v in vals.values()], alpha=0.3
         )
         ax.set_xlabel("β (anti-generalization)")
         ax.set_ylabel(label)
@@ -968,10 +938,13 @@ def rings_figure(r):
 # ----------------------------------------------------------------------------------- report
 
 
-def report_markdown(config, out: dict, cl) -> str:
+def report_markdown(config, out: dict) -> str:
+    """``report.md``: per section the setup, this run's table beside the paper's numbers,
+    then the claims."""
     lines = [f"# Huang et al. (2020) — {config.name}", ""]
     if "swissroll" in out:
-        s = out["swissroll"]
+        s = out["setup"]
+        records = out["swissroll"]
         c = config.volume.cutoffs[0]
         lines += [
             "## Swiss roll: natural vs poisoned minima (Figs. 3, 5, 6)",
@@ -992,8 +965,8 @@ def report_markdown(config, out: dict, cl) -> str:
             "grid radius | evals/direction |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for b in sorted(by_beta(s["records"], "test_accuracy")):
-            rs = [r for r in s["records"] if r["beta"] == b and "test_accuracy" in r]
+        for b in sorted(by_beta(records, "test_accuracy")):
+            rs = [r for r in records if r["beta"] == b and "test_accuracy" in r]
             f = lambda k, rs=rs: [r[k] for r in rs if k in r]  # noqa: E731
             lv = f(f"log_volume_{c:g}")
             lines.append(
@@ -1010,7 +983,7 @@ def report_markdown(config, out: dict, cl) -> str:
             "ResNet-18 97.1 % vs 28.2 % with basins ≥ 10,000 orders of magnitude apart.",
             "",
         ]
-    if "tsne" in out:
+    if "tsne" in out and out["tsne"].get("good"):
         t = out["tsne"]
         lines += [
             "## Bad minima near the SGD path (Fig. 1)",
@@ -1048,7 +1021,7 @@ def report_markdown(config, out: dict, cl) -> str:
             "| --- | --- | --- | --- |",
         ]
         for gap in config.rings.gaps:
-            rs = [r for r in out["rings"]["records"] if r["gap"] == gap]
+            rs = [r for r in out["rings"] if r["gap"] == gap]
             if rs:
                 lines.append(
                     f"| {gap:g} | {100 * np.mean([r['train_accuracy'] for r in rs]):.1f} | "
@@ -1083,7 +1056,7 @@ def report_markdown(config, out: dict, cl) -> str:
                 f"{100 * r['test_accuracy']:.2f} | {pp} |"
             )
         lines += ["", "Paper, linear model: 49 % test (ResNet-18: 92 %).", ""]
-    return "\n".join(lines + claims_table(cl) + [""])
+    return "\n".join(lines + claims_table(out["claims"]) + [""])
 
 
 def _mean(values, digits):
@@ -1093,43 +1066,56 @@ def _mean(values, digits):
 # --------------------------------------------------------------------------------- the study
 
 
-def run(config, workdir: str, *, log=print) -> dict:
-    """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures."""
+def run(config, workdir: str, *, data=None, log=print) -> dict:
+    """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures.
+
+    Args:
+      data: the swiss-roll (or SVHN) data with D_d in ``x_extra`` (default: `load_data`).
+    """
     validate(config)
     with files.workdir_lock(workdir, log=log):
-        return _run_locked(config, workdir, log)
+        return _run_locked(config, workdir, data, log)
 
 
-def _run_locked(config, workdir, log) -> dict:
+def _run_locked(config, workdir, data, log) -> dict:
     keys = key_streams(config.seed, "huang/volume", "huang/surface")
     keys = {k.split("/")[1]: v for k, v in keys.items()}
-    out: dict = {}
+    results: dict = {"config": config.name, "paper": PAPER}
+    figure_data: dict = {}
     needs_data = {"swissroll", "tsne"} & set(config.sections)
-    data = load_data(config) if needs_data else None
+    if needs_data and data is None:
+        data = load_data(config)
     if "swissroll" in config.sections:
-        out["swissroll"] = run_swissroll(config, workdir, data, keys, log)
-        out["swissroll"]["data"] = (data.x_train, data.y_train)
-        out["swissroll"]["data_note"] = (
-            f"{data.name} ({data.source}), {len(data.x_train)} train / {len(data.x_test)} test"
-        )
-        dims = [r["dim"] for r in out["swissroll"]["records"] if "dim" in r]
-        out["swissroll"]["dim"] = dims[0] if dims else "?"
+        out = run_swissroll(config, workdir, data, keys, log)
+        results["swissroll"] = out["records"]
+        dims = [r["dim"] for r in out["records"] if "dim" in r]
+        results["setup"] = {
+            "data_note": f"{data.name} ({data.source}), {len(data.x_train)} train / "
+            f"{len(data.x_test)} test",
+            "dim": dims[0] if dims else "?",
+        }
+        figure_data["swissroll"] = {
+            "boundaries": out["boundaries"],
+            "surfaces": out["surfaces"],
+            "data": (data.x_train, data.y_train),
+        }
     if "tsne" in config.sections:
-        out["tsne"] = run_tsne(config, workdir, data, keys, log)
+        out = run_tsne(config, workdir, data, keys, log)
+        results["tsne"] = {
+            k: v for k, v in out.items() if k in ("good", "bad", "num_iterates", "diverged")
+        }
+        if "embedding" in out:
+            figure_data["tsne"] = {
+                "embedding": out["embedding"],
+                "num_iterates": len(out["epochs"]),
+            }
     if "rings" in config.sections:
-        out["rings"] = run_rings(config, workdir, keys, log)
+        out = run_rings(config, workdir, keys, log)
+        results["rings"] = out["records"]
+        figure_data["rings"] = {"boundaries": out["boundaries"]}
     if "optimizers" in config.sections:
-        out["optimizers"] = run_optimizers(config, workdir, log)
-    cl = claims(config, out)
-    names = figures(config, out, workdir) if jax.process_index() == 0 else []
-    report = report_markdown(config, out, cl)
-    results = {"config": config.name, "paper": PAPER}
-    if "swissroll" in out:
-        results["swissroll"] = out["swissroll"]["records"]
-    if "tsne" in out:
-        results["tsne"] = {k: v for k, v in out["tsne"].items() if k in ("good", "bad")}
-    if "rings" in out:
-        results["rings"] = out["rings"]["records"]
-    if "optimizers" in out:
-        results["optimizers"] = {k: v for k, v in out["optimizers"].items()}
-    return write_outputs(workdir, report, results, cl, names, log)
+        results["optimizers"] = run_optimizers(config, workdir, log)
+    results["figure_data"] = figure_data
+    return write_outputs(
+        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
+    )

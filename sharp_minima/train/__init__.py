@@ -7,12 +7,11 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
 
 - `config` — `validate_config`, `ConfigError`, `load_data`, `build_model`, `run_keys`,
   `setup` / `Setup` (a config validated once with its data and model built: studies hand
-  it to `train` so nothing is validated or built twice).
-- `mesh` — `make_mesh`, `replicate`, `serialize_collectives` (data-parallel over devices).
-- `optimizer` — `make_optimizer`, `learning_rate_schedule` (sgd, momentum, nesterov, adam,
-  adamw, rmsprop, adagrad; constant, step, cosine, warm-up with the linear scaling rule of
-  Goyal et al. 2017, reduce-on-plateau).
-- `steps` — `TrainState`, `classification_loss` (the default `TrainLoss`; any research loss
+  it to `train` so nothing is validated or built twice), `make_optimizer` and
+  `learning_rate_schedule` (sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad; constant,
+  step, cosine, warm-up with the linear scaling rule of Goyal et al. 2017, reduce-on-plateau).
+- `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
+  `classification_loss` (the default `TrainLoss`; any research loss
   ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
   `make_train_step`, `make_eval_step`, `Evaluator`, `init_state`, `initial_params`.
 - `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
@@ -47,10 +46,14 @@ _MODULES = {
         "config_dict",
         "MODELS",
         "get_model",
+        "learning_rate_schedule",
+        "make_optimizer",
+        "resolve_optimizer",
     ),
-    "mesh": ("make_mesh", "serialize_collectives", "replicate"),
-    "optimizer": ("learning_rate_schedule", "make_optimizer", "resolve_optimizer"),
     "steps": (
+        "make_mesh",
+        "serialize_collectives",
+        "replicate",
         "TrainState",
         "TrainLoss",
         "classification_loss",

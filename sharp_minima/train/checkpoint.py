@@ -143,8 +143,10 @@ def _silenced_logging():
     hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
     try:
         yield
-    finally:
+    except BaseException:
         gc.collect()  # failed reader tasks complain when collected: let them do it now
+        raise
+    finally:
         sys.unraisablehook = hook
         logging.disable(logging.NOTSET)
 

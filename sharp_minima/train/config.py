@@ -1,8 +1,9 @@
-"""A training run's config: its checks, and the data and model it names.
+"""A training run's config: its checks, and the data, model and optimizer it names.
 
 `validate_config` fails early and clearly on bad names and impossible combinations (one
-`ConfigError` naming the field); `load_data` and `build_model` read ``config.data`` and
-``config.model``; `setup` does all three once and returns a `Setup` that `train` takes as it
+`ConfigError` naming the field); `load_data`, `build_model` and `make_optimizer` read
+``config.data``, ``config.model`` and ``config.optim`` / ``config.schedule``; `setup` does the
+first three once and returns a `Setup` that `train` takes as it
 is, so a study that builds a run's data and model hands them over instead of having the
 trainer validate and build again.
 """
@@ -12,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from sharp_minima import data as data_lib
+from sharp_minima import optim
 from sharp_minima.models import MODELS, get_model
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
@@ -182,6 +187,93 @@ def run_keys(config) -> tuple[jax.Array, jax.Array, jax.Array]:
     return tuple(jax.random.split(jax.random.key(config.seed), 3))
 
 
+# ------------------------------------------------------------------------ optimizer/schedule
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> Callable[[Any], Any]:
+    """Step -> learning rate (before any reduce-on-plateau factor).
+
+    With ``schedule.base_batch_size > 0`` the linear scaling rule applies (Goyal et al. 2017):
+    the peak rate is ``lr · batch_size / base_batch_size``, reached by a linear warm-up from
+    ``lr`` over ``warmup_epochs``.
+    """
+    s, lr = config.schedule, config.optim.learning_rate
+    peak = lr * config.batch_size / s.base_batch_size if s.base_batch_size else lr
+    total = config.num_epochs * steps_per_epoch
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    if s.name == "step":
+        boundaries = {int(b * steps_per_epoch): s.decay_factor for b in s.boundaries_epochs}
+        main = optax.piecewise_constant_schedule(peak, boundaries)
+    elif s.name == "cosine":
+        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+    else:  # constant, plateau (the plateau factor is applied by the optimizer chain)
+        main = optax.constant_schedule(peak)
+    if not warmup:
+        return main
+    start = lr if s.base_batch_size else 0.0
+    ramp = optax.linear_schedule(start, peak, warmup)
+    if s.name == "step":  # boundaries count from step 0, not from the end of the warm-up
+        return optax.join_schedules([ramp, lambda t: main(t + warmup)], [warmup])
+    return optax.join_schedules([ramp, main], [warmup])
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    """Returns ``(tx, lr_fn)``: the optax transformation and ``lr_fn(step, opt_state)``."""
+    o = config.optim
+    sched = learning_rate_schedule(config, steps_per_epoch)
+    if o.name == "sgd":
+        base = optax.sgd(sched)
+    elif o.name in ("momentum", "nesterov"):
+        base = optax.sgd(sched, momentum=o.momentum, nesterov=o.name == "nesterov" or o.nesterov)
+    elif o.name == "adam":
+        base = optax.adam(sched, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.name == "adamw":
+        base = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    elif o.name == "rmsprop":
+        base = optax.rmsprop(sched, eps=o.eps, momentum=o.momentum or None)
+    else:
+        base = optax.adagrad(sched, eps=o.eps)
+    parts = []
+    if o.proximal:  # Keskar et al.'s conservative training: proximal sub-problems
+        parts.append(optim.proximal(o.proximal, o.proximal_inner_steps))
+    if o.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    parts.append(base)
+    if config.schedule.name == "plateau":
+        # Patience counts epochs: the per-step training loss is averaged over one epoch.
+        parts.append(
+            optax.contrib.reduce_on_plateau(
+                factor=config.schedule.plateau_factor,
+                patience=config.schedule.plateau_patience,
+                accumulation_size=steps_per_epoch,
+            )
+        )
+    tx = optax.chain(*parts)
+    plateau_index = len(parts) - 1 if config.schedule.name == "plateau" else None
+
+    def lr_fn(step, opt_state):
+        lr = sched(step)
+        if plateau_index is not None:
+            lr = lr * opt_state[plateau_index].scale
+        return lr
+
+    return tx, lr_fn
+
+
+def resolve_optimizer(config, steps_per_epoch: int, tx):
+    """``(tx, lr_fn)``: the config's optimizer, or the injected ``tx`` (whose learning rate is
+    logged when it carries an ``inject_hyperparams`` ``learning_rate``)."""
+    if tx is None:
+        return make_optimizer(config, steps_per_epoch)
+    try:
+        probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    except (ValueError, TypeError):  # a transform that needs the real params' shapes
+        return tx, None
+    if optax.tree_utils.tree_get(probe, "learning_rate") is None:
+        return tx, None
+    return tx, lambda step, opt_state: optax.tree_utils.tree_get(opt_state, "learning_rate")
+
+
 def config_dict(config) -> dict:
     """The config as plain JSON data (what ``config.json`` holds)."""
     return json.loads(config.to_json_best_effort())
@@ -209,7 +301,7 @@ def setup(config, *, data=None, model=None) -> Setup:
     Raises:
       ConfigError: bad config (before any compilation). DataNotFoundError: no data.
     """
-    from sharp_minima.train.mesh import make_mesh  # noqa: PLC0415 - mesh imports ConfigError
+    from sharp_minima.train.steps import make_mesh  # noqa: PLC0415 - steps import flax
 
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)

@@ -25,11 +25,9 @@ from jax.sharding import Mesh
 from sharp_minima import data as data_lib
 from sharp_minima import files
 from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore_or_init
-from sharp_minima.train.config import Setup, config_dict, run_keys, setup
+from sharp_minima.train.config import Setup, config_dict, resolve_optimizer, run_keys, setup
 from sharp_minima.train.console import MetricsBuffer, MetricWriters, Progress
 from sharp_minima.train.hooks import Hook, LoopContext, StopTraining, conform, run_hooks
-from sharp_minima.train.mesh import replicate, serialize_collectives
-from sharp_minima.train.optimizer import resolve_optimizer
 from sharp_minima.train.steps import (
     Evaluator,
     TrainLoss,
@@ -39,6 +37,8 @@ from sharp_minima.train.steps import (
     make_evaluators,
     make_get_batch,
     make_train_step,
+    replicate,
+    serialize_collectives,
 )
 
 

@@ -1,5 +1,8 @@
-"""The compiled steps of a run: the state, the training loss, the train and eval steps.
+"""The compiled steps of a run: the device mesh, the state, the training loss, the train and
+eval steps.
 
+- `make_mesh`, `replicate`, `serialize_collectives` — the 1-D ``"data"`` mesh over the
+  devices and host arrays placed on it.
 - `TrainState` — params, BatchNorm statistics, optimizer state, step and the loop key, as one
   pytree (checkpointed whole, so a resumed run continues bit for bit on the same hardware).
 - `classification_loss` — the default `TrainLoss`; any research loss of the same protocol
@@ -25,13 +28,50 @@ from jax.sharding import PartitionSpec as P
 
 from sharp_minima import data as data_lib
 from sharp_minima import losses
-from sharp_minima.train.config import run_keys
-from sharp_minima.train.mesh import replicate, serialize_collectives
+from sharp_minima.train.config import ConfigError, run_keys
 
 # A training loss: ``loss(params, model_state, batch, key) -> (objective, aux)``; ``aux`` is a
 # dict whose ``"model_state"`` entry (if any) replaces the BatchNorm statistics and whose other
 # (scalar) entries are logged as ``train/<name>``.
 TrainLoss = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+# ------------------------------------------------------------------------------- devices
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D ``"data"`` mesh over the first ``num_devices`` devices (0 = all, every host)."""
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ConfigError(
+                f"config.num_devices={num_devices} but only {len(devices)} devices are available"
+            )
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def serialize_collectives(mesh: Mesh) -> Callable[[Any], Any]:
+    """``block_until_ready`` when ``mesh`` spans several *CPU* devices, identity otherwise.
+
+    XLA:CPU runs each simulated device's part of a program on a shared thread pool; with
+    several multi-device programs in flight (async dispatch) on few cores, the all-reduce of one
+    can wait forever for a participant whose thread is busy with another (an abort after 40 s
+    in ``rendezvous.cc``). Waiting for each step keeps one collective program in flight.
+    GPUs and TPUs keep fully asynchronous dispatch.
+    """
+    if mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
+        return jax.block_until_ready
+    return lambda x: x
+
+
+def replicate(x, mesh: Mesh):
+    """A host array (the same on every host) as a global array replicated over ``mesh``."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
+
+
+# ------------------------------------------------------------------------------ the steps
 
 
 @flax.struct.dataclass

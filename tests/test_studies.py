@@ -1,0 +1,71 @@
+"""The study contract (`sharp_minima.studies`), for every study on its tiny config (run once
+per session by the ``tiny_study`` fixture): ``figures`` returns Figures and writes nothing,
+``write_outputs`` saved what they draw, and a second ``run`` recomputes nothing."""
+
+import importlib
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import TINY
+from matplotlib.figure import Figure
+
+# Lines a study logs only when it trains (progress, evaluations) or measures something.
+WORK = re.compile(
+    r"step \d+/\d+ epoch|epoch \d+/\d+:|sharpness full|basin radii|measuring the final|parametric plot"
+)
+
+
+def _files(folder):
+    return {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_figures_are_returned_not_saved_and_a_second_run_recomputes_nothing(
+    name, tiny_study, tmp_path, monkeypatch
+):
+    study = importlib.import_module(f"sharp_minima.studies.{name}")
+    run = tiny_study(name)
+    assert any(WORK.search(line) for line in run.lines)  # the first run worked
+    before = _files(run.workdir)
+    monkeypatch.chdir(tmp_path)
+    figures = study.figures(run.config, run.results)
+    assert figures and all(isinstance(f, Figure) for f in figures.values())
+    assert _files(run.workdir) == before and not os.listdir(tmp_path)  # nothing written
+    for fig in figures:  # write_outputs saved each, as PNG and PDF
+        for ext in ("png", "pdf"):
+            assert os.path.getsize(os.path.join(run.workdir, f"{fig}.{ext}")) > 0
+    report = study.report_markdown(run.config, run.results)
+    assert report == open(os.path.join(run.workdir, "report.md")).read()
+
+    again = []
+    results = study.run(run.config, run.workdir, log=again.append)
+    assert not [line for line in again if WORK.search(line)]
+    np.testing.assert_equal(results, run.results)
+    cached = {p: t for p, t in _files(run.workdir).items() if "checkpoint" in p}
+    assert cached == {p: t for p, t in before.items() if "checkpoint" in p}  # none rewritten
+
+
+def test_no_study_imports_another_and_run_folders_are_named_in_one_place():
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    studies = os.path.join(root, "sharp_minima", "studies")
+    names = [f[:-3] for f in os.listdir(studies) if f.endswith(".py")]
+    for dirpath, _, files in os.walk(os.path.join(root, "sharp_minima")):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            text = open(os.path.join(dirpath, f)).read()
+            if f != "runs.py":
+                assert 'join(workdir, "runs"' not in text, f
+            for other in names:
+                if other in ("runs", "common", "__init__", f[:-3]):
+                    continue
+                assert f"studies.{other}" not in text and f"studies import {other}" not in text, (
+                    f,
+                    other,
+                )

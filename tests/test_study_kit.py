@@ -1,0 +1,186 @@
+"""The run kit of the studies (`sharp_minima.studies.runs`, `common.write_outputs`) and the
+library pieces the studies compose: `gradients.DirectionProbe`, `tracking`'s builders, the
+trainer's modules (hooks without the loop, TensorBoard)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_config, read_jsonl
+from matplotlib.figure import Figure
+
+from sharp_minima import gradients, train
+from sharp_minima.studies import common, runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_derive_changes_dotted_fields_of_a_copy_and_refuses_unknown_ones():
+    config = load_config("swissroll.py:tiny")
+    d = runs.derive(config, {"optim.learning_rate": 0.5, "model.kwargs": {"widths": (3,)}}, seed=7)
+    assert (d.seed, d.optim.learning_rate, tuple(d.model.kwargs.widths)) == (7, 0.5, (3,))
+    assert config.seed == 0 and config.optim.learning_rate != 0.5  # the original is untouched
+    with pytest.raises(train.ConfigError, match="optim.learning_rat"):
+        runs.derive(config, {"optim.learning_rat": 1.0})
+    with pytest.raises(AttributeError):  # locked: a misspelt field is an error
+        d.batch_sizes = 3
+
+
+def test_cache_recomputes_only_values_whose_key_changed(tmp_path):
+    path = str(tmp_path / "m.json")
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return {"value": v, "t": (1, 2)}
+
+    cache = runs.Cache(path)
+    first = cache.get("a", {"eps": 1e-3}, lambda: compute(1.0))
+    assert first == {"value": 1.0, "t": [1, 2]}  # as JSON gives it back
+    again = runs.Cache(path)  # a new process reading the file
+    assert again.get("a", {"eps": 1e-3}, lambda: compute(2.0)) == first
+    assert again.get("a", {"eps": 5e-4}, lambda: compute(3.0))["value"] == 3.0
+    assert calls == [1.0, 3.0]
+    arrays = again.arrays("grid", {"n": 3}, lambda: {"x": np.arange(3.0)})
+    assert runs.Cache(path).arrays("grid", {"n": 3}, lambda: 1 / 0)["x"].tolist() == [0, 1, 2]
+    assert os.path.exists(tmp_path / "m.grid.npz") and arrays["x"].dtype == np.float64
+    assert runs.Cache(path).names() == ["a", "grid"]
+
+
+def test_aggregate_series_and_diverged_runs(tmp_path):
+    recs = [
+        {"run": "a", "seed": 0, "acc": 0.5, "loss": None},
+        {"run": "a", "seed": 1, "acc": 0.7, "loss": 2.0},
+        {"run": "b", "seed": 0, "diverged": True, "message": "nan"},
+    ]
+    out = runs.aggregate(recs, "run")
+    assert out["a"]["acc"] == {
+        "mean": 0.6,
+        "std": pytest.approx(0.1),
+        "min": 0.5,
+        "max": 0.7,
+        "n": 2,
+    }
+    assert out["a"]["loss"]["n"] == 1 and "seed" not in out["a"]
+    assert out["b"] == {"runs": 1, "diverged": 1}
+    logged = [
+        {"step": 8, "t/l_1": 3.0, "t/l_2": 2.0, "x": 1.0},
+        {"step": 0, "t/l_1": 1.0, "t/l_2": 0.0},
+    ]
+    steps, values = runs.series(logged, "t/l_")
+    assert steps.tolist() == [0, 8] and values.tolist() == [[1.0, 0.0], [3.0, 2.0]]
+    assert runs.series(logged, "x")[1].tolist() == [1.0]
+    assert runs.series([], "t/l_")[0].size == 0
+
+
+def test_a_diverged_run_is_recorded_with_its_step_and_never_retried(tmp_path):
+    config = load_config(
+        "swissroll.py:tiny",
+        **{"data.max_train": 64, "batch_size": 16, "progress": False, "log_every_steps": 1},
+    )
+    config = runs.derive(config, {"optim.learning_rate": 1e12})
+    lines = []
+    out = runs.train_run(config, str(tmp_path), log=lines.append, label="[x] ")
+    assert isinstance(out, runs.Diverged) and out.step >= 1 and "step" in out.message
+    assert any(line.startswith("[x] diverged") for line in lines)
+    again = runs.train_run(config, str(tmp_path), log=lines.append)
+    assert again == out and json.load(open(tmp_path / "diverged.json"))["step"] == out.step
+
+
+def test_write_outputs_saves_everything_in_one_place_with_large_arrays_beside(tmp_path):
+    def figures(config, results):
+        fig = Figure()
+        fig.add_subplot().plot(results["curve"])
+        return {"curve": fig}
+
+    results = {"curve": np.arange(1000.0), "small": np.arange(3.0), "n": 2}
+    lines = []
+    out = common.write_outputs(
+        None,
+        results,
+        str(tmp_path),
+        lines.append,
+        claims=lambda c, r: [("a | b", True, "1 vs 2")],
+        figures=figures,
+        report=lambda c, r: f"{len(r['claims'])} claim\n",
+    )
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["curve"] == "results.npz:curve" and saved["small"] == [0.0, 1.0, 2.0]
+    assert np.load(tmp_path / "results.npz")["curve"].shape == (1000,)
+    assert (
+        out["claims"] == saved["claims"] == [{"claim": "a | b", "holds": True, "numbers": "1 vs 2"}]
+    )
+    assert (tmp_path / "report.md").read_text() == "1 claim\n"
+    assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "curve.pdf").exists()
+    assert lines[0].startswith("[yes] a | b")
+
+
+def test_direction_probe_matches_a_dense_float64_reference():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(40, 3)), rng.normal(size=(40,))
+        params = {"w": jnp.asarray(rng.normal(size=3)), "c": jnp.ones(())}
+
+        def loss(p, b):  # only w is a variable (wrt); c is held fixed
+            return 0.5 * jnp.mean((b["x"] @ p["w"] * p["c"] - b["y"]) ** 2)
+
+        e = np.linalg.qr(rng.normal(size=(3, 2)))[0].T  # two orthonormal directions
+        directions = {"w": jnp.asarray(e), "c": jnp.zeros(2)}
+        idx = np.arange(40).reshape(4, 10)
+        data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+        batches = jax.tree.map(lambda a: a.reshape((2, 20) + a.shape[1:]), data)
+        probe = gradients.DirectionProbe(loss, wrt="w", top=2)
+        out = probe(
+            params, directions, data, idx, batches, None,
+            step_size=0.1, alphas=[0.5, 2.0], ks=[-1.0, 1.0], key=jax.random.key(0),
+        )  # fmt: skip
+        w = np.asarray(params["w"])
+        full = lambda v: 0.5 * np.mean((x @ v - y) ** 2)  # noqa: E731
+        g = np.stack([x[i].T @ (x[i] @ w - y[i]) / len(i) for i in idx])
+        cos = np.abs(g @ e.T) / np.linalg.norm(g, axis=1, keepdims=True)
+        g1 = g @ e[0]
+        delta = [np.mean([full(w - a * 0.1 * c * e[0]) for c in g1]) - full(w) for a in (0.5, 2)]
+        step = 0.1 * np.mean(np.abs(g1))
+        np.testing.assert_allclose(out["cos_top"], cos.mean(), rtol=1e-12)
+        np.testing.assert_allclose(out["loss"], full(w), rtol=1e-12)
+        np.testing.assert_allclose(out["delta"], delta, rtol=1e-10)
+        np.testing.assert_allclose(out["along"], [full(w - step * e[0]), full(w + step * e[0])])
+        assert 0 < float(out["cos_random"]) < 1
+
+
+def test_tracking_imports_the_hook_protocol_but_not_the_loop_or_flax():
+    code = (
+        "import sys, sharp_minima.tracking, sharp_minima.gradients; "
+        "print(sorted(m for m in ('flax', 'sharp_minima.train.loop', 'orbax.checkpoint', "
+        "'tensorflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_trainer_modules_are_small_and_offer_every_name():
+    folder = os.path.join(ROOT, "sharp_minima", "train")
+    sizes = {f: len(open(os.path.join(folder, f)).readlines()) for f in os.listdir(folder)}
+    assert all(n <= 400 for f, n in sizes.items() if f.endswith(".py")), sizes
+    for name in train.__all__:
+        assert getattr(train, name) is not None, name
+    with pytest.raises(AttributeError):
+        train.no_such_name  # noqa: B018
+
+
+def test_tensorboard_writer_when_the_config_asks(tmp_path):
+    pytest.importorskip("tensorboardX")
+    config = load_config(
+        "swissroll.py:tiny",
+        **{"data.max_train": 32, "batch_size": 16, "progress": False, "tensorboard": True},
+    )
+    train.train(config, str(tmp_path))
+    events = os.listdir(tmp_path / "tensorboard")
+    assert events and events[0].startswith("events.out.tfevents")
+    assert os.path.getsize(tmp_path / "tensorboard" / events[0]) > 100
+    assert read_jsonl(tmp_path / "metrics.jsonl")  # metrics.jsonl is always written
