@@ -3,17 +3,28 @@
 Must run before jax is imported anywhere, hence at conftest import time.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One compilation cache for this test run, shared with the command lines the tests start:
+# the same tiny models are compiled by many tests and processes (a third of the suite's time
+# on a 2-core CPU). It starts empty, so every test still compiles what no earlier one did.
+_CACHE = tempfile.mkdtemp(prefix="sharp_minima_jax_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
-import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -51,7 +62,7 @@ def tiny_study(tmp_path_factory):
     def get(name: str) -> TinyRun:
         if name not in done:
             module = importlib.import_module(f"sharp_minima.studies.{name}")
-            config = load_config(TINY[name])
+            config = load_config(TINY[name], num_devices=1)  # (multi-device: test_train)
             workdir = str(tmp_path_factory.mktemp(name))
             lines = []
             results = module.run(config, workdir, log=lines.append)

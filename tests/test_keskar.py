@@ -68,12 +68,12 @@ def test_train_config_is_refused_by_keskar(tmp_path):
     assert out.returncode == 2 and "no 'keskar' section" in out.stderr
 
 
-def test_tiny_c2_on_tfds_mock_data(tmp_path):
+def test_tiny_c1_on_tfds_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
-    from configs import c2
+    from configs import c1  # the conv net of C1/C3 (C2's VGG-16 forward: test_models)
 
-    config = c2.get_config("tiny")
+    config = c1.get_config("tiny")
     config.unlock()
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.allow_download = False

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 
 # Lines a study logs only when it trains (progress, evaluations) or measures something.
 WORK = re.compile(
-    r"step \d+/\d+ epoch|epoch \d+/\d+:|sharpness full|basin radii|measuring the final|parametric plot"
+    r"step \d+/\d+ epoch|epoch \d+/\d+:|sharpness full|basin radii|measuring the final"
+    r"|parametric plot"
 )
 
 
