@@ -34,6 +34,7 @@ positive:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -120,10 +121,13 @@ DIRECTIONS = ("unit", "filter")
 def gaussian_direction(key: jax.Array, params, *, wrt=None, unit: bool = True):
     """A Gaussian direction over the ``wrt`` leaves (zeros elsewhere), of unit norm by default."""
     selected, merge = tu.select(params, wrt)
+    return merge(_gaussian(key, selected, unit), tu.zeros_like(params))
+
+
+@functools.partial(jax.jit, static_argnames="unit")
+def _gaussian(key, selected, unit):
     d = tu.random_like(key, selected)
-    if unit:
-        d = tu.scale(1.0 / tu.norm(d), d)
-    return merge(d, tu.zeros_like(params))
+    return tu.scale(1.0 / tu.norm(d), d) if unit else d
 
 
 def filter_normalized_direction(key: jax.Array, params, *, wrt=None, one_d: str = "zero"):
@@ -148,6 +152,13 @@ def filter_normalized_direction(key: jax.Array, params, *, wrt=None, one_d: str 
     if one_d not in ONE_D:
         raise ValueError(f"one_d must be one of {ONE_D}, got {one_d!r}")
     selected, merge = tu.select(params, wrt)
+    return merge(_filter_normalized(key, selected, one_d), tu.zeros_like(params))
+
+
+@functools.partial(jax.jit, static_argnames="one_d")
+def _filter_normalized(key, selected, one_d):
+    """The directions of `filter_normalized_direction` for the selected leaves, in one
+    compiled call (leaf by leaf, eager dispatch compiles each small op apart)."""
     keys = jax.random.split(key, len(selected))
     out = []
     for k, w in zip(keys, selected):
@@ -164,7 +175,7 @@ def filter_normalized_direction(key: jax.Array, params, *, wrt=None, one_d: str 
         else:
             d = d * (jnp.linalg.norm(w) / jnp.maximum(jnp.linalg.norm(d), jnp.finfo(d.dtype).tiny))
         out.append(d)
-    return merge(out, tu.zeros_like(params))
+    return out
 
 
 def direction(key: jax.Array, params, kind: str = "filter", *, wrt=None, one_d: str = "zero"):
@@ -186,9 +197,14 @@ def orthogonal_pair(key: jax.Array, params, kind: str = "filter", *, wrt=None, o
     k1, k2 = jax.random.split(key)
     d1 = direction(k1, params, kind, wrt=wrt, one_d=one_d)
     d2 = direction(k2, params, kind, wrt=wrt, one_d=one_d)
+    return d1, _orthogonalize(d1, d2)
+
+
+@jax.jit
+def _orthogonalize(d1, d2):
     before = tu.norm(d2)
     d2 = tu.axpy(-tu.dot(d1, d2) / tu.dot(d1, d1), d1, d2)
-    return d1, tu.scale(before / tu.norm(d2), d2)
+    return tu.scale(before / tu.norm(d2), d2)
 
 
 def eigen_directions(loss_fn, params, batches, *, key, k: int = 2, wrt=None, weights=None):

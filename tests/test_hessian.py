@@ -129,46 +129,41 @@ def test_mlp_eigenpairs_trace_density_against_dense_float64(x64):
     lam, vec = np.linalg.eigh(h)
     batches = jax.tree.map(lambda x: x[None], data)
     n = h.shape[0]
+    curv = hessian.Curvature(mlp_loss)  # one object: its kernels compile once for all calls
 
     # The default tolerance: eigenvalues within 1e-4 * max|lambda|, found in few steps.
-    quick = hessian.eigenpairs(mlp_loss, params, batches, k=4, key=jax.random.key(0))
+    quick = curv.eigenpairs(params, batches, k=4, key=jax.random.key(0))
     assert quick.converged.all() and quick.num_steps < n
     assert np.abs(quick.values - lam[::-1][:4]).max() <= 1e-4 * lam.max()
     # A tight tolerance: eigenvalues and vectors match the dense float64 reference closely,
     # and the free Lanczos residual estimates match the measured residuals.
-    out = hessian.eigenpairs(mlp_loss, params, batches, k=4, key=jax.random.key(0), tol=1e-10)
+    out = curv.eigenpairs(params, batches, k=4, key=jax.random.key(0), tol=1e-10)
     np.testing.assert_allclose(out.values, lam[::-1][:4], rtol=1e-9)
     got = flat_vectors(out.vectors)
     overlap = np.abs(np.sum(got * vec[:, ::-1][:, :4].T, axis=1))
     np.testing.assert_allclose(overlap, 1.0, atol=1e-5)  # vectors up to sign
-    exact = hessian.eigenpairs(
-        mlp_loss, params, batches, k=4, key=jax.random.key(0), tol=1e-10, exact_residuals=True
+    exact = curv.eigenpairs(
+        params, batches, k=4, key=jax.random.key(0), tol=1e-10, exact_residuals=True
     )
     assert out.converged.all() and out.num_steps < n  # stopped early
     np.testing.assert_allclose(out.residuals, exact.residuals, rtol=0.1, atol=1e-12 * lam.max())
 
-    bottom = hessian.eigenpairs(mlp_loss, params, batches, k=2, key=jax.random.key(1), which="SA")
+    bottom = curv.eigenpairs(params, batches, k=2, key=jax.random.key(1), which="SA")
     np.testing.assert_allclose(bottom.values, lam[:2], rtol=0, atol=1e-4 * lam.max())  # tol
 
     # Hutch++ with a sketch as large as the dimension is exact.
-    tr = hessian.trace(mlp_loss, params, batches, key=jax.random.key(2), num_matvecs=3 * n)
+    tr = curv.trace(params, batches, key=jax.random.key(2), num_matvecs=3 * n)
     np.testing.assert_allclose(tr.value, np.trace(h), rtol=1e-8)
     # Hutchinson is unbiased: within 4 standard errors.
-    tr = hessian.trace(
-        mlp_loss, params, batches, key=jax.random.key(2), num_matvecs=200, method="hutchinson"
-    )
+    tr = curv.trace(params, batches, key=jax.random.key(2), num_matvecs=200, method="hutchinson")
     assert abs(tr.value - np.trace(h)) < 4 * tr.stderr
 
-    fro = hessian.frobenius_norm(mlp_loss, params, batches, key=jax.random.key(4), num_matvecs=200)
+    fro = curv.frobenius_norm(params, batches, key=jax.random.key(4), num_matvecs=200)
     assert abs(fro.value - np.linalg.norm(h)) < 4 * fro.stderr
-    topk = hessian.frobenius_norm(
-        mlp_loss, params, batches, key=jax.random.key(4), method="top_k", k=n
-    )
+    topk = curv.frobenius_norm(params, batches, key=jax.random.key(4), method="top_k", k=n)
     np.testing.assert_allclose(topk.value, np.linalg.norm(h), rtol=1e-8)
 
-    sd = hessian.spectral_density(
-        mlp_loss, params, batches, key=jax.random.key(5), num_probes=3, num_steps=12
-    )
+    sd = curv.spectral_density(params, batches, key=jax.random.key(5), num_probes=3, num_steps=12)
     # Gauss quadrature is exact for polynomials of degree < 2m: check moments per probe.
     z = np.asarray(hessian._probes(jax.random.split(jax.random.key(5))[0], 3, n, jnp.float64))
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
