@@ -70,3 +70,11 @@ def tiny_study(tmp_path_factory):
         return done[name]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n``), every test that reads a tiny study runs in one worker
+    (``--dist loadgroup``), so each study is still run once per test run."""
+    for item in items:
+        if "tiny_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_studies"))
