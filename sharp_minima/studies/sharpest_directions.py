@@ -33,6 +33,7 @@ import os
 import zlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -206,10 +207,10 @@ class StepProbe:
         top=5,
     ):
         self.tracker, self.batch_size, self.lr = tracker, batch_size, learning_rate
-        self.examples = {"x": jax.numpy.asarray(data.x_train), "y": jax.numpy.asarray(data.y_train)}
+        self.examples = {"x": jnp.asarray(data.x_train), "y": jnp.asarray(data.y_train)}
         self.key, self.num_grads = key, num_grads
         self.alphas = np.asarray(alphas, np.float32)
-        self.ks = np.asarray(jax.numpy.linspace(-5.0, 5.0, line_points))
+        self.ks = np.asarray(jnp.linspace(-5.0, 5.0, line_points))
         self.probe = gradients.DirectionProbe(
             tracker.curvature.loss_fn, wrt=tracker.curvature.wrt, top=top
         )
@@ -345,7 +346,7 @@ def _top_direction(tracker, variables, cache, key):
         return {"e1": tu.ravel(jax.tree.map(lambda a: a[0], tracker.vectors["params"]))[0]}
 
     flat = cache.arrays("e1", key, compute)["e1"]
-    return jax.tree.map(lambda a: a[None], unravel(jax.numpy.asarray(flat)))
+    return jax.tree.map(lambda a: a[None], unravel(jnp.asarray(flat)))
 
 
 # ------------------------------------------------------------------------------ analysis
