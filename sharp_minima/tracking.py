@@ -143,7 +143,8 @@ class EigenTracker:
     Attributes:
       curvature: the `sharp_minima.hessian.Curvature` (``curvature.num_traces`` stays constant
         after the first call).
-      history: ``[(step, values), ...]`` of the calls so far.
+      history: ``[(step, values), ...]`` of the calls so far (after a resume: from the last
+        call before the checkpoint on).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -186,8 +187,28 @@ class EigenTracker:
         subset = batches.describe() if isinstance(batches, Subset) else ""
         self.description = "; ".join(filter(None, [description, subset]))
         self.vectors = None
+        self._saved_vectors = None  # flat vectors loaded from a checkpoint, placed at next call
         self.history: list[tuple[int, np.ndarray]] = []
         self.last: hessian.Eigenpairs | None = None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What the next call depends on: the warm-start vectors (flat, ``(k, n)``) and the
+        step and eigenvalues of the last call — saved with each checkpoint by the training
+        loop, so that a resumed run measures exactly as an uninterrupted one."""
+        if not self.history:
+            return {}
+        if self.vectors is None:
+            flat = self._saved_vectors
+        else:
+            flat = jax.vmap(self.curvature.objective.flatten)(self.vectors)
+        step, values = self.history[-1]
+        return {"vectors": flat, "step": np.int64(step), "values": np.asarray(values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from `state_dict`'s output (the vectors are placed in the params'
+        structure at the next call)."""
+        self.vectors, self._saved_vectors = None, jnp.asarray(state["vectors"])
+        self.history = [(int(state["step"]), np.asarray(state["values"]))]
 
     def subset(self, step: int):
         """``(batches, weights)`` of the call at ``step``."""
@@ -201,6 +222,11 @@ class EigenTracker:
         ``trace`` and their ``_stderr`` with ``stochastic``) and remembers the vectors for
         the next call."""
         t0 = time.perf_counter()
+        if self.vectors is None and self._saved_vectors is not None:
+            self.vectors = jax.vmap(lambda x: self.curvature.objective.unflatten(params, x))(
+                self._saved_vectors
+            )
+            self._saved_vectors = None
         batches, weights = self.subset(step)
         key = jax.random.fold_in(self.key, step)
         out = self.curvature.eigenpairs(

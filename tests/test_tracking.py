@@ -1,12 +1,15 @@
 """Curvature tracking: the hook's numbers are eigenpairs' numbers; warm starts save HVPs."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import load_config, read_jsonl
 
-from sharp_minima import data, hessian, losses, tracking, train
+from sharp_minima import data, hessian, losses, optim, tracking, train
 from sharp_minima.models import get_model
 
 
@@ -105,3 +108,65 @@ def test_stochastic_norms_match_direct_calls_and_hook_schedule(tmp_path):
     fired = [s for s in range(1, 25) if hook.due("step", s, 0)]
     assert fired == [2, 4]
     assert hook.due("epoch", 8, 1) and hook.due("epoch", 16, 2)
+
+
+def _nsgd_run(workdir, *, interrupt_at=None):
+    """NSGD on the nudged_sgd study's tiny setup (MNIST-1D, MLP 16): the directions tracker
+    sets the optimizer's directions at the start of every epoch, a second tracker logs the
+    top 3; optionally Ctrl-C (a KeyboardInterrupt in a hook) after step ``interrupt_at``."""
+    config = load_config("nudged_sgd.py:tiny", progress=False, num_devices=1)
+    run = train.setup(config)
+    t = config.nsgd.curvature
+    sub = jax.random.key(7)
+    trackers = [
+        tracking.make_tracker(
+            config,
+            t,
+            run.data,
+            run.model,
+            sub,
+            jax.random.key(8),
+            k=2,
+            name="directions",
+            set_directions=True,
+        ),
+        tracking.make_tracker(config, t, run.data, run.model, sub, jax.random.key(9), k=3),
+    ]
+    hooks = [train.Hook(tr, every_epochs=1, at_start=True, name=tr.name) for tr in trackers]
+    if interrupt_at is not None:
+
+        def ctrl_c(ctx):
+            raise KeyboardInterrupt
+
+        hooks.append(train.Hook(ctrl_c, every_steps=interrupt_at, until_step=interrupt_at))
+    tx = optim.nsgd(0.05, gamma=0.1, num_directions=2)
+    return train.train(run, str(workdir), tx=tx, hooks=hooks)
+
+
+def test_a_tracker_driven_run_resumes_bit_for_bit(tmp_path):
+    """Issue 17: the trackers' warm-start vectors are checkpointed with the run, so NSGD
+    interrupted mid-epoch and resumed measures the same directions and ends bit-identical."""
+    straight = _nsgd_run(tmp_path / "a")
+    with pytest.raises(train.Interrupted):
+        _nsgd_run(tmp_path / "b", interrupt_at=12)  # in epoch 2, after one tracker call
+    assert sorted(os.listdir(tmp_path / "b" / "hook_state")) == ["12.npz", "8.npz"]
+    resumed = _nsgd_run(tmp_path / "b")
+    assert resumed.resumed_from == 12
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # directions included
+
+    def records(w):
+        timing = ("seconds", "steps_per_sec")
+        out = read_jsonl(w / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if not k.endswith(timing)} for r in out]
+
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert any("directions/lambda_1" in r for r in records(tmp_path / "b"))
+    for name in ("directions", "hessian"):
+        saved = sorted(os.listdir(tmp_path / "a" / "arrays" / name))
+        assert saved == sorted(os.listdir(tmp_path / "b" / "arrays" / name))
+        for f in saved:
+            with np.load(tmp_path / "a" / "arrays" / name / f) as x:
+                with np.load(tmp_path / "b" / "arrays" / name / f) as y:
+                    for k in x.files:
+                        np.testing.assert_array_equal(x[k], y[k])

@@ -124,12 +124,14 @@ def test_cross_entropy_and_accuracy_sequence_shapes():
 def test_train_writes_metrics_checkpoints_and_learns(tmp_path):
     result = train.train(tiny(num_epochs=3), str(tmp_path))
     records = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if "train/loss" in r and "test/loss" not in r] == list(
-        range(1, 13)
-    )
+    assert [r["step"] for r in records if "minibatch/loss" in r] == list(range(1, 13))
     evals = [r for r in records if "test/accuracy" in r]
     assert [r["epoch"] for r in evals] == [1, 2, 3] and evals == result.history
-    assert all(k.split("/")[0] in ("train", "test") for r in records for k in r if "/" in k)
+    # Two quantities, two names: train/ is the evaluation on the whole training set only.
+    assert [r["step"] for r in records if "train/loss" in r] == [4, 8, 12]
+    assert not any(k.startswith("minibatch/") for r in evals for k in r)
+    prefixes = {k.split("/")[0] for r in records for k in r if "/" in k}
+    assert prefixes == {"minibatch", "train", "test"}
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
     assert len(os.listdir(tmp_path / "checkpoint_best")) == 1
     assert evals[-1]["train/loss"] < evals[0]["train/loss"]
@@ -182,7 +184,7 @@ def test_four_devices_same_trajectory_as_one(tmp_path):
         )
         train.train(config, str(tmp_path / str(n)))
         recs = read_jsonl(tmp_path / str(n) / "metrics.jsonl")
-        losses_by_devices[n] = [r["train/loss"] for r in recs if "test/loss" not in r]
+        losses_by_devices[n] = [r["minibatch/loss"] for r in recs if "minibatch/loss" in r]
     assert len(losses_by_devices[1]) == 8
     np.testing.assert_allclose(losses_by_devices[4], losses_by_devices[1], rtol=1e-5, atol=1e-6)
 
@@ -267,11 +269,13 @@ def test_metrics_buffer_averages_and_names_the_first_nonfinite_step():
     buf = train.MetricsBuffer(steps_per_epoch=4, log_every=2)
     assert buf.flush(0, 1, None) is None
     for s, v in ((1, 1.0), (2, 3.0)):
-        buf.add(s, {"train/objective": jnp.float32(v), "train/grad_norm": jnp.float32(10 * s)})
+        buf.add(
+            s, {"minibatch/objective": jnp.float32(v), "minibatch/grad_norm": jnp.float32(10 * s)}
+        )
     rec = buf.flush(2, 1, None)
-    assert rec == {"step": 2, "epoch": 1, "train/objective": 2.0, "train/grad_norm": 20.0}
+    assert rec == {"step": 2, "epoch": 1, "minibatch/objective": 2.0, "minibatch/grad_norm": 20.0}
     for s, v in ((3, 1.0), (4, np.nan), (5, np.inf)):
-        buf.add(s, {"train/objective": jnp.float32(v), "train/grad_norm": jnp.float32(0)})
+        buf.add(s, {"minibatch/objective": jnp.float32(v), "minibatch/grad_norm": jnp.float32(0)})
     with pytest.raises(
         train.NonFiniteError, match=r"at step 4 \(epoch 1\); last checkpoint: step 2"
     ):

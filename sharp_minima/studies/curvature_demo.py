@@ -69,7 +69,7 @@ def _run_locked(config, workdir, data, log) -> dict:
         train.setup(config, data=data, model=model),
         workdir,
         log=log,
-        hooks=[train.Hook(tracker, every_steps=c.every_steps)],
+        hooks=[train.Hook(tracker, every_steps=c.every_steps, name=tracker.name)],
     )
     # The tracked values come from metrics.jsonl, so a resumed run keeps the earlier ones.
     steps, tracked = runs.series(runs.read_metrics(workdir), "hessian/lambda_")

@@ -280,7 +280,9 @@ def _train_run(spec, config, workdir, data, model, log, keys, base_variables=Non
     hooks, tx, init = [], None, None
     if spec.group == "full_batch":
         tracker = tracker_for(k=t.k, full=True)
-        hooks.append(train.Hook(tracker, every_steps=s.gd_every_steps, at_start=True))
+        hooks.append(
+            train.Hook(tracker, every_steps=s.gd_every_steps, at_start=True, name=tracker.name)
+        )
     elif spec.group == "variants" and spec.variant != "start":
         init = base_variables
         # e₁ at the restart point, cached: a resumed (or finished) variant needs no Lanczos.
@@ -301,7 +303,11 @@ def _train_run(spec, config, workdir, data, model, log, keys, base_variables=Non
             if refresh
             else False,
         )
-        hooks.append(train.Hook(tracker, every_steps=s.variants_every_steps, at_start=True))
+        hooks.append(
+            train.Hook(
+                tracker, every_steps=s.variants_every_steps, at_start=True, name=tracker.name
+            )
+        )
     else:
         tracker = tracker_for(k=t.k)
         # Often early in training, once per epoch later, and at step 0; the probe follows.
@@ -311,7 +317,7 @@ def _train_run(spec, config, workdir, data, model, log, keys, base_variables=Non
             every_epochs=1,
             at_start=True,
         )
-        hooks.append(train.Hook(tracker, **schedule))
+        hooks.append(train.Hook(tracker, name=tracker.name, **schedule))
         if spec.probe:
             probe = StepProbe(
                 tracker,
@@ -391,10 +397,10 @@ def curves(records: list[dict]) -> dict:
     if fro:
         f_steps, f_values = runs.series(records, fro)
         out["frobenius"] = {"steps": f_steps.tolist(), "values": f_values.tolist()}
-    batch = [r for r in records if "train/loss" in r and "test/accuracy" not in r]
+    batch = [r for r in records if "minibatch/loss" in r]
     out["train_loss"] = {
         "steps": [r["step"] for r in batch],
-        "values": [r["train/loss"] for r in batch],
+        "values": [r["minibatch/loss"] for r in batch],
     }
     out["train_accuracy"] = {
         "steps": [r["step"] for r in evals],

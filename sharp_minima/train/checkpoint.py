@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import logging
 import math
@@ -13,9 +14,11 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sharp_minima import files
 from sharp_minima.train.config import TRAINING_FIELDS, ConfigError, config_dict
 from sharp_minima.train.steps import TrainState, init_state
 
@@ -120,15 +123,46 @@ class Checkpointer:
         os.replace(src, dst)
         return dst
 
-    def save(self, state: TrainState, metrics: dict | None = None) -> None:
+    def save(
+        self, state: TrainState, metrics: dict | None = None, hook_state: dict | None = None
+    ) -> None:
         """Saves ``state`` as the latest (once per step) and, given evaluation ``metrics``
-        holding a finite `best_metric`, as the best candidate."""
+        holding a finite `best_metric`, as the best candidate. ``hook_state`` (the arrays the
+        loop's hooks need to continue exactly, `sharp_minima.train.hooks.hook_state`) goes to
+        ``hook_state/<step>.npz``, written before the checkpoint it belongs to and kept as
+        long as that checkpoint."""
         s = int(state.step)
         if self.last.latest_step() != s:
+            if jax.process_index() == 0:
+                buf = io.BytesIO()
+                np.savez(buf, **(hook_state or {}))
+                files.write_atomic(self._hook_state_path(s), buf.getvalue())
             self.last.save(s, args=self._ocp.args.StandardSave(state))
+            self._prune_hook_state()
         value = (metrics or {}).get(self.metric)
         if value is not None and math.isfinite(value):
             self.best.save(s, args=self._ocp.args.StandardSave(state), metrics={self.metric: value})
+
+    def _hook_state_path(self, step: int) -> str:
+        return os.path.join(self.root, "hook_state", f"{step}.npz")
+
+    def _prune_hook_state(self) -> None:
+        folder = os.path.join(self.root, "hook_state")
+        if jax.process_index() != 0 or not os.path.isdir(folder):
+            return
+        kept = {f"{s}.npz" for s in self.last.all_steps()}
+        for name in os.listdir(folder):
+            if name.endswith(".npz") and name not in kept:
+                os.remove(os.path.join(folder, name))
+
+    def load_hook_state(self, step: int) -> dict | None:
+        """The hook state saved with the checkpoint of ``step`` (None for a checkpoint saved
+        without one, e.g. by an older version)."""
+        path = self._hook_state_path(step)
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
     def close(self) -> None:
         self.last.close()

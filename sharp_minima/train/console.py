@@ -97,7 +97,7 @@ class Progress:
         self._last_print = now
         rate = self.current_rate(step)
         text = f"{self.label}step {step}/{self.total} epoch {epoch}/{num_epochs}"
-        for key, fmt in (("train/loss", "loss {:.4f}"), ("train/accuracy", "acc {:.2%}")):
+        for key, fmt in (("minibatch/loss", "loss {:.4f}"), ("minibatch/accuracy", "acc {:.2%}")):
             if key in record:
                 text += "  " + fmt.format(record[key])
         eta = (self.total - step) / rate if rate > 0 else float("nan")
@@ -158,7 +158,7 @@ class MetricsBuffer:
             return None
         fetched = jax.device_get([m for _, m in self.pending])
         for (s, _), mets in zip(self.pending, fetched):
-            value = float(mets["train/objective"])
+            value = float(mets["minibatch/objective"])
             if not math.isfinite(value):
                 raise NonFiniteError(
                     f"training loss became {value} at step {s} (epoch "
@@ -168,9 +168,9 @@ class MetricsBuffer:
                     step=s,
                 )
         avg = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        avg.pop("train/grad_norm")  # measured on log steps only (see make_train_step)
+        avg.pop("minibatch/grad_norm")  # measured on log steps only (see make_train_step)
         if step % self.log_every == 0:
-            avg["train/grad_norm"] = float(fetched[-1]["train/grad_norm"])
+            avg["minibatch/grad_norm"] = float(fetched[-1]["minibatch/grad_norm"])
         self.pending.clear()
         return {"step": step, "epoch": epoch, **avg}
 

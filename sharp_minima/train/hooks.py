@@ -56,6 +56,12 @@ class Hook:
 
     It may write arrays to the workdir with ``ctx.save_arrays`` and end the run by raising
     `StopTraining`.
+
+    A hook that keeps state between calls which the next call depends on (e.g. a tracker's
+    warm-start vectors) makes a resume exact by giving ``fn`` two methods:
+    ``state_dict() -> {name: array}`` and ``load_state_dict({name: array})``. The loop saves
+    that state with every checkpoint (``hook_state/<step>.npz``, under the hook's ``name``,
+    which must then be unique) and loads it when the run resumes from that checkpoint.
     """
 
     fn: Callable[[LoopContext], Any]
@@ -146,6 +152,48 @@ def save_arrays(workdir: str, name: str, step: int, **arrays) -> str:
         np.savez(buf, **{k: np.asarray(jax.device_get(v)) for k, v in arrays.items()})
         files.write_atomic(path, buf.getvalue())
     return path
+
+
+def _stateful(hooks: Sequence[Hook]) -> list[Hook]:
+    return [h for h in hooks if callable(getattr(h.fn, "state_dict", None))]
+
+
+def check_hooks(hooks: Sequence[Hook]) -> None:
+    """Raises ValueError unless the hooks that keep state have distinct names and can load it
+    back."""
+    names = [h.name for h in _stateful(hooks)]
+    for h in _stateful(hooks):
+        if not callable(getattr(h.fn, "load_state_dict", None)):
+            raise ValueError(f"hook {h.name!r} has state_dict() but no load_state_dict()")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(
+            f"hooks that keep state need distinct names to be checkpointed; {dup} is used "
+            "more than once (Hook(..., name=...))"
+        )
+
+
+def hook_state(hooks: Sequence[Hook]) -> dict[str, np.ndarray]:
+    """The state of the stateful hooks, as ``{"<hook name>/<key>": array}`` (on the host)."""
+    out = {}
+    for h in _stateful(hooks):
+        for k, v in (h.fn.state_dict() or {}).items():
+            out[f"{h.name}/{k}"] = np.asarray(jax.device_get(v))
+    return out
+
+
+def load_hook_state(hooks: Sequence[Hook], arrays: dict | None) -> list[str]:
+    """Gives each stateful hook its part of ``arrays`` (`hook_state`'s output; a hook that had
+    nothing to save gets nothing). With ``arrays=None`` (a checkpoint saved without hook
+    state) returns the names of the stateful hooks, which start afresh."""
+    if arrays is None:
+        return [h.name for h in _stateful(hooks)]
+    for h in _stateful(hooks):
+        prefix = f"{h.name}/"
+        mine = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        if mine:
+            h.fn.load_state_dict(mine)
+    return []
 
 
 def run_hooks(hooks: Sequence[Hook], when: str, ctx: LoopContext) -> tuple[TrainState, dict]:

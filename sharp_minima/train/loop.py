@@ -27,7 +27,16 @@ from sharp_minima import files
 from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore_or_init
 from sharp_minima.train.config import Setup, config_dict, resolve_optimizer, run_keys, setup
 from sharp_minima.train.console import MetricsBuffer, MetricWriters, Progress
-from sharp_minima.train.hooks import Hook, LoopContext, StopTraining, conform, run_hooks
+from sharp_minima.train.hooks import (
+    Hook,
+    LoopContext,
+    StopTraining,
+    check_hooks,
+    conform,
+    hook_state,
+    load_hook_state,
+    run_hooks,
+)
 from sharp_minima.train.steps import (
     Evaluator,
     TrainLoss,
@@ -114,6 +123,7 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
     config, data, model, mesh = run.config, run.data, run.model, run.mesh
     main_host = jax.process_index() == 0
     check_resumable(workdir, config)
+    check_hooks(hooks)
     n = len(data.x_train)
     steps_per_epoch = n // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
@@ -127,6 +137,14 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
     state, resumed_from = restore_or_init(
         checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh, log=log or print
     )
+    if resumed_from:
+        cold = load_hook_state(hooks, checkpointer.load_hook_state(resumed_from))
+        if cold:
+            (log or print)(
+                f"{label}the checkpoint at step {resumed_from} holds no state of the hooks "
+                f"{', '.join(cold)} (saved by an older version): they start afresh, so the "
+                "resumed run may differ slightly from an uninterrupted one"
+            )
     if init_variables is not None and not resumed_from:
         # Copies: the training step donates its state, and the caller keeps its arrays.
         params = jax.tree.map(jnp.array, init_variables["params"])
@@ -211,6 +229,7 @@ class _Loop:
         self.x_train = replicate(self.data.x_train, self.mesh)
         self.y_train = replicate(self.data.y_train, self.mesh)
         self.sync = serialize_collectives(self.mesh)
+        self.save_due = False  # a step checkpoint left to the end of the epoch
 
     def epoch_of(self, state) -> int:
         return int(state.step) // self.steps_per_epoch
@@ -227,6 +246,11 @@ class _Loop:
             self.workdir,
             self.history,
         )
+
+    def _save(self, state, rec=None):
+        """A checkpoint of ``state`` with the hooks' state (and ``rec`` for the best one)."""
+        self.checkpointer.save(state, rec, hook_state=hook_state(self.hooks))
+        self.save_due = False
 
     def _flush(self, step, epoch):
         rec = self.buffer.flush(step, epoch, self.checkpointer.latest_step())
@@ -247,8 +271,8 @@ class _Loop:
             state, extra = self._hooks("epoch", state, step, epoch)
             if extra:
                 self.metrics_log.write({"step": step, "epoch": epoch, **extra})
-            if epoch % c.checkpoint.every_epochs == 0:
-                self.checkpointer.save(state)
+            if epoch % c.checkpoint.every_epochs == 0 or self.save_due:
+                self._save(state)
             return state, False
         rec = evaluate(self.evaluators, state, epoch)
         self.history.append(rec)  # epoch hooks see this evaluation in ctx.history
@@ -262,7 +286,7 @@ class _Loop:
             f"{self.progress.label}epoch {epoch}/{c.num_epochs}: {shown}  "
             f"({self.progress.rate:.1f} steps/s)"
         )
-        self.checkpointer.save(state, rec)
+        self._save(state, rec)
         if should_stop_early(c, self.history):
             self.progress.message(
                 f"{self.progress.label}early stop: {c.early_stop.metric} did not improve for "
@@ -316,8 +340,11 @@ class _Loop:
                         state, extra = self._hooks("step", state, step, epoch)
                         if extra:
                             self.metrics_log.write({"step": step, "epoch": epoch, **extra})
-                        if saving:
-                            self.checkpointer.save(state)
+                        # The last step of an epoch is saved after the epoch's hooks, which
+                        # may still change the state.
+                        self.save_due = saving and step % spe == 0
+                        if saving and not self.save_due:
+                            self._save(state)
                         self.progress.resume(step)
                 self._flush(step, epoch)
                 self.progress.pause(state, step)
@@ -329,12 +356,12 @@ class _Loop:
         except StopTraining as e:
             self._flush(step, step // spe + 1)
             self.progress.message(f"{self.progress.label}stopped by a hook at step {step}: {e}")
-            self.checkpointer.save(state)
+            self._save(state)
             return state, True
         except KeyboardInterrupt:
             # Lose nothing: keep the last completed step (if its buffers are still alive).
             try:
-                self.checkpointer.save(state)
+                self._save(state)
                 where = f"at step {int(state.step)}"
             except Exception:  # the state may have been donated to a step that never finished
                 where = (

@@ -125,6 +125,9 @@ def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
     return loss
 
 
+MINIBATCH = "minibatch/"  # prefix of the running metrics of the training steps
+
+
 def make_train_step(
     loss_fn: TrainLoss,
     tx: optax.GradientTransformation,
@@ -141,11 +144,13 @@ def make_train_step(
         (for ``reduce_on_plateau``).
       mesh: the batch arrives sharded along its ``"data"`` axis; the state stays replicated.
       lr_fn: optional ``lr_fn(step, opt_state)`` logged as ``train/learning_rate``.
-      log_every: ``train/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
+      log_every: ``minibatch/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
         CPU) is computed only on steps that end a multiple of ``log_every`` (0 elsewhere).
 
-    Metrics (prefixed ``train/``: ``objective``, the scalars of the loss's aux, ``grad_norm``,
-    ``learning_rate``) are computed inside the step and stay on device until a log step.
+    Metrics are computed inside the step and stay on device until a log step: the step's own
+    mini-batch values prefixed ``minibatch/`` (``objective``, the scalars of the loss's aux
+    such as ``loss`` and ``accuracy``, ``grad_norm``) — never ``train/``, which names the
+    evaluation on the whole training set — and ``train/learning_rate``.
     """
 
     tx = optax.with_extra_args_support(tx)  # a plain transform ignores value=
@@ -162,8 +167,8 @@ def make_train_step(
         grad_norm = jax.lax.cond(
             on_log_step, optax.tree.norm, lambda g: jnp.zeros((), jnp.float32), grads
         )
-        metrics = {"train/objective": objective, "train/grad_norm": grad_norm}
-        metrics.update({f"train/{k}": v for k, v in aux.items()})
+        metrics = {f"{MINIBATCH}objective": objective, f"{MINIBATCH}grad_norm": grad_norm}
+        metrics.update({f"{MINIBATCH}{k}": v for k, v in aux.items()})
         if lr_fn is not None:
             metrics["train/learning_rate"] = lr_fn(state.step, state.opt_state)
         new = state.replace(
