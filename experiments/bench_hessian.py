@@ -35,6 +35,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.quiet import quiet
+
 FLAGS = flags.FLAGS
 
 
@@ -463,4 +465,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(quiet(main))

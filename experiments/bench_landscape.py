@@ -21,6 +21,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.quiet import quiet
+
 FLAGS = flags.FLAGS
 
 
@@ -137,4 +139,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(quiet(main))

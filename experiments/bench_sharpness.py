@@ -15,6 +15,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.quiet import quiet
+
 FLAGS = flags.FLAGS
 
 
@@ -92,4 +94,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(quiet(main))

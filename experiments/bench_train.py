@@ -18,6 +18,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.quiet import quiet
+
 FLAGS = flags.FLAGS
 
 
@@ -145,4 +147,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(quiet(main))

@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.quiet import quiet
+
 config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<name>.py[:variants]).", lock_config=True
 )
@@ -43,7 +45,14 @@ def parse_flags_or_exit(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"{argv[0]}: error: {_one_line(e)}", file=sys.stderr)
+        message = _one_line(e)
+        override = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), None)
+        if override and not any(a.startswith("--config=") for a in argv[1:]):
+            message = (
+                f"{override} overrides a field of a config file, and no --config= was given: "
+                f"add {_default_config(argv[0])} before it"
+            )
+        print(f"{argv[0]}: error: {message}", file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         # ml_collections raises these for a misspelt or mistyped --config.field override.
         inner = e.args[0] if e.args and isinstance(e.args[0], Exception) else e
@@ -58,6 +67,18 @@ def parse_flags_or_exit(argv):
             msg = _one_line(e)
         print(f"{argv[0]}: error: bad config override {' '.join(culprits)}: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def _default_config(program: str) -> str:
+    """``--config=configs/<entry point>.py`` when that file exists (the default config of
+    the study's entry point), else a config to start from."""
+    import os
+
+    name = os.path.splitext(os.path.basename(program))[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, "configs", f"{name}.py")):
+        return f"--config=configs/{name}.py (this command's default)"
+    return "--config=<file> (e.g. --config=configs/quickstart.py)"
 
 
 def usage_error(message: str):
@@ -75,20 +96,6 @@ def config_or_exit(config):
     except Exception as e:  # noqa: BLE001  (we only turn it into one line)
         usage_error(f"--config: {_one_line(e)}")
     return config
-
-
-def _quiet(main):
-    """Orbax and TFDS log every file operation at INFO (and TFDS warns about the folders it
-    probes); show errors only, unless the user asked for a verbosity (``--verbosity=0``)."""
-
-    def wrapped(argv):
-        from absl import logging
-
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.ERROR)
-        return main(argv)
-
-    return wrapped
 
 
 def setup(argv, default_config=None):
@@ -126,15 +133,17 @@ def log(line: str) -> None:
 
 @contextlib.contextmanager
 def user_errors_exit_2():
-    """Bad config, missing data or bad values → one line and exit 2; NaN/Inf → exit 1."""
+    """Bad config, missing data or bad values → one line and exit 2; NaN/Inf, or a study
+    whose runs all diverged (nothing to report) → one line and exit 1."""
     from sharp_minima import data, train
+    from sharp_minima.studies import runs
 
     try:
         yield
     except (train.ConfigError, data.DataNotFoundError, ValueError) as e:
         usage_error(str(e))
-    except train.NonFiniteError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (train.NonFiniteError, runs.NothingToReport) as e:
+        raise SystemExit(f"{sys.argv[0]}: error: {e}") from None
 
 
 def _interruptible(main):
@@ -156,4 +165,4 @@ def _interruptible(main):
 def run(main):
     """``app.run`` with the exit-status-2 flag parser, quiet library logging and a one-line
     Ctrl-C."""
-    app.run(_interruptible(_quiet(main)), flags_parser=parse_flags_or_exit)
+    app.run(_interruptible(quiet(main)), flags_parser=parse_flags_or_exit)

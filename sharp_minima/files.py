@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import socket
 import sys
 import tempfile
@@ -125,8 +126,8 @@ def workdir_lock(path: str, log=None):
         holder = _read_holder(fd)
         os.close(fd)
         who = (
-            f"process {holder.get('pid')} on {holder.get('host')} "
-            f"({' '.join(holder.get('argv', []))[:120]}, since {holder.get('started')})"
+            f"process {holder.get('pid')} on {holder.get('host')} since "
+            f"{holder.get('started')} (command: {shlex.join(holder.get('argv', []))})"
             if holder
             else "another process"
         )
@@ -150,6 +151,9 @@ def workdir_lock(path: str, log=None):
         yield
     finally:
         del _HELD[lock_path]
+        # A clean exit (Ctrl-C included) leaves an empty lock file: only a process that was
+        # killed leaves its name behind, and only then is a take-over worth a line.
+        os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

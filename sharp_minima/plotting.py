@@ -17,8 +17,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+def figure(figsize) -> Figure:
+    """A new `Figure` with matplotlib's constrained layout, which every figure of the library
+    and the studies uses: labels, tick labels, titles and colourbars are kept clear of the
+    neighbouring panels (no ``tight_layout`` afterwards)."""
+    return Figure(figsize=figsize, layout="constrained")
+
+
 def _subplots(figsize):
-    fig = Figure(figsize=figsize)
+    fig = figure(figsize)
     return fig, fig.add_subplot()
 
 

@@ -18,6 +18,7 @@ from sharp_minima import data as data_lib
 from sharp_minima import losses
 from sharp_minima.data import embedded
 from sharp_minima.models import get_model
+from sharp_minima.studies import common
 from sharp_minima.studies import visualize_generalization as vg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,10 +133,10 @@ def test_study_tiny_end_to_end(tiny_study):
     run = tiny_study("visualize_generalization")
     results, tmp_path = run.results, Path(run.workdir)
     report = (tmp_path / "report.md").read_text()
-    assert "| claim | holds here | numbers |" in report and "Table 1" in report
+    assert "| claim | verdict | numbers |" in report and "Table 1" in report
     assert len(results["claims"]) == 7
     for claim in results["claims"]:
-        assert claim["holds"] in (True, False) and claim["numbers"]
+        assert claim["verdict"] in common.VERDICTS and claim["numbers"]
     recs = results["swissroll"]
     assert {r["beta"] for r in recs} == {0.0, 0.3}
     for fig in ("decision_boundaries", "surfaces", "volume", "tsne", "rings"):

@@ -16,7 +16,7 @@ from helpers import load_config, read_jsonl
 from jax.flatten_util import ravel_pytree
 
 from sharp_minima import losses, optim, tracking, train
-from sharp_minima.studies import nudged_sgd, sharpest_directions
+from sharp_minima.studies import common, nudged_sgd, sharpest_directions
 from sharp_minima.studies import runs as study_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,10 +45,10 @@ def test_sharpest_directions_tiny_end_to_end(tiny_study):
     # one direction per refresh; here simply: it ends with a different loss than SGD.
     assert runs["variants/top"]["train_loss"] != runs["variants/sgd"]["train_loss"]
     report = (tmp_path / "report.md").read_text()
-    assert "| claim | holds here | numbers |" in report and "2/η" in report
+    assert "| claim | verdict | numbers |" in report and "2/η" in report
     assert len(results["claims"]) >= 6
     for claim in results["claims"]:
-        assert claim["holds"] in (True, False) and claim["numbers"]
+        assert claim["verdict"] in common.VERDICTS and claim["numbers"]
     for fig in ("eigenvalues", "full_batch", "step_vs_curvature", "variants", "schedule"):
         for ext in ("png", "pdf"):
             assert (tmp_path / f"{fig}.{ext}").stat().st_size > 0

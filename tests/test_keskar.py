@@ -50,7 +50,10 @@ def test_quickstart_command_line_resumes_and_prints_the_report(tiny_study, tmp_p
     workdir = tiny_study("keskar").copy(tmp_path / "w")  # a finished run: nothing to train
     out = _run(["--config=configs/quickstart.py:tiny", f"--workdir={workdir}"])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "Table 3" in out.stdout and "resumed from step" in out.stdout
+    assert "Table 3" in out.stdout and "already trained: step" in out.stdout
+    # A finished run says so, and nothing about training it again (issue 17).
+    assert "resumed from step" not in out.stdout and "steps/epoch" not in out.stdout
+    assert "taking over the lock" not in out.stdout + out.stderr
 
 
 def test_c2_without_cifar_exits_2_saying_how_to_get_it(tmp_path):

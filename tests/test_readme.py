@@ -108,7 +108,10 @@ def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path, tiny_study):
         "--config.curvature.k=0",
         f"--workdir={tmp_path}/b",
     )
-    assert bad.returncode == 2 and "config.curvature.k must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "config.curvature.k must be a finite integer >= 1" in bad.stderr
+    # An override without --config= says what to add (issue 17).
+    bad = demo("--config.curvature.k=0", f"--workdir={tmp_path}/c")
+    assert bad.returncode == 2 and "add --config=configs/curvature_demo.py" in bad.stderr
 
 
 def test_keskar_notebook_runs_with_the_tiny_config(tmp_path, tiny_study):

@@ -3,6 +3,8 @@ failed run, validation before any work, one-line Ctrl-C, and the smaller guarant
 
 import glob
 import os
+import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -60,7 +62,7 @@ def test_a_finished_study_takes_more_seeds_and_epsilons_measuring_only_what_is_n
     # seed 0 (sb, lb): only ε = 2e-3, full and subspace; seed 1 (sb, lb): all 3 ε x 2 spaces.
     assert len(measured) == 2 * 2 + 2 * 6
     assert sum("ε=0.002" in line for line in measured) == 4 + 4  # every run has the new ε
-    assert sum("resumed from step" in line for line in more) == 2  # seed 0 is not retrained
+    assert sum("already trained" in line for line in more) == 2  # seed 0 is not retrained
     assert {(r["regime"], r["seed"]) for r in out["runs"]} == {
         ("sb", 0),
         ("sb", 1),
@@ -141,6 +143,9 @@ def test_a_second_process_on_a_busy_workdir_exits_2_naming_the_first(tmp_path):
     assert out.returncode == 2
     line = one_clear_line(out)
     assert f"is in use by process {os.getpid()}" in line and "training" not in out.stdout
+    assert line.endswith(
+        f"(command: {shlex.join(sys.argv)}); wait for it to finish or use another --workdir"
+    )  # the whole command, not cut mid-path
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -152,6 +157,10 @@ def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
     result = train.train(tiny(), str(tmp_path), log=lines.append)
     assert int(result.state.step) == 4
     assert any(f"taking over the lock of process {dead.pid}" in line for line in lines)
+    # A clean exit leaves nothing to take over: a rerun says nothing about locks (issue 17).
+    again = []
+    train.train(tiny(), str(tmp_path), log=again.append)
+    assert not any("taking over" in line for line in again), again
 
 
 # 4. ----------------------------------------------------------------- a failed run can be fixed
@@ -180,12 +189,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_accepts_a_new_config(tmp_
         ("train", ["--config.checkpoint.best_metric=val/acc"], "best_metric must be 'auto'"),
         ("train", ["--workdir=/proc/x"], "cannot create workdir /proc/x"),
         ("train", ["--workdir=FILE"], "exists and is not a folder"),
-        ("keskar", ["--config.keskar.epsilons=(0.0,)"], "config.keskar.epsilons must be > 0"),
+        ("keskar", ["--config.keskar.epsilons=(0.0,)"], "config.keskar.epsilons must be finite"),
+        ("nudged_sgd", ["--config.nsgd.gammas=(0.1,abc)"], "config.nsgd.gammas must be finite"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_before_any_work(tmp_path, module, args, message):
     (tmp_path / "file").write_text("")
-    config = "configs/quickstart.py:tiny" if module == "keskar" else "configs/base.py:tiny"
+    config = {"keskar": "quickstart.py:tiny", "nudged_sgd": "nudged_sgd.py:tiny"}
+    config = f"configs/{config.get(module, 'base.py:tiny')}"
     workdir = [a for a in args if a.startswith("--workdir")] or [f"--workdir={tmp_path}/w"]
     args = [a for a in args if not a.startswith("--workdir")]
     workdir = [w.replace("FILE", str(tmp_path / "file")) for w in workdir]
@@ -195,6 +206,38 @@ def test_bad_values_exit_2_with_one_line_before_any_work(tmp_path, module, args,
     assert message in one_clear_line(out)
     assert "training" not in out.stdout and not os.path.exists(tmp_path / "w" / "checkpoints")
     assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize(
+    "study,field,value,message",
+    [  # the values as the command line hands them over (text it cannot parse stays text)
+        ("nudged_sgd", "nsgd.gammas", ("(0.1,abc)",), "config.nsgd.gammas must be finite numbers"),
+        ("nudged_sgd", "nsgd.gammas", (), "config.nsgd.gammas is empty; list at least one"),
+        ("nudged_sgd", "nsgd.curvature.tol", -1.0, "config.nsgd.curvature.tol must be a finite"),
+        ("sharpest_directions", "sharpest.learning_rates", ("(0.05,nan)",), "learning_rates must"),
+        ("sharpest_directions", "sharpest.learning_rates", (0.05, float("nan")), "got nan in"),
+        ("sharpest_directions", "sharpest.learning_rates", (0.1, 0.1), "lists 0.1 twice"),
+        ("sharpest_directions", "sharpest.learning_rates", (), "learning_rates is empty"),
+        ("visualize_generalization", "tsne.perplexity", 0.0, "config.tsne.perplexity must be"),
+        ("curvature_demo", "curvature.k", 0, "config.curvature.k must be a finite integer >= 1"),
+        ("keskar", "keskar.epsilons", (1e-3, 1e-3), "config.keskar.epsilons lists 0.001 twice"),
+    ],
+)
+def test_bad_study_values_are_refused_naming_the_field(study, field, value, message):
+    """Issue 17: each study validates its section before any work (the command lines turn
+    the ConfigError into one line and exit 2, as the command-line case above checks)."""
+    import importlib
+
+    module = importlib.import_module(f"sharp_minima.studies.{study}")
+    config = load_config(f"{'quickstart' if study == 'keskar' else study}.py:tiny")
+    config.unlock()
+    section = config
+    *parents, leaf = field.split(".")
+    for part in parents:
+        section = section[part]
+    section[leaf] = value
+    with pytest.raises(train.ConfigError, match=re.escape(message)):
+        module.validate(config)
 
 
 # 6. ----------------------------------------------------------------- Ctrl-C

@@ -9,7 +9,9 @@ import re
 import numpy as np
 import pytest
 from conftest import TINY
+from helpers import figure_overlaps
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
 # Lines a study logs only when it trains (progress, evaluations) or measures something.
 WORK = re.compile(
@@ -37,6 +39,9 @@ def test_figures_are_returned_not_saved_and_a_second_run_recomputes_nothing(
     monkeypatch.chdir(tmp_path)
     figures = study.figures(run.config, run.results)
     assert figures and all(isinstance(f, Figure) for f in figures.values())
+    for fig_name, fig in figures.items():  # labels clear of the neighbouring panels
+        assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine), fig_name
+        assert not figure_overlaps(fig), (fig_name, figure_overlaps(fig))
     assert _files(run.workdir) == before and not os.listdir(tmp_path)  # nothing written
     for fig in figures:  # write_outputs saved each, as PNG and PDF
         for ext in ("png", "pdf"):

@@ -4,6 +4,7 @@ trainer's modules (hooks without the loop, TensorBoard)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 from helpers import load_config, read_jsonl
 from matplotlib.figure import Figure
 
-from sharp_minima import gradients, train
+from sharp_minima import files, gradients, train
 from sharp_minima.studies import common, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +113,82 @@ def test_write_outputs_saves_everything_in_one_place_with_large_arrays_beside(tm
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["curve"] == "results.npz:curve" and saved["small"] == [0.0, 1.0, 2.0]
     assert np.load(tmp_path / "results.npz")["curve"].shape == (1000,)
-    assert (
-        out["claims"] == saved["claims"] == [{"claim": "a | b", "holds": True, "numbers": "1 vs 2"}]
-    )
+    claim = {"claim": "a | b", "verdict": "yes", "numbers": "1 vs 2"}
+    assert out["claims"] == saved["claims"] == [claim] and saved["diverged"] == []
     assert (tmp_path / "report.md").read_text() == "1 claim\n"
     assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "curve.pdf").exists()
-    assert lines[0].startswith("[yes] a | b")
+    assert lines[0].startswith("[yes") and "] a | b: 1 vs 2" in lines[0]
+    assert lines[1] == "verdicts: 1 yes"
+
+
+def _parse_markdown_table(lines):
+    """The cells of a Markdown table as GitHub renders them: split on unescaped ``|``."""
+    rows = []
+    for line in lines:
+        if line.startswith("|") and not set(line) <= set("|- "):
+            cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
+            rows.append([c.strip().replace("\\|", "|") for c in cells])
+    return rows
+
+
+def test_a_claim_holds_only_beyond_its_noise_and_renders_as_one_row():
+    # Issue 17: two eigenvalues equal to 1e-7, from an eigensolver accurate to 1e-4, tie.
+    a, b, tol = 1.7460952161952408, 1.7460951744849194, 1e-4
+    assert common.verdict(a - b, tol * (a + b)) == common.WITHIN_NOISE
+    assert common.verdict(a - b) == common.YES  # what a strict ">" said
+    assert common.ordered([1.41, 1.41 + 1e-6, 2.0], [1e-4] * 3, decreasing=False) == (
+        common.WITHIN_NOISE
+    )
+    assert common.ordered([3.0, 2.0, 1.0], [0.1] * 3, decreasing=True) == common.YES
+    assert common.ordered([3.0, 2.0, 2.5], [0.1] * 3, decreasing=True) == common.NO
+    assert common.ordered([3.0, float("nan")], [0.1] * 2, decreasing=True) == common.NOT_TESTED
+    assert common.all_of([common.YES, common.WITHIN_NOISE]) == common.WITHIN_NOISE
+    assert common.all_of([common.WITHIN_NOISE, common.NO]) == common.NO
+    assert common.all_of([]) == common.NOT_TESTED
+    # seed spread: a 2-point gap with a 3-point standard error is no evidence
+    se = common.seed_noise({"mean": 70.0, "std": 6.0, "n": 4})
+    assert se == pytest.approx(3.0) and common.verdict(2.0, se) == common.WITHIN_NOISE
+    assert common.seed_noise({"mean": 70.0, "std": 0.0, "n": 1}) == 0.0
+    assert common.accuracy_noise(0.5, 100) == pytest.approx(0.05)
+
+    claims = [
+        ("mean |cos| with top 5 ≥ 5× random", common.YES, "0.2 | 0.01"),
+        ("K grows", common.verdict(a - b, tol * (a + b)), "K=1: 1.75, K=2: 1.75"),
+        ("lost", None, "not tested: run x diverged"),
+    ]
+    lines = common.claims_table(claims)
+    rows = _parse_markdown_table(lines)
+    assert rows[0] == ["claim", "verdict", "numbers"]
+    assert rows[1] == ["mean |cos| with top 5 ≥ 5× random", "yes", "0.2 | 0.01"]
+    assert [r[1] for r in rows[1:]] == ["yes", "within noise", "not tested"]
+    assert all(len(r) == 3 for r in rows)
+    assert "Verdicts: 1 yes, 1 within noise, 1 not tested" in "\n".join(lines)
+
+
+def test_a_study_whose_runs_all_diverged_names_them_and_has_nothing_to_report(tmp_path):
+    for name, step in (("a/seed0", 3), ("b/seed0", None)):
+        files.write_json(
+            os.path.join(runs.run_dir(str(tmp_path), *name.split("/")), "diverged.json"),
+            {"message": f"training loss became nan at step {step}", "step": step},
+        )
+    drawn, lines = [], []
+    kwargs = dict(
+        figures=lambda c, r: drawn.append(1) or {},
+        report=lambda c, r: "# report\n",
+    )
+    with pytest.raises(runs.NothingToReport, match=r"2 runs diverged \(a/seed0 at step 3, b/"):
+        common.write_outputs(
+            None, {}, str(tmp_path), lines.append, claims=lambda c, r: [("x", None, "-")], **kwargs
+        )
+    assert not drawn  # no empty figures
+    report = (tmp_path / "report.md").read_text()
+    assert "## Diverged runs" in report and "| a/seed0 | 3 |" in report
+    assert "diverged: run a/seed0 at step 3 (not retried; see report.md)" in lines
+    # One tested claim is something to report; the diverged runs are still named.
+    out = common.write_outputs(
+        None, {}, str(tmp_path), lines.append, claims=lambda c, r: [("x", True, "-")], **kwargs
+    )
+    assert [d["run"] for d in out["diverged"]] == ["a/seed0", "b/seed0"] and drawn
 
 
 def test_direction_probe_matches_a_dense_float64_reference():
@@ -184,3 +255,13 @@ def test_tensorboard_writer_when_the_config_asks(tmp_path):
     assert events and events[0].startswith("events.out.tfevents")
     assert os.path.getsize(tmp_path / "tensorboard" / events[0]) > 100
     assert read_jsonl(tmp_path / "metrics.jsonl")  # metrics.jsonl is always written
+
+
+def test_nothing_to_report_is_one_line_and_exit_status_1(capsys):
+    from experiments import cli
+
+    with pytest.raises(SystemExit) as e:
+        with cli.user_errors_exit_2():
+            raise runs.NothingToReport("nothing to report: 1 run diverged (a/seed0 at step 3)")
+    assert e.value.code.endswith("error: nothing to report: 1 run diverged (a/seed0 at step 3)")
+    assert "\n" not in e.value.code  # SystemExit(str) prints it on stderr, exit status 1

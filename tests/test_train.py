@@ -238,7 +238,7 @@ def test_command_line_two_steps_and_resume(tmp_path):
     final = json.load(open(tmp_path / "run" / "final.json"))
     assert final["step"] == 2 and 0.0 <= final["test/accuracy"] <= 1.0
     again = _cli(tmp_path, *args)
-    assert again.returncode == 0 and "resumed from step 2" in again.stdout
+    assert again.returncode == 0 and "already trained: step 2 of 2" in again.stdout
 
 
 @pytest.mark.parametrize(

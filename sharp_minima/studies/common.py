@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from sharp_minima import files, plotting
+from sharp_minima.studies import runs
 
 
 def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
@@ -58,17 +59,115 @@ def _move_arrays(obj, path: str, arrays: dict):
     return obj
 
 
-Claim = tuple[str, bool, str]  # (the paper's claim, holds here, the numbers behind it)
+# ------------------------------------------------------------------------------- verdicts
+
+YES, NO, WITHIN_NOISE, NOT_TESTED = "yes", "no", "within noise", "not tested"
+VERDICTS = (YES, NO, WITHIN_NOISE, NOT_TESTED)
+Claim = tuple[str, str, str]  # (the paper's claim, its verdict here, the numbers behind it)
+
+
+def verdict(margin: float, noise: float = 0.0) -> str:
+    """`YES` when ``margin`` (how far the claim holds: > 0 in its favour) exceeds ``noise``,
+    `NO` when it falls short by more than ``noise``, else `WITHIN_NOISE`; `NOT_TESTED` when
+    the margin is not a number (a run is missing).
+
+    >>> verdict(0.5, 0.1), verdict(-0.5, 0.1), verdict(4e-8, 1.7e-4), verdict(float("nan"))
+    ('yes', 'no', 'within noise', 'not tested')
+    """
+    margin, noise = float(margin), abs(float(noise))
+    if not np.isfinite(margin):
+        return NOT_TESTED
+    if margin > noise:
+        return YES
+    if margin < -noise:
+        return NO
+    return WITHIN_NOISE
+
+
+def all_of(verdicts) -> str:
+    """The verdict of a claim made of parts: `NO` if any part fails, else `NOT_TESTED` if
+    any part lacks its runs, else `YES` if every part holds, else `WITHIN_NOISE`."""
+    verdicts = [as_verdict(v) for v in verdicts]
+    if not verdicts:
+        return NOT_TESTED
+    for v in (NO, NOT_TESTED):
+        if v in verdicts:
+            return v
+    return YES if all(v == YES for v in verdicts) else WITHIN_NOISE
+
+
+def ordered(values, noises, *, decreasing: bool) -> str:
+    """Whether ``values`` decrease (increase) step by step, each step by more than the noise
+    of its pair (``noises[i] + noises[i + 1]``, e.g. solver tolerance and seed spread of each
+    value)."""
+    sign = -1.0 if decreasing else 1.0
+    return all_of(
+        verdict(sign * (b - a), na + nb)
+        for a, b, na, nb in zip(values, values[1:], noises, noises[1:])
+    )
+
+
+def seed_noise(stat: dict | None) -> float:
+    """The standard error of a mean over seeds (`sharp_minima.studies.runs.aggregate`'s
+    ``{"mean", "std", "n"}``; 0 for one seed, whose spread is unknown)."""
+    if not isinstance(stat, dict) or stat.get("n", 1) < 2:
+        return 0.0
+    return float(stat["std"]) / float(np.sqrt(stat["n"]))
+
+
+def accuracy_noise(accuracy: float, num_examples: int) -> float:
+    """The sampling standard error of an accuracy measured on ``num_examples`` examples."""
+    p = min(max(float(accuracy), 0.0), 1.0)
+    return float(np.sqrt(max(p * (1 - p), 1.0 / num_examples) / num_examples))
+
+
+def as_verdict(v) -> str:
+    """A verdict from a verdict string or a bool (True: `YES`, False: `NO`, None: `NOT_TESTED`)."""
+    if v is None:
+        return NOT_TESTED
+    if isinstance(v, bool | np.bool_):
+        return YES if v else NO
+    if v not in VERDICTS:
+        raise ValueError(f"a claim's verdict must be one of {VERDICTS}, got {v!r}")
+    return v
+
+
+def table_cell(value) -> str:
+    """``value`` as the text of one Markdown table cell: ``|`` escaped, no line breaks."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def markdown_table(header, rows) -> list[str]:
+    """The lines of a Markdown table; every cell goes through `table_cell`."""
+    line = lambda cells: "| " + " | ".join(table_cell(c) for c in cells) + " |"  # noqa: E731
+    return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
+
+
+def count_verdicts(claims) -> str:
+    """``"3 yes, 1 within noise"``: how many claims got each verdict."""
+    found = [as_verdict(c["verdict"] if isinstance(c, dict) else c[1]) for c in claims]
+    return ", ".join(f"{found.count(v)} {v}" for v in VERDICTS if v in found) or "no claims"
 
 
 def claims_table(claims: list) -> list[str]:
-    """The report's ``## Claims`` section: a yes/no line per claim with its numbers (claims
-    as ``(claim, holds, numbers)`` or as the dicts of ``results["claims"]``)."""
-    lines = ["## Claims", "", "| claim | holds here | numbers |", "| --- | --- | --- |"]
+    """The report's ``## Claims`` section: a verdict per claim with its numbers (claims as
+    ``(claim, verdict, numbers)`` or as the dicts of ``results["claims"]``), and the count of
+    each verdict. A claim holds ("yes") or fails ("no") only by more than its noise (solver
+    tolerance, seed spread, test-set sampling), else it reads "within noise"; "not tested"
+    when its runs are missing (diverged)."""
+    rows = []
     for c in claims:
-        c, ok, nums = (c["claim"], c["holds"], c["numbers"]) if isinstance(c, dict) else c
-        lines.append(f"| {c} | {'yes' if ok else 'no'} | {nums} |")
-    return lines
+        c = (c["claim"], c["verdict"], c["numbers"]) if isinstance(c, dict) else c
+        rows.append((c[0], as_verdict(c[1]), c[2]))
+    return [
+        "## Claims",
+        "",
+        f"Verdicts: {count_verdicts(claims)}. A claim holds or fails only by more than its "
+        "noise (eigensolver tolerance, standard error over seeds, test-set sampling); "
+        "otherwise it reads *within noise*.",
+        "",
+        *markdown_table(("claim", "verdict", "numbers"), rows),
+    ]
 
 
 def write_outputs(
@@ -88,15 +187,20 @@ def write_outputs(
 
     Args:
       config, results: the study's config and what its ``run`` measured.
-      claims: the study's ``claims(config, results) -> [(claim, holds, numbers)]``.
+      claims: the study's ``claims(config, results) -> [(claim, verdict, numbers)]`` (a
+        verdict of `VERDICTS`, or a bool).
       figures: ``figures(config, results) -> {name: Figure}`` (draws, saves nothing).
       report: ``report_markdown(config, results) -> str`` (sees ``results["claims"]``).
     """
-    found = claims(config, results)
+    found = [(c, as_verdict(v), n) for c, v, n in claims(config, results)]
+    diverged = runs.diverged_runs(workdir)
     results = {
         **results,
-        "claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in found],
+        "claims": [{"claim": c, "verdict": v, "numbers": n} for c, v, n in found],
+        "diverged": diverged,
     }
+    # Nothing to report: runs diverged and no claim could be tested (figures would be empty).
+    nothing = bool(diverged) and all(v == NOT_TESTED for _, v, _ in found)
     names = []
     if jax.process_index() == 0:
         arrays: dict[str, np.ndarray] = {}
@@ -106,11 +210,48 @@ def write_outputs(
             buf = io.BytesIO()
             np.savez(buf, **arrays)
             files.write_atomic(os.path.join(workdir, "results.npz"), buf.getvalue())
-        files.write_atomic(os.path.join(workdir, "report.md"), report(config, results))
-        for name, fig in figures(config, results).items():
+        text = report(config, results).rstrip("\n") + "\n"
+        if diverged:
+            text += "\n" + "\n".join(diverged_section(diverged)) + "\n"
+        files.write_atomic(os.path.join(workdir, "report.md"), text)
+        for name, fig in ({} if nothing else figures(config, results)).items():
             plotting.save(fig, workdir, name)
             names.append(name)
-    for claim, ok, nums in found:
-        log(f"[{'yes' if ok else 'no '}] {claim}: {nums}")
-    log(f"wrote {workdir}/report.md, results.json and {', '.join(names)} (.png/.pdf)")
+    for d in diverged:
+        log(f"diverged: run {d['run']}{_at_step(d)} (not retried; see report.md)")
+    width = max(map(len, VERDICTS))
+    for claim, v, nums in found:
+        log(f"[{v:<{width}}] {claim}: {nums}")
+    if found:
+        log(f"verdicts: {count_verdicts(found)}")
+    if nothing:
+        raise runs.NothingToReport(
+            f"nothing to report: {_plural(len(diverged), 'run')} diverged ("
+            + ", ".join(d["run"] + _at_step(d) for d in diverged)
+            + f") and no claim could be tested; wrote {workdir}/report.md"
+        )
+    shown = f" and {', '.join(names)} (.png/.pdf)" if names else ""
+    log(f"wrote {workdir}/report.md, results.json{shown}")
     return results
+
+
+def _at_step(d: dict) -> str:
+    return f" at step {d['step']}" if d.get("step") is not None else ""
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def diverged_section(diverged: list[dict]) -> list[str]:
+    """The report's ``## Diverged runs`` section: each run that diverged (NaN/Inf), where,
+    and its message (`sharp_minima.studies.runs.diverged_runs`)."""
+    rows = [(d["run"], "—" if d["step"] is None else d["step"], d["message"]) for d in diverged]
+    return [
+        "## Diverged runs",
+        "",
+        "The training loss of these runs became NaN or Inf; they are reported, never retried "
+        "(delete a run's folder to retry it). Claims that needed them read *not tested*.",
+        "",
+        *markdown_table(("run", "step", "message"), rows),
+    ]

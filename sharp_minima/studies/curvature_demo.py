@@ -31,10 +31,7 @@ def validate(config) -> None:
         raise train.ConfigError(f"config {config.name!r} has no 'curvature' section")
     train.validate_config(config)
     for name in ("k", "every_steps", "examples", "final_k"):
-        if config.curvature[name] < 1:
-            raise train.ConfigError(
-                f"config.curvature.{name} must be >= 1, got {config.curvature[name]}"
-            )
+        train.check_numbers(config, f"curvature.{name}", low=1, integer=True)
 
 
 def run(config, workdir: str, *, data=None, log=print) -> dict:
@@ -170,7 +167,8 @@ def report_markdown(config, results: dict) -> str:
             f"# Curvature demo — {config.name}",
             "",
             f"{config.model.name} {dict(config.model.kwargs)} ({results['num_params']} "
-            f"parameters) on {config.data.name}, {config.num_epochs} epochs: train accuracy "
+            f"parameters) on {config.data.name}, {train.plural(config.num_epochs, 'epoch')}: "
+            "train accuracy "
             f"{100 * results['train/accuracy']:.2f}%, test {100 * results['test/accuracy']:.2f}%. "
             f"Curvature loss: {results['curvature_loss']}.",
             "",

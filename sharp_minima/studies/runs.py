@@ -98,6 +98,30 @@ class Diverged:
     step: int | None = None
 
 
+class NothingToReport(RuntimeError):
+    """A study none of whose claims could be tested because its runs diverged (the message
+    names them); its report and results are written all the same."""
+
+
+def diverged_runs(workdir: str) -> list[dict]:
+    """``[{"run", "step", "message"}]``: every run under ``workdir/runs`` that diverged
+    (`train_run`'s ``diverged.json``), named by its folder below ``runs/``, in name order."""
+    root = run_dir(workdir)
+    out = []
+    for folder, _, names in sorted(os.walk(root)):
+        if "diverged.json" in names:
+            with open(os.path.join(folder, "diverged.json")) as f:
+                rec = json.load(f)
+            out.append(
+                {
+                    "run": os.path.relpath(folder, root),
+                    "step": rec.get("step"),
+                    "message": rec.get("message", rec.get("error", "")),
+                }
+            )
+    return out
+
+
 def train_run(config, folder: str, *, log=print, label: str = "", **kwargs):
     """Trains one run into ``folder`` (resuming it), or returns its `Diverged` record.
 

@@ -38,10 +38,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from sharp_minima import files, gradients, optim, tracking, train
+from sharp_minima import files, gradients, optim, plotting, tracking, train
 from sharp_minima import tree_util as tu
 from sharp_minima.studies import runs
-from sharp_minima.studies.common import claims_table, key_streams, write_outputs
+from sharp_minima.studies.common import (
+    all_of,
+    claims_table,
+    key_streams,
+    ordered,
+    verdict,
+    write_outputs,
+)
 
 # The paper's numbers (Sec. 3.2, Figs. 4-7): what each report puts beside ours.
 PAPER = {
@@ -62,6 +69,34 @@ def validate(config) -> None:
     if "sharpest" not in config:
         raise train.ConfigError(f"config {config.name!r} has no 'sharpest' section")
     train.validate_config(config)
+    for path, kw in (
+        ("sharpest.curvature.k", dict(low=1, high=50, integer=True)),
+        ("sharpest.curvature.fraction", dict(low=0, low_open=True, high=1)),
+        ("sharpest.curvature.num_examples", dict(low=0, integer=True)),
+        ("sharpest.curvature.batch_size", dict(low=1, integer=True)),
+        ("sharpest.curvature.every_steps", dict(low=0, integer=True)),
+        ("sharpest.curvature.until_step", dict(low=0, integer=True)),
+        ("sharpest.curvature.stochastic", dict(low=0, integer=True)),
+        ("sharpest.curvature.tol", dict(low=0, low_open=True, high=1, high_open=True)),
+        ("sharpest.learning_rates", dict(low=0, low_open=True)),
+        ("sharpest.batch_sizes", dict(low=1, integer=True)),
+        ("sharpest.momenta", dict(low=0, high=1, high_open=True, nonempty=False)),
+        ("sharpest.probe_learning_rate", dict(low=0, low_open=True)),
+        ("sharpest.num_grads", dict(low=1, integer=True)),
+        ("sharpest.alphas", dict(low=0, low_open=True)),
+        ("sharpest.line_points", dict(low=2, integer=True)),
+        ("sharpest.early_epochs", dict(low=1, integer=True)),
+        ("sharpest.gd_examples", dict(low=1, integer=True)),
+        ("sharpest.gd_learning_rates", dict(low=0, low_open=True, nonempty=False)),
+        ("sharpest.gd_steps", dict(low=1, integer=True)),
+        ("sharpest.gd_every_steps", dict(low=1, integer=True)),
+        ("sharpest.variants_from_epoch", dict(low=1, integer=True)),
+        ("sharpest.variants_epochs", dict(low=0, integer=True)),
+        ("sharpest.variants_every_steps", dict(low=1, integer=True)),
+        ("sharpest.schedule_first_epochs", dict(low=1, integer=True, nonempty=False)),
+        ("sharpest.seeds", dict(low=1, integer=True)),
+    ):
+        train.check_numbers(config, path, **kw)
     s, t = config.sharpest, config.sharpest.curvature
     checks = [
         (1 <= t.k <= 50, f"config.sharpest.curvature.k must be in 1..50, got {t.k}"),
@@ -422,88 +457,117 @@ def _rel(d, loss):
     return 100.0 * d / loss if loss else float("nan")
 
 
-def claims(config, results: dict) -> list[tuple[str, bool | None, str]]:
-    """``(claim, holds, numbers)`` for each claim of Sec. 3 this study tests."""
+def claims(config, results: dict) -> list[tuple[str, str, str]]:
+    """``(claim, verdict, numbers)`` for each claim of Sec. 3 this study tests. Eigenvalues
+    differ only beyond the eigensolver's tolerance (``curvature.tol`` × λ each); the probe's
+    means only beyond their standard error over the probed steps. A claim whose runs
+    diverged (or are missing) reads "not tested"."""
     summaries = results["runs"]
     s = config.sharpest
+    tol = s.curvature.tol
     lr0, bs0 = config.optim.learning_rate, config.batch_size
+    nan = float("nan")
     out = []
 
     def get(lr, bs, mom):
         return summaries.get(run_name(lr, bs, mom), {})
 
-    evo = [(n, v) for n, v in summaries.items() if n.startswith("lr") and "lambda_peak" in v]
+    def val(v, key):
+        x = v.get(key)
+        return nan if x is None else float(x)
+
+    def missing(names):
+        gone = [n for n in names if "lambda_peak" not in summaries.get(n, {})]
+        return f"; not tested: {', '.join(gone)} diverged or did not run" if gone else ""
+
+    def at_least(x, bound):  # x ≥ bound, beyond the solver's tolerance on both
+        return verdict(x - bound, tol * (abs(x) + abs(bound)))
+
+    evo = [(n, v) for n, v in summaries.items() if n.startswith("lr")]
     if evo:
-        grew = [v["lambda_peak"] >= 1.5 * v["lambda_first"] for _, v in evo]
-        settled = [
-            v["peak_step"] < 0.75 * v["last_step"]
-            or abs(v["lambda_last_quarter"] - v["lambda_peak"]) <= 0.15 * v["lambda_peak"]
-            for _, v in evo
-        ]
+        parts = []
+        for _, v in evo:
+            if "lambda_peak" not in v:
+                parts.append(None)
+                continue
+            parts.append(at_least(v["lambda_peak"], 1.5 * v["lambda_first"]))
+            if v["peak_step"] >= 0.75 * v["last_step"]:  # a late peak must be a plateau
+                drift = abs(v["lambda_last_quarter"] - v["lambda_peak"])
+                parts.append(at_least(0.15 * v["lambda_peak"], drift))
         nums = "; ".join(
             f"{n}: {v['lambda_first']:.3g} → peak {v['lambda_peak']:.3g} at step "
             f"{v['peak_step']} → {v['lambda_final']:.3g} at {v['last_step']}"
             for n, v in evo
+            if "lambda_peak" in v
         )
         out.append(
             (
-                "λ_max grows early in training, then peaks or stabilises",
-                all(grew) and all(settled),
-                nums,
+                "λ_max grows early in training (peak ≥ 1.5× the first value), then peaks or "
+                "stabilises",
+                all_of(parts),
+                nums + missing([n for n, _ in evo]),
             )
         )
 
-    def ordered(name, keys, values, decreasing):
-        pairs = [(k, v) for k, v in zip(keys, values) if v is not None]
-        if len(pairs) < 2:
+    def ordered_claim(name, labels, names, decreasing):
+        if len(names) < 2:
             return
-        vals = [v for _, v in pairs]
-        ok = (
-            all(a > b for a, b in zip(vals, vals[1:]))
-            if decreasing
-            else all(a < b for a, b in zip(vals, vals[1:]))
+        values = [val(summaries.get(n, {}), "lambda_peak") for n in names]
+        out.append(
+            (
+                name,
+                ordered(values, [tol * abs(x) for x in values], decreasing=decreasing),
+                ", ".join(f"{k}: {x:.4g}" for k, x in zip(labels, values) if np.isfinite(x))
+                + f" (solver tolerance ±{tol:g}×λ)"
+                + missing(names),
+            )
         )
-        out.append((name, ok, ", ".join(f"{k}: {v:.3g}" for k, v in pairs)))
 
     lrs = sorted(s.learning_rates)
-    ordered(
+    ordered_claim(
         "the λ_max peak is lower for a larger η (S fixed)",
         [f"η={lr:g}" for lr in lrs],
-        [get(lr, bs0, 0.0).get("lambda_peak") for lr in lrs],
+        [run_name(lr, bs0, 0.0) for lr in lrs],
         decreasing=True,
     )
     bss = sorted(s.batch_sizes)
-    ordered(
+    ordered_claim(
         "the λ_max peak is lower for a smaller S (η fixed)",
         [f"S={b}" for b in bss],
-        [get(lr0, b, 0.0).get("lambda_peak") for b in bss],
+        [run_name(lr0, b, 0.0) for b in bss],
         decreasing=False,
     )
     moms = sorted({0.0, *s.momenta})
-    ordered(
+    ordered_claim(
         "the λ_max peak is lower with more momentum (Fig. 13)",
         [f"μ={m:g}" for m in moms],
-        [get(lr0, bs0, m).get("lambda_peak") for m in moms],
+        [run_name(lr0, bs0, m) for m in moms],
         decreasing=True,
     )
-    if out and out[-1][0].startswith("the λ_max peak is lower with more momentum"):
+    if len(moms) >= 2:
         # Not part of the verdict: the median over the run, for the reader of a "no".
-        med = ", ".join(
-            f"μ={m:g}: {get(lr0, bs0, m).get('lambda_median', float('nan')):.3g}" for m in moms
-        )
+        med = ", ".join(f"μ={m:g}: {val(get(lr0, bs0, m), 'lambda_median'):.3g}" for m in moms)
         out[-1] = (out[-1][0], out[-1][1], f"{out[-1][2]} (median λ_max over the run: {med})")
 
     for lr in s.gd_learning_rates:
-        v = summaries.get(f"gd_lr{lr:g}", {})
-        if "lambda_peak" not in v:
-            continue
+        name = f"gd_lr{lr:g}"
+        v = summaries.get(name, {})
         edge = 2.0 / lr
-        ok = 0.8 * edge <= v["lambda_peak"] and v["lambda_last_quarter"] <= 1.3 * edge
+        claim = (
+            f"full-batch GD (η={lr:g}): λ_max climbs to about 2/η = {edge:.3g} and stays near it"
+        )
+        if "lambda_peak" not in v:
+            out.append((claim, None, missing([name]).lstrip("; ")))
+            continue
         out.append(
             (
-                f"full-batch GD (η={lr:g}): λ_max climbs to about 2/η = {edge:.3g} and stays "
-                "near it",
-                ok,
+                claim,
+                all_of(
+                    [
+                        at_least(v["lambda_peak"], 0.8 * edge),
+                        at_least(1.3 * edge, v["lambda_last_quarter"]),
+                    ]
+                ),
                 f"first {v['lambda_first']:.3g}, peak {v['lambda_peak']:.3g} "
                 f"(step {v['peak_step']}), "
                 f"median of the last quarter {v['lambda_last_quarter']:.3g}",
@@ -512,76 +576,81 @@ def claims(config, results: dict) -> list[tuple[str, bool | None, str]]:
 
     probed = summaries.get(run_name(s.probe_learning_rate, bs0, 0.0), {})
     probe = results.get("probe", {}).get("records", [])
-    if probe:
+    if probe and "steps_per_epoch" in probed:
         spe = probed["steps_per_epoch"]
         early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
+
+        def mean_se(xs):
+            xs = np.asarray(xs, np.float64)
+            se = xs.std(ddof=1) / np.sqrt(len(xs)) if len(xs) > 1 else 0.0
+            return float(xs.mean()), float(se)
+
         rel = {
-            a: np.mean([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
+            a: mean_se([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
             for a in s.alphas
         }
-        up = all(rel[a] > 0 for a in s.alphas if a > 1)
-        down = all(rel[a] < 0 for a in s.alphas if a < 1)
+        parts = [verdict(m, se) for a, (m, se) in rel.items() if a > 1]
+        parts += [verdict(-m, se) for a, (m, se) in rel.items() if a < 1]
         out.append(
             (
-                f"early in training (first {s.early_epochs} epochs, η={s.probe_learning_rate:g}), "
+                f"early in training (first {train.plural(s.early_epochs, 'epoch')}, "
+                f"η={s.probe_learning_rate:g}), "
                 "a step αη g̃₁ along e₁ raises the loss for α > 1 and lowers it for α < 1",
-                up and down,
-                ", ".join(f"α={a:g}: {rel[a]:+.2f}%" for a in s.alphas),
+                all_of(parts),
+                ", ".join(f"α={a:g}: {m:+.2f}% ± {se:.2f}" for a, (m, se) in rel.items())
+                + f" (mean ± standard error over {len(early)} probed steps)",
             )
         )
-        cos = np.asarray([r["probe/cos_top5"] for r in probe])
-        rnd = np.asarray([r["probe/cos_random"] for r in probe])
+        cos, cos_se = mean_se([r["probe/cos_top5"] for r in probe])
+        rnd, rnd_se = mean_se([r["probe/cos_random"] for r in probe])
         out.append(
             (
                 "the mini-batch gradient is far better aligned with the top 5 eigenvectors than "
                 "with random directions (mean |cos| ≥ 5× random)",
-                bool(np.mean(cos) >= 5 * np.mean(rnd)),
-                f"mean |cos| with top 5: {np.mean(cos):.3f} (max {np.max(cos):.3f}); random: "
-                f"{np.mean(rnd):.4f}",
+                verdict(cos - 5 * rnd, cos_se + 5 * rnd_se),
+                f"mean |cos| with top 5: {cos:.3f} ± {cos_se:.3f} (max "
+                f"{max(r['probe/cos_top5'] for r in probe):.3f}); random: {rnd:.4f} ± "
+                f"{rnd_se:.4f}",
             )
         )
 
-    var = {v: summaries.get(f"variants/{v}", {}) for v in ("sgd", "top", "constant_top", "no_top")}
-    if all("lambda_final" in v and v.get("train_loss") is not None for v in var.values()):
-        base = var["sgd"]
-        top, no_top = var["top"], var["no_top"]
-        nums = "; ".join(
-            f"{n}: λ_max {v['lambda_final']:.3g}, train loss {v['train_loss']:.4f}"
-            for n, v in var.items()
+    names = {v: f"variants/{v}" for v in ("sgd", "top", "constant_top", "no_top")}
+    if any(n in summaries for n in names.values()) or s.variants_epochs:
+        var = {v: summaries.get(n, {}) for v, n in names.items()}
+        ready = all("lambda_final" in v and v.get("train_loss") is not None for v in var.values())
+        gone = missing([n for v, n in names.items() if "lambda_final" not in var[v]])
+        base, top, no_top = var["sgd"], var["top"], var["no_top"]
+        nums = (
+            "; ".join(
+                f"{n}: λ_max {v['lambda_final']:.3g}, train loss {v['train_loss']:.4f}"
+                for n, v in var.items()
+            )
+            if ready
+            else gone.lstrip("; ")
         )
+        loss_gap = lambda v: v["train_loss"] - base["train_loss"]  # noqa: E731
         out.append(
             (
                 '"SGD top" ends flatter (lower λ_max) with a higher loss than SGD',
-                top["lambda_final"] < base["lambda_final"]
-                and top["train_loss"] > base["train_loss"],
+                all_of(
+                    [at_least(base["lambda_final"], top["lambda_final"]), verdict(loss_gap(top))]
+                )
+                if ready
+                else None,
                 nums,
             )
         )
         out.append(
             (
                 '"SGD no top" ends sharper (higher λ_max) at a similar loss (within 25% of SGD\'s)',
-                no_top["lambda_final"] > base["lambda_final"]
-                and abs(no_top["train_loss"] - base["train_loss"]) <= 0.25 * base["train_loss"],
-                nums,
-            )
-        )
-
-    sched = [(L, summaries.get(f"schedule_L{L}", {})) for L in sorted(s.schedule_first_epochs)]
-    sched = [(L, v) for L, v in sched if "test_accuracy" in v and "drop_lambda" in v]
-    if len(sched) >= 2:
-        nums = "; ".join(
-            f"L={L}: λ_max at the drop {v['drop_lambda']:.3g} → final {v['lambda_final']:.3g}, "
-            f"test acc. {100 * v['test_accuracy']:.2f}%"
-            for L, v in sched
-        )
-        shortest, longest = sched[0][1], sched[-1][1]
-        grows = shortest["lambda_final"] > shortest["drop_lambda"]
-        worse = shortest["test_accuracy"] < longest["test_accuracy"]
-        out.append(
-            (
-                "a shorter first stage (L) makes λ_max grow after the drop and ends with a "
-                "lower test accuracy (Fig. 12)",
-                grows and worse,
+                all_of(
+                    [
+                        at_least(no_top["lambda_final"], base["lambda_final"]),
+                        verdict(0.25 * base["train_loss"] - abs(loss_gap(no_top))),
+                    ]
+                )
+                if ready
+                else None,
                 nums,
             )
         )
@@ -595,7 +664,6 @@ def figures(config, results: dict) -> dict:
     """The study's figures (`matplotlib.figure.Figure`, nothing saved): eigenvalues,
     full_batch, step_vs_curvature, variants, schedule — each when its runs are there."""
     import matplotlib
-    from matplotlib.figure import Figure
 
     s = config.sharpest
     lr0, bs0 = config.optim.learning_rate, config.batch_size
@@ -610,7 +678,7 @@ def figures(config, results: dict) -> dict:
         ("S", [(f"S={b}", run_name(lr0, b, 0.0), lr0) for b in sorted(s.batch_sizes)]),
         ("μ", [(f"μ={m:g}", run_name(lr0, bs0, m), lr0) for m in sorted({0.0, *s.momenta})]),
     ]
-    fig = Figure(figsize=(15, 4))
+    fig = plotting.figure((15, 4))
     for j, (label, group) in enumerate(groups):
         ax = fig.add_subplot(1, 3, j + 1)
         for i, (tag, name, lr) in enumerate(group):
@@ -628,12 +696,11 @@ def figures(config, results: dict) -> dict:
         ax.set_xlabel("epoch")
         ax.set_title(f"λ₁ (solid), λ₂ (dashed) vs {label}; dotted: 2/η")
         ax.legend(fontsize=8)
-    fig.tight_layout()
     out["eigenvalues"] = fig
 
     gd = [lr for lr in s.gd_learning_rates if f"gd_lr{lr:g}" in data]
     if gd:
-        fig = Figure(figsize=(6 * len(gd), 4))
+        fig = plotting.figure((6 * len(gd), 4))
         for j, lr in enumerate(gd):
             ax = fig.add_subplot(1, len(gd), j + 1)
             curve = data[f"gd_lr{lr:g}"]
@@ -654,14 +721,13 @@ def figures(config, results: dict) -> dict:
             ax.set_xlabel("gradient-descent step")
             ax.set_title(f"full-batch GD, η={lr:g}, {s.gd_examples} examples")
             ax.legend(fontsize=8)
-        fig.tight_layout()
         out["full_batch"] = fig
 
     probed = run_name(s.probe_learning_rate, bs0, 0.0)
     probe = results.get("probe", {})
     if probed in data and probe.get("records"):
         recs = probe["records"]
-        fig = Figure(figsize=(15, 4))
+        fig = plotting.figure((15, 4))
         ax = fig.add_subplot(1, 3, 1)
         ep = np.asarray([r["step"] for r in recs]) / spe(probed)
         for a in s.alphas:
@@ -693,12 +759,11 @@ def figures(config, results: dict) -> dict:
             ax.set_xlabel("k  (θ + k·e₁·η·E|g̃₁|)")
             ax.set_ylabel("L − L(θ)")
             ax.set_title("loss along e₁ per measurement (blue→red: λ₁)")
-        fig.tight_layout()
         out["step_vs_curvature"] = fig
 
     var = [v for v in ("sgd", "top", "constant_top", "no_top") if f"variants/{v}" in data]
     if var:
-        fig = Figure(figsize=(10, 4))
+        fig = plotting.figure((10, 4))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for v in var:
             curve = data[f"variants/{v}"]
@@ -712,12 +777,11 @@ def figures(config, results: dict) -> dict:
         ax2.set_title("λ_max")
         ax2.set_xlabel("step after the restart")
         ax1.legend(fontsize=8)
-        fig.tight_layout()
         out["variants"] = fig
 
     sched = [L for L in sorted(s.schedule_first_epochs) if f"schedule_L{L}" in data]
     if sched:
-        fig = Figure(figsize=(10, 4))
+        fig = plotting.figure((10, 4))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for i, L in enumerate(sched):
             name = f"schedule_L{L}"
@@ -737,7 +801,6 @@ def figures(config, results: dict) -> dict:
         ax2.set_xlabel("epoch")
         ax2.set_title("test accuracy (Fig. 12)")
         ax1.legend(fontsize=8)
-        fig.tight_layout()
         out["schedule"] = fig
     return out
 
@@ -755,9 +818,11 @@ def report_markdown(config, results: dict) -> str:
         "",
         f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {n} {data['name']} "
         f"training examples ({data['source']}); plain SGD, base η = "
-        f"{config.optim.learning_rate:g}, S = {config.batch_size}, {config.num_epochs} epochs; "
+        f"{config.optim.learning_rate:g}, S = {config.batch_size}, "
+        f"{train.plural(config.num_epochs, 'epoch')}; "
         f"top {s.curvature.k} eigenvalues by "
-        f"Lanczos on {description}, every {s.curvature.every_steps} steps up to step "
+        f"Lanczos on {description}, every {train.plural(s.curvature.every_steps, 'step')} up "
+        "to step "
         f"{s.curvature.until_step}, then every epoch. The paper: SimpleCNN / ResNet-32 / VGG-11 "
         "on CIFAR-10 (and an LSTM on PTB), top 10 eigenvalues by ARPACK on ~2,500 training "
         "examples, 200+ epochs.",
@@ -780,7 +845,8 @@ def report_markdown(config, results: dict) -> str:
             here = np.mean([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
             paper = ", ".join(f"{m}: {v[a]}" for m, v in PAPER["alpha_sweep"].items() if a in v)
             lines.append(
-                f"| ΔL/L for α = {a:g} (first {s.early_epochs} epochs) | {paper or '—'} | "
+                f"| ΔL/L for α = {a:g} (first {train.plural(s.early_epochs, 'epoch')}) | "
+                f"{paper or '—'} | "
                 f"{here:+.2f}% |"
             )
         cos = max(r["probe/cos_top5"] for r in probe)

@@ -5,9 +5,9 @@ the workdir already holds checkpoints of the same run.
 after its concept (imported on first use, so ``import sharp_minima.train.hooks`` — as
 `sharp_minima.tracking` does — loads neither the loop nor flax):
 
-- `config` — `validate_config`, `ConfigError`, `load_data`, `build_model`, `run_keys`,
-  `setup` / `Setup` (a config validated once with its data and model built: studies hand
-  it to `train` so nothing is validated or built twice), `make_optimizer` and
+- `config` — `validate_config`, `check_numbers`, `ConfigError`, `load_data`, `build_model`,
+  `run_keys`, `setup` / `Setup` (a config validated once with its data and model built:
+  studies hand it to `train` so nothing is validated or built twice), `make_optimizer` and
   `learning_rate_schedule` (sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad; constant,
   step, cosine, warm-up with the linear scaling rule of Goyal et al. 2017, reduce-on-plateau).
 - `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
@@ -40,6 +40,7 @@ _MODULES = {
         "Setup",
         "setup",
         "validate_config",
+        "check_numbers",
         "load_data",
         "build_model",
         "run_keys",
@@ -79,6 +80,7 @@ _MODULES = {
     "console": (
         "NonFiniteError",
         "Progress",
+        "plural",
         "MetricsBuffer",
         "MetricsLog",
         "MetricWriters",

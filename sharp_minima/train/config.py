@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sharp_minima import data as data_lib
@@ -155,6 +157,70 @@ def validate_config(config, num_devices: int | None = None) -> None:
             f"config.batch_size={c.batch_size} is not "
             f"divisible by the number of devices ({num_devices})",
         )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def check_numbers(
+    config,
+    path: str,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = False,
+    integer: bool = False,
+    nonempty: bool = True,
+    unique: bool = True,
+) -> tuple:
+    """Checks the number or tuple of numbers at ``config.<path>`` (e.g. ``"nsgd.gammas"``):
+    numbers (not text such as ``abc`` or ``nan`` the command line left as a string), finite,
+    integers when ``integer``, within ``[low, high]`` (open ends with ``low_open`` /
+    ``high_open``), for a tuple at least one value (``nonempty``) and no value twice
+    (``unique``: each value names a run). Returns the values as a tuple.
+
+    Raises:
+      ConfigError: one line naming ``config.<path>``, what it must be and what it got.
+
+    >>> import ml_collections
+    >>> c = ml_collections.ConfigDict({"nsgd": {"gammas": (0.1, 0.1)}})
+    >>> try:
+    ...     check_numbers(c, "nsgd.gammas", low=0)
+    ... except ConfigError as e:
+    ...     print(e)
+    config.nsgd.gammas lists 0.1 twice; each value names a run, list it once
+    """
+    value = config
+    for part in path.split("."):
+        value = value[part]
+    many = isinstance(value, tuple | list)
+    values = tuple(value) if many else (value,)
+    name = f"config.{path}"
+    kind = "integers" if integer else "numbers"
+    if many and nonempty and not values:
+        raise ConfigError(f"{name} is empty; list at least one value, e.g. {name}=(0.1,)")
+    bound = []
+    if low is not None:
+        bound.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bound.append(f"{'<' if high_open else '<='} {high:g}")
+    want = f"{'' if many else 'a '}finite {kind if many else kind[:-1]}" + (
+        f" {' and '.join(bound)}" if bound else ""
+    )
+    for v in values:
+        bad = not _is_number(v) or not math.isfinite(v) or (integer and float(v) != int(v))
+        bad = bad or (low is not None and (v <= low if low_open else v < low))
+        bad = bad or (high is not None and (v >= high if high_open else v > high))
+        if bad:
+            got = f"{v!r} in {tuple(values)!r}" if many and len(values) > 1 else f"{v!r}"
+            raise ConfigError(f"{name} must be {want}, got {got}")
+    if many and unique:
+        dup = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"{name} lists {dup:g} twice; each value names a run, list it once")
+    return values
 
 
 def _is_metric(name, splits) -> bool:

@@ -1,13 +1,17 @@
-"""What a run shows and logs: the progress line, the per-step metrics buffer, and the metric
+"""What a run shows and logs, and how it takes Ctrl-C: the progress line, the epoch line's
+keys, `plural`, the deferred Ctrl-C of the loop, the per-step metrics buffer, and the metric
 writers (``metrics.jsonl`` always; TensorBoard event files when ``config.tensorboard`` is set,
 so λ_max and the losses can be watched live with ``tensorboard --logdir <workdir>``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -100,10 +104,8 @@ class Progress:
         for key, fmt in (("minibatch/loss", "loss {:.4f}"), ("minibatch/accuracy", "acc {:.2%}")):
             if key in record:
                 text += "  " + fmt.format(record[key])
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        text += f"  | {rate:.1f} steps/s"
-        if math.isfinite(eta):
-            text += f"  ETA {fmt_time(eta)}"
+        if math.isfinite(rate) and rate > 0:  # unknown before a timed step has finished
+            text += f"  | {rate:.1f} steps/s  ETA {fmt_time((self.total - step) / rate)}"
         if self.tty:
             self._show(step, text)
         else:
@@ -136,6 +138,15 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``"1 epoch"``, ``"2 epochs"``: a count with its noun (``words``: an irregular plural).
+
+    >>> plural(1, "run"), plural(3, "run"), plural(0, "batch", "batches")
+    ('1 run', '3 runs', '0 batches')
+    """
+    return f"{n} {word if n == 1 else words or word + 's'}"
 
 
 class MetricsBuffer:
@@ -252,3 +263,41 @@ class MetricWriters:
     def close(self) -> None:
         for w in self.others:
             w.close()
+
+
+def on_console(key: str) -> bool:
+    """Whether the epoch's console line shows ``key``: the evaluations and, of the hooks'
+    scalars, the top eigenvalue and a changed learning rate (every scalar is in
+    ``metrics.jsonl``)."""
+    prefix, _, name = key.partition("/")
+    return bool(name) and (
+        prefix in ("train", "val", "test") or name in ("lambda_1", "learning_rate")
+    )
+
+
+class _InterruptFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) during training sets a flag that the loop checks between steps, so a
+    step, an evaluation or a checkpoint write is never cut in half (an orbax save interrupted
+    midway leaves its asyncio machinery broken). A second Ctrl-C interrupts at once. Outside the
+    main thread (where signal handlers cannot be set) Ctrl-C behaves as usual."""
+    flag = _InterruptFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
-import signal
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +25,14 @@ from sharp_minima import data as data_lib
 from sharp_minima import files
 from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore_or_init
 from sharp_minima.train.config import Setup, config_dict, resolve_optimizer, run_keys, setup
-from sharp_minima.train.console import MetricsBuffer, MetricWriters, Progress
+from sharp_minima.train.console import (
+    MetricsBuffer,
+    MetricWriters,
+    Progress,
+    deferred_interrupt,
+    on_console,
+    plural,
+)
 from sharp_minima.train.hooks import (
     Hook,
     LoopContext,
@@ -167,13 +173,20 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
     progress = Progress(
         total_steps, resumed_from, label=label, enabled=config.progress and main_host, log=log
     )
-    if resumed_from:
-        progress.message(f"{label}resumed from step {resumed_from} ({workdir}/checkpoints)")
-    progress.message(
-        f"{label}training {config.model.name} on {data.name} ({data.source}): {n} examples, "
-        f"batch {config.batch_size}, {steps_per_epoch} steps/epoch x {config.num_epochs} "
-        f"epochs on {mesh.size} device(s) [{jax.devices()[0].platform}]"
-    )
+    if resumed_from >= total_steps:
+        progress.message(
+            f"{label}already trained: step {resumed_from} of {total_steps} "
+            f"({workdir}/checkpoints); nothing to train"
+        )
+    else:
+        if resumed_from:
+            progress.message(f"{label}resumed from step {resumed_from} ({workdir}/checkpoints)")
+        progress.message(
+            f"{label}training {config.model.name} on {data.name} ({data.source}): "
+            f"{plural(n, 'example')}, batch {config.batch_size}, {steps_per_epoch} steps/epoch "
+            f"x {plural(config.num_epochs, 'epoch')} on {plural(mesh.size, 'device')} "
+            f"[{jax.devices()[0].platform}]"
+        )
     loop = _Loop(
         config=config,
         workdir=workdir,
@@ -280,12 +293,11 @@ class _Loop:
         rec.update(extra)
         self.metrics_log.write(rec)
         shown = "  ".join(
-            f"{k} {v:.4f}" for k, v in rec.items() if "/" in k and isinstance(v, float)
+            f"{k} {v:.4f}" for k, v in rec.items() if on_console(k) and isinstance(v, float)
         )
-        self.progress.message(
-            f"{self.progress.label}epoch {epoch}/{c.num_epochs}: {shown}  "
-            f"({self.progress.rate:.1f} steps/s)"
-        )
+        rate = self.progress.rate
+        rate = f"  ({rate:.1f} steps/s)" if math.isfinite(rate) else ""
+        self.progress.message(f"{self.progress.label}epoch {epoch}/{c.num_epochs}: {shown}{rate}")
         self._save(state, rec)
         if should_stop_early(c, self.history):
             self.progress.message(
@@ -296,7 +308,7 @@ class _Loop:
         return state, False
 
     def run(self, state, resumed_from: int) -> tuple[TrainState, bool]:
-        with _deferred_interrupt() as interrupt:
+        with deferred_interrupt() as interrupt:
             self.interrupt = interrupt
             return self._run(state, resumed_from)
 
@@ -371,34 +383,6 @@ class _Loop:
                 f"{self.progress.label}interrupted {where}; rerun the same command to resume"
             ) from None
         return state, False
-
-
-class _InterruptFlag:
-    requested = False
-
-
-@contextlib.contextmanager
-def _deferred_interrupt():
-    """Ctrl-C (SIGINT) during training sets a flag that the loop checks between steps, so a
-    step, an evaluation or a checkpoint write is never cut in half (an orbax save interrupted
-    midway leaves its asyncio machinery broken). A second Ctrl-C interrupts at once. Outside the
-    main thread (where signal handlers cannot be set) Ctrl-C behaves as usual."""
-    flag = _InterruptFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.requested:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        flag.requested = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def should_stop_early(config, history) -> bool:
