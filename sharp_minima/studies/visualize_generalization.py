@@ -950,17 +950,26 @@ def boundary_figure(boundaries, records, data, seed: int = 0):
 
 
 def surface_figure(surfaces):
-    """Fig. 3 (bottom): filter-normalised 2-D loss surfaces, same color scale."""
-    fig = plotting.figure((4.2 * len(surfaces), 3.6))
-    vmax = max(float(np.percentile(s["loss"], 95)) for s in surfaces.values())
+    """Fig. 3 (bottom): filter-normalised 2-D loss surfaces on one colour scale — log₁₀ of the
+    training loss (from 10⁻³), one colourbar, clipped at the 95th percentile of all surfaces —
+    so that the basins compare; white contours at loss 0.1 and 1."""
+    fig = plotting.figure((4.2 * len(surfaces) + 0.8, 3.6))
+    logs = {b: np.log10(np.maximum(np.asarray(s["loss"]), 1e-3)) for b, s in surfaces.items()}
+    vmax = max(float(np.percentile(z, 95)) for z in logs.values())
+    vmin = min(float(z.min()) for z in logs.values())
+    levels = np.linspace(vmin, max(vmax, vmin + 1e-6), 21)
+    axes = []
     for i, (beta, s) in enumerate(sorted(surfaces.items())):
         ax = fig.add_subplot(1, len(surfaces), i + 1)
+        axes.append(ax)
         g = s["grid"]
-        cs = ax.contourf(g, g, np.minimum(s["loss"], vmax).T, levels=20, cmap="viridis")
-        ax.contour(g, g, s["loss"].T, levels=[0.1, 1.0], colors="w", linewidths=0.8)
+        cs = ax.contourf(g, g, np.minimum(logs[beta], levels[-1]).T, levels=levels)
+        ax.contour(g, g, np.asarray(s["loss"]).T, levels=[0.1, 1.0], colors="w", linewidths=0.8)
         ax.set_title(("good" if beta == 0 else "bad") + f" minimum (β = {beta:g})", fontsize=9)
         ax.set_xlabel("filter-normalised direction 1")
-        fig.colorbar(cs, ax=ax, label="training loss")
+        if i == 0:
+            ax.set_ylabel("filter-normalised direction 2")
+    fig.colorbar(cs, ax=axes, label="log₁₀ training loss (one scale)")
     return fig
 
 
