@@ -5,7 +5,7 @@
 A 40-128-128-10 tanh MLP on MNIST-1D (embedded), Adam 1e-3, batch 128, ~3000 steps; the top
 ``curvature.k`` eigenvalues every ``curvature.every_steps`` steps on a fixed subset of
 ``curvature.examples`` training examples (warm-started Lanczos), then the full spectrum
-picture at the end. About a minute on a laptop CPU. Variant ``tiny``: seconds.
+picture at the end. About a minute on 2 CPU cores. Variant ``tiny``: ~30 s (mostly compilation).
 """
 
 import ml_collections

@@ -4,8 +4,8 @@
 
 40-[256 BN ReLU]x3-10 with Adam, small batch 32 vs large batch 1000 (25% of the 4000
 training examples), 2 seeds, full-space and 100-d subspace sharpness at ε ∈ {1e-3, 5e-4} on
-the whole training set, the parametric plots. A few minutes on a laptop CPU.
-Variants: ``tiny`` (seconds, for tests).
+the whole training set, the parametric plots. About 2 minutes on 2 CPU cores.
+Variants: ``tiny`` (~20 s on 2 cores, mostly compilation; for tests).
 """
 
 from configs import base

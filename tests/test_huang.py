@@ -213,3 +213,20 @@ def test_bad_config_exits_2(tmp_path, override, needle):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and needle in out.stderr
+
+
+def test_a_missing_image_data_set_stops_the_study_before_any_training(tmp_path, monkeypatch):
+    """The optimizer table's data is loaded first: without Fashion-MNIST the study stops at
+    once (exit 2 on the command line), not after the swiss-roll section has trained."""
+    real = vg.train.load_data
+
+    def load(config):
+        if config.data.name == "fashion_mnist":
+            raise data_lib.DataNotFoundError("data set 'fashion_mnist' is not available")
+        return real(config)
+
+    monkeypatch.setattr(vg.train, "load_data", load)
+    config = load_config("visualize_generalization.py:tiny", **{"optimizers.data": "fashion_mnist"})
+    with pytest.raises(data_lib.DataNotFoundError, match="fashion_mnist"):
+        vg.run(config, str(tmp_path), log=lambda s: None)
+    assert not (tmp_path / "runs").exists()

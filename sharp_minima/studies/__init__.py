@@ -12,11 +12,15 @@
   ``study.figures(config, results)["name"]`` inline.
 - ``report_markdown(config, results) -> str``: ``report.md`` (the scale, the paper's numbers
   beside this run's, the claims).
-- ``claims(config, results) -> [(claim, holds, numbers)]``: a yes/no verdict per claim of the
-  paper this run tests, with the numbers behind it.
+- ``claims(config, results) -> [(claim, verdict, numbers)]``: a verdict per claim of the
+  paper this run tests ("yes" / "no" only by more than the numbers' noise, else "within
+  noise"; "not tested" when its runs diverged — `common.verdict`, `common.ordered`,
+  `common.all_of`), with the numbers behind it.
 
 ``run`` ends with `common.write_outputs`, the one place a study's ``report.md``,
-``results.json`` (+ ``results.npz`` for large arrays) and figures (PNG + PDF) are saved.
+``results.json`` (+ ``results.npz`` for large arrays) and figures (PNG + PDF) are saved, the
+diverged runs are named, and a study with nothing to report stops (`runs.NothingToReport`).
+Every figure is made by `sharp_minima.plotting.figure` (constrained layout).
 Studies are built from `runs` (derived run configs, run folders, training that records a
 diverged run, measurement caches, aggregation over seeds, logged series) and the library's
 measurements; they add no numerical kernels and never import one another.

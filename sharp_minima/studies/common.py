@@ -164,7 +164,8 @@ def claims_table(claims: list) -> list[str]:
         "",
         f"Verdicts: {count_verdicts(claims)}. A claim holds or fails only by more than its "
         "noise (eigensolver tolerance, standard error over seeds, test-set sampling); "
-        "otherwise it reads *within noise*.",
+        "otherwise it reads *within noise*. With one seed the spread over seeds is unknown "
+        "and not counted: such a verdict is weaker than its margin suggests.",
         "",
         *markdown_table(("claim", "verdict", "numbers"), rows),
     ]

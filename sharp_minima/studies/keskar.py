@@ -434,7 +434,7 @@ def claims(config, results: dict) -> list[tuple[str, str, str]]:
 
 def report_markdown(config, results: dict) -> str:
     """``report.md``: this run's Tables 2–4, 6, 7 beside the paper's (every cell of the
-    paper for F1–C4), the sweeps, and a yes/no line per claim."""
+    paper for F1–C4), the sweeps, and a verdict per claim."""
     summary, num_train = results["summary"], results["data"]["num_train"]
     net = config.model.name
     paper = PAPER.get(net, {})

@@ -16,7 +16,7 @@ all with η ÷ 10 after ``plateau_patience`` epochs without a better validation 
 initialisation. ``report.md`` has the paper's Table 1 columns — ‖H‖_F at the best
 validation epoch / at the end, test accuracy at the best validation epoch, validation
 accuracy at epoch ``val_epoch``, final training loss, distance from the initialisation at the
-best validation epoch — beside the paper's Tables 1–6, with a yes/no line per claim.
+best validation epoch — beside the paper's Tables 1–6, with a verdict per claim.
 A run that diverges (NaN) is reported as such, as the paper excludes its diverged γ = 5.
 """
 

@@ -19,7 +19,7 @@ once per epoch later):
   ``variants_every_steps`` steps;
 - **schedule** (Fig. 12): η for L epochs, then η/10, for L in ``schedule_first_epochs``.
 
-Then ``report.md`` (the scale, a yes/no line per claim of the paper, the paper's numbers
+Then ``report.md`` (the scale, a verdict per claim of the paper, the paper's numbers
 beside ours), ``results.json`` and figures (PNG + PDF) in ``workdir``. The curvature loss is
 the training objective's data term plus the same L2 term, with BatchNorm in evaluation mode
 (running statistics) and the training augmentation when training uses it; the report

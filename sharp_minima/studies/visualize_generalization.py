@@ -17,7 +17,7 @@ Bad minima on purpose, and the geometry around good and bad minima:
 
 Every training run is a resumable `sharp_minima.train.train` run under ``workdir/runs/``;
 measurements are cached next to it (``measure.json``), so re-running continues where a killed
-run stopped. ``run`` writes ``report.md`` (the paper's numbers beside ours, a yes/no line per
+run stopped. ``run`` writes ``report.md`` (the paper's numbers beside ours, a verdict per
 claim), ``results.json`` and figures (PNG + PDF).
 """
 
@@ -670,12 +670,13 @@ def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.Co
     )
 
 
-def run_optimizers(config, workdir, log) -> dict:
+def run_optimizers(config, workdir, log, data=None) -> dict:
     """Table 1: every optimizer of ``config.optimizers.names`` on one small image task, and a
-    linear model on pixels and pairwise products trained with SGD."""
+    linear model on pixels and pairwise products trained with SGD (``data``: that task's
+    data, default loaded here)."""
     o = config.optimizers
     net = optimizer_config(config, "mlp", {"widths": tuple(o.widths)})
-    data = train.load_data(net)
+    data = train.load_data(net) if data is None else data
     model = train.build_model(net, data)
     rows = {}
     for name in o.names:
@@ -1193,6 +1194,10 @@ def _run_locked(config, workdir, data, log) -> dict:
     needs_data = {"swissroll", "tsne"} & set(config.sections)
     if needs_data and data is None:
         data = load_data(config)
+    image_data = None  # loaded before any training: a missing data set stops the study now
+    if "optimizers" in config.sections:
+        o = config.optimizers
+        image_data = train.load_data(optimizer_config(config, "mlp", {"widths": tuple(o.widths)}))
     if "swissroll" in config.sections:
         out = run_swissroll(config, workdir, data, keys, log)
         results["swissroll"] = out["records"]
@@ -1223,7 +1228,7 @@ def _run_locked(config, workdir, data, log) -> dict:
         results["rings"] = out["records"]
         figure_data["rings"] = {"boundaries": out["boundaries"]}
     if "optimizers" in config.sections:
-        results["optimizers"] = run_optimizers(config, workdir, log)
+        results["optimizers"] = run_optimizers(config, workdir, log, data=image_data)
     results["figure_data"] = figure_data
     return write_outputs(
         config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
