@@ -172,7 +172,7 @@ def test_custom_loss_and_custom_transform_reach_the_training_step(tmp_path):
     assert steps == 4
     for a, b in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(p0)):
         np.testing.assert_allclose(np.asarray(a), 0.5**steps * np.asarray(b), rtol=1e-6)
-    logged = [r for r in _records(tmp_path / "decay") if "train/half_norm_sq" in r]
+    logged = [r for r in _records(tmp_path / "decay") if "minibatch/half_norm_sq" in r]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
 

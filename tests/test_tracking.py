@@ -1,5 +1,6 @@
 """Curvature tracking: the hook's numbers are eigenpairs' numbers; warm starts save HVPs."""
 
+import contextlib
 import os
 
 import jax
@@ -11,6 +12,7 @@ from helpers import load_config, read_jsonl
 
 from sharp_minima import data, hessian, losses, optim, tracking, train
 from sharp_minima.models import get_model
+from sharp_minima.train import loop as train_loop
 
 
 def _problem():
@@ -110,10 +112,22 @@ def test_stochastic_norms_match_direct_calls_and_hook_schedule(tmp_path):
     assert hook.due("epoch", 8, 1) and hook.due("epoch", 16, 2)
 
 
-def _nsgd_run(workdir, *, interrupt_at=None):
+class _CtrlC:
+    """Stands in for the loop's Ctrl-C flag (`console.deferred_interrupt`): a hook raises it,
+    and the loop stops after the next step exactly as after a real Ctrl-C."""
+
+    requested = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        yield self
+
+
+def _nsgd_run(workdir, ctrl_c=None):
     """NSGD on the nudged_sgd study's tiny setup (MNIST-1D, MLP 16): the directions tracker
     sets the optimizer's directions at the start of every epoch, a second tracker logs the
-    top 3; optionally Ctrl-C (a KeyboardInterrupt in a hook) after step ``interrupt_at``."""
+    top 3; with ``ctrl_c``, Ctrl-C during step 11 (after a hook at step 10, which both runs
+    have, so they log at the same steps)."""
     config = load_config("nudged_sgd.py:tiny", progress=False, num_devices=1)
     run = train.setup(config)
     t = config.nsgd.curvature
@@ -133,25 +147,30 @@ def _nsgd_run(workdir, *, interrupt_at=None):
         tracking.make_tracker(config, t, run.data, run.model, sub, jax.random.key(9), k=3),
     ]
     hooks = [train.Hook(tr, every_epochs=1, at_start=True, name=tr.name) for tr in trackers]
-    if interrupt_at is not None:
 
-        def ctrl_c(ctx):
-            raise KeyboardInterrupt
+    def press(ctx):
+        if ctrl_c is not None:
+            ctrl_c.requested = True
 
-        hooks.append(train.Hook(ctrl_c, every_steps=interrupt_at, until_step=interrupt_at))
+    hooks.append(train.Hook(press, every_steps=10, until_step=10, name="ctrl_c"))
     tx = optim.nsgd(0.05, gamma=0.1, num_directions=2)
     return train.train(run, str(workdir), tx=tx, hooks=hooks)
 
 
-def test_a_tracker_driven_run_resumes_bit_for_bit(tmp_path):
+def test_a_tracker_driven_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     """Issue 17: the trackers' warm-start vectors are checkpointed with the run, so NSGD
-    interrupted mid-epoch and resumed measures the same directions and ends bit-identical."""
+    interrupted mid-epoch and resumed measures the same directions and ends bit-identical; the
+    steps not yet logged (step 11 of the interval 9–12) are kept too, so the logged averages
+    match."""
     straight = _nsgd_run(tmp_path / "a")
-    with pytest.raises(train.Interrupted):
-        _nsgd_run(tmp_path / "b", interrupt_at=12)  # in epoch 2, after one tracker call
-    assert sorted(os.listdir(tmp_path / "b" / "hook_state")) == ["12.npz", "8.npz"]
+    ctrl_c = _CtrlC()
+    monkeypatch.setattr(train_loop, "deferred_interrupt", ctrl_c)
+    with pytest.raises(train.Interrupted, match="interrupted at step 11"):
+        _nsgd_run(tmp_path / "b", ctrl_c)  # in epoch 2, after one tracker call
+    assert sorted(os.listdir(tmp_path / "b" / "hook_state")) == ["11.npz", "8.npz"]
+    ctrl_c.requested = False
     resumed = _nsgd_run(tmp_path / "b")
-    assert resumed.resumed_from == 12
+    assert resumed.resumed_from == 11
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # directions included
 

@@ -128,7 +128,8 @@ class Checkpointer:
     ) -> None:
         """Saves ``state`` as the latest (once per step) and, given evaluation ``metrics``
         holding a finite `best_metric`, as the best candidate. ``hook_state`` (the arrays the
-        loop's hooks need to continue exactly, `sharp_minima.train.hooks.hook_state`) goes to
+        loop needs to continue exactly: its hooks' state, `sharp_minima.train.hooks.hook_state`,
+        and the steps not yet logged) goes to
         ``hook_state/<step>.npz``, written before the checkpoint it belongs to and kept as
         long as that checkpoint."""
         s = int(state.step)

@@ -159,6 +159,30 @@ class MetricsBuffer:
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
 
+    PREFIX = "_loop/pending/"
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The steps not yet logged (a checkpoint between two log steps, e.g. at Ctrl-C), so
+        that the resumed run logs the same averages as an uninterrupted one."""
+        if not self.pending:
+            return {}
+        fetched = jax.device_get([m for _, m in self.pending])
+        out = {f"{self.PREFIX}step": np.asarray([s for s, _ in self.pending])}
+        for k in fetched[0]:
+            out[f"{self.PREFIX}{k}"] = np.asarray([m[k] for m in fetched])
+        return out
+
+    def load_state_dict(self, arrays: dict | None) -> None:
+        """Continues from `state_dict`'s output (nothing pending when it holds none)."""
+        steps = (arrays or {}).get(f"{self.PREFIX}step")
+        if steps is None:
+            return
+        keys = [k[len(self.PREFIX) :] for k in arrays if k.startswith(self.PREFIX)]
+        keys = [k for k in keys if k != "step"]
+        self.pending = [
+            (int(s), {k: arrays[f"{self.PREFIX}{k}"][i] for k in keys}) for i, s in enumerate(steps)
+        ]
+
     def flush(self, step: int, epoch: int, last_checkpoint) -> dict | None:
         """The averaged record of the pending steps (None if there are none).
 

@@ -1,11 +1,10 @@
 """The training loop: ``train(config, workdir)`` trains any config of ``configs/`` and resumes
 when the workdir already holds checkpoints of the same run.
 
-Each epoch: steps (batches gathered and augmented on device), hooks on their schedules, the
-evaluation, the epoch's hooks, a checkpoint; Ctrl-C stops between two steps after saving,
-and NaN/Inf stops with the step named. The pieces live in the sibling modules (`config`,
-`mesh`, `optimizer`, `steps`, `hooks`, `console`, `checkpoint`).
-"""
+Each epoch: steps, hooks on their schedules, the evaluation, the epoch's hooks, a checkpoint
+(with the hooks' state); Ctrl-C stops between two steps after saving, NaN/Inf stops with the
+step named. The pieces live in the sibling modules (`config`, `steps`, `hooks`, `console`,
+`checkpoint`)."""
 
 from __future__ import annotations
 
@@ -143,8 +142,9 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
     state, resumed_from = restore_or_init(
         checkpointer, model, tx, jnp.asarray(data.x_train[:1]), init_key, mesh, log=log or print
     )
+    saved = checkpointer.load_hook_state(resumed_from) if resumed_from else None
     if resumed_from:
-        cold = load_hook_state(hooks, checkpointer.load_hook_state(resumed_from))
+        cold = load_hook_state(hooks, saved)
         if cold:
             (log or print)(
                 f"{label}the checkpoint at step {resumed_from} holds no state of the hooks "
@@ -206,6 +206,7 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
         data_key=data_key,
         aug_key=aug_key,
     )
+    loop.buffer.load_state_dict(saved)  # steps of the last log interval not yet logged
     try:
         state, stopped_early = loop.run(state, resumed_from)
     finally:
@@ -248,21 +249,14 @@ class _Loop:
         return int(state.step) // self.steps_per_epoch
 
     def _context(self, state, step, epoch) -> LoopContext:
-        return LoopContext(
-            state,
-            step,
-            epoch,
-            self.steps_per_epoch,
-            self.model,
-            self.data,
-            self.config,
-            self.workdir,
-            self.history,
-        )
+        s = self
+        parts = (s.steps_per_epoch, s.model, s.data, s.config, s.workdir, s.history)
+        return LoopContext(state, step, epoch, *parts)
 
     def _save(self, state, rec=None):
         """A checkpoint of ``state`` with the hooks' state (and ``rec`` for the best one)."""
-        self.checkpointer.save(state, rec, hook_state=hook_state(self.hooks))
+        extra = {**hook_state(self.hooks), **self.buffer.state_dict()}
+        self.checkpointer.save(state, rec, hook_state=extra)
         self.save_due = False
 
     def _flush(self, step, epoch):
