@@ -84,7 +84,7 @@ def test_readme_training_example_runs():
         assert "train/param_norm" in logged
 
 
-def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path, tiny_study):
+def test_curvature_demo_runs_and_rewrites_its_outputs(tmp_path, tiny_study):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     def demo(*args):
@@ -101,6 +101,16 @@ def test_curvature_demo_runs_and_rejects_bad_flags(tmp_path, tiny_study):
     for name in ("results.json", "report.md", "tracking.png", "tracking.pdf", "spectrum.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert json.load(open(os.path.join(workdir, "results.json")))["tracking"]["steps"] == [4, 8]
+
+
+def test_curvature_demo_rejects_bad_flags_in_one_line(tmp_path):
+    """Not in the tiny-study group: these stop before any work."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def demo(*args):
+        cmd = [sys.executable, "-m", "experiments.curvature_demo", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
     bad = demo("--stepz=3", f"--workdir={tmp_path}")
     assert bad.returncode == 2 and "stepz" in bad.stderr and "Traceback" not in bad.stderr
     bad = demo(
