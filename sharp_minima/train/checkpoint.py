@@ -131,10 +131,10 @@ class Checkpointer:
         loop needs to continue exactly: its hooks' state, `sharp_minima.train.hooks.hook_state`,
         and the steps not yet logged) goes to
         ``hook_state/<step>.npz``, written before the checkpoint it belongs to and kept as
-        long as that checkpoint."""
+        long as that checkpoint (None: no file, for a run whose hooks keep no state)."""
         s = int(state.step)
         if self.last.latest_step() != s:
-            if jax.process_index() == 0:
+            if hook_state is not None and jax.process_index() == 0:
                 buf = io.BytesIO()
                 np.savez(buf, **(hook_state or {}))
                 files.write_atomic(self._hook_state_path(s), buf.getvalue())

@@ -256,7 +256,8 @@ class _Loop:
     def _save(self, state, rec=None):
         """A checkpoint of ``state`` with the hooks' state (and ``rec`` for the best one)."""
         extra = {**hook_state(self.hooks), **self.buffer.state_dict()}
-        self.checkpointer.save(state, rec, hook_state=extra)
+        stateful = extra or any(hasattr(h.fn, "state_dict") for h in self.hooks)
+        self.checkpointer.save(state, rec, hook_state=extra if stateful else None)
         self.save_due = False
 
     def _flush(self, step, epoch):
