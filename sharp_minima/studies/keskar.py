@@ -447,7 +447,7 @@ def report_markdown(config, results: dict) -> str:
         f"SB = batch {k.small_batch}, LB = batch "
         f"{int(round(k.large_batch_fraction * num_train))} ({100 * k.large_batch_fraction:g}% "
         f"of {num_train} training examples); ADAM lr {config.optim.learning_rate:g}; mean ± std "
-        f"over {k.seeds} seed(s). Sharpness: f = mean training cross-entropy on "
+        f"over {train.plural(k.seeds, 'seed')}. Sharpness: f = mean training cross-entropy on "
         f"{k.sharpness_examples or num_train} training examples, BatchNorm in evaluation mode "
         f"(running statistics, not perturbed), dropout off; {k.max_iter} L-BFGS-B iterations; "
         f"subspace A: random n×{k.subspace_dim} with N(0, 1) entries. Paper: mean ± std over "

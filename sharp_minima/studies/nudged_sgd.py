@@ -434,7 +434,7 @@ def report_markdown(config, results: dict) -> str:
     lines += claims_table(results["claims"])
     lines += [
         "",
-        f"## Table 1 columns (here; mean over {n.seeds} seed(s))",
+        f"## Table 1 columns (here; mean over {train.plural(n.seeds, 'seed')})",
         "",
         f"| run | ‖H‖_F best/final | test acc. (best val.) | val. acc. ({n.val_epoch}) | loss | "
         "dist. | λ_max peak |",
