@@ -115,23 +115,7 @@ def validate(config) -> None:
         ("nsgd.curvature.stochastic", dict(low=0, integer=True)),
     ):
         num(config, path, **kw)
-    n, t = config.nsgd, config.nsgd.curvature
     checks = [
-        (all(k >= 1 for k in n.ks) and n.k >= 1, "config.nsgd.ks and config.nsgd.k must be >= 1"),
-        (len(n.gammas) >= 1 and all(g >= 0 for g in n.gammas), "config.nsgd.gammas must be >= 0"),
-        (all(lr > 0 for lr in n.baseline_learning_rates), "baseline_learning_rates must be > 0"),
-        (0 <= n.momentum < 1, f"config.nsgd.momentum must be in [0, 1), got {n.momentum}"),
-        (n.plateau_patience >= 1, "config.nsgd.plateau_patience must be >= 1"),
-        (n.frobenius_k >= 1, "config.nsgd.frobenius_k must be >= 1"),
-        (
-            1 <= n.val_epoch <= config.num_epochs,
-            f"config.nsgd.val_epoch must be in 1..{config.num_epochs}",
-        ),
-        (n.seeds >= 1, "config.nsgd.seeds must be >= 1"),
-        (
-            0 < t.fraction <= 1 and t.num_examples >= 0 and t.batch_size >= 1,
-            "config.nsgd.curvature: fraction in (0, 1], num_examples >= 0, batch_size >= 1",
-        ),
         (
             config.data.validation_fraction > 0,
             "NSGD drops η on a validation plateau: set config.data.validation_fraction > 0",
