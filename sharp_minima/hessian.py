@@ -1,4 +1,5 @@
-"""Hessian-vector products, Lanczos, eigenpairs, spectral density, trace and Frobenius norm.
+"""The Hessian: Hessian-vector products, and the Hessian operator with its solvers
+(Lanczos, eigenpairs, spectral density, trace and Frobenius norm).
 
 The curvature loss is ``loss_fn(params, batch) -> scalar``; ``params`` is any pytree and
 ``batch`` any pytree (or ``None`` for a loss without data). Operator-level functions take
@@ -26,7 +27,9 @@ call, so they compile on every call. State that changes during training (BatchNo
 statistics) belongs in ``params`` (e.g. ``{"params": ..., "batch_stats": ...}`` with
 ``wrt="^params/"``), never in the loss's closure.
 
-The plumbing (``wrt`` selection, raveling, the weighted batch mean, validation) is
+The solvers are `sharp_minima.curvature`'s (shared with the Gauss–Newton, Fisher and gradient
+covariance operators of `sharp_minima.operators`), re-exported here under their old names;
+the plumbing (``wrt`` selection, raveling, the weighted batch mean, validation) is
 `sharp_minima.objective`'s.
 
 Data parallelism: put ``batches`` on a device mesh with `shard_batches` (the example axis is
@@ -45,20 +48,25 @@ References:
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import scipy.linalg
-from jax import lax
 
 from sharp_minima import objective
+from sharp_minima.curvature import (  # noqa: F401  (re-exported: hessian's public names)
+    WHICH,
+    Eigenpairs,
+    Estimate,
+    LanczosResult,
+    Operator,
+    SpectralDensity,
+    rademacher_probes,
+    lanczos,
+    tridiagonal_eigh,
+)
 from sharp_minima.objective import LossFn, PyTree, batch_mean, shard_batches
+
+_probes = rademacher_probes  # the name the tests of earlier versions use
 
 __all__ = [
     "Curvature",
@@ -77,9 +85,6 @@ __all__ = [
     "trace",
     "tridiagonal_eigh",
 ]
-
-WHICH = ("LA", "SA", "LM", "BE")
-
 
 # --------------------------------------------------------------------------------------
 # Hessian-vector products
@@ -119,356 +124,21 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTr
 
 
 # --------------------------------------------------------------------------------------
-# Lanczos
+# The Hessian operator
 # --------------------------------------------------------------------------------------
 
 
-class LanczosResult(NamedTuple):
-    """Output of `lanczos`.
-
-    Attributes:
-      alphas: (m,) diagonal of the tridiagonal T.
-      betas: (m,) ``betas[j]`` couples basis vectors j and j+1; ``betas[m-1]`` is the norm of
-        the final residual (used for convergence estimates). A zero marks a breakdown after
-        which Lanczos continued from a fresh random vector.
-      basis: (m, n) orthonormal Lanczos vectors (rows).
-    """
-
-    alphas: jax.Array
-    betas: jax.Array
-    basis: jax.Array
-
-
-def _project(basis, x, rows=None):
-    """``(h, x - h @ basis)`` with ``h = basis @ x``: one Gram–Schmidt pass against the first
-    ``rows`` rows (all by default; may be traced).
-
-    Modified Gram–Schmidt, one row at a time: each filled row is read from memory once (the
-    dot product and the update then hit the cache), and the empty rows of a large basis
-    are never read.
-    """
-    m, _ = basis.shape
-    rows = m if rows is None else rows
-
-    def body(r, carry):
-        h, x = carry
-        v = basis[r]
-        c = jnp.vdot(v, x)
-        return h.at[r].set(c), x - c * v
-
-    return lax.fori_loop(0, rows, body, (jnp.zeros((m,), basis.dtype), x))
-
-
-def _orthogonalize(basis, w):
-    """Classical Gram–Schmidt twice against all rows of ``basis`` (unused rows are zero)."""
-    h1, w = _project(basis, w)
-    h2, w = _project(basis, w)
-    return w, h1 + h2
-
-
-def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm):
-    """Runs Lanczos steps ``start..stop-1`` on a preallocated (m, n) basis.
-
-    Rows ``0..start`` of ``basis`` must hold the orthonormal vectors built so far (row
-    ``start`` is the current vector). ``anorm`` is a running estimate of the operator norm
-    used for the breakdown test. Returns the updated ``(basis, alphas, betas, anorm)``.
-
-    Each step is the three-term recurrence followed by one full reorthogonalisation pass
-    against the rows in use, and a second pass only when the first removed more than half of
-    the vector's norm ("twice is enough", Parlett 1998; Giraud et al. 2005).
-    """
-    body = functools.partial(_lanczos_step, matvec, key)
-    return lax.fori_loop(start, stop, body, (basis, alphas, betas, anorm))
-
-
-def _lanczos_step(matvec, key, i, carry):
-    """Lanczos step ``i`` (see `_lanczos_steps`) on ``carry = (basis, alphas, betas, anorm)``."""
-    basis, alphas, betas, anorm = carry
-    n = basis.shape[1]
-    eps = jnp.finfo(basis.dtype).eps
-    v, v_prev = basis[i], basis[jnp.maximum(i - 1, 0)]
-    w = matvec(v)
-    anorm = jnp.maximum(anorm, jnp.linalg.norm(w))
-    alpha = jnp.vdot(v, w)
-    beta_prev = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0)
-    w = w - alpha * v - beta_prev * v_prev
-    # Breakdown (an invariant Krylov subspace): continue from a random vector instead,
-    # with a zero coupling, so T splits into blocks; eigenvalues outside the subspace, and
-    # further copies of repeated ones, are then still found, and no 0/0 appears. The
-    # choice is a select (not a cond, which would copy the basis every step).
-    breakdown = jnp.linalg.norm(w) <= 100 * eps * anorm
-    r = jax.random.normal(jax.random.fold_in(key, i), (n,), basis.dtype)
-    x = jnp.where(breakdown, r / jnp.linalg.norm(r), w)
-    norm_before = jnp.linalg.norm(x)
-    h, x = _project(basis, x, i + 1)
-    h2, x = _project(basis, x, jnp.where(jnp.linalg.norm(x) < 0.5 * norm_before, i + 1, 0))
-    alpha = alpha + jnp.where(breakdown, 0, h[i] + h2[i])
-    norm_x = jnp.linalg.norm(x)
-    beta = jnp.where(breakdown, 0, norm_x).astype(basis.dtype)
-    # The last step keeps only beta. (A clamped row and a select on that row, not
-    # ``.at[i + 1].set(mode="drop")``: XLA lowers the dropped write to a select over the whole
-    # basis, rewriting all m rows every step.)
-    row = jnp.minimum(i + 1, basis.shape[0] - 1)
-    new_row = jnp.where(i + 1 < basis.shape[0], x / norm_x, basis[row])
-    basis = lax.dynamic_update_slice_in_dim(basis, new_row[None], row, axis=0)
-    return basis, alphas.at[i].set(alpha), betas.at[i].set(beta), anorm
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _init_basis(v0, num_steps):
-    """A zero (num_steps, n) basis with the normalised ``v0`` in row 0, and zero alphas and
-    betas. (Jitted, so the basis is written once, in place; module level: no loss in it.)"""
-    v0 = v0 / jnp.linalg.norm(v0)
-    basis = jnp.zeros((num_steps, v0.shape[0]), v0.dtype).at[0].set(v0)
-    return basis, jnp.zeros((num_steps,), v0.dtype), jnp.zeros((num_steps,), v0.dtype)
-
-
-def _fallback_key(v0):
-    # A key derived from the start vector, so `lanczos` stays deterministic without the
-    # caller having to pass one (used only for restarts after a breakdown).
-    bits = lax.bitcast_convert_type(v0.astype(jnp.float32), jnp.uint32)
-    return jax.random.key(jnp.bitwise_xor.reduce(bits))
-
-
-def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: int, *, key=None):
-    """Symmetric Lanczos with full reorthogonalisation.
-
-    Pure: a `lax.fori_loop` over a preallocated (num_steps, n) basis, so compile time does not
-    depend on ``num_steps``. Every new vector is orthogonalised against the whole basis by
-    classical Gram–Schmidt twice. On breakdown (an invariant Krylov subspace) the iteration
-    continues from a random vector orthogonal to the basis with a zero off-diagonal, so
-    repeated eigenvalues are found with their multiplicity and no NaN is produced.
-
-    Args:
-      matvec: symmetric linear map on vectors of ``v0``'s shape and dtype.
-      v0: (n,) start vector (need not be normalised).
-      num_steps: number of Lanczos steps m (1 <= m <= n).
-      key: key for restart vectors after a breakdown; default derived from ``v0``.
-
-    Returns:
-      `LanczosResult` (alphas, betas, basis). Diagonalise the tridiagonal with
-      `tridiagonal_eigh` (float64, on the host).
-
-    Raises:
-      ValueError: ``v0`` is not a vector, or ``num_steps`` is out of range.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from sharp_minima import hessian
-      >>> A = jnp.diag(jnp.array([3.0, 1.0, -2.0, 0.5]))
-      >>> res = hessian.lanczos(lambda v: A @ v, jnp.ones(4), 4)
-      >>> values, _ = hessian.tridiagonal_eigh(res.alphas, res.betas)
-      >>> values.round(6).tolist()
-      [-2.0, 0.5, 1.0, 3.0]
-    """
-    if jnp.ndim(v0) != 1:
-        raise ValueError(f"v0 must be a vector, got shape {jnp.shape(v0)}")
-    n = jnp.shape(v0)[0]
-    if not 1 <= num_steps <= n:
-        raise ValueError(f"num_steps must be in [1, {n}] (the dimension), got {num_steps}")
-    key = _fallback_key(v0) if key is None else key
-    basis, alphas, betas = _init_basis(v0, num_steps)
-    basis, alphas, betas, _ = _lanczos_steps(
-        matvec, basis, alphas, betas, 0, num_steps, key, jnp.zeros((), basis.dtype)
-    )
-    return LanczosResult(alphas, betas, basis)
-
-
-def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
-    """Eigendecomposition of the Lanczos tridiagonal in float64 on the host.
-
-    Args:
-      alphas: (m,) diagonal.
-      betas: (m,) or (m-1,) off-diagonal (a trailing residual norm is ignored).
-
-    Returns:
-      ``(values, vectors)``: ascending float64 eigenvalues (m,) and eigenvectors (m, m) as
-      columns.
-    """
-    a = np.asarray(alphas, np.float64)
-    b = np.asarray(betas, np.float64)[: a.shape[0] - 1]
-    if a.shape[0] == 1:
-        return a.copy(), np.ones((1, 1))
-    return scipy.linalg.eigh_tridiagonal(a, b)
-
-
-# --------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------
-
-
-class Eigenpairs(NamedTuple):
-    """Output of `eigenpairs`.
-
-    Attributes:
-      values: (k,) float64 eigenvalues ("LA": descending; "SA": ascending; "LM": by
-        descending magnitude; "BE": descending).
-      vectors: pytree like params with a leading axis k; orthonormal (entries of parameters
-        outside ``wrt`` are zero).
-      residuals: (k,) float64 ``||H v - lambda v||``: Lanczos's estimate
-        ``|beta_m s_mi|`` (free; equal to the true residual while the basis stays
-        orthonormal), or measured with one HVP per vector when ``exact_residuals=True``.
-      converged: (k,) bool: the eigenvalue error bound ``min(r, r^2 / gap)`` (r the
-        residual, gap the distance to the nearest other Ritz value) is at most
-        ``tol * max|lambda|``.
-      num_steps: Lanczos steps (HVPs) taken, over all restarts, not counting the k HVPs
-        of ``exact_residuals``.
-      tridiagonal: ``(alphas, betas)`` of the last Lanczos run (float64, the rows in use),
-        e.g. to save along training.
-    """
-
-    values: np.ndarray
-    vectors: PyTree
-    residuals: np.ndarray
-    converged: np.ndarray
-    num_steps: int
-    tridiagonal: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
-
-
-class Estimate(NamedTuple):
-    """A stochastic estimate: ``value`` ± ``stderr`` (one standard error), and its cost."""
-
-    value: float
-    stderr: float
-    num_matvecs: int
-
-
-class SpectralDensity(NamedTuple):
-    """Output of `spectral_density` (stochastic Lanczos quadrature).
-
-    Attributes:
-      nodes: (num_probes, m) Ritz values per probe (float64).
-      weights: (num_probes, m) Gauss quadrature weights per probe (each row sums to 1).
-      grid: (num_points,) evaluation points.
-      density: (num_points,) Gaussian-smoothed spectral density (integrates to ~1).
-      stderr: (num_points,) standard error of ``density`` over the probes.
-      sigma: the Gaussian smoothing width used.
-    """
-
-    nodes: np.ndarray
-    weights: np.ndarray
-    grid: np.ndarray
-    density: np.ndarray
-    stderr: np.ndarray
-    sigma: float
-
-
-def _select_ritz(theta, k, which):
-    """Indices of the wanted Ritz values (theta ascending) in the order documented above."""
-    if which == "LA":
-        return np.arange(len(theta) - 1, len(theta) - 1 - k, -1)
-    if which == "SA":
-        return np.arange(k)
-    if which == "LM":
-        return np.argsort(-np.abs(theta), kind="stable")[:k]
-    top = np.arange(len(theta) - 1, len(theta) - 1 - (k + 1) // 2, -1)
-    bottom = np.arange(k // 2)[::-1]
-    return np.concatenate([top, bottom])
-
-
-def _error_bounds(theta, residuals, idx):
-    """Eigenvalue error bounds ``min(r, r^2 / gap)`` of the Ritz values ``theta[idx]``
-    (Parlett 1998, Sec. 11.7; gap = distance to the nearest other Ritz value). numpy."""
-    others = np.abs(theta[idx][:, None] - theta[None, :])
-    others[np.arange(len(idx)), idx] = np.inf
-    if len(theta) < 2:  # no gap to measure: only the residual bound holds
-        return residuals
-    gap = np.maximum(others.min(axis=1), np.finfo(np.float64).tiny)
-    return np.minimum(residuals, residuals**2 / gap)
-
-
-def _converged_on_device(alphas, betas, pos, min_pos, tol, *, k, which):
-    """Whether the k wanted Ritz values of ``T[:pos, :pos]`` meet the eigenvalue tolerance:
-    the device-side twin of the host test in `Curvature.eigenpairs` (one dense ``eigh`` of the
-    whole m x m tridiagonal, its unused rows set far outside the spectrum and decoupled, so
-    the compiled code does not depend on ``pos``)."""
-    m = alphas.shape[0]
-    rows = jnp.arange(m)
-    live = rows < pos
-    bound = jnp.max(jnp.abs(alphas)) + 2 * jnp.max(jnp.abs(betas)) + 1  # >= ||T|| (Gershgorin)
-    diag = jnp.where(live, alphas, 2 * bound)
-    off = jnp.where(rows < pos - 1, betas, 0)[:-1]
-    theta, s = jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
-    real = jnp.sum(jnp.where(live[:, None], s**2, 0), axis=0) > 0.5
-    neg_inf = jnp.asarray(-jnp.inf, theta.dtype)
-    if which == "BE":
-        _, top = lax.top_k(jnp.where(real, theta, neg_inf), (k + 1) // 2)
-        _, bottom = lax.top_k(jnp.where(real, -theta, neg_inf), k // 2)
-        idx = jnp.concatenate([top, bottom])
-    else:
-        score = {"LA": theta, "SA": -theta, "LM": jnp.abs(theta)}[which]
-        _, idx = lax.top_k(jnp.where(real, score, neg_inf), k)
-    last = betas[jnp.maximum(pos - 1, 0)]
-    res = jnp.abs(last * s[jnp.maximum(pos - 1, 0), idx])
-    dist = jnp.abs(theta[idx][:, None] - theta[None, :])
-    dist = jnp.where(real[None, :] & (jnp.arange(m)[None, :] != idx[:, None]), dist, jnp.inf)
-    gap = dist.min(axis=1)  # inf for a lone Ritz value: then only the residual bound holds
-    err = jnp.where(
-        jnp.isfinite(gap),
-        jnp.minimum(res, res**2 / jnp.maximum(gap, jnp.finfo(theta.dtype).tiny)),
-        res,
-    )
-    scale = jnp.max(jnp.where(real, jnp.abs(theta), 0))
-    eps = jnp.finfo(alphas.dtype).eps
-    # A (near-)zero last beta means the Krylov space just became invariant: every Ritz pair
-    # looks converged although eigenvalues outside it are unseen. Stop only while exploring.
-    exploring = jnp.abs(last) > jnp.sqrt(eps) * scale
-    ok = (pos >= min_pos) & exploring & jnp.all(err <= tol * scale)
-    return ok | ~jnp.all(jnp.isfinite(alphas))  # NaN: stop at once, the host reports it
-
-
-@functools.partial(jax.jit, static_argnums=(3,))
-def _jitted_grow(basis, alphas, betas, m):
-    """The basis, alphas and betas padded with zeros to m rows (module level: no loss)."""
-    pad = m - basis.shape[0]
-    return (
-        jnp.pad(basis, ((0, pad), (0, 0))),
-        jnp.pad(alphas, (0, pad)),
-        jnp.pad(betas, (0, pad)),
-    )
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _jitted_lock(basis, coeffs, values, key):
-    """A new basis: the Ritz vectors ``coeffs @ basis`` locked in its first k rows (with
-    ``values`` on the diagonal of T and zero couplings), then a random orthogonal vector.
-    (Module level: it does not depend on the caller's loss.)"""
-    k, (m, n) = coeffs.shape[0], basis.shape
-    ritz = coeffs @ basis
-    new = jnp.zeros_like(basis).at[:k].set(ritz)
-    r = jax.random.normal(key, (n,), basis.dtype)
-    r, _ = _orthogonalize(new, r)
-    r, _ = _orthogonalize(new, r / jnp.linalg.norm(r))
-    new = new.at[k].set(r / jnp.linalg.norm(r))
-    alphas = jnp.zeros((m,), basis.dtype).at[:k].set(values)
-    return new, alphas, jnp.zeros((m,), basis.dtype)
-
-
-def _probes(key, num, n, dtype):
-    """Rademacher probes (num, n): E[z z^T] = I."""
-    return jax.random.rademacher(key, (num, n), dtype)
-
-
-def _mean_and_stderr(samples):
-    samples = np.asarray(samples, np.float64)
-    if samples.size < 2:
-        return float(samples.mean()), float("nan")
-    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(samples.size))
-
-
-# --------------------------------------------------------------------------------------
-# The curvature object
-# --------------------------------------------------------------------------------------
-
-
-class Curvature:
+class Curvature(Operator):
     """The Hessian of a loss as an operator that owns its compiled kernels.
 
-    ``Curvature(loss_fn, wrt=...)`` compiles each kernel (the batched HVP, a chunk of Lanczos
-    steps, a block of HVPs, stochastic Lanczos quadrature) the first time it is used and
-    reuses it for any parameters, batches and weights of the same shapes and dtypes: hold one
-    along training and call it with new parameters (and BatchNorm statistics, which belong in
-    ``params``) each time. Nothing outside the object keeps the loss alive.
+    The solvers (`eigenpairs`, `spectral_density`, `trace`, `frobenius_norm`, `lanczos`,
+    `matvec`) are `sharp_minima.curvature.Operator`'s; this class defines the product, a
+    Hessian-vector product by forward-over-reverse differentiation averaged over the
+    weighted batches. ``Curvature(loss_fn, wrt=...)`` compiles each kernel the first time it
+    is used and reuses it for any parameters, batches and weights of the same shapes and
+    dtypes: hold one along training and call it with new parameters (and BatchNorm
+    statistics, which belong in ``params``) each time. Nothing outside the object keeps the
+    loss alive.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -495,32 +165,17 @@ class Curvature:
       (12.0, 1)
     """
 
+    name = "hessian"
+    products = "Hessian-vector products"
+
     def __init__(self, loss_fn: LossFn, *, wrt=None, chunk: int = 8):
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.objective = objective.Objective(loss_fn, wrt)
-        self.chunk = chunk
-        self.num_traces = 0
-        self._matvec_jit = jax.jit(self._matvec_kernel)
-        self._matmat_jit = jax.jit(self._matmat_kernel, static_argnames="chunk")
-        self._lanczos_jit = jax.jit(
-            self._lanczos_kernel,
-            donate_argnums=(3, 4, 5),
-            static_argnames=("k", "which", "check_every"),
-        )
-        self._slq_jit = jax.jit(self._slq_kernel, static_argnames="num_steps")
+        super().__init__(objective.Objective(loss_fn, wrt), chunk=chunk)
 
     @property
     def loss_fn(self) -> LossFn:
         return self.objective.loss_fn
 
-    @property
-    def wrt(self):
-        return self.objective.wrt
-
-    # -- kernels (traced once per input shape) ------------------------------------------
-
-    def flat_matvec(self, params, batches, weights):
+    def flat_matvec(self, params, batches, weights, operands=None):
         """``(x0, matvec)``: the weighted-average HVP over all batches on flat vectors of the
         ``wrt`` parameters. Call inside a trace (e.g. to build your own jitted kernel on
         `lanczos`), with ``weights`` summing to one (`objective.normalized_weights`)."""
@@ -531,445 +186,6 @@ class Curvature:
             return jax.jvp(lambda x: grad(x, batch), (x0,), (v,))[1]
 
         return x0, lambda v: batch_mean(lambda b: one(v, b), batches, weights)
-
-    def _matvec_kernel(self, params, batches, weights, tangent):
-        self.num_traces += 1
-        _, matvec = self.flat_matvec(params, batches, weights)
-        return self.objective.unflatten(params, matvec(self.objective.flatten(tangent)))
-
-    def _matmat_kernel(self, params, batches, weights, vectors, *, chunk):
-        """``vectors (p, n) -> H @ vectors`` (p HVPs, ``chunk`` of them vmapped at a time)."""
-        self.num_traces += 1
-        _, matvec = self.flat_matvec(params, batches, weights)
-        return lax.map(matvec, vectors, batch_size=chunk)
-
-    def _lanczos_kernel(
-        self,
-        params,
-        batches,
-        weights,
-        basis,
-        alphas,
-        betas,
-        pos,
-        min_pos,
-        limit,
-        key,
-        anorm,
-        tol,
-        *,
-        k,
-        which,
-        check_every,
-    ):
-        """Lanczos from row ``pos`` until the k wanted Ritz values meet ``tol`` (tested on the
-        device every ``check_every`` steps) or ``limit`` steps are done (``limit = m - 1``
-        keeps the next Lanczos vector in the last row, so a grown basis can go on)."""
-        self.num_traces += 1
-        _, matvec = self.flat_matvec(params, batches, weights)
-
-        def cond(carry):
-            return (carry[3] < limit) & ~carry[5]
-
-        # One loop of single steps, the test under a `lax.cond` every `check_every` steps (it
-        # reads only alphas and betas): nested loops made XLA copy the basis at every chunk.
-        def body(carry):
-            basis, alphas, betas, pos, anorm, _ = carry
-            basis, alphas, betas, anorm = _lanczos_step(
-                matvec, key, pos, (basis, alphas, betas, anorm)
-            )
-            pos = pos + 1
-            done = lax.cond(
-                (pos % check_every == 0) | (pos == limit),
-                lambda: _converged_on_device(alphas, betas, pos, min_pos, tol, k=k, which=which),
-                lambda: jnp.asarray(False),
-            )
-            return basis, alphas, betas, pos, anorm, done
-
-        init = (basis, alphas, betas, jnp.asarray(pos, jnp.int32), anorm, jnp.asarray(False))
-        return lax.while_loop(cond, body, init)[:5]
-
-    def _slq_kernel(self, params, batches, weights, probes, key, *, num_steps):
-        self.num_traces += 1
-        _, matvec = self.flat_matvec(params, batches, weights)
-
-        def one(args):
-            v0, i = args
-            basis, alphas, betas = _init_basis(v0, num_steps)
-            _, alphas, betas, _ = _lanczos_steps(
-                matvec,
-                basis,
-                alphas,
-                betas,
-                0,
-                num_steps,
-                jax.random.fold_in(key, i),
-                jnp.zeros((), basis.dtype),
-            )
-            return alphas, betas
-
-        # Probes one after another: each needs a full basis, and only the tridiagonals are kept.
-        return lax.map(one, (probes, jnp.arange(probes.shape[0])))
-
-    # -- the operator -------------------------------------------------------------------
-
-    def operator(self, params, batches, *, weights=None) -> Callable[[PyTree], PyTree]:
-        """The Hessian at ``params`` over ``batches`` as ``tangent -> H @ tangent`` (pytrees);
-        the inputs are validated once."""
-        prep = self.objective.prepare(params, batches, weights)
-
-        def matvec(tangent):
-            objective.check_like("tangent", tangent, params)
-            return self._matvec_jit(prep.params, batches, prep.weights, tangent)
-
-        return matvec
-
-    def matvec(self, params, batches, tangent, *, weights=None) -> PyTree:
-        """``H @ tangent`` (a pytree like params; zero outside ``wrt``)."""
-        return self.operator(params, batches, weights=weights)(tangent)
-
-    def _matmat(self, prep, batches, vectors):
-        return self._matmat_jit(prep.params, batches, prep.weights, vectors, chunk=self.chunk)
-
-    # -- eigenpairs ---------------------------------------------------------------------
-
-    def eigenpairs(
-        self,
-        params: PyTree,
-        batches: PyTree | None,
-        *,
-        k: int,
-        key: jax.Array,
-        num_steps: int | None = None,
-        which: str = "LA",
-        weights=None,
-        init_vectors: PyTree | None = None,
-        tol: float = 1e-4,
-        check_every: int = 1,
-        restart: bool = False,
-        exact_residuals: bool = False,
-    ) -> Eigenpairs:
-        """Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation.
-
-        One jitted call runs Lanczos on a preallocated basis and, every ``check_every``
-        steps, tests on the device whether the k wanted Ritz values are accurate to
-        ``tol * max|lambda|`` (error bound ``min(r, r^2 / gap)`` from the Lanczos residual
-        estimates r); the compiled code depends on neither ``num_steps`` nor where it stops.
-        The tridiagonal is then diagonalised in float64 on the host and the Ritz vectors
-        formed. Jastrzębski et al. (2019) track the top eigenpairs this way along training;
-        pass the previous vectors as ``init_vectors`` to warm-start.
-
-        A single Krylov sequence sees only one copy of a repeated eigenvalue. With
-        ``restart=True`` the converged pairs are locked and Lanczos restarts from a random
-        vector orthogonal to them until a restart adds nothing to the wanted set (each
-        restart takes at least k + 10 more steps): use it when the spectrum may have exact
-        repeats (e.g. the Kronecker-structured last layer of a multi-output MSE model).
-
-        Args:
-          params: pytree at which the Hessian is taken.
-          batches: batch pytree with a leading axis over batches, or ``None``.
-          k: number of eigenpairs.
-          key: key for the start vector (and restarts after a breakdown).
-          num_steps: size of the Lanczos basis, i.e. the most steps between restarts
-            (memory is ``num_steps * n`` numbers). By default the basis starts at
-            ``min(n, max(2k + 20, 30))`` rows and doubles whenever it fills up before the
-            wanted pairs converge; an explicit ``num_steps`` is a hard limit.
-          which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude,
-            "BE" both ends (ceil(k/2) largest and floor(k/2) smallest).
-          weights: optional per-batch weights (see the module docstring).
-          init_vectors: optional pytree like params with a leading axis (e.g. the previous
-            ``vectors``); Lanczos starts from their sum plus a small random part.
-          tol: eigenvalue accuracy relative to ``max|lambda|``, for stopping and the
-            ``converged`` flags.
-          check_every: steps between convergence tests (on the device, cheap).
-          restart: lock and restart to find repeated eigenvalues (see above).
-          exact_residuals: measure ``||H v - lambda v||`` with k more HVPs instead of
-            reporting the Lanczos estimates.
-
-        Returns:
-          `Eigenpairs`.
-
-        Raises:
-          ValueError: bad ``k``, ``num_steps``, ``which``, ``weights`` or shapes; non-scalar
-            loss.
-          FloatingPointError: the HVPs produced NaN or Inf.
-        """
-        if which not in WHICH:
-            raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-        prep = self.objective.prepare(params, batches, weights)
-        n, dtype = prep.dim, prep.dtype
-        if not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if k > n:
-            raise ValueError(f"k={k} exceeds the dimension {n} of the (selected) parameters")
-        grow = num_steps is None
-        m = min(n, max(2 * k + 20, 30)) if grow else num_steps
-        if m < k:
-            raise ValueError(f"num_steps={m} must be at least k={k}")
-        if m > n:
-            raise ValueError(
-                f"num_steps={m} exceeds the dimension {n} of the (selected) parameters"
-            )
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}")
-
-        key_start, key_restart = jax.random.split(key)
-        v0 = jax.random.normal(key_start, (n,), dtype)
-        if init_vectors is not None:
-            prev = jax.vmap(self.objective.flatten)(init_vectors)
-            if prev.ndim != 2 or prev.shape[-1] != n:
-                raise ValueError(
-                    f"init_vectors must be params-shaped with a leading axis; got {prev.shape}"
-                )
-            guess = prev.astype(dtype).sum(0)
-            v0 = guess / jnp.linalg.norm(guess) + 0.1 * v0 / jnp.linalg.norm(v0)
-
-        basis, alphas, betas = _init_basis(v0, m)
-        anorm = jnp.zeros((), dtype)
-        pos, total, locked = 0, 0, None  # basis[pos] is the vector to expand next
-        min_pos = k  # no convergence test before this row
-        for round_ in itertools.count():
-            limit = m - 1 if grow and m < n else m
-            basis, alphas, betas, stop, anorm = self._lanczos_jit(
-                prep.params,
-                batches,
-                prep.weights,
-                basis,
-                alphas,
-                betas,
-                pos,
-                min_pos,
-                limit,
-                key_restart,
-                anorm,
-                jnp.asarray(tol, dtype),
-                k=k,
-                which=which,
-                check_every=check_every,
-            )
-            stop = int(stop)
-            total, pos = total + stop - pos, stop
-            a, b = np.asarray(alphas[:pos], np.float64), np.asarray(betas[:pos], np.float64)
-            objective.check_finite(f"Hessian-vector products (Lanczos step {total})", a, b)
-            theta, s = tridiagonal_eigh(a, b)
-            idx = _select_ritz(theta, k, which)
-            values = theta[idx]
-            scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-            if grow and pos == limit < m:
-                estimates = np.abs(b[-1] * s[-1, idx])
-                if np.any(_error_bounds(theta, estimates, idx) > tol * scale):
-                    # Not converged in a full basis: double it and go on (one new compilation).
-                    m = min(n, 2 * m)
-                    basis, alphas, betas = _jitted_grow(basis, alphas, betas, m)
-                    continue
-            same = locked is not None and np.allclose(
-                np.sort(values), np.sort(locked), rtol=0, atol=tol * scale
-            )
-            if not restart or pos == m or same or k + 1 + check_every > m:
-                break
-            coeffs = np.zeros((k, m))
-            coeffs[:, :pos] = s[:, idx].T
-            basis, alphas, betas = _jitted_lock(
-                basis,
-                jnp.asarray(coeffs, dtype),
-                jnp.asarray(values, dtype),
-                jax.random.fold_in(key_restart, round_),
-            )
-            # The new block needs a few steps before the locked pairs (decoupled, zero
-            # residual) may be declared complete.
-            locked, pos, min_pos = values, k, min(m, 2 * k + 10)
-
-        coeffs = np.zeros((k, m))
-        coeffs[:, :pos] = s[:, idx].T
-        ritz = jnp.asarray(coeffs, dtype) @ basis  # (k, n); rows past `pos` are zero
-        del basis
-        if exact_residuals:
-            hv = self._matmat(prep, batches, ritz)
-            residuals = np.linalg.norm(
-                np.asarray(hv, np.float64) - values[:, None] * np.asarray(ritz, np.float64),
-                axis=1,
-            )
-            objective.check_finite("Hessian-vector products (residuals)", residuals)
-        else:
-            residuals = np.abs(b[-1] * s[-1, idx])
-        converged = _error_bounds(theta, residuals, idx) <= tol * scale
-        vectors = jax.vmap(lambda r: self.objective.unflatten(params, r))(ritz)
-        return Eigenpairs(values, vectors, residuals, converged, total, (a, b))
-
-    # -- spectral density ---------------------------------------------------------------
-
-    def spectral_density(
-        self,
-        params: PyTree,
-        batches: PyTree | None,
-        *,
-        key: jax.Array,
-        num_probes: int = 10,
-        num_steps: int | None = None,
-        num_points: int = 1000,
-        sigma: float | None = None,
-        grid=None,
-        weights=None,
-    ) -> SpectralDensity:
-        """Hessian spectral density by stochastic Lanczos quadrature (SLQ).
-
-        For each Rademacher probe z, ``num_steps`` Lanczos steps from z/|z| give Ritz values
-        theta_j and weights tau_j (squared first components of the tridiagonal's
-        eigenvectors); ``sum_j tau_j f(theta_j)`` is the Gauss quadrature of
-        ``z^T f(H) z / n``, exact for polynomials of degree < 2 num_steps. The density is the
-        probe average of ``sum_j tau_j N(t; theta_j, sigma^2)`` (Ghorbani et al. 2019).
-
-        Args:
-          params, batches, weights: the operator (see `eigenpairs`).
-          key: key for the probes.
-          num_probes: number of probes.
-          num_steps: Lanczos steps per probe (default ``min(n, 80)``).
-          num_points: grid size when ``grid`` is not given.
-          sigma: smoothing width (default 1% of the Ritz-value range, or 1e-3 if empty).
-          grid: optional evaluation points.
-
-        Returns:
-          `SpectralDensity`.
-        """
-        prep = self.objective.prepare(params, batches, weights)
-        n = prep.dim
-        m = min(n, 80) if num_steps is None else num_steps
-        if not 1 <= m <= n:
-            raise ValueError(f"num_steps must be in [1, {n}] (the dimension), got {m}")
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-        key_probe, key_restart = jax.random.split(key)
-        z = _probes(key_probe, num_probes, n, prep.dtype)
-        alphas, betas = self._slq_jit(
-            prep.params, batches, prep.weights, z, key_restart, num_steps=m
-        )
-        objective.check_finite("Hessian-vector products (spectral density)", alphas, betas)
-        nodes, taus = [], []
-        for a, b in zip(np.asarray(alphas), np.asarray(betas)):
-            theta, s = tridiagonal_eigh(a, b)
-            nodes.append(theta)
-            taus.append(s[0] ** 2)
-        nodes, taus = np.stack(nodes), np.stack(taus)
-        lo, hi = nodes.min(), nodes.max()
-        if sigma is None:
-            sigma = 0.01 * (hi - lo) if hi > lo else 1e-3
-        if sigma <= 0:
-            raise ValueError(f"sigma must be positive, got {sigma}")
-        if grid is None:
-            grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
-        grid = np.asarray(grid, np.float64)
-        gauss = np.exp(-0.5 * ((grid[None, None, :] - nodes[..., None]) / sigma) ** 2)
-        per_probe = (taus[..., None] * gauss).sum(1) / (sigma * math.sqrt(2 * math.pi))
-        stderr = (
-            per_probe.std(0, ddof=1) / math.sqrt(num_probes)
-            if num_probes > 1
-            else np.full_like(grid, np.nan)
-        )
-        return SpectralDensity(nodes, taus, grid, per_probe.mean(0), stderr, float(sigma))
-
-    # -- trace and Frobenius norm -------------------------------------------------------
-
-    def trace(
-        self,
-        params: PyTree,
-        batches: PyTree | None,
-        *,
-        key: jax.Array,
-        num_matvecs: int = 99,
-        method: str = "hutch++",
-        weights=None,
-    ) -> Estimate:
-        """Stochastic estimate of the Hessian trace.
-
-        ``"hutchinson"``: mean of z^T H z over Rademacher probes (Hutchinson 1989).
-        ``"hutch++"``: a third of the budget sketches the top of the spectrum
-        (Q = qr(H S)), whose trace is taken exactly, and the rest runs Hutchinson on the
-        deflated remainder (Meyer et al. 2021); far lower variance when a few eigenvalues
-        dominate, as in neural networks. The standard error is that of the Hutchinson part.
-
-        Args:
-          params, batches, weights: the operator (see `eigenpairs`).
-          key: key for the probes.
-          num_matvecs: total number of HVPs.
-          method: ``"hutch++"`` or ``"hutchinson"``.
-
-        Returns:
-          `Estimate` of tr(H).
-        """
-        if method not in ("hutch++", "hutchinson"):
-            raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-        prep = self.objective.prepare(params, batches, weights)
-        n, dtype = prep.dim, prep.dtype
-        if method == "hutchinson":
-            if num_matvecs < 1:
-                raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-            z = _probes(key, num_matvecs, n, dtype)
-            hz = self._matmat(prep, batches, z)
-            samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
-            objective.check_finite("Hessian-vector products (trace)", samples)
-            return Estimate(*_mean_and_stderr(samples), num_matvecs)
-        if num_matvecs < 3:
-            raise ValueError(f"hutch++ needs num_matvecs >= 3, got {num_matvecs}")
-        s = min(num_matvecs // 3, n)
-        g = num_matvecs - 2 * s
-        k1, k2 = jax.random.split(key)
-        hs = self._matmat(prep, batches, _probes(k1, s, n, dtype))
-        q, _ = jnp.linalg.qr(hs.T)  # (n, s), orthonormal columns spanning H S
-        hq = self._matmat(prep, batches, q.T)
-        exact = float(np.einsum("ns,sn->", np.asarray(q, np.float64), np.asarray(hq, np.float64)))
-        z = _probes(k2, g, n, dtype)
-        z = z - (z @ q) @ q.T  # (I - QQ^T) z
-        hz = self._matmat(prep, batches, z)
-        samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
-        objective.check_finite("Hessian-vector products (trace)", samples, [exact])
-        mean, stderr = _mean_and_stderr(samples) if g else (0.0, float("nan"))
-        return Estimate(exact + mean, stderr, 2 * s + g)
-
-    def frobenius_norm(
-        self,
-        params: PyTree,
-        batches: PyTree | None,
-        *,
-        key: jax.Array,
-        method: str = "hutchinson",
-        num_matvecs: int = 100,
-        k: int = 50,
-        weights=None,
-    ) -> Estimate:
-        """Estimate of the Hessian's Frobenius norm.
-
-        ``"hutchinson"``: ``||H||_F^2 = E ||H z||^2`` over Rademacher probes; the standard
-        error of the norm follows by the delta method. ``"top_k"``: ``sqrt(sum_i lambda_i^2)``
-        over the k largest-magnitude eigenvalues, the approximation of Jastrzębski et al.
-        (2019, Table 1, top-50); a lower bound with no sampling error (``stderr`` is NaN).
-
-        Args:
-          params, batches, weights: the operator (see `eigenpairs`).
-          key: key for the probes / the Lanczos start vector.
-          method: ``"hutchinson"`` or ``"top_k"``.
-          num_matvecs: probes for ``"hutchinson"``.
-          k: eigenvalues for ``"top_k"``.
-
-        Returns:
-          `Estimate` of ||H||_F.
-        """
-        if method == "top_k":
-            out = self.eigenpairs(params, batches, k=k, key=key, which="LM", weights=weights)
-            return Estimate(float(np.sqrt(np.sum(out.values**2))), float("nan"), out.num_steps)
-        if method != "hutchinson":
-            raise ValueError(f"method must be 'hutchinson' or 'top_k', got {method!r}")
-        if num_matvecs < 1:
-            raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-        prep = self.objective.prepare(params, batches, weights)
-        z = _probes(key, num_matvecs, prep.dim, prep.dtype)
-        hz = self._matmat(prep, batches, z)
-        samples = (np.asarray(hz, np.float64) ** 2).sum(1)
-        objective.check_finite("Hessian-vector products (Frobenius norm)", samples)
-        sq, sq_err = _mean_and_stderr(samples)
-        value = math.sqrt(max(sq, 0.0))
-        return Estimate(value, sq_err / (2 * value) if value > 0 else float("nan"), num_matvecs)
 
 
 # --------------------------------------------------------------------------------------
@@ -1024,7 +240,7 @@ def eigenpairs(
     init_vectors: PyTree | None = None,
     tol: float = 1e-4,
     check_every: int = 1,
-    restart: bool = False,
+    restart: bool = True,
     exact_residuals: bool = False,
 ) -> Eigenpairs:
     """Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation.

@@ -97,6 +97,18 @@ def l2_penalty(params) -> jax.Array:
     return total
 
 
+def evaluation_model_fn(model):
+    """The evaluation-mode outputs of a Flax model: ``model_fn(variables, batch) -> logits``
+    (``model.apply(variables, batch["x"], train=False)``: BatchNorm with the running
+    statistics in ``variables``, dropout off), for `sharp_minima.operators.GGN` and
+    `sharp_minima.operators.Fisher`."""
+
+    def model_fn(variables, batch):
+        return model.apply(variables, batch["x"], train=False)
+
+    return model_fn
+
+
 def evaluation_loss(model, weight_decay: float = 0.0):
     """The evaluation-mode loss of a Flax classifier, for curvature and sharpness.
 
@@ -113,8 +125,10 @@ def evaluation_loss(model, weight_decay: float = 0.0):
     ``wrt="^params/"``.
     """
 
+    model_fn = evaluation_model_fn(model)
+
     def loss(variables, batch):
-        logits = model.apply(variables, batch["x"], train=False)
+        logits = model_fn(variables, batch)
         value = cross_entropy(logits, batch["y"], batch.get("mask"))
         if weight_decay:
             value = value + weight_decay * l2_penalty(variables["params"])

@@ -50,8 +50,10 @@ __all__ = [
     "check_finite",
     "check_like",
     "check_scalar_loss",
+    "example_weights",
     "normalized_weights",
     "num_batches",
+    "per_example_losses",
     "replicate_like",
     "shard_batches",
 ]
@@ -152,6 +154,28 @@ def batch_mean(fn: Callable[[PyTree], PyTree], batches: PyTree | None, weights) 
     return acc
 
 
+# ------------------------------------------------------------------------------ examples
+
+
+def example_weights(batch: PyTree, size: int, dtype) -> jax.Array:
+    """The weights ωᵢ (summing to one) of a batch's ``size`` examples in its mean loss:
+    ``1/size`` each, or ``batch["mask"]`` (1 for a real example, 0 for padding, as
+    `sharp_minima.losses` reads it) normalised. Call inside a trace."""
+    mask = batch.get("mask") if isinstance(batch, dict) else None
+    if mask is None:
+        return jnp.full((size,), 1.0 / size, dtype)
+    mask = mask.astype(dtype)
+    return mask / jnp.maximum(mask.sum(), 1)
+
+
+def per_example_losses(f: Callable[[jax.Array, PyTree], jax.Array], x, batch) -> jax.Array:
+    """``(B,)`` values ``f(x, example_i)`` of a mean loss on each example of ``batch`` alone
+    (a batch of one, by `vmap`): the per-example losses whose gradients are the per-example
+    gradients. Right when examples do not interact (no BatchNorm in training mode).
+    Call inside a trace."""
+    return jax.vmap(lambda ex: f(x, jax.tree.map(lambda a: a[None], ex)))(batch)
+
+
 # -------------------------------------------------------------------------------- sharding
 
 
@@ -185,11 +209,21 @@ def shard_batches(batches: PyTree, devices=None, axis_name: str = "data") -> PyT
 
 
 def replicate_like(batches: PyTree | None, tree: PyTree) -> PyTree:
-    """Replicates ``tree`` on the mesh ``batches`` is sharded over (no-op otherwise)."""
+    """Replicates ``tree`` on the mesh ``batches`` is sharded over (no-op otherwise); leaves
+    already laid out on that mesh keep their sharding."""
     for x in jax.tree.leaves(batches):
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
+            mesh = sharding.mesh
+            replicated = NamedSharding(mesh, PartitionSpec())
+
+            def place(leaf):
+                own = getattr(leaf, "sharding", None)
+                if isinstance(own, NamedSharding) and own.mesh == mesh:
+                    return leaf  # already laid out on this mesh (e.g. FSDP parameters)
+                return jax.device_put(leaf, replicated)
+
+            return jax.tree.map(place, tree)
     return tree
 
 
