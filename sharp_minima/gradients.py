@@ -1,4 +1,40 @@
-"""Gradient statistics at fixed parameters: mini-batch gradients against given directions.
+"""Gradient statistics at fixed parameters: the gradient noise scale, and mini-batch
+gradients against given directions.
+
+**Noise.** With per-example gradients gᵢ of a mean loss over N examples, G = E[gᵢ] the mean
+gradient and Σ = Cov[gᵢ] their covariance (the matrix of `sharp_minima.operators.
+GradientCovariance`), a mini-batch gradient of B examples drawn with replacement has mean G and
+covariance Σ/B. `GradientNoise` estimates, in one pass over per-example gradients computed in
+chunks inside `jit` (``vmap`` inside ``lax.map``: the memory of one chunk of gradients):
+
+- ``|G|²`` and ``tr Σ``, both unbiased: tr Σ = N/(N−1)·(mean|gᵢ|² − |Ḡ|²) and
+  |G|² = |Ḡ|² − tr Σ/N (squaring the mean gradient's norm alone, as some trainers do, is
+  biased high by tr Σ/N; averaging norms instead of squared norms biases tr Σ low);
+- **B_simple = tr Σ / |G|²** (McCandlish et al. 2018, the critical batch size's simple
+  estimate), with standard errors (influence functions over the examples) and per-layer
+  parts that add up to the whole;
+- **B_noise = tr(HΣ) / (GᵀHG)** with Hessian-vector products (`GradientNoise.b_noise`).
+
+The **two-batch estimator** (McCandlish et al., App. A.1) needs no per-example gradients:
+from the squared norms of a small-batch gradient (B_small) and a big-batch gradient (B_big)
+at the same parameters,
+
+    |G|² ≈ (B_big |G_big|² − B_small |G_small|²) / (B_big − B_small),
+    tr Σ ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big).
+
+In data-parallel training the small batches are the per-device gradients and the big one
+their all-reduced mean, so a training step gets it almost for free (`grouped_grad`,
+`two_batch`); `sharp_minima.tracking.NoiseTracker` smooths both with bias-corrected EMAs.
+
+Conventions that trip users:
+
+- **Mean, not summed, loss.** Every statistic here is of the *mean* loss, so gᵢ is one
+  example's gradient. With a summed loss every gradient is N times larger and tr Σ N² times.
+- **Finite N.** Batches drawn without replacement from N examples have covariance
+  Σ/B·(1 − B/N)·N/(N−1); the SGD temperature of the SDE picture is T = η(1 − B/N)/B for a
+  mean loss (the lecture notes' g = η(N/B − 1) = N·T for a summed loss).
+- **Momentum** μ scales the effective step, and the temperature, by 1/(1 − μ):
+  T = η(1 − B/N)/(B(1 − μ)) (`temperature`).
 
 `DirectionProbe` measures what Jastrzębski et al. (2019, Sec. 3.2, Figs. 5 and 6) measure
 along the training trajectory: ``J`` mini-batch gradients g_j of a loss, their mean |cos|
@@ -13,19 +49,36 @@ subset); the gradients are of single mini-batches drawn from ``examples``. The p
 ``wrt`` subset, raveling at the edge, the batch mean) is `sharp_minima.objective.Objective`.
 
 Only jax and numpy are imported here.
+
+References:
+  McCandlish, Kaplan, Amodei et al. (2018), "An empirical model of large-batch training";
+  Smith & Le (2018); Jastrzębski et al. (2017, 2019).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from sharp_minima import hessian, objective
+from sharp_minima import tree_util as tu
 from sharp_minima.objective import Objective, batch_mean
 
-__all__ = ["DirectionProbe"]
+__all__ = [
+    "DirectionProbe",
+    "GradientNoise",
+    "NoiseEstimate",
+    "NoiseScale",
+    "grouped_grad",
+    "temperature",
+    "two_batch",
+]
 
 
 class DirectionProbe:
@@ -140,3 +193,278 @@ class DirectionProbe:
             jnp.asarray(ks, dtype),
             key,
         )
+
+
+# ------------------------------------------------------------------------------ noise scale
+
+
+class NoiseEstimate(NamedTuple):
+    """Unbiased estimates, each with one standard error (over the examples)."""
+
+    grad_norm_sq: float
+    grad_norm_sq_stderr: float
+    trace_cov: float
+    trace_cov_stderr: float
+    b_simple: float
+    b_simple_stderr: float
+
+
+class NoiseScale(NamedTuple):
+    """Output of `GradientNoise.measure`.
+
+    Attributes:
+      total: the `NoiseEstimate` of all ``wrt`` parameters.
+      layers: ``{group: NoiseEstimate}`` per parameter group (their ``grad_norm_sq`` and
+        ``trace_cov`` add up to the total's).
+      mean_gradient: Ḡ, a pytree like params (zero outside ``wrt``).
+      num_examples: N.
+    """
+
+    total: NoiseEstimate
+    layers: dict
+    mean_gradient: Any
+    num_examples: int
+
+
+def temperature(learning_rate, batch_size, num_examples=None, momentum=0.0) -> float:
+    """The SGD temperature T = η(1 − B/N) / (B(1 − μ)) of a mean loss (the scale of the noise
+    of the SDE picture; ``num_examples=None``: N → ∞).
+
+    >>> round(temperature(0.1, 100, 1000, momentum=0.9), 6)
+    0.009
+    """
+    finite = 1.0 if num_examples is None else 1.0 - batch_size / num_examples
+    return float(learning_rate) * finite / (batch_size * (1.0 - momentum))
+
+
+def two_batch(small_sq, big_sq, small_size, big_size) -> tuple[float, float]:
+    """``(|G|², tr Σ)`` from the squared norms of a small- and a big-batch gradient taken at
+    the same parameters (McCandlish et al. 2018, App. A.1); unbiased for batches drawn with
+    replacement, and for small batches that partition the big one (without replacement).
+    Works on arrays too (e.g. inside `jit`).
+
+    >>> two_batch(small_sq=1.5, big_sq=1.0625, small_size=2, big_size=16)
+    (1.0, 1.0)
+    """
+    if not 0 < small_size < big_size:
+        raise ValueError(f"need 0 < small_size < big_size, got {small_size}, {big_size}")
+    g2 = (big_size * big_sq - small_size * small_sq) / (big_size - small_size)
+    tr = (small_sq - big_sq) / (1.0 / small_size - 1.0 / big_size)
+    return g2, tr
+
+
+def grouped_grad(loss_fn, num_groups: int, *, has_aux: bool = False):
+    """``value_and_grad`` of a mean loss that also returns the two-batch statistics.
+
+    The batch (every leaf's leading axis B, divisible by ``num_groups``) is split into
+    ``num_groups`` groups whose gradients are taken at once (``vmap``: the same arithmetic
+    as the batch gradient, one reduction more); their mean is the batch gradient.
+
+    Returns:
+      ``fn(params, batch) -> ((loss, aux), grads, stats)`` (``loss`` alone without
+      ``has_aux``), ``stats = {"small_sq": mean over groups of |g_group|²,
+      "small_sq_var": their variance over groups, "big_sq": |g_batch|²}``; feed them to
+      `two_batch` with ``small_size = B / num_groups`` and ``big_size = B``.
+    """
+    if num_groups < 2:
+        raise ValueError(f"num_groups must be >= 2 (a small and a big batch), got {num_groups}")
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def fn(params, batch):
+        sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+        if len(sizes) != 1 or sizes.pop() % num_groups:
+            raise ValueError(
+                f"every batch leaf needs one leading size divisible by num_groups={num_groups}"
+            )
+        groups = jax.tree.map(lambda x: x.reshape((num_groups, -1) + x.shape[1:]), batch)
+        value, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, groups)
+        sq = sum(jnp.sum(g.reshape(num_groups, -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        value = jax.tree.map(lambda v: jnp.mean(v, axis=0), value)
+        stats = {"small_sq": jnp.mean(sq), "small_sq_var": jnp.var(sq), "big_sq": tu.dot(grads, grads)}
+        return value, grads, stats
+
+    return fn
+
+
+class GradientNoise:
+    """Per-example gradient statistics of a mean loss at fixed parameters: |G|², tr Σ,
+    B_simple (`measure`) and B_noise (`b_noise`), with one compiled kernel each owned by
+    the object.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the *mean* over the batch's examples
+        (e.g. `sharp_minima.losses.evaluation_loss`); an optional ``batch["mask"]`` marks
+        padding (`sharp_minima.objective.example_weights`). Examples must not interact
+        (no BatchNorm in training mode).
+      wrt: which parameters (`sharp_minima.objective.Objective`).
+      groups: the per-layer split: ``{name: regex}`` (searched in the parameter paths;
+        first match wins, unmatched leaves form "other"), or None: one group per module
+        (a leaf's path without its last part).
+      chunk: per-example gradients held at once.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> loss = lambda w, b: jnp.mean(b["x"] @ w)  # gᵢ = xᵢ
+      >>> x = jnp.array([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]])
+      >>> est = GradientNoise(loss).measure(jnp.zeros(2), {"x": x[None]}).total
+      >>> round(est.trace_cov, 4), round(est.grad_norm_sq, 4)  # 4/3·(1 + 1), 2² + 1² − 8/3/4
+      (2.6667, 4.3333)
+    """
+
+    def __init__(self, loss_fn, *, wrt=None, groups: dict | None = None, chunk: int = 16):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.objective = Objective(loss_fn, wrt)
+        self.hessian = hessian.Curvature(loss_fn, wrt=wrt)
+        self.groups, self.chunk = groups, chunk
+        self.num_traces = 0
+        self._moments_jit = jax.jit(self._moments_kernel, static_argnames="num_groups")
+        self._b_noise_jit = jax.jit(self._b_noise_kernel)
+
+    # -- layout -------------------------------------------------------------------------
+
+    def _segments(self, params):
+        """``(names, ids)``: the group names and, per flat ``wrt`` entry, its group id."""
+        paths = jax.tree_util.tree_map_with_path(lambda p, x: tu.path_str(p), params)
+        selected_paths, _ = tu.select(paths, self.objective.wrt)
+        selected, _ = tu.select(params, self.objective.wrt)
+        names, ids = [], []
+        for path, leaf in zip(selected_paths, selected):
+            if self.groups is None:
+                name = path.rsplit("/", 1)[0] if "/" in path else path
+            else:
+                name = next(
+                    (g for g, rx in self.groups.items() if re.search(rx, path)), "other"
+                )
+            if name not in names:
+                names.append(name)
+            ids.append(np.full(int(np.prod(jnp.shape(leaf))), names.index(name), np.int32))
+        return names, np.concatenate(ids)
+
+    # -- kernels ------------------------------------------------------------------------
+
+    def _mean_gradient(self, params, batches, weights):
+        x0, f = self.objective.flat_loss(params)
+        return x0, batch_mean(lambda b: jax.grad(f)(x0, b), batches, weights)
+
+    def _moments_kernel(self, params, batches, weights, ids, *, num_groups):
+        """Per example i and group l: |gᵢ⁽ˡ⁾|² and gᵢ⁽ˡ⁾·Ḡ⁽ˡ⁾, and its weight πᵢ."""
+        self.num_traces += 1
+        x0, f = self.objective.flat_loss(params)
+        _, mean = self._mean_gradient(params, batches, weights)
+
+        def one_batch(batch):
+            def example(ex):
+                g = jax.grad(f)(x0, jax.tree.map(lambda a: a[None], ex))
+                seg = lambda v: jax.ops.segment_sum(v, ids, num_segments=num_groups)  # noqa: E731
+                return seg(g * g), seg(g * mean)
+
+            sq, dot = lax.map(example, batch, batch_size=self.chunk)
+            size = jax.tree.leaves(batch)[0].shape[0]
+            return sq, dot, objective.example_weights(batch, size, x0.dtype)
+
+        sq, dot, omega = lax.map(one_batch, batches)  # (nb, B, L), (nb, B, L), (nb, B)
+        seg_mean = jax.ops.segment_sum(mean * mean, ids, num_segments=num_groups)
+        return sq, dot, omega * weights[:, None], seg_mean, mean
+
+    def _b_noise_kernel(self, params, batches, weights, examples):
+        self.num_traces += 1
+        x0, f = self.objective.flat_loss(params)
+        _, mean = self._mean_gradient(params, batches, weights)
+        _, hvp = self.hessian.flat_matvec(params, batches, weights)
+
+        def quad(ex):
+            d = jax.grad(f)(x0, jax.tree.map(lambda a: a[None], ex)) - mean
+            return d @ hvp(d)
+
+        q = lax.map(quad, examples)
+        return q, mean @ hvp(mean)
+
+    # -- host side ----------------------------------------------------------------------
+
+    def measure(self, params, batches, *, weights=None) -> NoiseScale:
+        """|G|², tr Σ and B_simple over all examples of ``batches`` (weighted per batch as
+        for `sharp_minima.hessian`; a ragged last batch is padded with a ``mask`` and
+        weighted by its real examples), per group and in total, with standard errors."""
+        if batches is None:
+            raise ValueError("gradient noise is a statistic of examples: batches must not be None")
+        prep = self.objective.prepare(params, batches, weights)
+        names, ids = self._segments(params)
+        sq, dot, pi, seg_mean, mean = self._moments_jit(
+            prep.params, batches, prep.weights, jnp.asarray(ids), num_groups=len(names)
+        )
+        sq, dot = np.asarray(sq, np.float64), np.asarray(dot, np.float64)
+        pi, seg_mean = np.asarray(pi, np.float64).ravel(), np.asarray(seg_mean, np.float64)
+        objective.check_finite("per-example gradients (noise scale)", sq, dot, seg_mean)
+        sq, dot = sq.reshape(-1, len(names)), dot.reshape(-1, len(names))
+        real = pi > 0
+        sq, dot, pi = sq[real], dot[real], pi[real] / pi[real].sum()
+        n = int(real.sum())
+        if n < 2:
+            raise ValueError(f"the noise scale needs at least 2 examples, got {n}")
+        layers = {
+            name: _noise_estimate(sq[:, i], dot[:, i], seg_mean[i], pi)
+            for i, name in enumerate(names)
+        }
+        total = _noise_estimate(sq.sum(1), dot.sum(1), seg_mean.sum(), pi)
+        vector = self.objective.unflatten(params, mean)
+        return NoiseScale(total, layers, vector, n)
+
+    def b_noise(
+        self, params, batches, *, key: jax.Array, num_examples: int = 32, weights=None
+    ) -> hessian.Estimate:
+        """B_noise = tr(HΣ) / (GᵀHG) (McCandlish et al. 2018, eq. 2.7), H the Hessian of the
+        mean loss over ``batches``: tr(HΣ) is the mean of (gᵢ − Ḡ)ᵀH(gᵢ − Ḡ)·N/(N−1) (one
+        HVP per example) over ``num_examples`` examples drawn at random (over all N examples,
+        exactly, when ``num_examples >= N``), and GᵀHG = ḠᵀHḠ − tr(HΣ)/N. The standard error
+        is that of tr(HΣ) over the drawn examples (0 when exact). Equal to B_simple when
+        H ∝ I."""
+        if batches is None:
+            raise ValueError("gradient noise is a statistic of examples: batches must not be None")
+        if num_examples < 2:
+            raise ValueError(f"num_examples must be >= 2, got {num_examples}")
+        if "mask" in (batches if isinstance(batches, dict) else {}):
+            raise ValueError("b_noise does not support masked batches yet; drop the padding")
+        prep = self.objective.prepare(params, batches, weights)
+        nb = objective.num_batches(batches)
+        size = jax.tree.leaves(batches)[0].shape[1]
+        pi = np.asarray(prep.weights, np.float64)[:, None] * np.full((nb, size), 1.0 / size)
+        pi = pi.ravel()
+        n = int((pi > 0).sum())
+        exact = num_examples >= n
+        if exact:  # every example once, weighted: no sampling error
+            flat = np.flatnonzero(pi > 0)
+        else:
+            flat = np.asarray(jax.random.choice(key, nb * size, (num_examples,), p=pi))
+        examples = jax.tree.map(lambda x: x.reshape((nb * size,) + x.shape[2:])[flat], batches)
+        q, ghg = self._b_noise_jit(prep.params, batches, prep.weights, examples)
+        q = np.asarray(q, np.float64) * n / (n - 1)
+        objective.check_finite("Hessian-vector products (B_noise)", q, ghg)
+        if exact:
+            tr_hs, se = float(pi[flat] @ q), 0.0
+        else:
+            tr_hs, se = float(q.mean()), float(q.std(ddof=1) / math.sqrt(len(q)))
+        value = tr_hs / (float(ghg) - tr_hs / n)
+        stderr = abs(value) * se / abs(tr_hs) if tr_hs else float("nan")
+        return hessian.Estimate(value, stderr, len(flat) + 1)
+
+
+def _noise_estimate(sq, dot, mean_sq, pi) -> NoiseEstimate:
+    """Unbiased |G|², tr Σ and B_simple from per-example |gᵢ|² (``sq``), gᵢ·Ḡ (``dot``),
+    |Ḡ|² and weights πᵢ (summing to one), with standard errors from the influence of each
+    example (float64, numpy)."""
+    n = len(sq)
+    mean_sq = float(mean_sq)
+    dev = sq - 2 * dot + mean_sq  # |gᵢ − Ḡ|²
+    tr = n / (n - 1) * float(pi @ dev)
+    g2 = mean_sq - tr / n
+    infl_tr = n / (n - 1) * dev - tr
+    infl_g2 = 2 * (dot - mean_sq) - infl_tr / n
+    b = tr / g2 if g2 != 0 else float("inf")
+    infl_b = (infl_tr - b * infl_g2) / g2 if g2 != 0 else np.full(n, np.nan)
+
+    def se(infl):
+        return float(np.sqrt(pi @ (infl - pi @ infl) ** 2 / (n - 1)))
+
+    return NoiseEstimate(g2, se(infl_g2), tr, se(infl_tr), b, se(infl_b))
