@@ -321,6 +321,7 @@ class GradientNoise:
         self.num_traces = 0
         self._moments_jit = jax.jit(self._moments_kernel, static_argnames="num_groups")
         self._b_noise_jit = jax.jit(self._b_noise_kernel)
+        self._sharpness_jit = jax.jit(self._sharpness_kernel)
 
     # -- layout -------------------------------------------------------------------------
 
@@ -381,7 +382,31 @@ class GradientNoise:
         q = lax.map(quad, examples)
         return q, mean @ hvp(mean)
 
+    def _sharpness_kernel(self, params, minibatches):
+        self.num_traces += 1
+        x0, f = self.objective.flat_loss(params)
+
+        def one(batch):
+            grad = lambda x: jax.grad(f)(x, batch)  # noqa: E731
+            g, hg = jax.jvp(grad, (x0,), (grad(x0),))
+            return jnp.stack([g @ hg, g @ g])
+
+        return lax.map(one, minibatches)
+
     # -- host side ----------------------------------------------------------------------
+
+    def batch_sharpness(self, params, minibatches) -> hessian.Estimate:
+        """E_B[g_Bᵀ H_B g_B / |g_B|²] over the given mini-batches (stacked: a leading axis J
+        over mini-batches of B examples), g_B and H_B the gradient and Hessian of the
+        mini-batch's mean loss: the "batch sharpness" that settles at 2/η under SGD while
+        λ_max stays below it (Andreyev & Beneventano 2024). One HVP per mini-batch; the
+        standard error is over the mini-batches."""
+        prep = self.objective.prepare(params, minibatches)
+        out = np.asarray(self._sharpness_jit(prep.params, minibatches), np.float64)
+        objective.check_finite("Hessian-vector products (batch sharpness)", out)
+        ratio = out[:, 0] / np.maximum(out[:, 1], np.finfo(np.float64).tiny)
+        se = ratio.std(ddof=1) / math.sqrt(len(ratio)) if len(ratio) > 1 else float("nan")
+        return hessian.Estimate(float(ratio.mean()), float(se), len(ratio))
 
     def measure(self, params, batches, *, weights=None) -> NoiseScale:
         """|G|², tr Σ and B_simple over all examples of ``batches`` (weighted per batch as

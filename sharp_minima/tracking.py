@@ -1,8 +1,12 @@
-"""Curvature tracking along training: the top Hessian eigenvalues as a trainer hook.
+"""Curvature and gradient noise along training, as trainer hooks.
 
-`EigenTracker` holds one `sharp_minima.hessian.Curvature` (its compiled Lanczos kernels are
-reused at every call) and the previous eigenvectors (each call is warm-started from them, as
-Jastrzębski et al. (2019) recompute theirs every epoch). Use it
+`EigenTracker` holds one curvature operator — the Hessian (`sharp_minima.hessian.Curvature`)
+of a loss by default, or any `sharp_minima.curvature.Operator` (GGN, Fisher, gradient
+covariance of `sharp_minima.operators`; its metric prefix follows it) — whose compiled
+Lanczos kernels are reused at every call, and the previous eigenvectors (each call is
+warm-started from them, as Jastrzębski et al. (2019) recompute theirs every epoch).
+`NoiseTracker` logs the gradient noise (|G|², tr Σ, B_simple, the SGD temperature) and the
+batch sharpness beside 2/η on the same time axis. Use them
 
 - as a hook of `sharp_minima.train.train`:
   ``train.Hook(tracker, every_steps=20, until_step=400, every_epochs=1)`` (often early in
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sharp_minima import hessian, losses
+from sharp_minima import curvature, gradients, hessian, losses
 from sharp_minima.data import pipeline
 from sharp_minima.train.hooks import HookResult
 
@@ -118,18 +122,22 @@ class Subset:
 
 
 class EigenTracker:
-    """Top-k Hessian eigenpairs of ``loss_fn`` on a curvature subset, warm-started call to call.
+    """Top-k eigenpairs of a curvature matrix on a curvature subset, warm-started call to call.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``; for a Flax model
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (its Hessian); for a Flax model
         `sharp_minima.losses.evaluation_loss` (BatchNorm statistics travel in ``params``).
+        Or any `sharp_minima.curvature.Operator`, e.g.
+        ``operators.GGN(losses.evaluation_model_fn(model), "cross_entropy", wrt="^params/")``.
       batches: the curvature subset: a `Subset` (or any ``step -> (batches, weights)``), or
         fixed stacked batches (`sharp_minima.data.curvature_batches`).
       key: key for the Lanczos start vectors and probes (folded with the step).
       k: number of eigenpairs (Jastrzębski et al. track up to 50).
       weights: per-batch weights of fixed ``batches`` (ragged last batch).
-      wrt: which parameters (e.g. ``"^params/"`` for a Flax model's weights).
-      name: metric prefix and folder name under ``arrays/``.
+      wrt: which parameters (e.g. ``"^params/"`` for a Flax model's weights) of the Hessian
+        of ``loss_fn`` (an operator carries its own).
+      name: metric prefix and folder name under ``arrays/`` (default: the operator's name,
+        ``"hessian"``, ``"ggn"``, ``"fisher"``, ...).
       tol: eigenvalue tolerance (`Curvature.eigenpairs`).
       stochastic: if > 0, also log a Hutchinson ‖H‖_F and a Hutch++ trace with this many
         HVPs each, with their standard errors.
@@ -139,6 +147,10 @@ class EigenTracker:
         params' structure.
       description: what the curvature loss is (stated in reports); the subset's size and
         sampling are appended.
+
+    Each call runs one Krylov sequence (``restart=False`` of `Curvature.eigenpairs`): an
+    exactly repeated eigenvalue (rare along training, common in a multi-output model's
+    last layer alone) shows once; measure such a spectrum with `eigenpairs` directly.
 
     Attributes:
       curvature: the `sharp_minima.hessian.Curvature` (``curvature.num_traces`` stays constant
@@ -168,7 +180,7 @@ class EigenTracker:
         k: int = 5,
         weights=None,
         wrt=None,
-        name: str = "hessian",
+        name: str | None = None,
         tol: float = 1e-4,
         stochastic: int = 0,
         set_directions: bool | Callable = False,
@@ -178,7 +190,13 @@ class EigenTracker:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if stochastic < 0:
             raise ValueError(f"stochastic must be >= 0 (HVPs per estimate), got {stochastic}")
-        self.curvature = hessian.Curvature(loss_fn, wrt=wrt)
+        if isinstance(loss_fn, curvature.Operator):
+            if wrt is not None:
+                raise ValueError("wrt belongs to the operator: pass it when building it")
+            self.curvature = loss_fn
+        else:
+            self.curvature = hessian.Curvature(loss_fn, wrt=wrt)
+        name = self.curvature.name if name is None else name
         self.batches, self.weights, self.key = batches, weights, key
         self.k, self.name, self.tol, self.stochastic = k, name, tol, stochastic
         if set_directions is True:
@@ -237,6 +255,10 @@ class EigenTracker:
             weights=weights,
             init_vectors=self.vectors,
             tol=self.tol,
+            # One Krylov sequence per call (no verifying restart, ~10 products saved at every
+            # call): a network's spectrum along training is simple in practice; an exact
+            # repeat would show once (documented in the class).
+            restart=False,
         )
         self.vectors, self.last = out.vectors, out
         self.history.append((step, out.values))
@@ -286,6 +308,157 @@ class EigenTracker:
         directions = self.set_directions(out.vectors)
         opt_state = optax.tree_utils.tree_set(ctx.state.opt_state, directions=directions)
         return HookResult(metrics, ctx.state.replace(opt_state=opt_state))
+
+
+class NoiseTracker:
+    """Gradient noise and batch sharpness along training, on the time axis of the curvature.
+
+    At each call, on the curvature subset: the unbiased |G|², tr Σ and B_simple = tr Σ/|G|²
+    from per-example gradients (`sharp_minima.gradients.GradientNoise`), smoothed over calls
+    by bias-corrected exponential moving averages of |G|² and tr Σ (B_simple is their
+    ratio, as McCandlish et al. smooth it); the SGD temperature T = η(1 − B/N)/(B(1 − μ)); and
+    the batch sharpness E_B[g_Bᵀ H_B g_B / |g_B|²] over ``num_minibatches`` mini-batches of
+    the training batch size drawn from the subset, logged beside 2/η (under SGD it settles
+    at 2/η while λ_max stays below it: Andreyev & Beneventano 2024).
+
+    Args:
+      loss_fn: the mean loss ``loss_fn(params, batch) -> scalar`` (e.g.
+        `sharp_minima.losses.evaluation_loss`).
+      batches: the subset: a `Subset` (or any ``step -> (batches, weights)``) or fixed
+        stacked batches.
+      key: key of the mini-batch draws (folded with the step).
+      batch_size: B of training (mini-batches of the batch sharpness; the temperature).
+      learning_rate: η: a number or ``step -> η``; as a hook, the optimizer state's
+        injected learning rate is used when it has one.
+      num_examples: N of the training set (the temperature's 1 − B/N; None: N → ∞).
+      momentum: μ of the optimizer (the temperature's 1/(1 − μ)).
+      weights, wrt: as for `EigenTracker`.
+      ema: the moving averages' decay β (0: no smoothing).
+      num_minibatches: mini-batches of the batch sharpness (0: not measured).
+      name: metric prefix.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+      >>> batches = {"x": x.reshape(2, 32, 3), "y": jnp.zeros((2, 32))}
+      >>> loss = lambda w, b: jnp.mean(0.5 * (b["x"] @ w - b["y"]) ** 2)  # H ≈ I
+      >>> tracker = NoiseTracker(loss, batches, key=jax.random.key(1), batch_size=8,
+      ...                        learning_rate=0.1, num_examples=64)
+      >>> m = tracker.measure(jnp.ones(3), 0)
+      >>> round(m["noise/temperature"], 5), m["noise/two_over_lr"]
+      (0.01094, 20.0)
+      >>> 0.5 < m["noise/batch_sharpness"] < 2.0  # H_B ≈ I: about 1
+      True
+    """
+
+    def __init__(
+        self,
+        loss_fn,
+        batches,
+        *,
+        key: jax.Array,
+        batch_size: int,
+        learning_rate: float | Callable[[int], float] | None = None,
+        num_examples: int | None = None,
+        momentum: float = 0.0,
+        weights=None,
+        wrt=None,
+        ema: float = 0.9,
+        num_minibatches: int = 8,
+        name: str = "noise",
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        if num_minibatches < 0 or num_minibatches == 1:
+            raise ValueError(f"num_minibatches must be 0 or >= 2, got {num_minibatches}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.noise = gradients.GradientNoise(loss_fn, wrt=wrt)
+        self.batches, self.weights, self.key = batches, weights, key
+        self.batch_size, self.learning_rate = batch_size, learning_rate
+        self.num_examples, self.momentum = num_examples, momentum
+        self.ema, self.num_minibatches, self.name = ema, num_minibatches, name
+        self.moments = np.zeros(3)  # EMA of |G|², EMA of tr Σ, number of calls
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The moving averages (saved with each checkpoint, for an exact resume)."""
+        return {"moments": self.moments.copy()} if self.moments[2] else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.moments = np.asarray(state["moments"], np.float64).copy()
+
+    def subset(self, step: int):
+        if callable(self.batches):
+            return self.batches(step)
+        return self.batches, self.weights
+
+    def minibatches(self, batches, step: int):
+        """The mini-batches of the batch sharpness at ``step`` (stacked: (J, B, ...)), drawn
+        without replacement from the examples of ``batches``."""
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batches)
+        n = jax.tree.leaves(flat)[0].shape[0]
+        if n < self.batch_size:
+            raise ValueError(
+                f"the subset has {n} examples, fewer than one mini-batch of {self.batch_size}"
+            )
+        key = jax.random.fold_in(jax.random.fold_in(self.key, step), 2)
+        keys = jax.random.split(key, self.num_minibatches)
+        idx = jax.vmap(lambda k: jax.random.choice(k, n, (self.batch_size,), replace=False))(keys)
+        return jax.tree.map(lambda x: x[idx], flat)
+
+    def _eta(self, step, opt_state=None):
+        if opt_state is not None:
+            injected = optax.tree_utils.tree_get(opt_state, "learning_rate")
+            if injected is not None:
+                return float(injected)
+        if callable(self.learning_rate):
+            return float(self.learning_rate(step))
+        return None if self.learning_rate is None else float(self.learning_rate)
+
+    def measure(self, params: Any, step: int, *, opt_state=None) -> dict[str, float]:
+        """Measures at ``params``; returns ``{"<name>/grad_norm_sq", "trace_cov", "b_simple"
+        (smoothed), the same with ``_raw`` (this call) and ``b_simple_stderr``,
+        "temperature", "two_over_lr", "batch_sharpness", "batch_sharpness_stderr",
+        "seconds"}`` (the rate-dependent ones when η is known)."""
+        t0 = time.perf_counter()
+        batches, weights = self.subset(step)
+        out = self.noise.measure(params, batches, weights=weights).total
+        beta = self.ema
+        m = self.moments
+        m[0] = beta * m[0] + (1 - beta) * out.grad_norm_sq
+        m[1] = beta * m[1] + (1 - beta) * out.trace_cov
+        m[2] += 1
+        correction = 1 - beta ** m[2]
+        g2, tr = m[0] / correction, m[1] / correction
+        p = self.name
+        metrics = {
+            f"{p}/grad_norm_sq": g2,
+            f"{p}/trace_cov": tr,
+            f"{p}/b_simple": tr / g2 if g2 else float("inf"),
+            f"{p}/grad_norm_sq_raw": out.grad_norm_sq,
+            f"{p}/trace_cov_raw": out.trace_cov,
+            f"{p}/b_simple_raw": out.b_simple,
+            f"{p}/b_simple_stderr": out.b_simple_stderr,
+        }
+        eta = self._eta(step, opt_state)
+        if eta is not None:
+            metrics[f"{p}/temperature"] = gradients.temperature(
+                eta, self.batch_size, self.num_examples, self.momentum
+            )
+            metrics[f"{p}/two_over_lr"] = 2.0 / eta
+        if self.num_minibatches:
+            sharp = self.noise.batch_sharpness(params, self.minibatches(batches, step))
+            metrics[f"{p}/batch_sharpness"] = sharp.value
+            metrics[f"{p}/batch_sharpness_stderr"] = sharp.stderr
+        metrics[f"{p}/seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def __call__(self, ctx):
+        """The trainer hook: measures at ``ctx.state.variables()`` with the optimizer's
+        current learning rate."""
+        return self.measure(ctx.state.variables(), ctx.step, opt_state=ctx.state.opt_state)
 
 
 # ------------------------------------------------------------------- trackers from configs

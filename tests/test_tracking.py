@@ -10,7 +10,7 @@ import optax
 import pytest
 from helpers import load_config, read_jsonl
 
-from sharp_minima import data, hessian, losses, optim, tracking, train
+from sharp_minima import data, hessian, losses, operators, optim, tracking, train
 from sharp_minima.models import get_model
 from sharp_minima.train import loop as train_loop
 
@@ -126,7 +126,7 @@ class _CtrlC:
 def _nsgd_run(workdir, ctrl_c=None):
     """NSGD on the nudged_sgd study's tiny setup (MNIST-1D, MLP 16): the directions tracker
     sets the optimizer's directions at the start of every epoch, a second tracker logs the
-    top 3; with ``ctrl_c``, Ctrl-C during step 11 (after a hook at step 10, which both runs
+    top 3 and a noise tracker keeps moving averages; with ``ctrl_c``, Ctrl-C during step 11 (after a hook at step 10, which both runs
     have, so they log at the same steps)."""
     config = load_config("nudged_sgd.py:tiny", progress=False, num_devices=1)
     run = train.setup(config)
@@ -146,6 +146,17 @@ def _nsgd_run(workdir, ctrl_c=None):
         ),
         tracking.make_tracker(config, t, run.data, run.model, sub, jax.random.key(9), k=3),
     ]
+    trackers.append(
+        tracking.NoiseTracker(
+            losses.evaluation_loss(run.model, config.optim.weight_decay),
+            tracking.curvature_subset(config, t, run.data, sub),
+            key=jax.random.key(10),
+            batch_size=config.batch_size,
+            learning_rate=0.05,
+            num_examples=len(run.data.x_train),
+            num_minibatches=2,
+        )
+    )
     hooks = [train.Hook(tr, every_epochs=1, at_start=True, name=tr.name) for tr in trackers]
 
     def press(ctx):
@@ -181,6 +192,8 @@ def test_a_tracker_driven_run_resumes_bit_for_bit(tmp_path, monkeypatch):
 
     assert records(tmp_path / "a") == records(tmp_path / "b")
     assert any("directions/lambda_1" in r for r in records(tmp_path / "b"))
+    # The noise tracker's moving averages resume too (the records above are equal).
+    assert sum("noise/b_simple" in r for r in records(tmp_path / "b")) >= 3
     for name in ("directions", "hessian"):
         saved = sorted(os.listdir(tmp_path / "a" / "arrays" / name))
         assert saved == sorted(os.listdir(tmp_path / "b" / "arrays" / name))
@@ -189,3 +202,48 @@ def test_a_tracker_driven_run_resumes_bit_for_bit(tmp_path, monkeypatch):
                 with np.load(tmp_path / "b" / "arrays" / name / f) as y:
                     for k in x.files:
                         np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_noise_tracker_smooths_without_bias_and_measures_batch_sharpness():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        a = jnp.asarray(np.diag([3.0, 1.0, 0.5]))
+        # Constant Hessian A, gradient noise from the data: g_B = A w − mean_B(c).
+        loss = lambda w, b: 0.5 * w @ a @ w - jnp.mean(b["c"] @ w)  # noqa: E731
+        batches = {"c": jnp.asarray(rng.normal(size=(2, 32, 3)))}
+        tracker = tracking.NoiseTracker(
+            loss, batches, key=jax.random.key(0), batch_size=4, learning_rate=0.1, ema=0.5
+        )
+        w = jnp.ones(3)
+        m0 = tracker.measure(w, 0)
+        assert m0["noise/trace_cov"] == m0["noise/trace_cov_raw"]  # bias-corrected: no pull to 0
+        m1 = tracker.measure(2 * w, 1)
+        expected = (0.5 * m0["noise/trace_cov_raw"] + m1["noise/trace_cov_raw"]) / 1.5
+        np.testing.assert_allclose(m1["noise/trace_cov"], expected, rtol=1e-12)
+        # Batch sharpness against a dense computation on the same mini-batches.
+        mini = tracker.minibatches(batches, 1)
+        g = np.asarray(2 * w @ a)[None] - np.asarray(mini["c"]).mean(1)
+        ratio = np.einsum("jd,de,je->j", g, np.asarray(a), g) / (g**2).sum(1)
+        np.testing.assert_allclose(m1["noise/batch_sharpness"], ratio.mean(), rtol=1e-10)
+        assert m1["noise/two_over_lr"] == 20.0
+        # A resumed tracker continues the averages exactly.
+        again = tracking.NoiseTracker(
+            loss, batches, key=jax.random.key(0), batch_size=4, learning_rate=0.1, ema=0.5
+        )
+        again.load_state_dict(tracker.state_dict())
+        assert again.measure(w, 2) | {"noise/seconds": 0} == tracker.measure(w, 2) | {
+            "noise/seconds": 0
+        }
+
+
+def test_eigen_tracker_takes_any_operator():
+    model, variables, ds, batches, weights = _problem()
+    ggn = operators.GGN(losses.evaluation_model_fn(model), "cross_entropy")
+    tracker = tracking.EigenTracker(ggn, batches, key=jax.random.key(2), k=2, weights=weights)
+    m = tracker.measure(variables, 0)
+    direct = ggn.eigenpairs(variables, batches, k=2, key=jax.random.key(2), weights=weights)
+    np.testing.assert_allclose(
+        [m["ggn/lambda_1"], m["ggn/lambda_2"]], direct.values, rtol=1e-3
+    )
+    with pytest.raises(ValueError, match="wrt belongs to the operator"):
+        tracking.EigenTracker(ggn, batches, key=jax.random.key(2), wrt="^params/")
