@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -124,7 +125,7 @@ def _orthogonalize(basis, w):
     return w, h1 + h2
 
 
-def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm):
+def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm, sharding=None):
     """Runs Lanczos steps ``start..stop-1`` on a preallocated (m, n) basis.
 
     Rows ``0..start`` of ``basis`` must hold the orthonormal vectors built so far (row
@@ -135,7 +136,10 @@ def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm):
     against the rows in use, and a second pass only when the first removed more than half of
     the vector's norm ("twice is enough", Parlett 1998; Giraud et al. 2005).
     """
-    body = functools.partial(_lanczos_step, matvec, key)
+    def body(i, carry):
+        basis, alphas, betas, anorm = _lanczos_step(matvec, key, i, carry)
+        return _constrain(basis, sharding), alphas, betas, anorm
+
     return lax.fori_loop(start, stop, body, (basis, alphas, betas, anorm))
 
 
@@ -190,7 +194,14 @@ def _fallback_key(v0):
     return jax.random.key(jnp.bitwise_xor.reduce(bits))
 
 
-def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: int, *, key=None):
+def lanczos(
+    matvec: Callable[[jax.Array], jax.Array],
+    v0: jax.Array,
+    num_steps: int,
+    *,
+    key=None,
+    sharding: NamedSharding | None = None,
+):
     """Symmetric Lanczos with full reorthogonalisation.
 
     Pure: a `lax.fori_loop` over a preallocated (num_steps, n) basis, so compile time does not
@@ -204,6 +215,8 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: 
       v0: (n,) start vector (need not be normalised).
       num_steps: number of Lanczos steps m (1 <= m <= n).
       key: key for restart vectors after a breakdown; default derived from ``v0``.
+      sharding: optional layout of the (num_steps, n) basis, e.g. `basis_sharding` of
+        parameters split over devices (n must be divisible by their number).
 
     Returns:
       `LanczosResult` (alphas, betas, basis). Diagonalise the tridiagonal with
@@ -227,9 +240,9 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: 
     if not 1 <= num_steps <= n:
         raise ValueError(f"num_steps must be in [1, {n}] (the dimension), got {num_steps}")
     key = _fallback_key(v0) if key is None else key
-    basis, alphas, betas = _init_basis(v0, num_steps)
+    basis, alphas, betas = _init_basis(v0, num_steps, sharding)
     basis, alphas, betas, _ = _lanczos_steps(
-        matvec, basis, alphas, betas, 0, num_steps, key, jnp.zeros((), basis.dtype)
+        matvec, basis, alphas, betas, 0, num_steps, key, jnp.zeros((), basis.dtype), sharding
     )
     return LanczosResult(alphas, betas, basis)
 
@@ -450,6 +463,13 @@ def basis_sharding(params: PyTree, wrt, dim: int) -> NamedSharding | None:
             and any(axis is not None for axis in sharding.spec)
         ):
             if dim % sharding.mesh.size:
+                warnings.warn(
+                    f"the parameters are sharded over {sharding.mesh.size} devices but their "
+                    f"dimension D = {dim} is not divisible by {sharding.mesh.size}: the Lanczos "
+                    "basis stays replicated (padding D is not implemented yet)",
+                    UserWarning,
+                    stacklevel=4,
+                )
                 return None
             return NamedSharding(sharding.mesh, PartitionSpec(None, sharding.mesh.axis_names))
     return None
@@ -604,6 +624,7 @@ class Operator:
                 num_steps,
                 jax.random.fold_in(key, i),
                 jnp.zeros((), basis.dtype),
+                sharding,
             )
             return alphas, betas
 

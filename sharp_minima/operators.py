@@ -87,7 +87,7 @@ def cross_entropy(label_key: str = "y") -> OutputLoss:
     Example:
       >>> import jax.numpy as jnp
       >>> loss = cross_entropy()
-      >>> loss.per_example(jnp.zeros((2, 4)), {"y": jnp.array([0, 3])}).round(4).tolist()
+      >>> [round(float(v), 4) for v in loss.per_example(jnp.zeros((2, 4)), {"y": jnp.array([0, 3])})]
       [1.3863, 1.3863]
     """
 

@@ -175,3 +175,14 @@ def test_readme_study_contract_example_runs(tmp_path, tiny_study):
         compile(block.replace('"runs/keskar_tiny"', repr(workdir)), "README.md", "exec"), namespace
     )
     assert namespace["results"]["runs"] and "sharpness" in namespace["figures"]
+
+
+def test_readme_operators_and_noise_example_runs():
+    ns = run_after_hessian_example("operators.GGN(")
+    assert ns["top_ggn"].converged.all() and ns["top_ggn"].values[0] > 0
+    assert ns["top_cov"].values[0] > 0 and ns["tr_fisher"].value > 0
+    total = ns["est"].total
+    parts = ns["est"].layers
+    assert abs(sum(p.trace_cov for p in parts.values()) - total.trace_cov) < 1e-4 * total.trace_cov
+    assert total.b_simple > 0 and total.b_simple_stderr > 0 and ns["est"].num_examples == 512
+    assert ns["b_noise"].value > 0

@@ -1,0 +1,331 @@
+r"""Benchmark of the curvature operators and gradient-noise statistics: ratios from one run.
+
+    python -m experiments.bench_operators                    # F1-sized MLP, 1024 examples
+    python -m experiments.bench_operators --torch_python=/tmp/torchenv/bin/python
+
+Prints, for a ReLU MLP 784-512x5-10 (1.46M parameters) on 1024 examples:
+  * GGN-vector product time / HVP time                          (target <= 0.8)
+  * our GGN matvec / laplax's GGN matvec (same process, same operator up to the mean/sum
+    convention; needs laplax: pip install -e ".[bench]")         (target <= 1.0)
+  * with --torch_python (a Python with torch and curvlinops-for-pytorch): our GGN matvec /
+    curvlinops' `GGNLinearOperator` matvec on the same MLP and data (target <= 0.5)
+  * per-example tr Σ (`gradients.GradientNoise.measure`) / one mini-batch gradient of the
+    same 1024 examples                                          (report; goal <= 3)
+  * an SGD step that also yields the two-batch estimate (`gradients.grouped_grad`, 8 groups)
+    / the plain step                                            (target <= 1.1)
+  * Lanczos (m = 50) with the parameters sharded over 4 simulated CPU devices: XLA's peak
+    per-device memory / the same with replicated parameters     (target <= 0.3; run in a
+    subprocess with 4 simulated devices)
+Absolute times on a shared CPU are noisy; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments.quiet import quiet
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The benchmark's flags, defined only when it runs as a script."""
+    flags.DEFINE_integer("examples", 1024, "Number of examples.")
+    flags.DEFINE_integer("width", 512, "Hidden width (512 for F1).")
+    flags.DEFINE_integer("repeats", 5, "Timing repeats (the minimum is reported).")
+    flags.DEFINE_string("torch_python", None, "Python with torch and curvlinops-for-pytorch.")
+    flags.DEFINE_list(
+        "sections", ["ggn", "noise", "sharded"], "Which parts to run (ggn noise sharded)."
+    )
+    flags.DEFINE_bool("sharded_child", False, "Internal: run the sharded section here.")
+
+
+def _timeit(fn, repeats):
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up (and compile)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def make_problem(examples, width, seed=0):
+    """F1-sized ReLU MLP (list of {"w", "b"}) and data (numpy)."""
+    rng = np.random.default_rng(seed)
+    widths = (784,) + (width,) * 5 + (10,)
+    layers = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        w = rng.normal(size=(fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+        layers.append({"w": w.astype(np.float32), "b": np.zeros(fan_out, np.float32)})
+    x = rng.normal(size=(examples, 784)).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(784, 10)), axis=1).astype(np.int32)
+    return layers, x, y
+
+
+def model_fn(params, batch):
+    import jax
+
+    h = batch["x"]
+    for i, layer in enumerate(params):
+        h = h @ layer["w"] + layer.get("b", 0.0)
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
+def mean_loss(params, batch):
+    from sharp_minima import operators
+
+    return operators.cross_entropy().per_example(model_fn(params, batch), batch).mean()
+
+
+CURVLINOPS_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch
+from curvlinops import GGNLinearOperator
+torch.set_num_threads(int(sys.argv[2]))
+z = np.load(sys.argv[1])
+n_layers = int(z["n_layers"])
+mods = []
+for i in range(n_layers):
+    w, b = z[f"w{i}"], z[f"b{i}"]
+    lin = torch.nn.Linear(w.shape[0], w.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w.T)); lin.bias.copy_(torch.from_numpy(b))
+    mods.append(lin)
+    if i < n_layers - 1:
+        mods.append(torch.nn.ReLU())
+model = torch.nn.Sequential(*mods)
+x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"]).long()
+params = [p for p in model.parameters()]
+op = GGNLinearOperator(model, torch.nn.CrossEntropyLoss(), params, [(x, y)],
+                       check_deterministic=False)
+torch.manual_seed(0)
+v = torch.randn(sum(p.numel() for p in params))
+def mv():
+    return op @ v
+mv()
+best = float("inf")
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter(); mv(); best = min(best, time.perf_counter() - t0)
+import importlib.metadata as md
+print(json.dumps({"time": best, "version": md.version("curvlinops-for-pytorch"),
+                  "torch": torch.__version__}))
+"""
+
+
+def bench_ggn(layers, x, y, repeats):
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from sharp_minima import hessian, operators
+
+    params = jax.tree.map(jnp.asarray, layers)
+    batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
+    weights = jnp.ones((1,), jnp.float32)
+    flat, unravel = ravel_pytree(params)
+    dim = flat.size
+    print(f"model: ReLU MLP 784-{FLAGS.width}x5-10, D = {dim:,} parameters, {len(x)} examples")
+    v = jax.random.normal(jax.random.key(0), (dim,))
+    ggn, curv = operators.GGN(model_fn, "cross_entropy"), hessian.Curvature(mean_loss)
+
+    def product(op):
+        @jax.jit
+        def fn(p, b, w, v):
+            return op.flat_matvec(p, b, w)[1](v)
+
+        return fn
+
+    ggn_fn, hvp_fn = product(ggn), product(curv)
+    grad_fn = jax.jit(lambda p, b: jax.grad(mean_loss)(p, jax.tree.map(lambda a: a[0], b)))
+    t_grad = _timeit(lambda: grad_fn(params, batches), repeats)
+    t_ggn = _timeit(lambda: ggn_fn(params, batches, weights, v), repeats)
+    t_hvp = _timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
+    print(f"gradient {t_grad * 1e3:7.1f} ms   GGN-vector {t_ggn * 1e3:7.1f} ms   "
+          f"HVP {t_hvp * 1e3:7.1f} ms")
+    print(f"RATIO ggn/hvp = {t_ggn / t_hvp:.2f} (target <= 0.8); ggn/grad = {t_ggn / t_grad:.2f}")
+
+    try:
+        from laplax.curv.ggn import create_ggn_mv
+    except ImportError:
+        print("(laplax comparison skipped: pip install -e '.[bench]')")
+    else:
+        def laplax_model(input, params):  # noqa: A002  (laplax's keyword names)
+            return model_fn(params, {"x": input})
+
+        @jax.jit
+        def laplax_fn(p, xs, ys, vec):
+            mv = create_ggn_mv(laplax_model, p, {"input": xs, "target": ys}, "cross_entropy")
+            return mv(vec)
+
+        vtree = unravel(v)
+        xs, ys = jnp.asarray(x), jnp.asarray(y)
+        ours = np.asarray(ggn_fn(params, batches, weights, v))
+        theirs = np.asarray(ravel_pytree(laplax_fn(params, xs, ys, vtree))[0]) / len(x)
+        agree = np.abs(ours - theirs).max() / np.abs(theirs).max()
+        t_laplax = _timeit(lambda: laplax_fn(params, xs, ys, vtree), repeats)
+        print(f"laplax GGN-vector {t_laplax * 1e3:7.1f} ms (same product: max rel. "
+              f"difference {agree:.1e}, theirs summed over examples, ours their mean)")
+        print(f"RATIO ours/laplax = {t_ggn / t_laplax:.2f} (target <= 1.0)")
+
+    if FLAGS.torch_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "problem.npz")
+            arrays = {f"w{i}": layer["w"] for i, layer in enumerate(layers)}
+            arrays.update({f"b{i}": layer["b"] for i, layer in enumerate(layers)})
+            np.savez(path, x=x, y=y, n_layers=len(layers), **arrays)
+            script = os.path.join(tmp, "run_curvlinops.py")
+            with open(script, "w") as f:
+                f.write(CURVLINOPS_SCRIPT)
+            out = subprocess.run(
+                [FLAGS.torch_python, script, path, str(os.cpu_count()), str(repeats)],
+                capture_output=True,
+                text=True,
+            )
+        if out.returncode:
+            print("curvlinops run failed:\n" + out.stderr[-2000:])
+        else:
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"curvlinops {res['version']} (torch {res['torch']}) GGN-vector "
+                  f"{res['time'] * 1e3:7.1f} ms")
+            print(f"RATIO ours/curvlinops = {t_ggn / res['time']:.2f} (target <= 0.5)")
+    else:
+        print("(curvlinops comparison skipped: pass --torch_python)")
+
+
+def bench_noise(layers, x, y, repeats):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from sharp_minima import gradients
+
+    params = jax.tree.map(jnp.asarray, layers)
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    grad_fn = jax.jit(jax.grad(mean_loss))
+    t_grad = _timeit(lambda: grad_fn(params, batch), repeats)
+    noise = gradients.GradientNoise(mean_loss, chunk=32)
+    batches = jax.tree.map(lambda a: a[None], batch)
+    t_noise = _timeit(lambda: noise.measure(params, batches).total.trace_cov, max(1, repeats // 2))
+    est = noise.measure(params, batches).total
+    print(f"mini-batch gradient ({len(x)} examples) {t_grad * 1e3:7.1f} ms   per-example "
+          f"tr Σ {t_noise * 1e3:7.1f} ms (chunks of 32; B_simple = {est.b_simple:.1f} "
+          f"± {est.b_simple_stderr:.1f})")
+    print(f"RATIO per-example tr Σ / gradient = {t_noise / t_grad:.2f} (goal <= 3)")
+
+    tx = optax.sgd(0.01)
+    opt_state = tx.init(params)
+    grouped = gradients.grouped_grad(mean_loss, num_groups=8)
+
+    @jax.jit
+    def plain(p, s, b):
+        loss, g = jax.value_and_grad(mean_loss)(p, b)
+        updates, s = tx.update(g, s)
+        return optax.apply_updates(p, updates), s, loss
+
+    @jax.jit
+    def with_noise(p, s, b):
+        loss, g, stats = grouped(p, b)
+        updates, s = tx.update(g, s)
+        g2, tr = gradients.two_batch(stats["small_sq"], stats["big_sq"], len(x) // 8, len(x))
+        return optax.apply_updates(p, updates), s, loss, g2, tr
+
+    t_plain = _timeit(lambda: plain(params, opt_state, batch), repeats)
+    t_two = _timeit(lambda: with_noise(params, opt_state, batch), repeats)
+    *_, g2, tr = with_noise(params, opt_state, batch)
+    print(f"SGD step {t_plain * 1e3:7.1f} ms   with the two-batch estimate {t_two * 1e3:7.1f} ms "
+          f"(one step's B_simple = {float(tr) / float(g2):.1f}: one sample, noisy)")
+    print(f"RATIO two-batch step / plain step = {t_two / t_plain:.2f} (target <= 1.1)")
+
+
+def bench_sharded(layers, x, y):
+    """Run in a process with 4 simulated devices: XLA's per-device peak memory of a
+    Lanczos kernel with sharded vs replicated parameters."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from sharp_minima import curvature, hessian
+
+    devices = jax.devices()[:4]
+    mesh = Mesh(np.array(devices), ("fsdp",))
+    curv = hessian.Curvature(mean_loss)
+    # The last layer without its 10 biases: D = 1,457,664 divides by 4 (for other D the
+    # basis stays replicated: padding is not implemented yet).
+    layers = layers[:-1] + [{"w": layers[-1]["w"]}]
+    params = jax.tree.map(jnp.asarray, layers)
+    d = 4
+
+    def spec(a):
+        return PartitionSpec("fsdp") if a.shape[0] % d == 0 else PartitionSpec()
+
+    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec(a))), params)
+    replicated = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec())),
+                              params)
+    batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
+    batches = jax.device_put(batches, NamedSharding(mesh, PartitionSpec()))
+    m = 50
+    peaks = {}
+    for name, p in (("sharded", sharded), ("replicated", replicated)):
+        prep = curv._prepare(p, batches, None)  # noqa: SLF001  (the benchmark looks inside)
+        sharding = curvature.basis_sharding(prep.params, None, prep.dim)
+        if name == "sharded" and sharding is None:
+            print(f"D = {prep.dim} is not divisible by {d}: the basis stays replicated")
+        fn = jax.jit(
+            lambda p, b, w, v0, sharding=sharding: curvature.lanczos(
+                curv.flat_matvec(p, b, w)[1], v0, m, key=jax.random.key(0), sharding=sharding
+            ).alphas
+        )
+        v0 = jnp.ones((prep.dim,), jnp.float32)
+        mem = fn.lower(prep.params, batches, prep.weights, v0).compile().memory_analysis()
+        peaks[name] = (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+        basis = m * prep.dim * 4
+        print(f"{name:10s}: per-device peak {peaks[name] / 2**20:7.1f} MiB "
+              f"(the full basis is {basis / 2**20:.1f} MiB)")
+    print(f"RATIO sharded/replicated per-device peak = "
+          f"{peaks['sharded'] / peaks['replicated']:.2f} (target <= 0.3)")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    layers, x, y = make_problem(FLAGS.examples, FLAGS.width)
+    if FLAGS.sharded_child:
+        bench_sharded(layers, x, y)
+        return
+    print(f"devices: {jax.devices()}")
+    if "ggn" in FLAGS.sections:
+        bench_ggn(layers, x, y, FLAGS.repeats)
+    if "noise" in FLAGS.sections:
+        bench_noise(layers, x, y, FLAGS.repeats)
+    if "sharded" in FLAGS.sections:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        ).strip()
+        args = [sys.executable, "-m", "experiments.bench_operators", "--sharded_child",
+                f"--examples={FLAGS.examples}", f"--width={FLAGS.width}"]
+        out = subprocess.run(args, env=env, capture_output=True, text=True)
+        print(out.stdout.strip() or out.stderr[-2000:])
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(quiet(main))
