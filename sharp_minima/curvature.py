@@ -132,20 +132,72 @@ def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm, shardi
     ``start`` is the current vector). ``anorm`` is a running estimate of the operator norm
     used for the breakdown test. Returns the updated ``(basis, alphas, betas, anorm)``.
 
-    Each step is the three-term recurrence followed by one full reorthogonalisation pass
-    against the rows in use, and a second pass only when the first removed more than half of
-    the vector's norm ("twice is enough", Parlett 1998; Giraud et al. 2005).
+    Each step is the three-term recurrence with partial reorthogonalisation (`_lanczos_step`).
     """
     def body(i, carry):
-        basis, alphas, betas, anorm = _lanczos_step(matvec, key, i, carry)
-        return _constrain(basis, sharding), alphas, betas, anorm
+        (basis, alphas, betas, anorm), orth = _lanczos_step(matvec, key, i, carry[:4], carry[4])
+        return _constrain(basis, sharding), alphas, betas, anorm, orth
 
-    return lax.fori_loop(start, stop, body, (basis, alphas, betas, anorm))
+    init = (basis, alphas, betas, anorm, _init_orth(basis.shape[0], basis.dtype, start))
+    return lax.fori_loop(start, stop, body, init)[:4]
 
 
-def _lanczos_step(matvec, key, i, carry):
-    """Lanczos step ``i`` (see `_lanczos_steps`) on ``carry = (basis, alphas, betas, anorm)``."""
+def _init_orth(m, dtype, start):
+    """The orthogonality estimates at row ``start``: ω of the current and previous vectors
+    unknown, so the first two steps reorthogonalise in full (``force = 2``)."""
+    eye = jnp.arange(m) == start
+    prev = jnp.arange(m) == start - 1
+    return eye.astype(dtype), prev.astype(dtype), jnp.asarray(2, jnp.int32)
+
+
+def _orthogonality_level(dtype):
+    """How far the basis may drift from orthogonality before a sweep: √ε, Simon's
+    semi-orthogonality (eigenvalues to working accuracy), in single and lower precision;
+    ε^(3/4) (about 2e-12) in float64, whose users ask for Ritz vectors orthonormal to more
+    than √ε (1.5e-8)."""
+    eps = jnp.finfo(dtype).eps
+    return eps**0.75 if jnp.dtype(dtype) == jnp.float64 else eps**0.5
+
+
+def _omega_next(omega, omega_prev, alphas, betas, i, beta, anorm):
+    """Simon's (1984) recurrence: estimates ω_{i+1,k} of v_{i+1}·v_k (k ≤ i) from those of
+    v_i (``omega``) and v_{i−1} (``omega_prev``), with ``alphas[i]`` and ``beta`` = β_i set,
+    plus the rounding of one step, ε‖A‖/β_i, with the sign that makes it grow."""
+    m = omega.shape[0]
+    k = jnp.arange(m)
+    eps = jnp.finfo(omega.dtype).eps
+    beta = jnp.maximum(beta, jnp.finfo(omega.dtype).tiny)
+    beta_prev = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0)
+    up = jnp.concatenate([omega[1:], jnp.zeros((1,), omega.dtype)])  # ω_{i,k+1}
+    down = jnp.concatenate([jnp.zeros((1,), omega.dtype), omega[:-1]])  # ω_{i,k−1}
+    beta_down = jnp.concatenate([jnp.zeros((1,), betas.dtype), betas[:-1]])  # β_{k−1}
+    new = betas * up + (alphas - alphas[i]) * omega + beta_down * down - beta_prev * omega_prev
+    psi = eps * anorm / beta
+    new = new / beta + jnp.where(new >= 0, psi, -psi)
+    new = jnp.where(k < i, new, 0)
+    new = jnp.where(k == i, psi, new)
+    return jnp.where(k == i + 1, 1, new)
+
+
+def _lanczos_step(matvec, key, i, carry, orth, locked=0):
+    """Lanczos step ``i`` on ``carry = (basis, alphas, betas, anorm)``.
+
+    Partial reorthogonalisation (Simon 1984; as PROPACK does): the recurrence's estimates ω of
+    the new vector's overlaps with the basis (`_omega_next`, O(m) numbers a step) decide
+    whether to orthogonalise it against the rows in use, which happens only when some
+    |ω| exceeds `_orthogonality_level` (√ε ≈ 3e-4 in float32, ε^(3/4) ≈ 2e-12 in float64;
+    then for the next vector too), at a breakdown, and in the first two steps after
+    ``start``. Semi-orthogonality keeps the eigenvalues of T accurate to working precision
+    (Simon 1984), while most steps skip the sweep over the stored rows (the memory-bound part
+    at large m). A
+    reorthogonalisation is one Gram–Schmidt pass, and a second only when the first removed
+    more than half of the vector's norm ("twice is enough", Parlett 1998).
+    ``orth = (omega, omega_prev, force)`` is carried from step to step (`_init_orth`).
+    The first ``locked`` rows (Ritz vectors locked by a restart of `Operator.eigenpairs`,
+    whose residuals the recurrence does not model) are swept at every step.
+    """
     basis, alphas, betas, anorm = carry
+    omega, omega_prev, force = orth
     n = basis.shape[1]
     eps = jnp.finfo(basis.dtype).eps
     v, v_prev = basis[i], basis[jnp.maximum(i - 1, 0)]
@@ -156,24 +208,41 @@ def _lanczos_step(matvec, key, i, carry):
     w = w - alpha * v - beta_prev * v_prev
     # Breakdown (an invariant Krylov subspace): continue from a random vector instead,
     # with a zero coupling, so T splits into blocks; eigenvalues outside the subspace, and
-    # further copies of repeated ones, are then still found, and no 0/0 appears. The
-    # choice is a select (not a cond, which would copy the basis every step).
+    # further copies of repeated ones, are then still found, and no 0/0 appears. (A cond
+    # on the vector alone: the random vector is drawn only when needed.)
     breakdown = jnp.linalg.norm(w) <= 100 * eps * anorm
-    r = jax.random.normal(jax.random.fold_in(key, i), (n,), basis.dtype)
-    x = jnp.where(breakdown, r / jnp.linalg.norm(r), w)
-    norm_before = jnp.linalg.norm(x)
-    h, x = _project(basis, x, i + 1)
-    h2, x = _project(basis, x, jnp.where(jnp.linalg.norm(x) < 0.5 * norm_before, i + 1, 0))
+
+    def fresh():
+        r = jax.random.normal(jax.random.fold_in(key, i), (n,), basis.dtype)
+        return r / jnp.linalg.norm(r)
+
+    x = lax.cond(breakdown, fresh, lambda: w)
+    beta_guess = jnp.linalg.norm(x)
+    omega_new = _omega_next(omega, omega_prev, alphas.at[i].set(alpha), betas, i, beta_guess,
+                            anorm)
+    k = jnp.arange(omega.shape[0])
+    level = jnp.max(jnp.where(k <= i, jnp.abs(omega_new), 0))
+    drift = level > _orthogonality_level(basis.dtype)
+    full = drift | breakdown | (force > 0)
+    h, x = _project(basis, x, jnp.where(full, i + 1, locked))
+    again = jnp.linalg.norm(x) < 0.5 * beta_guess
+    h2, x = _project(basis, x, jnp.where(again, i + 1, 0))
+    full = full | again
     alpha = alpha + jnp.where(breakdown, 0, h[i] + h2[i])
     norm_x = jnp.linalg.norm(x)
     beta = jnp.where(breakdown, 0, norm_x).astype(basis.dtype)
+    # After a sweep the new vector is orthogonal to working accuracy; the next one is swept
+    # too (the error it inherits from v_i was not removed), as PRO prescribes.
+    omega_new = jnp.where(full & (k <= i), eps, omega_new)
+    force = jnp.where(drift | breakdown, 1, jnp.maximum(force - 1, 0))
     # The last step keeps only beta. (A clamped row and a select on that row, not
     # ``.at[i + 1].set(mode="drop")``: XLA lowers the dropped write to a select over the whole
     # basis, rewriting all m rows every step.)
     row = jnp.minimum(i + 1, basis.shape[0] - 1)
     new_row = jnp.where(i + 1 < basis.shape[0], x / norm_x, basis[row])
     basis = lax.dynamic_update_slice_in_dim(basis, new_row[None], row, axis=0)
-    return basis, alphas.at[i].set(alpha), betas.at[i].set(beta), anorm
+    carry = basis, alphas.at[i].set(alpha), betas.at[i].set(beta), anorm
+    return carry, (omega_new, omega, force)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -570,6 +639,7 @@ class Operator:
         key,
         anorm,
         tol,
+        locked,
         *,
         k,
         which,
@@ -589,23 +659,25 @@ class Operator:
         # One loop of single steps, the test under a `lax.cond` every `check_every` steps (it
         # reads only alphas and betas): nested loops made XLA copy the basis at every chunk.
         def body(carry):
-            basis, alphas, betas, pos, anorm, _ = carry
-            basis, alphas, betas, anorm = _lanczos_step(
-                matvec, key, pos, (basis, alphas, betas, anorm)
+            basis, alphas, betas, pos, anorm, _, orth = carry
+            (basis, alphas, betas, anorm), orth = _lanczos_step(
+                matvec, key, pos, (basis, alphas, betas, anorm), orth, locked
             )
             basis = _constrain(basis, sharding)
             pos = pos + 1
             if k == 0:
-                return basis, alphas, betas, pos, anorm, jnp.asarray(False)
+                return basis, alphas, betas, pos, anorm, jnp.asarray(False), orth
             done = lax.cond(
                 (pos % check_every == 0) | (pos == limit),
                 lambda: _converged_on_device(alphas, betas, pos, min_pos, tol, k=k, which=which),
                 lambda: jnp.asarray(False),
             )
-            return basis, alphas, betas, pos, anorm, done
+            return basis, alphas, betas, pos, anorm, done, orth
 
         basis = _constrain(basis, sharding)
-        init = (basis, alphas, betas, jnp.asarray(pos, jnp.int32), anorm, jnp.asarray(False))
+        pos = jnp.asarray(pos, jnp.int32)
+        orth = _init_orth(basis.shape[0], basis.dtype, pos)
+        init = (basis, alphas, betas, pos, anorm, jnp.asarray(False), orth)
         return lax.while_loop(cond, body, init)[:5]
 
     def _slq_kernel(self, params, batches, weights, operands, probes, key, *, num_steps, sharding):
@@ -661,7 +733,7 @@ class Operator:
         return basis_sharding(prep.params, self.objective.wrt, prep.dim)
 
     def _run_lanczos(self, prep, batches, basis, alphas, betas, pos, min_pos, limit, key, anorm,
-                     tol, *, k, which, check_every):
+                     tol, *, k, which, check_every, locked=0):
         return self._lanczos_jit(
             prep.params,
             batches,
@@ -676,6 +748,7 @@ class Operator:
             key,
             anorm,
             jnp.asarray(tol, prep.dtype),
+            jnp.asarray(locked, jnp.int32),
             k=k,
             which=which,
             check_every=check_every,
@@ -824,7 +897,7 @@ class Operator:
             limit = m - 1 if grow and m < n else m
             basis, alphas, betas, stop, anorm = self._run_lanczos(
                 prep, batches, basis, alphas, betas, pos, min_pos, limit, key_restart, anorm,
-                tol, k=k, which=which, check_every=check_every,
+                tol, k=k, which=which, check_every=check_every, locked=0 if locked is None else k,
             )
             stop = int(stop)
             total, pos = total + stop - pos, stop

@@ -23,7 +23,7 @@ at the same parameters,
     tr Σ ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big).
 
 In data-parallel training the small batches are the per-device gradients and the big one
-their all-reduced mean, so a training step gets it almost for free (`grouped_grad`,
+their all-reduced mean, so a training step gets it almost for free (`two_batch_grad`,
 `two_batch`); `sharp_minima.tracking.NoiseTracker` smooths both with bias-corrected EMAs.
 
 Conventions that trip users:
@@ -68,14 +68,14 @@ from jax import lax
 
 from sharp_minima import hessian, objective
 from sharp_minima import tree_util as tu
-from sharp_minima.objective import Objective, batch_mean
+from sharp_minima.objective import Objective, batch_mean, per_example_losses
 
 __all__ = [
     "DirectionProbe",
     "GradientNoise",
     "NoiseEstimate",
     "NoiseScale",
-    "grouped_grad",
+    "two_batch_grad",
     "temperature",
     "two_batch",
 ]
@@ -253,36 +253,39 @@ def two_batch(small_sq, big_sq, small_size, big_size) -> tuple[float, float]:
     return g2, tr
 
 
-def grouped_grad(loss_fn, num_groups: int, *, has_aux: bool = False):
-    """``value_and_grad`` of a mean loss that also returns the two-batch statistics.
+def two_batch_grad(loss_fn, small_size: int):
+    """``value_and_grad`` of a mean loss that also returns the two-batch statistics, for the
+    price of one gradient.
 
-    The batch (every leaf's leading axis B, divisible by ``num_groups``) is split into
-    ``num_groups`` groups whose gradients are taken at once (``vmap``: the same arithmetic
-    as the batch gradient, one reduction more); their mean is the batch gradient.
+    The gradient is taken on the first ``small_size`` examples of the batch and on the rest
+    separately (the same arithmetic as one batch gradient, split in two) and combined, so the
+    step gets the small-batch gradient's squared norm for free. In data-parallel training the
+    per-device gradients before the all-reduce are the natural small batches (B_small = B/d);
+    pass their mean squared norm to `two_batch` directly.
 
     Returns:
-      ``fn(params, batch) -> ((loss, aux), grads, stats)`` (``loss`` alone without
-      ``has_aux``), ``stats = {"small_sq": mean over groups of |g_group|²,
-      "small_sq_var": their variance over groups, "big_sq": |g_batch|²}``; feed them to
-      `two_batch` with ``small_size = B / num_groups`` and ``big_size = B``.
+      ``fn(params, batch) -> (loss, grads, {"small_sq": |g_small|², "big_sq": |g_batch|²})``
+      (every batch leaf with one leading size B > ``small_size``, examples unmasked); feed
+      the statistics to `two_batch` with ``small_size`` and ``big_size = B``, and smooth
+      them over steps (one step gives one noisy sample).
     """
-    if num_groups < 2:
-        raise ValueError(f"num_groups must be >= 2 (a small and a big batch), got {num_groups}")
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    if small_size < 1:
+        raise ValueError(f"small_size must be >= 1, got {small_size}")
+    value_and_grad = jax.value_and_grad(loss_fn)
 
     def fn(params, batch):
         sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-        if len(sizes) != 1 or sizes.pop() % num_groups:
+        if len(sizes) != 1 or not sizes.pop() > small_size:
             raise ValueError(
-                f"every batch leaf needs one leading size divisible by num_groups={num_groups}"
+                f"every batch leaf needs one leading size larger than small_size={small_size}"
             )
-        groups = jax.tree.map(lambda x: x.reshape((num_groups, -1) + x.shape[1:]), batch)
-        value, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, groups)
-        sq = sum(jnp.sum(g.reshape(num_groups, -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        value = jax.tree.map(lambda v: jnp.mean(v, axis=0), value)
-        stats = {"small_sq": jnp.mean(sq), "small_sq_var": jnp.var(sq), "big_sq": tu.dot(grads, grads)}
-        return value, grads, stats
+        big = jax.tree.leaves(batch)[0].shape[0]
+        v_small, g_small = value_and_grad(params, jax.tree.map(lambda x: x[:small_size], batch))
+        v_rest, g_rest = value_and_grad(params, jax.tree.map(lambda x: x[small_size:], batch))
+        w = small_size / big
+        grads = jax.tree.map(lambda a, b: w * a + (1 - w) * b, g_small, g_rest)
+        stats = {"small_sq": tu.dot(g_small, g_small), "big_sq": tu.dot(grads, grads)}
+        return w * v_small + (1 - w) * v_rest, grads, stats
 
     return fn
 
@@ -319,55 +322,92 @@ class GradientNoise:
         self.hessian = hessian.Curvature(loss_fn, wrt=wrt)
         self.groups, self.chunk = groups, chunk
         self.num_traces = 0
-        self._moments_jit = jax.jit(self._moments_kernel, static_argnames="num_groups")
+        self._moments_jit = jax.jit(self._moments_kernel, static_argnames="num_probes")
         self._b_noise_jit = jax.jit(self._b_noise_kernel)
         self._sharpness_jit = jax.jit(self._sharpness_kernel)
 
-    # -- layout -------------------------------------------------------------------------
+    # -- layout ----------------------------------------------------------------------
 
-    def _segments(self, params):
-        """``(names, ids)``: the group names and, per flat ``wrt`` entry, its group id."""
+    def _group_of_leaves(self, params):
+        """``(names, ids)``: the group names and each selected leaf's group index."""
         paths = jax.tree_util.tree_map_with_path(lambda p, x: tu.path_str(p), params)
         selected_paths, _ = tu.select(paths, self.objective.wrt)
-        selected, _ = tu.select(params, self.objective.wrt)
         names, ids = [], []
-        for path, leaf in zip(selected_paths, selected):
+        for path in selected_paths:
             if self.groups is None:
                 name = path.rsplit("/", 1)[0] if "/" in path else path
             else:
-                name = next(
-                    (g for g, rx in self.groups.items() if re.search(rx, path)), "other"
-                )
+                name = next((g for g, rx in self.groups.items() if re.search(rx, path)), "other")
             if name not in names:
                 names.append(name)
-            ids.append(np.full(int(np.prod(jnp.shape(leaf))), names.index(name), np.int32))
-        return names, np.concatenate(ids)
+            ids.append(names.index(name))
+        return names, np.asarray(ids)
 
     # -- kernels ------------------------------------------------------------------------
+
+    def _leaf_loss(self, params):
+        """``(leaves, f)``: the selected leaves (a list) and ``f(leaves, batch)``."""
+        selected, merge = tu.select(params, self.objective.wrt)
+        return selected, lambda leaves, batch: self.objective.loss_fn(merge(leaves, params), batch)
 
     def _mean_gradient(self, params, batches, weights):
         x0, f = self.objective.flat_loss(params)
         return x0, batch_mean(lambda b: jax.grad(f)(x0, b), batches, weights)
 
-    def _moments_kernel(self, params, batches, weights, ids, *, num_groups):
-        """Per example i and group l: |gᵢ⁽ˡ⁾|² and gᵢ⁽ˡ⁾·Ḡ⁽ˡ⁾, and its weight πᵢ."""
+    def _moments_kernel(self, params, batches, weights, key, *, num_probes):
+        """Per example i and selected leaf l: |gᵢ⁽ˡ⁾|² and gᵢ⁽ˡ⁾·Ḡ⁽ˡ⁾ (exact, or estimated
+        with ``num_probes`` random projections per leaf), and the example's weight πᵢ."""
         self.num_traces += 1
-        x0, f = self.objective.flat_loss(params)
-        _, mean = self._mean_gradient(params, batches, weights)
+        leaves, f = self._leaf_loss(params)
+        mean = batch_mean(lambda b: jax.grad(f)(leaves, b), batches, weights)
+        mean_sq = jnp.stack([jnp.vdot(m, m) for m in mean])
 
-        def one_batch(batch):
+        def exact(batch):
             def example(ex):
-                g = jax.grad(f)(x0, jax.tree.map(lambda a: a[None], ex))
-                seg = lambda v: jax.ops.segment_sum(v, ids, num_segments=num_groups)  # noqa: E731
-                return seg(g * g), seg(g * mean)
+                g = jax.grad(f)(leaves, jax.tree.map(lambda a: a[None], ex))
+                sq = jnp.stack([jnp.vdot(a, a) for a in g])
+                return sq, jnp.stack([jnp.vdot(a, m) for a, m in zip(g, mean)])
 
-            sq, dot = lax.map(example, batch, batch_size=self.chunk)
+            return lax.map(example, batch, batch_size=self.chunk)
+
+        def projected(batch, key):
+            # gᵢ⁽ˡ⁾·z for Gaussian z restricted to leaf l: one jvp of the per-example losses
+            # per probe and leaf; E[(gᵢ·z)²] = |gᵢ|², E[(gᵢ·z)(Ḡ·z)] = gᵢ·Ḡ.
+            def along(tangents):
+                return jax.jvp(lambda x: per_example_losses(f, x, batch), (leaves,), (tangents,))[1]
+
+            omega = objective.example_weights(batch, jax.tree.leaves(batch)[0].shape[0],
+                                              mean_sq.dtype)
+            sq, dot, units = [], [], []
+            for l, leaf in enumerate(leaves):
+                z = jax.random.normal(jax.random.fold_in(key, l), (num_probes,) + leaf.shape,
+                                      leaf.dtype)
+                tangents = [
+                    z if j == l else jnp.zeros((num_probes,) + a.shape, a.dtype)
+                    for j, a in enumerate(leaves)
+                ]
+                u = jax.vmap(along)(tangents)  # (K, B)
+                gz = jnp.einsum("k...,...->k", z, mean[l])  # (K,)
+                sq.append(jnp.mean(u**2, axis=0))
+                dot.append(jnp.mean(u * gz[:, None], axis=0))
+                # Per probe: this batch's weighted Σ|gᵢ − Ḡ|² part, whose spread over the
+                # probes is the projections' noise (shared by all examples of the batch).
+                units.append((u**2 - 2 * u * gz[:, None]) @ omega)  # (K,)
+            return jnp.stack(sq, axis=1), jnp.stack(dot, axis=1), jnp.stack(units)
+
+        def one_batch(args):
+            batch, i = args
+            if num_probes:
+                sq, dot, units = projected(batch, jax.random.fold_in(key, i))
+            else:
+                (sq, dot), units = exact(batch), jnp.zeros((len(leaves), 1), mean_sq.dtype)
             size = jax.tree.leaves(batch)[0].shape[0]
-            return sq, dot, objective.example_weights(batch, size, x0.dtype)
+            return sq, dot, objective.example_weights(batch, size, mean_sq.dtype), units
 
-        sq, dot, omega = lax.map(one_batch, batches)  # (nb, B, L), (nb, B, L), (nb, B)
-        seg_mean = jax.ops.segment_sum(mean * mean, ids, num_segments=num_groups)
-        return sq, dot, omega * weights[:, None], seg_mean, mean
+        nb = jax.tree.leaves(batches)[0].shape[0]
+        # (nb, B, leaves) twice, (nb, B), (nb, leaves, K)
+        sq, dot, omega, units = lax.map(one_batch, (batches, jnp.arange(nb)))
+        return sq, dot, omega * weights[:, None], mean_sq, mean, units * weights[:, None, None]
 
     def _b_noise_kernel(self, params, batches, weights, examples):
         self.num_traces += 1
@@ -408,32 +448,60 @@ class GradientNoise:
         se = ratio.std(ddof=1) / math.sqrt(len(ratio)) if len(ratio) > 1 else float("nan")
         return hessian.Estimate(float(ratio.mean()), float(se), len(ratio))
 
-    def measure(self, params, batches, *, weights=None) -> NoiseScale:
+    def measure(
+        self, params, batches, *, weights=None, num_probes: int = 0, key: jax.Array | None = None
+    ) -> NoiseScale:
         """|G|², tr Σ and B_simple over all examples of ``batches`` (weighted per batch as
         for `sharp_minima.hessian`; a ragged last batch is padded with a ``mask`` and
-        weighted by its real examples), per group and in total, with standard errors."""
+        weighted by its real examples), per group and in total, with standard errors.
+
+        Args:
+          params, batches, weights: where and over which examples.
+          num_probes: 0 (default): exact per-example gradients, ``chunk`` at a time (memory
+            of ``chunk`` gradients; time grows with the parameter count, since each example's
+            gradient is written out). K > 0: each |gᵢ|² and gᵢ·Ḡ estimated from K Gaussian
+            projections per parameter leaf, one jvp of the per-example losses each — no
+            per-example gradient is formed, so it costs about K·(leaves) forward passes;
+            unbiased, and the standard errors include the projections' noise.
+          key: the projections' key (needed when ``num_probes > 0``).
+        """
         if batches is None:
             raise ValueError("gradient noise is a statistic of examples: batches must not be None")
+        if num_probes < 0:
+            raise ValueError(f"num_probes must be >= 0, got {num_probes}")
+        if num_probes and key is None:
+            raise ValueError("num_probes > 0 needs key= for the projections")
         prep = self.objective.prepare(params, batches, weights)
-        names, ids = self._segments(params)
-        sq, dot, pi, seg_mean, mean = self._moments_jit(
-            prep.params, batches, prep.weights, jnp.asarray(ids), num_groups=len(names)
+        names, ids = self._group_of_leaves(params)
+        key = jax.random.key(0) if key is None else key
+        sq, dot, pi, mean_sq, mean, units = self._moments_jit(
+            prep.params, batches, prep.weights, key, num_probes=num_probes
         )
         sq, dot = np.asarray(sq, np.float64), np.asarray(dot, np.float64)
-        pi, seg_mean = np.asarray(pi, np.float64).ravel(), np.asarray(seg_mean, np.float64)
-        objective.check_finite("per-example gradients (noise scale)", sq, dot, seg_mean)
-        sq, dot = sq.reshape(-1, len(names)), dot.reshape(-1, len(names))
+        pi, mean_sq = np.asarray(pi, np.float64).ravel(), np.asarray(mean_sq, np.float64)
+        objective.check_finite("per-example gradients (noise scale)", sq, dot, mean_sq)
+        sq, dot = sq.reshape(-1, len(ids)), dot.reshape(-1, len(ids))
         real = pi > 0
         sq, dot, pi = sq[real], dot[real], pi[real] / pi[real].sum()
         n = int(real.sum())
         if n < 2:
             raise ValueError(f"the noise scale needs at least 2 examples, got {n}")
-        layers = {
-            name: _noise_estimate(sq[:, i], dot[:, i], seg_mean[i], pi)
-            for i, name in enumerate(names)
-        }
-        total = _noise_estimate(sq.sum(1), dot.sum(1), seg_mean.sum(), pi)
-        vector = self.objective.unflatten(params, mean)
+        # The projections' variance of each leaf's Σ|gᵢ − Ḡ|² part: the spread over the
+        # probes of each batch (independent across batches and leaves), scaled like tr Σ.
+        units = np.asarray(units, np.float64)  # (nb, leaves, K)
+        probe_var = np.zeros(len(ids))
+        if num_probes > 1:
+            probe_var = (units.var(axis=2, ddof=1) / num_probes).sum(0) * (n / (n - 1)) ** 2
+        layers = {}
+        for g, name in enumerate(names):
+            cols = ids == g
+            layers[name] = _noise_estimate(
+                sq[:, cols].sum(1), dot[:, cols].sum(1), mean_sq[cols].sum(), pi,
+                probe_var[cols].sum(),
+            )
+        total = _noise_estimate(sq.sum(1), dot.sum(1), mean_sq.sum(), pi, probe_var.sum())
+        _, merge = tu.select(params, self.objective.wrt)
+        vector = merge(list(mean), tu.zeros_like(params))
         return NoiseScale(total, layers, vector, n)
 
     def b_noise(
@@ -475,10 +543,11 @@ class GradientNoise:
         return hessian.Estimate(value, stderr, len(flat) + 1)
 
 
-def _noise_estimate(sq, dot, mean_sq, pi) -> NoiseEstimate:
+def _noise_estimate(sq, dot, mean_sq, pi, probe_var=0.0) -> NoiseEstimate:
     """Unbiased |G|², tr Σ and B_simple from per-example |gᵢ|² (``sq``), gᵢ·Ḡ (``dot``),
     |Ḡ|² and weights πᵢ (summing to one), with standard errors from the influence of each
-    example (float64, numpy)."""
+    example (float64, numpy), plus ``probe_var``, the variance of tr Σ from random
+    projections (independent of the examples' sampling)."""
     n = len(sq)
     mean_sq = float(mean_sq)
     dev = sq - 2 * dot + mean_sq  # |gᵢ − Ḡ|²
@@ -489,7 +558,14 @@ def _noise_estimate(sq, dot, mean_sq, pi) -> NoiseEstimate:
     b = tr / g2 if g2 != 0 else float("inf")
     infl_b = (infl_tr - b * infl_g2) / g2 if g2 != 0 else np.full(n, np.nan)
 
-    def se(infl):
-        return float(np.sqrt(pi @ (infl - pi @ infl) ** 2 / (n - 1)))
+    def se(infl, extra=0.0):
+        return float(np.sqrt(pi @ (infl - pi @ infl) ** 2 / (n - 1) + extra))
 
-    return NoiseEstimate(g2, se(infl_g2), tr, se(infl_tr), b, se(infl_b))
+    return NoiseEstimate(
+        g2,
+        se(infl_g2, probe_var / n**2),
+        tr,
+        se(infl_tr, probe_var),
+        b,
+        se(infl_b, probe_var * ((1 + b / n) / g2) ** 2 if g2 else 0.0),
+    )

@@ -67,21 +67,42 @@ def test_the_two_batch_estimator_agrees_with_the_per_example_one(measured):
     params, batches, _, _, out = measured
     with jax.enable_x64(True):
         data = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), batches)
-        fn = jax.jit(gradients.grouped_grad(linreg_loss, num_groups=512))
-        loss, grads, stats = fn(params, data)
-        # The group gradients average to the batch gradient.
-        full = jax.grad(linreg_loss)(params, data)
-        np.testing.assert_allclose(grads["w"], full["w"], atol=1e-12)
-        g2, tr = gradients.two_batch(stats["small_sq"], stats["big_sq"], 8, 4096)
-    # The standard error of tr Σ from the spread of the 512 small-batch squared norms.
-    se_small = float(np.sqrt(stats["small_sq_var"] / 511))
-    se_tr = se_small / (1 / 8 - 1 / 4096)
+        fn = gradients.two_batch_grad(linreg_loss, small_size=8)
+        loss, grads, stats = jax.jit(fn)(params, data)
+        # The split gradient is the batch gradient.
+        full = jax.value_and_grad(linreg_loss)(params, data)
+        np.testing.assert_allclose(grads["w"], full[1]["w"], atol=1e-12)
+        np.testing.assert_allclose(loss, full[0], rtol=1e-12)
+
+        # 256 steps' worth of small batches: random orders of the same examples.
+        def shuffled(key):
+            perm = jax.random.permutation(key, 4096)
+            return fn(params, jax.tree.map(lambda a: a[perm], data))[2]
+
+        many = jax.jit(jax.vmap(shuffled))(jax.random.split(jax.random.key(0), 256))
+        small_sq = np.asarray(many["small_sq"])
+        g2, tr = gradients.two_batch(small_sq.mean(), float(stats["big_sq"]), 8, 4096)
+    se_tr = small_sq.std(ddof=1) / np.sqrt(len(small_sq)) / (1 / 8 - 1 / 4096)
     noise = np.hypot(se_tr, out.total.trace_cov_stderr)
-    assert abs(float(tr) - out.total.trace_cov) < 4 * noise
-    assert abs(float(g2) - out.total.grad_norm_sq) < 4 * (se_tr / 4096 + noise / 8)
-    # The biased estimate (the squared norm of the batch gradient) differs from |G|²
-    # by tr Σ / B for a single small batch: far outside the noise.
-    assert float(stats["small_sq"]) - out.total.grad_norm_sq > 10 * se_small
+    assert abs(tr - out.total.trace_cov) < 4 * noise
+    assert abs(g2 - out.total.grad_norm_sq) < 4 * np.hypot(se_tr / 4096 * 8 / 8, out.total.grad_norm_sq_stderr)
+    # The biased estimate (a small batch's squared gradient norm) is |G|² + tr Σ / 8: far
+    # outside the noise.
+    assert small_sq.mean() - out.total.grad_norm_sq > 10 * se_tr / 8
+
+
+def test_projected_per_example_norms_are_unbiased(measured):
+    params, batches, delta, noise, out = measured
+    with jax.enable_x64(True):
+        proj = noise.measure(params, batches, num_probes=4, key=jax.random.key(3))
+    d2 = float(delta @ delta)
+    tr = D * (d2 + SIGMA**2) + d2 + (d2 + SIGMA**2)
+    t = proj.total
+    assert abs(t.trace_cov - tr) < 4 * t.trace_cov_stderr
+    assert abs(t.b_simple - out.total.b_simple) < 4 * t.b_simple_stderr
+    # The projections add noise: a wider interval than the exact per-example one.
+    assert t.trace_cov_stderr > out.total.trace_cov_stderr
+    assert t.trace_cov != out.total.trace_cov
 
 
 def test_b_noise_matches_a_dense_reference():
@@ -115,7 +136,10 @@ def test_clear_errors():
     noise = gradients.GradientNoise(linreg_loss)
     with pytest.raises(ValueError, match="batches must not be None"):
         noise.measure({"w": jnp.zeros(D), "b": jnp.zeros(())}, None)
-    with pytest.raises(ValueError, match="num_groups must be >= 2"):
-        gradients.grouped_grad(linreg_loss, 1)
+    with pytest.raises(ValueError, match="small_size must be >= 1"):
+        gradients.two_batch_grad(linreg_loss, 0)
+    with pytest.raises(ValueError, match="needs key="):
+        noise.measure({"w": jnp.zeros(D), "b": jnp.zeros(())}, {"x": jnp.ones((1, 2, D))},
+                      num_probes=2)
     with pytest.raises(ValueError, match="small_size < big_size"):
         gradients.two_batch(1.0, 1.0, 8, 8)
