@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -125,7 +124,9 @@ def _orthogonalize(basis, w):
     return w, h1 + h2
 
 
-def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm, sharding=None):
+def _lanczos_steps(
+    matvec, basis, alphas, betas, start, stop, key, anorm, sharding=None, dim=None
+):
     """Runs Lanczos steps ``start..stop-1`` on a preallocated (m, n) basis.
 
     Rows ``0..start`` of ``basis`` must hold the orthonormal vectors built so far (row
@@ -135,7 +136,9 @@ def _lanczos_steps(matvec, basis, alphas, betas, start, stop, key, anorm, shardi
     Each step is the three-term recurrence with partial reorthogonalisation (`_lanczos_step`).
     """
     def body(i, carry):
-        (basis, alphas, betas, anorm), orth = _lanczos_step(matvec, key, i, carry[:4], carry[4])
+        (basis, alphas, betas, anorm), orth = _lanczos_step(
+            matvec, key, i, carry[:4], carry[4], dim=dim
+        )
         return _constrain(basis, sharding), alphas, betas, anorm, orth
 
     init = (basis, alphas, betas, anorm, _init_orth(basis.shape[0], basis.dtype, start))
@@ -179,7 +182,7 @@ def _omega_next(omega, omega_prev, alphas, betas, i, beta, anorm):
     return jnp.where(k == i + 1, 1, new)
 
 
-def _lanczos_step(matvec, key, i, carry, orth, locked=0):
+def _lanczos_step(matvec, key, i, carry, orth, locked=0, dim=None):
     """Lanczos step ``i`` on ``carry = (basis, alphas, betas, anorm)``.
 
     Partial reorthogonalisation (Simon 1984; as PROPACK does): the recurrence's estimates ω of
@@ -194,7 +197,9 @@ def _lanczos_step(matvec, key, i, carry, orth, locked=0):
     more than half of the vector's norm ("twice is enough", Parlett 1998).
     ``orth = (omega, omega_prev, force)`` is carried from step to step (`_init_orth`).
     The first ``locked`` rows (Ritz vectors locked by a restart of `Operator.eigenpairs`,
-    whose residuals the recurrence does not model) are swept at every step.
+    whose residuals the recurrence does not model) are swept at every step. ``dim``: the
+    operator's dimension when the basis is wider (padded to a multiple of the devices its
+    columns are split over); random vectors are then zero in the padding.
     """
     basis, alphas, betas, anorm = carry
     omega, omega_prev, force = orth
@@ -214,6 +219,7 @@ def _lanczos_step(matvec, key, i, carry, orth, locked=0):
 
     def fresh():
         r = jax.random.normal(jax.random.fold_in(key, i), (n,), basis.dtype)
+        r = _unpadded(r, dim)
         return r / jnp.linalg.norm(r)
 
     x = lax.cond(breakdown, fresh, lambda: w)
@@ -308,6 +314,11 @@ def lanczos(
     n = jnp.shape(v0)[0]
     if not 1 <= num_steps <= n:
         raise ValueError(f"num_steps must be in [1, {n}] (the dimension), got {num_steps}")
+    if sharding is not None and n % sharding.mesh.size:
+        raise ValueError(
+            f"a basis split over {sharding.mesh.size} devices needs n divisible by "
+            f"{sharding.mesh.size}, got n = {n}: pad v0 (and the matvec) with zeros"
+        )
     key = _fallback_key(v0) if key is None else key
     basis, alphas, betas = _init_basis(v0, num_steps, sharding)
     basis, alphas, betas, _ = _lanczos_steps(
@@ -482,15 +493,15 @@ def _jitted_grow(basis, alphas, betas, m):
     )
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _jitted_lock(basis, coeffs, values, key):
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(4,))
+def _jitted_lock(basis, coeffs, values, key, dim=None):
     """A new basis: the Ritz vectors ``coeffs @ basis`` locked in its first k rows (with
     ``values`` on the diagonal of T and zero couplings), then a random orthogonal vector.
     (Module level: it does not depend on the caller's loss.)"""
     k, (m, n) = coeffs.shape[0], basis.shape
     ritz = coeffs @ basis
     new = jnp.zeros_like(basis).at[:k].set(ritz)
-    r = jax.random.normal(key, (n,), basis.dtype)
+    r = _unpadded(jax.random.normal(key, (n,), basis.dtype), dim)
     r, _ = _orthogonalize(new, r)
     r, _ = _orthogonalize(new, r / jnp.linalg.norm(r))
     new = new.at[k].set(r / jnp.linalg.norm(r))
@@ -519,10 +530,12 @@ def basis_sharding(params: PyTree, wrt, dim: int) -> NamedSharding | None:
     """How the solvers lay out (m, D) bases and (k, D) vectors for these parameters.
 
     ``NamedSharding(mesh, P(None, <all mesh axes>))`` when some selected leaf of ``params``
-    is itself split over a mesh of d > 1 devices (FSDP-style) and d divides D: each device
-    then holds 1/d of every basis. ``None`` (replicated, the default layout) otherwise, e.g.
-    for replicated parameters with batches sharded over the data axis.
+    is itself split over a mesh of d > 1 devices (FSDP-style): each device then holds 1/d of
+    every basis (D padded with zeros to a multiple of d, which the operators ignore). ``None``
+    (replicated, the default layout) otherwise, e.g. for replicated parameters with batches
+    sharded over the data axis.
     """
+    del dim  # any D: the operators pad it
     selected, _ = tu.select(params, wrt)
     for leaf in selected:
         sharding = getattr(leaf, "sharding", None)
@@ -531,17 +544,27 @@ def basis_sharding(params: PyTree, wrt, dim: int) -> NamedSharding | None:
             and sharding.mesh.size > 1
             and any(axis is not None for axis in sharding.spec)
         ):
-            if dim % sharding.mesh.size:
-                warnings.warn(
-                    f"the parameters are sharded over {sharding.mesh.size} devices but their "
-                    f"dimension D = {dim} is not divisible by {sharding.mesh.size}: the Lanczos "
-                    "basis stays replicated (padding D is not implemented yet)",
-                    UserWarning,
-                    stacklevel=4,
-                )
-                return None
             return NamedSharding(sharding.mesh, PartitionSpec(None, sharding.mesh.axis_names))
     return None
+
+
+def _pad(v, width):
+    """``v`` (n,) with zeros appended up to ``width``."""
+    return v if v.shape[0] == width else jnp.pad(v, (0, width - v.shape[0]))
+
+
+def _unpadded(v, dim):
+    """``v`` with its entries past ``dim`` (the padding) set to zero."""
+    if dim is None or dim == v.shape[0]:
+        return v
+    return jnp.where(jnp.arange(v.shape[0]) < dim, v, 0)
+
+
+def _padded(matvec, dim, width):
+    """The product on vectors padded from ``dim`` to ``width`` (zero in the padding)."""
+    if width == dim:
+        return matvec
+    return lambda v: _pad(matvec(v[:dim]), width)
 
 
 def _constrain(x, sharding):
@@ -651,7 +674,9 @@ class Operator:
         keeps the next Lanczos vector in the last row, so a grown basis can go on). ``k = 0``
         runs to ``limit`` without testing."""
         self.num_traces += 1
-        _, matvec = self.flat_matvec(params, batches, weights, operands)
+        x0, matvec = self.flat_matvec(params, batches, weights, operands)
+        dim = x0.shape[0]
+        matvec = _padded(matvec, dim, basis.shape[1])
 
         def cond(carry):
             return (carry[3] < limit) & ~carry[5]
@@ -661,7 +686,7 @@ class Operator:
         def body(carry):
             basis, alphas, betas, pos, anorm, _, orth = carry
             (basis, alphas, betas, anorm), orth = _lanczos_step(
-                matvec, key, pos, (basis, alphas, betas, anorm), orth, locked
+                matvec, key, pos, (basis, alphas, betas, anorm), orth, locked, dim
             )
             basis = _constrain(basis, sharding)
             pos = pos + 1
@@ -682,7 +707,9 @@ class Operator:
 
     def _slq_kernel(self, params, batches, weights, operands, probes, key, *, num_steps, sharding):
         self.num_traces += 1
-        _, matvec = self.flat_matvec(params, batches, weights, operands)
+        x0, matvec = self.flat_matvec(params, batches, weights, operands)
+        dim = x0.shape[0]
+        matvec = _padded(matvec, dim, probes.shape[1])
 
         def one(args):
             v0, i = args
@@ -697,6 +724,7 @@ class Operator:
                 jax.random.fold_in(key, i),
                 jnp.zeros((), basis.dtype),
                 sharding,
+                dim,
             )
             return alphas, betas
 
@@ -731,6 +759,13 @@ class Operator:
 
     def _sharding(self, prep):
         return basis_sharding(prep.params, self.objective.wrt, prep.dim)
+
+    def _width(self, prep) -> int:
+        """The basis's number of columns: D, rounded up to a multiple of the devices its
+        columns are split over (the padding is zero and the operator ignores it)."""
+        sharding = self._sharding(prep)
+        d = 1 if sharding is None else sharding.mesh.size
+        return -(-prep.dim // d) * d
 
     def _run_lanczos(self, prep, batches, basis, alphas, betas, pos, min_pos, limit, key, anorm,
                      tol, *, k, which, check_every, locked=0):
@@ -780,7 +815,7 @@ class Operator:
                 f"num_steps must be in [1, {prep.dim}] (the dimension), got {num_steps}"
             )
         key_start, key_restart = jax.random.split(key)
-        v0 = jax.random.normal(key_start, (prep.dim,), prep.dtype)
+        v0 = _pad(jax.random.normal(key_start, (prep.dim,), prep.dtype), self._width(prep))
         basis, alphas, betas = _init_basis(v0, num_steps, self._sharding(prep))
         basis, alphas, betas, _, _ = self._run_lanczos(
             prep, batches, basis, alphas, betas, 0, num_steps, num_steps, key_restart,
@@ -889,7 +924,7 @@ class Operator:
             guess = prev.astype(dtype).sum(0)
             v0 = guess / jnp.linalg.norm(guess) + 0.1 * v0 / jnp.linalg.norm(v0)
 
-        basis, alphas, betas = _init_basis(v0, m, self._sharding(prep))
+        basis, alphas, betas = _init_basis(_pad(v0, self._width(prep)), m, self._sharding(prep))
         anorm = jnp.zeros((), dtype)
         pos, total, locked, locked_res = 0, 0, None, None  # basis[pos]: the next to expand
         min_pos = k  # no convergence test before this row
@@ -926,6 +961,7 @@ class Operator:
                 jnp.asarray(coeffs, dtype),
                 jnp.asarray(values, dtype),
                 jax.random.fold_in(key_restart, round_),
+                n,
             )
             # The new block needs a few steps before the locked pairs (decoupled, zero
             # residual) may be declared complete: enough for an eigenvalue the first
@@ -935,7 +971,7 @@ class Operator:
 
         coeffs = np.zeros((k, m))
         coeffs[:, :pos] = s[:, idx].T
-        ritz = jnp.asarray(coeffs, dtype) @ basis  # (k, n); rows past `pos` are zero
+        ritz = (jnp.asarray(coeffs, dtype) @ basis)[:, :n]  # (k, n); rows past `pos` are zero
         del basis
         if exact_residuals:
             hv = self._matmat(prep, batches, ritz)
@@ -994,6 +1030,7 @@ class Operator:
             raise ValueError(f"num_probes must be >= 1, got {num_probes}")
         key_probe, key_restart = jax.random.split(key)
         z = rademacher_probes(key_probe, num_probes, n, prep.dtype)
+        z = jax.vmap(lambda v: _pad(v, self._width(prep)))(z)
         alphas, betas = self._slq_jit(
             prep.params,
             batches,

@@ -226,26 +226,42 @@ def test_a_sharded_basis_follows_sharded_parameters():
     assert jax.device_count() >= 4
     mesh = Mesh(np.array(jax.devices()[:4]), ("fsdp",))
     rng = np.random.default_rng(1)
-    a = jnp.asarray(np.diag(rng.uniform(0.0, 1.0, 256)).astype(np.float32))
-    params = {"w": jnp.zeros((64, 4))}
-    loss = lambda p, batch: 0.5 * p["w"].reshape(-1) @ a @ p["w"].reshape(-1)  # noqa: E731
-    sharded = jax.device_put(params, NamedSharding(mesh, PartitionSpec("fsdp", None)))
+    # D = 259: not a multiple of the 4 devices (the basis is padded to 260 columns).
+    spectrum = np.concatenate([rng.uniform(0.5, 1.0, 256), [3.0, 2.5, 0.2]])  # > 0
+    a = jnp.asarray(np.diag(spectrum).astype(np.float32))
+    params = {"w": jnp.zeros((64, 4)), "b": jnp.zeros(3)}
+
+    def loss(p, batch):
+        x = jnp.concatenate([p["b"], p["w"].reshape(-1)])
+        return 0.5 * x @ a @ x
+
+    sharded = {
+        "w": jax.device_put(params["w"], NamedSharding(mesh, PartitionSpec("fsdp", None))),
+        "b": jax.device_put(params["b"], NamedSharding(mesh, PartitionSpec())),
+    }
     curv = hessian.Curvature(loss)
     one = curv.lanczos(params, None, num_steps=40, key=jax.random.key(0))
     four = curv.lanczos(sharded, None, num_steps=40, key=jax.random.key(0))
     shard = four.basis.addressable_shards[0].data
-    assert shard.nbytes * 4 == one.basis.nbytes  # each device holds a quarter
-    assert len(four.basis.sharding.device_set) == 4
+    assert shard.shape == (40, 65) and len(four.basis.sharding.device_set) == 4
+    assert shard.nbytes <= 1.01 * one.basis.nbytes / 4  # each device holds a quarter
+    np.testing.assert_array_equal(np.asarray(four.basis)[:, 259:], 0)  # the padding
     np.testing.assert_allclose(
         hessian.tridiagonal_eigh(four.alphas, four.betas)[0],
         hessian.tridiagonal_eigh(one.alphas, one.betas)[0],
         rtol=1e-4,
         atol=1e-5,
     )
-    top = curv.eigenpairs(sharded, None, k=3, key=jax.random.key(0))
-    ref = curv.eigenpairs(params, None, k=3, key=jax.random.key(0))
-    np.testing.assert_allclose(top.values, ref.values, rtol=1e-5)
-    np.testing.assert_allclose(top.values, np.sort(np.diag(np.asarray(a)))[::-1][:3], rtol=1e-4)
+    ordered = np.sort(spectrum)
+    for which, expected in (("LA", ordered[::-1][:2]), ("SA", ordered[:2])):
+        top = curv.eigenpairs(sharded, None, k=2, key=jax.random.key(0), which=which, tol=1e-6)
+        ref = curv.eigenpairs(params, None, k=2, key=jax.random.key(0), which=which, tol=1e-6)
+        np.testing.assert_allclose(top.values, ref.values, rtol=1e-5)
+        # The padding is not an eigenvector: no spurious 0 among the smallest.
+        np.testing.assert_allclose(top.values, expected, atol=1e-4)
+        assert top.vectors["w"].shape == (2, 64, 4)
+    sld = curv.spectral_density(sharded, None, key=jax.random.key(1), num_probes=2)
+    assert sld.nodes.max() == pytest.approx(3.0, rel=1e-3)
 
 
 def test_zoo_model_operators_are_one_line():
