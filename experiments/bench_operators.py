@@ -13,9 +13,10 @@ Prints, for a ReLU MLP 784-512x5-10 (1.46M parameters) on 1024 examples:
     per leaf) / one mini-batch gradient of the same 1024 examples   (report; goal <= 3)
   * an SGD step that also yields the two-batch estimate (`gradients.two_batch_grad`, a small
     batch of B/8) / the plain step                              (target <= 1.1)
-  * Lanczos (m = 50) with the parameters sharded over 4 simulated CPU devices: XLA's peak
-    per-device memory / the same with replicated parameters     (target <= 0.3; run in a
-    subprocess with 4 simulated devices)
+  * Lanczos (m = 50, 100) with the parameters and the basis split over 4 simulated CPU
+    devices (FSDP-style; D padded to a multiple of 4): XLA's peak per-device memory / the
+    same with parameters and basis replicated; the examples split over the devices in both
+    (target <= 0.3; run in a subprocess with 4 simulated devices)
 Absolute times on a shared CPU are noisy; the ratios are what to read.
 """
 
@@ -111,6 +112,12 @@ x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"]).long()
 params = [p for p in model.parameters()]
 op = GGNLinearOperator(model, torch.nn.CrossEntropyLoss(), params, [(x, y)],
                        check_deterministic=False)
+def grad():
+    model.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward()
+grad()
+t_grad = float("inf")
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter(); grad(); t_grad = min(t_grad, time.perf_counter() - t0)
 torch.manual_seed(0)
 v = torch.randn(sum(p.numel() for p in params))
 def mv():
@@ -120,7 +127,7 @@ best = float("inf")
 for _ in range(int(sys.argv[3])):
     t0 = time.perf_counter(); mv(); best = min(best, time.perf_counter() - t0)
 import importlib.metadata as md
-print(json.dumps({"time": best, "version": md.version("curvlinops-for-pytorch"),
+print(json.dumps({"time": best, "grad": t_grad, "version": md.version("curvlinops-for-pytorch"),
                   "torch": torch.__version__}))
 """
 
@@ -199,7 +206,9 @@ def bench_ggn(layers, x, y, repeats):
         else:
             res = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"curvlinops {res['version']} (torch {res['torch']}) GGN-vector "
-                  f"{res['time'] * 1e3:7.1f} ms")
+                  f"{res['time'] * 1e3:7.1f} ms; torch's gradient {res['grad'] * 1e3:7.1f} ms "
+                  f"(GGN/gradient {res['time'] / res['grad']:.2f} there, "
+                  f"{t_ggn / t_grad:.2f} here)")
             print(f"RATIO ours/curvlinops = {t_ggn / res['time']:.2f} (target <= 0.5)")
     else:
         print("(curvlinops comparison skipped: pass --torch_python)")
@@ -221,17 +230,20 @@ def bench_noise(layers, x, y, repeats):
     t_exact = _timeit(lambda: noise.measure(params, batches).total.trace_cov, 1)
     exact = noise.measure(params, batches).total
     key = jax.random.key(0)
-    t_proj = _timeit(
-        lambda: noise.measure(params, batches, num_probes=2, key=key).total.trace_cov, repeats
-    )
-    proj = noise.measure(params, batches, num_probes=2, key=key).total
+    total = gradients.GradientNoise(mean_loss, groups={"all": ""})
+    rows = []
+    for name, est, k in (("per layer", noise, 2), ("total only", total, 2)):
+        t = _timeit(lambda: est.measure(params, batches, num_probes=k, key=key).total, repeats)
+        rows.append((name, k, t, est.measure(params, batches, num_probes=k, key=key).total))
     print(f"mini-batch gradient ({len(x)} examples) {t_grad * 1e3:7.1f} ms")
-    print(f"  per-example tr Σ, exact (chunks of 32)  {t_exact * 1e3:8.1f} ms: "
+    print(f"  per-example tr Σ, exact (chunks of 32)       {t_exact * 1e3:8.1f} ms: "
           f"B_simple = {exact.b_simple:.1f} ± {exact.b_simple_stderr:.1f}")
-    print(f"  per-example tr Σ, 2 projections/leaf    {t_proj * 1e3:8.1f} ms: "
-          f"B_simple = {proj.b_simple:.1f} ± {proj.b_simple_stderr:.1f}")
+    for name, k, t, est in rows:
+        print(f"  per-example tr Σ, {k} projections, {name:10s} {t * 1e3:8.1f} ms: "
+              f"B_simple = {est.b_simple:.1f} ± {est.b_simple_stderr:.1f}")
     print(f"RATIO per-example tr Σ / gradient = {t_exact / t_grad:.1f} exact, "
-          f"{t_proj / t_grad:.1f} projected (goal <= 3)")
+          + ", ".join(f"{t / t_grad:.1f} projected ({name})" for name, _, t, _ in rows)
+          + " (goal <= 3)")
 
     tx = optax.sgd(0.01)
     opt_state = tx.init(params)
@@ -260,54 +272,55 @@ def bench_noise(layers, x, y, repeats):
 
 
 def bench_sharded(layers, x, y):
-    """Run in a process with 4 simulated devices: XLA's per-device peak memory of a
-    Lanczos kernel with sharded vs replicated parameters."""
+    """Run in a process with 4 simulated devices: XLA's per-device peak memory of Lanczos
+    with the parameters (FSDP-style) and the basis split over the devices, against the
+    parameters and basis replicated; the examples are split over the devices in both."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from sharp_minima import curvature, hessian
 
-    devices = jax.devices()[:4]
-    mesh = Mesh(np.array(devices), ("fsdp",))
-    curv = hessian.Curvature(mean_loss)
-    # The last layer without its 10 biases: D = 1,457,664 divides by 4 (for other D the
-    # basis stays replicated: padding is not implemented yet).
-    layers = layers[:-1] + [{"w": layers[-1]["w"]}]
-    params = jax.tree.map(jnp.asarray, layers)
     d = 4
+    mesh = Mesh(np.array(jax.devices()[:d]), ("fsdp",))
+    curv = hessian.Curvature(mean_loss)
+    params = jax.tree.map(jnp.asarray, layers)
 
     def spec(a):
         return PartitionSpec("fsdp") if a.shape[0] % d == 0 else PartitionSpec()
 
     sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec(a))), params)
-    replicated = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec())),
-                              params)
+    replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
-    batches = jax.device_put(batches, NamedSharding(mesh, PartitionSpec()))
-    m = 50
-    peaks = {}
-    for name, p in (("sharded", sharded), ("replicated", replicated)):
-        prep = curv._prepare(p, batches, None)  # noqa: SLF001  (the benchmark looks inside)
-        sharding = curvature.basis_sharding(prep.params, None, prep.dim)
-        if name == "sharded" and sharding is None:
-            print(f"D = {prep.dim} is not divisible by {d}: the basis stays replicated")
-        fn = jax.jit(
-            lambda p, b, w, v0, sharding=sharding: curvature.lanczos(
-                curv.flat_matvec(p, b, w)[1], v0, m, key=jax.random.key(0), sharding=sharding
-            ).alphas
-        )
-        v0 = jnp.ones((prep.dim,), jnp.float32)
-        mem = fn.lower(prep.params, batches, prep.weights, v0).compile().memory_analysis()
-        peaks[name] = (
-            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
-        basis = m * prep.dim * 4
-        print(f"{name:10s}: per-device peak {peaks[name] / 2**20:7.1f} MiB "
-              f"(the full basis is {basis / 2**20:.1f} MiB)")
-    print(f"RATIO sharded/replicated per-device peak = "
-          f"{peaks['sharded'] / peaks['replicated']:.2f} (target <= 0.3)")
+    batches = curvature.shard_batches(batches, devices=jax.devices()[:d], axis_name="fsdp")
+    weights = jnp.ones((1,), jnp.float32)
+    dim = sum(a.size for a in jax.tree.leaves(params))
+    width = -(-dim // d) * d  # D padded to a multiple of the devices, as the operators do
+    for m in (50, 100):
+        peaks = {}
+        for name, p in (("sharded", sharded), ("replicated", replicated)):
+            sharding = curvature.basis_sharding(p, None, dim)
+
+            def fn(p, b, w, v0, sharding=sharding):
+                matvec = curv.flat_matvec(p, b, w)[1]
+                if sharding is not None:  # zero padding up to `width` columns
+                    inner = matvec
+                    matvec = lambda v: jnp.pad(inner(v[:dim]), (0, width - dim))  # noqa: E731
+                res = curvature.lanczos(matvec, v0, m, key=jax.random.key(0), sharding=sharding)
+                return res.alphas, res.betas
+
+            v0 = jnp.ones((width if sharding is not None else dim,), jnp.float32)
+            mem = jax.jit(fn).lower(p, batches, weights, v0).compile().memory_analysis()
+            peaks[name] = (
+                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes
+            )
+        basis = m * dim * 4
+        print(f"m = {m}: per-device peak {peaks['sharded'] / 2**20:6.1f} MiB sharded, "
+              f"{peaks['replicated'] / 2**20:6.1f} MiB replicated (the basis: "
+              f"{basis / 2**20:.0f} MiB, a quarter {basis / 4 / 2**20:.0f} MiB)")
+        print(f"RATIO m = {m} sharded/replicated per-device peak = "
+              f"{peaks['sharded'] / peaks['replicated']:.2f} (target <= 0.3)")
 
 
 def main(argv):
