@@ -160,8 +160,10 @@ def bench_ggn(layers, x, y, repeats):
     t_grad = _timeit(lambda: grad_fn(params, batches), repeats)
     t_ggn = _timeit(lambda: ggn_fn(params, batches, weights, v), repeats)
     t_hvp = _timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
-    print(f"gradient {t_grad * 1e3:7.1f} ms   GGN-vector {t_ggn * 1e3:7.1f} ms   "
-          f"HVP {t_hvp * 1e3:7.1f} ms")
+    print(
+        f"gradient {t_grad * 1e3:7.1f} ms   GGN-vector {t_ggn * 1e3:7.1f} ms   "
+        f"HVP {t_hvp * 1e3:7.1f} ms"
+    )
     print(f"RATIO ggn/hvp = {t_ggn / t_hvp:.2f} (target <= 0.8); ggn/grad = {t_ggn / t_grad:.2f}")
 
     try:
@@ -169,6 +171,7 @@ def bench_ggn(layers, x, y, repeats):
     except ImportError:
         print("(laplax comparison skipped: pip install -e '.[bench]')")
     else:
+
         def laplax_model(input, params):  # noqa: A002  (laplax's keyword names)
             return model_fn(params, {"x": input})
 
@@ -183,8 +186,10 @@ def bench_ggn(layers, x, y, repeats):
         theirs = np.asarray(ravel_pytree(laplax_fn(params, xs, ys, vtree))[0]) / len(x)
         agree = np.abs(ours - theirs).max() / np.abs(theirs).max()
         t_laplax = _timeit(lambda: laplax_fn(params, xs, ys, vtree), repeats)
-        print(f"laplax GGN-vector {t_laplax * 1e3:7.1f} ms (same product: max rel. "
-              f"difference {agree:.1e}, theirs summed over examples, ours their mean)")
+        print(
+            f"laplax GGN-vector {t_laplax * 1e3:7.1f} ms (same product: max rel. "
+            f"difference {agree:.1e}, theirs summed over examples, ours their mean)"
+        )
         print(f"RATIO ours/laplax = {t_ggn / t_laplax:.2f} (target <= 1.0)")
 
     if FLAGS.torch_python:
@@ -205,10 +210,12 @@ def bench_ggn(layers, x, y, repeats):
             print("curvlinops run failed:\n" + out.stderr[-2000:])
         else:
             res = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"curvlinops {res['version']} (torch {res['torch']}) GGN-vector "
-                  f"{res['time'] * 1e3:7.1f} ms; torch's gradient {res['grad'] * 1e3:7.1f} ms "
-                  f"(GGN/gradient {res['time'] / res['grad']:.2f} there, "
-                  f"{t_ggn / t_grad:.2f} here)")
+            print(
+                f"curvlinops {res['version']} (torch {res['torch']}) GGN-vector "
+                f"{res['time'] * 1e3:7.1f} ms; torch's gradient {res['grad'] * 1e3:7.1f} ms "
+                f"(GGN/gradient {res['time'] / res['grad']:.2f} there, "
+                f"{t_ggn / t_grad:.2f} here)"
+            )
             print(f"RATIO ours/curvlinops = {t_ggn / res['time']:.2f} (target <= 0.5)")
     else:
         print("(curvlinops comparison skipped: pass --torch_python)")
@@ -233,17 +240,25 @@ def bench_noise(layers, x, y, repeats):
     total = gradients.GradientNoise(mean_loss, groups={"all": ""})
     rows = []
     for name, est, k in (("per layer", noise, 2), ("total only", total, 2)):
-        t = _timeit(lambda: est.measure(params, batches, num_probes=k, key=key).total, repeats)
+        t = _timeit(
+            lambda est=est, k=k: est.measure(params, batches, num_probes=k, key=key).total, repeats
+        )
         rows.append((name, k, t, est.measure(params, batches, num_probes=k, key=key).total))
     print(f"mini-batch gradient ({len(x)} examples) {t_grad * 1e3:7.1f} ms")
-    print(f"  per-example tr Σ, exact (chunks of 32)       {t_exact * 1e3:8.1f} ms: "
-          f"B_simple = {exact.b_simple:.1f} ± {exact.b_simple_stderr:.1f}")
+    print(
+        f"  per-example tr Σ, exact (chunks of 32)       {t_exact * 1e3:8.1f} ms: "
+        f"B_simple = {exact.b_simple:.1f} ± {exact.b_simple_stderr:.1f}"
+    )
     for name, k, t, est in rows:
-        print(f"  per-example tr Σ, {k} projections, {name:10s} {t * 1e3:8.1f} ms: "
-              f"B_simple = {est.b_simple:.1f} ± {est.b_simple_stderr:.1f}")
-    print(f"RATIO per-example tr Σ / gradient = {t_exact / t_grad:.1f} exact, "
-          + ", ".join(f"{t / t_grad:.1f} projected ({name})" for name, _, t, _ in rows)
-          + " (goal <= 3)")
+        print(
+            f"  per-example tr Σ, {k} projections, {name:10s} {t * 1e3:8.1f} ms: "
+            f"B_simple = {est.b_simple:.1f} ± {est.b_simple_stderr:.1f}"
+        )
+    print(
+        f"RATIO per-example tr Σ / gradient = {t_exact / t_grad:.1f} exact, "
+        + ", ".join(f"{t / t_grad:.1f} projected ({name})" for name, _, t, _ in rows)
+        + " (goal <= 3)"
+    )
 
     tx = optax.sgd(0.01)
     opt_state = tx.init(params)
@@ -266,8 +281,10 @@ def bench_noise(layers, x, y, repeats):
     t_plain = _timeit(lambda: plain(params, opt_state, batch), repeats)
     t_two = _timeit(lambda: with_noise(params, opt_state, batch), repeats)
     *_, g2, tr = with_noise(params, opt_state, batch)
-    print(f"SGD step {t_plain * 1e3:7.1f} ms   with the two-batch estimate {t_two * 1e3:7.1f} ms "
-          f"(one step's B_simple = {float(tr) / float(g2):.1f}: one sample, noisy)")
+    print(
+        f"SGD step {t_plain * 1e3:7.1f} ms   with the two-batch estimate {t_two * 1e3:7.1f} ms "
+        f"(one step's B_simple = {float(tr) / float(g2):.1f}: one sample, noisy)"
+    )
     print(f"RATIO two-batch step / plain step = {t_two / t_plain:.2f} (target <= 1.1)")
 
 
@@ -301,7 +318,7 @@ def bench_sharded(layers, x, y):
         for name, p in (("sharded", sharded), ("replicated", replicated)):
             sharding = curvature.basis_sharding(p, None, dim)
 
-            def fn(p, b, w, v0, sharding=sharding):
+            def fn(p, b, w, v0, sharding=sharding, m=m):
                 matvec = curv.flat_matvec(p, b, w)[1]
                 if sharding is not None:  # zero padding up to `width` columns
                     inner = matvec
@@ -312,15 +329,21 @@ def bench_sharded(layers, x, y):
             v0 = jnp.ones((width if sharding is not None else dim,), jnp.float32)
             mem = jax.jit(fn).lower(p, batches, weights, v0).compile().memory_analysis()
             peaks[name] = (
-                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes
                 - mem.alias_size_in_bytes
             )
         basis = m * dim * 4
-        print(f"m = {m}: per-device peak {peaks['sharded'] / 2**20:6.1f} MiB sharded, "
-              f"{peaks['replicated'] / 2**20:6.1f} MiB replicated (the basis: "
-              f"{basis / 2**20:.0f} MiB, a quarter {basis / 4 / 2**20:.0f} MiB)")
-        print(f"RATIO m = {m} sharded/replicated per-device peak = "
-              f"{peaks['sharded'] / peaks['replicated']:.2f} (target <= 0.3)")
+        print(
+            f"m = {m}: per-device peak {peaks['sharded'] / 2**20:6.1f} MiB sharded, "
+            f"{peaks['replicated'] / 2**20:6.1f} MiB replicated (the basis: "
+            f"{basis / 2**20:.0f} MiB, a quarter {basis / 4 / 2**20:.0f} MiB)"
+        )
+        print(
+            f"RATIO m = {m} sharded/replicated per-device peak = "
+            f"{peaks['sharded'] / peaks['replicated']:.2f} (target <= 0.3)"
+        )
 
 
 def main(argv):
@@ -341,8 +364,14 @@ def main(argv):
         env["XLA_FLAGS"] = (
             env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
         ).strip()
-        args = [sys.executable, "-m", "experiments.bench_operators", "--sharded_child",
-                f"--examples={FLAGS.examples}", f"--width={FLAGS.width}"]
+        args = [
+            sys.executable,
+            "-m",
+            "experiments.bench_operators",
+            "--sharded_child",
+            f"--examples={FLAGS.examples}",
+            f"--width={FLAGS.width}",
+        ]
         out = subprocess.run(args, env=env, capture_output=True, text=True)
         print(out.stdout.strip() or out.stderr[-2000:])
     sys.stdout.flush()

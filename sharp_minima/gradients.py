@@ -358,70 +358,80 @@ class GradientNoise:
 
     def _moments_kernel(self, params, batches, weights, key, *, num_probes, group_of):
         """Per example i and group g: |gᵢ⁽ᵍ⁾|² and gᵢ⁽ᵍ⁾·Ḡ⁽ᵍ⁾ (exact, or estimated with
-        ``num_probes`` random projections per group), and the example's weight πᵢ;
-        ``group_of`` holds each selected leaf's group."""
+        ``num_probes`` random projections per group), the example's weight πᵢ, |Ḡ⁽ᵍ⁾|², Ḡ
+        and, for projections, each probe's weighted Σ|gᵢ − Ḡ|² per group (its spread over
+        the probes is the projections' noise); ``group_of`` holds each leaf's group."""
         self.num_traces += 1
         leaves, f = self._leaf_loss(params)
         num_groups = max(group_of) + 1
-        mean = batch_mean(lambda b: jax.grad(f)(leaves, b), batches, weights)
-        mean_sq = jax.ops.segment_sum(
-            jnp.stack([jnp.vdot(m, m) for m in mean]), jnp.asarray(group_of), num_groups
-        )
+        nb = jax.tree.leaves(batches)[0].shape[0]
+        dtype = jnp.result_type(*leaves)
 
-        def by_group(per_leaf):  # (..., leaves) -> (..., groups)
+        def omega_of(batch):
+            return objective.example_weights(batch, jax.tree.leaves(batch)[0].shape[0], dtype)
+
+        def group_sums(per_leaf):  # (..., leaves) -> (..., groups)
             return jnp.stack(
-                [sum(per_leaf[..., j] for j in range(len(leaves)) if group_of[j] == g)
-                 for g in range(num_groups)],
+                [
+                    sum(per_leaf[..., j] for j in range(len(leaves)) if group_of[j] == g)
+                    for g in range(num_groups)
+                ],
                 axis=-1,
             )
 
-        def exact(batch):
-            def example(ex):
-                g = jax.grad(f)(leaves, jax.tree.map(lambda a: a[None], ex))
-                sq = jnp.stack([jnp.vdot(a, a) for a in g])
-                return sq, jnp.stack([jnp.vdot(a, m) for a, m in zip(g, mean)])
-
-            sq, dot = lax.map(example, batch, batch_size=self.chunk)
-            return by_group(sq), by_group(dot)
-
-        def projected(batch, key):
-            # gᵢ⁽ᵍ⁾·z for Rademacher z on the leaves of group g: one jvp of the per-example
-            # losses per probe and group; E[(gᵢ·z)²] = |gᵢ|², E[(gᵢ·z)(Ḡ·z)] = gᵢ·Ḡ.
-            def along(tangents):
-                return jax.jvp(lambda x: per_example_losses(f, x, batch), (leaves,), (tangents,))[1]
-
-            omega = objective.example_weights(batch, jax.tree.leaves(batch)[0].shape[0],
-                                              mean_sq.dtype)
-            sq, dot, units = [], [], []
-            for g in range(num_groups):
-                keys = jax.random.split(jax.random.fold_in(key, g), len(leaves))
-                z = [
-                    jax.random.rademacher(keys[j], (num_probes,) + a.shape, a.dtype)
-                    if group_of[j] == g else jnp.zeros((num_probes,) + a.shape, a.dtype)
+        if num_probes:
+            # gᵢ⁽ᵍ⁾·z for Rademacher z on the leaves of group g (the same probes for every
+            # batch): one linearisation of the per-example losses per batch, whose transpose
+            # gives the mean gradient and whose K·(groups) products give the projections;
+            # E[(gᵢ·z)²] = |gᵢ|², E[(gᵢ·z)(Ḡ·z)] = gᵢ·Ḡ.
+            keys = jax.random.split(key, num_groups * len(leaves)).reshape(num_groups, -1)
+            probes = [
+                [
+                    jax.random.rademacher(keys[g, j], (num_probes,) + a.shape, a.dtype)
+                    if group_of[j] == g
+                    else jnp.zeros((num_probes,) + a.shape, a.dtype)
                     for j, a in enumerate(leaves)
                 ]
-                u = jax.vmap(along)(z)  # (K, B)
-                gz = sum(jnp.einsum("k...,...->k", zj, m) for zj, m in zip(z, mean))  # (K,)
-                sq.append(jnp.mean(u**2, axis=0))
-                dot.append(jnp.mean(u * gz[:, None], axis=0))
-                # Per probe: this batch's weighted Σ|gᵢ − Ḡ|² part, whose spread over the
-                # probes is the projections' noise (shared by all examples of the batch).
-                units.append((u**2 - 2 * u * gz[:, None]) @ omega)  # (K,)
-            return jnp.stack(sq, axis=1), jnp.stack(dot, axis=1), jnp.stack(units)
+                for g in range(num_groups)
+            ]
 
-        def one_batch(args):
-            batch, i = args
-            if num_probes:
-                sq, dot, units = projected(batch, jax.random.fold_in(key, i))
-            else:
-                (sq, dot), units = exact(batch), jnp.zeros((num_groups, 1), mean_sq.dtype)
-            size = jax.tree.leaves(batch)[0].shape[0]
-            return sq, dot, objective.example_weights(batch, size, mean_sq.dtype), units
+            def one_batch(batch):
+                _, lin = jax.linearize(lambda x: per_example_losses(f, x, batch), leaves)
+                omega = omega_of(batch)
+                grad = jax.linear_transpose(lin, leaves)(omega)[0]
+                u = jnp.stack([jax.vmap(lin)(z) for z in probes])  # (groups, K, B)
+                return grad, u, omega
 
-        nb = jax.tree.leaves(batches)[0].shape[0]
-        # (nb, B, leaves) twice, (nb, B), (nb, leaves, K)
-        sq, dot, omega, units = lax.map(one_batch, (batches, jnp.arange(nb)))
-        return sq, dot, omega * weights[:, None], mean_sq, mean, units * weights[:, None, None]
+            grads, u, omega = lax.map(one_batch, batches)
+            mean = [jnp.tensordot(weights, g, axes=1) for g in grads]
+            gz = jnp.stack(
+                [  # (groups, K): Ḡ·z
+                    sum(jnp.einsum("k...,...->k", zj, m) for zj, m in zip(z, mean)) for z in probes
+                ]
+            )
+            u = jnp.moveaxis(u, 1, 3)  # (nb, K, B, groups)
+            sq = jnp.mean(u**2, axis=1)
+            dot = jnp.mean(u * gz.T[None, :, None, :], axis=1)
+            pi = omega * weights[:, None]
+            units = jnp.einsum("nb,nkbg->gk", pi, u**2 - 2 * u * gz.T[None, :, None, :])
+        else:
+            mean = batch_mean(lambda b: jax.grad(f)(leaves, b), batches, weights)
+
+            def one_batch(batch):
+                def example(ex):
+                    g = jax.grad(f)(leaves, jax.tree.map(lambda a: a[None], ex))
+                    sq = jnp.stack([jnp.vdot(a, a) for a in g])
+                    return sq, jnp.stack([jnp.vdot(a, m) for a, m in zip(g, mean)])
+
+                sq, dot = lax.map(example, batch, batch_size=self.chunk)
+                return group_sums(sq), group_sums(dot), omega_of(batch)
+
+            sq, dot, omega = lax.map(one_batch, batches)  # (nb, B, groups) twice, (nb, B)
+            pi = omega * weights[:, None]
+            units = jnp.zeros((num_groups, 1), dtype)
+        del nb
+        mean_sq = group_sums(jnp.stack([jnp.vdot(m, m) for m in mean]))
+        return sq, dot, pi, mean_sq, mean, units
 
     def _b_noise_kernel(self, params, batches, weights, examples):
         self.num_traces += 1
@@ -494,7 +504,11 @@ class GradientNoise:
         names, ids = self._group_of_leaves(params)
         key = jax.random.key(0) if key is None else key
         sq, dot, pi, mean_sq, mean, units = self._moments_jit(
-            prep.params, batches, prep.weights, key, num_probes=num_probes,
+            prep.params,
+            batches,
+            prep.weights,
+            key,
+            num_probes=num_probes,
             group_of=tuple(int(g) for g in ids),
         )
         sq, dot = np.asarray(sq, np.float64), np.asarray(dot, np.float64)
@@ -508,10 +522,12 @@ class GradientNoise:
             raise ValueError(f"the noise scale needs at least 2 examples, got {n}")
         # The projections' variance of each leaf's Σ|gᵢ − Ḡ|² part: the spread over the
         # probes of each batch (independent across batches and leaves), scaled like tr Σ.
-        units = np.asarray(units, np.float64)  # (nb, groups, K)
+        # The projections' variance of each group's part of tr Σ: the spread over the
+        # probes (shared by all examples) of each probe's estimate.
+        units = np.asarray(units, np.float64)  # (groups, K)
         probe_var = np.zeros(len(names))
         if num_probes > 1:
-            probe_var = (units.var(axis=2, ddof=1) / num_probes).sum(0) * (n / (n - 1)) ** 2
+            probe_var = units.var(axis=1, ddof=1) / num_probes * (n / (n - 1)) ** 2
         layers = {
             name: _noise_estimate(sq[:, g], dot[:, g], mean_sq[g], pi, probe_var[g])
             for g, name in enumerate(names)

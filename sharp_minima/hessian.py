@@ -60,8 +60,8 @@ from sharp_minima.curvature import (  # noqa: F401  (re-exported: hessian's publ
     LanczosResult,
     Operator,
     SpectralDensity,
-    rademacher_probes,
     lanczos,
+    rademacher_probes,
     tridiagonal_eigh,
 )
 from sharp_minima.objective import LossFn, PyTree, batch_mean, shard_batches
@@ -243,7 +243,7 @@ def eigenpairs(
     restart: bool = True,
     exact_residuals: bool = False,
 ) -> Eigenpairs:
-    """Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation.
+    """Extreme Hessian eigenpairs by Lanczos with partial reorthogonalisation.
 
     ``Curvature(loss_fn, wrt=wrt).eigenpairs(params, batches, ...)``, see
     `Curvature.eigenpairs` for the arguments. Compiles on every call: to track the

@@ -214,17 +214,16 @@ def replicate_like(batches: PyTree | None, tree: PyTree) -> PyTree:
     for x in jax.tree.leaves(batches):
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            mesh = sharding.mesh
-            replicated = NamedSharding(mesh, PartitionSpec())
-
-            def place(leaf):
-                own = getattr(leaf, "sharding", None)
-                if isinstance(own, NamedSharding) and own.mesh == mesh:
-                    return leaf  # already laid out on this mesh (e.g. FSDP parameters)
-                return jax.device_put(leaf, replicated)
-
-            return jax.tree.map(place, tree)
+            return jax.tree.map(lambda leaf, mesh=sharding.mesh: _replicate(leaf, mesh), tree)
     return tree
+
+
+def _replicate(leaf, mesh):
+    """``leaf`` replicated on ``mesh``, unless already laid out on it (e.g. FSDP parameters)."""
+    own = getattr(leaf, "sharding", None)
+    if isinstance(own, NamedSharding) and own.mesh == mesh:
+        return leaf
+    return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
 
 
 def _warn_if_examples_as_batches(nb: int, one_batch: PyTree) -> None:

@@ -87,7 +87,8 @@ def cross_entropy(label_key: str = "y") -> OutputLoss:
     Example:
       >>> import jax.numpy as jnp
       >>> loss = cross_entropy()
-      >>> [round(float(v), 4) for v in loss.per_example(jnp.zeros((2, 4)), {"y": jnp.array([0, 3])})]
+      >>> losses = loss.per_example(jnp.zeros((2, 4)), {"y": jnp.array([0, 3])})
+      >>> [round(float(v), 4) for v in losses]
       [1.3863, 1.3863]
     """
 
@@ -133,8 +134,7 @@ def _output_loss(output_loss) -> OutputLoss:
     if isinstance(output_loss, str) and output_loss in _OUTPUT_LOSSES:
         return _OUTPUT_LOSSES[output_loss]()
     raise ValueError(
-        f"output_loss must be an OutputLoss or one of {sorted(_OUTPUT_LOSSES)}, got "
-        f"{output_loss!r}"
+        f"output_loss must be an OutputLoss or one of {sorted(_OUTPUT_LOSSES)}, got {output_loss!r}"
     )
 
 
@@ -382,4 +382,3 @@ def _indexed_batch_mean(fn, batches, weights):
         return fn(None, jnp.asarray(0))
     n = objective.num_batches(batches)
     return batch_mean(lambda bi: fn(*bi), (batches, jnp.arange(n)), weights)
-

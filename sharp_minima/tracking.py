@@ -335,6 +335,9 @@ class NoiseTracker:
       weights, wrt: as for `EigenTracker`.
       ema: the moving averages' decay β (0: no smoothing).
       num_minibatches: mini-batches of the batch sharpness (0: not measured).
+      num_probes: 0: exact per-example gradients; K >= 2: random projections instead
+        (`sharp_minima.gradients.GradientNoise.measure`; fresh probes at every call, which
+        the moving averages smooth), much cheaper on large models.
       name: metric prefix.
 
     Example:
@@ -365,6 +368,7 @@ class NoiseTracker:
         wrt=None,
         ema: float = 0.9,
         num_minibatches: int = 8,
+        num_probes: int = 0,
         name: str = "noise",
     ):
         if batch_size < 1:
@@ -380,6 +384,9 @@ class NoiseTracker:
         self.batch_size, self.learning_rate = batch_size, learning_rate
         self.num_examples, self.momentum = num_examples, momentum
         self.ema, self.num_minibatches, self.name = ema, num_minibatches, name
+        if num_probes < 0 or num_probes == 1:
+            raise ValueError(f"num_probes must be 0 (exact) or >= 2, got {num_probes}")
+        self.num_probes = num_probes
         self.moments = np.zeros(3)  # EMA of |G|², EMA of tr Σ, number of calls
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -424,7 +431,10 @@ class NoiseTracker:
         "seconds"}`` (the rate-dependent ones when η is known)."""
         t0 = time.perf_counter()
         batches, weights = self.subset(step)
-        out = self.noise.measure(params, batches, weights=weights).total
+        key = jax.random.fold_in(jax.random.fold_in(self.key, step), 3)
+        out = self.noise.measure(
+            params, batches, weights=weights, num_probes=self.num_probes, key=key
+        ).total
         beta = self.ema
         m = self.moments
         m[0] = beta * m[0] + (1 - beta) * out.grad_norm_sq

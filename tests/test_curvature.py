@@ -172,8 +172,7 @@ def test_solvers_on_each_operator_match_numpy_eigh(refs, which):
         d = m.shape[0]
         tr = op.trace(params, batches, key=jax.random.key(1), num_matvecs=3 * d)
         np.testing.assert_allclose(tr.value, np.trace(m), rtol=1e-8)
-        sld = op.spectral_density(params, batches, key=jax.random.key(2), num_probes=2,
-                                  num_steps=d)
+        sld = op.spectral_density(params, batches, key=jax.random.key(2), num_probes=2, num_steps=d)
         np.testing.assert_allclose(np.sort(sld.nodes[0]), lam, atol=1e-8 * lam.max())
         fro = op.frobenius_norm(params, batches, key=jax.random.key(3), method="top_k", k=d)
         np.testing.assert_allclose(fro.value, np.linalg.norm(m), rtol=1e-8)

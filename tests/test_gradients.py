@@ -85,7 +85,9 @@ def test_the_two_batch_estimator_agrees_with_the_per_example_one(measured):
     se_tr = small_sq.std(ddof=1) / np.sqrt(len(small_sq)) / (1 / 8 - 1 / 4096)
     noise = np.hypot(se_tr, out.total.trace_cov_stderr)
     assert abs(tr - out.total.trace_cov) < 4 * noise
-    assert abs(g2 - out.total.grad_norm_sq) < 4 * np.hypot(se_tr / 4096 * 8 / 8, out.total.grad_norm_sq_stderr)
+    assert abs(g2 - out.total.grad_norm_sq) < 4 * np.hypot(
+        se_tr / 4096 * 8 / 8, out.total.grad_norm_sq_stderr
+    )
     # The biased estimate (a small batch's squared gradient norm) is |G|² + tr Σ / 8: far
     # outside the noise.
     assert small_sq.mean() - out.total.grad_norm_sq > 10 * se_tr / 8
@@ -139,7 +141,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="small_size must be >= 1"):
         gradients.two_batch_grad(linreg_loss, 0)
     with pytest.raises(ValueError, match="needs key="):
-        noise.measure({"w": jnp.zeros(D), "b": jnp.zeros(())}, {"x": jnp.ones((1, 2, D))},
-                      num_probes=2)
+        noise.measure(
+            {"w": jnp.zeros(D), "b": jnp.zeros(())}, {"x": jnp.ones((1, 2, D))}, num_probes=2
+        )
     with pytest.raises(ValueError, match="small_size < big_size"):
         gradients.two_batch(1.0, 1.0, 8, 8)

@@ -181,6 +181,7 @@ def test_readme_operators_and_noise_example_runs():
     ns = run_after_hessian_example("operators.GGN(")
     assert ns["top_ggn"].converged.all() and ns["top_ggn"].values[0] > 0
     assert ns["top_cov"].values[0] > 0 and ns["tr_fisher"].value > 0
+    assert ns["top_ef"].values[0] >= ns["top_cov"].values[0]  # Σ = F_emp − ḡḡᵀ
     total = ns["est"].total
     parts = ns["est"].layers
     assert abs(sum(p.trace_cov for p in parts.values()) - total.trace_cov) < 1e-4 * total.trace_cov

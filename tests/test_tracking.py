@@ -126,8 +126,8 @@ class _CtrlC:
 def _nsgd_run(workdir, ctrl_c=None):
     """NSGD on the nudged_sgd study's tiny setup (MNIST-1D, MLP 16): the directions tracker
     sets the optimizer's directions at the start of every epoch, a second tracker logs the
-    top 3 and a noise tracker keeps moving averages; with ``ctrl_c``, Ctrl-C during step 11 (after a hook at step 10, which both runs
-    have, so they log at the same steps)."""
+    top 3 and a noise tracker keeps moving averages; with ``ctrl_c``, Ctrl-C during step 11
+    (after a hook at step 10, which both runs have, so they log at the same steps)."""
     config = load_config("nudged_sgd.py:tiny", progress=False, num_devices=1)
     run = train.setup(config)
     t = config.nsgd.curvature
@@ -242,8 +242,6 @@ def test_eigen_tracker_takes_any_operator():
     tracker = tracking.EigenTracker(ggn, batches, key=jax.random.key(2), k=2, weights=weights)
     m = tracker.measure(variables, 0)
     direct = ggn.eigenpairs(variables, batches, k=2, key=jax.random.key(2), weights=weights)
-    np.testing.assert_allclose(
-        [m["ggn/lambda_1"], m["ggn/lambda_2"]], direct.values, rtol=1e-3
-    )
+    np.testing.assert_allclose([m["ggn/lambda_1"], m["ggn/lambda_2"]], direct.values, rtol=1e-3)
     with pytest.raises(ValueError, match="wrt belongs to the operator"):
         tracking.EigenTracker(ggn, batches, key=jax.random.key(2), wrt="^params/")
