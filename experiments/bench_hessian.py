@@ -56,7 +56,8 @@ def define_flags():
 WIDTHS = (784, 512, 512, 512, 512, 512, 10)
 
 
-def _timeit(fn, repeats):
+def timeit(fn, repeats):
+    """The best of ``repeats`` timed calls of ``fn`` after a warm-up (which compiles)."""
     import jax
 
     jax.block_until_ready(fn())  # warm-up (and compile)
@@ -115,8 +116,8 @@ def bench_core(params, batches, steps, repeats):
         return matvec(v)
 
     v = jax.random.normal(jax.random.key(0), (dim,))
-    t_grad = _timeit(lambda: grad_fn(params, batches), repeats)
-    t_hvp = _timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
+    t_grad = timeit(lambda: grad_fn(params, batches), repeats)
+    t_hvp = timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
     print(f"gradient {t_grad * 1e3:8.1f} ms   HVP {t_hvp * 1e3:8.1f} ms")
     print(f"RATIO hvp/grad = {t_hvp / t_grad:.2f}   (target <= 2.5)")
 
@@ -140,7 +141,7 @@ def bench_core(params, batches, steps, repeats):
                 + mem.temp_size_in_bytes
                 - mem.alias_size_in_bytes
             )
-        t_lanczos = _timeit(lambda c=compiled: c(params, batches, weights, v), 1)
+        t_lanczos = timeit(lambda c=compiled: c(params, batches, weights, v), 1)
         model_bytes = dim * 4
         data_bytes = sum(x.nbytes for x in jax.tree.leaves(batches))
         budget = m * dim * 4 + model_bytes + data_bytes
@@ -160,10 +161,10 @@ def bench_core(params, batches, steps, repeats):
     return t_hvp
 
 
-PYHESSIAN_SCRIPT = r"""
+# The F1-sized MLP in PyTorch, from the arrays `run_torch` writes: a script's first part.
+TORCH_MLP = r"""
 import json, sys, time
 import numpy as np, torch
-from pyhessian import hessian as pyh
 torch.set_num_threads(int(sys.argv[2]))
 z = np.load(sys.argv[1])
 n_layers = int(z["n_layers"])
@@ -178,6 +179,12 @@ for i in range(n_layers):
         mods.append(torch.nn.ReLU())
 model = torch.nn.Sequential(*mods)
 x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"]).long()
+"""
+
+PYHESSIAN_SCRIPT = (
+    TORCH_MLP
+    + r"""
+from pyhessian import hessian as pyh
 comp = pyh(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
 torch.manual_seed(0)
 t0 = time.perf_counter()
@@ -185,6 +192,30 @@ vals, _ = comp.eigenvalues(top_n=5, maxIter=100, tol=1e-4)
 t = time.perf_counter() - t0
 print(json.dumps({"time": t, "values": [float(v) for v in vals]}))
 """
+)
+
+
+def run_torch(python, script, layers, x, y, *args):
+    """Runs ``script`` (`TORCH_MLP` + a measurement printing one JSON line) with the
+    interpreter ``python`` on the MLP ``layers`` and data; its JSON, or None (with the
+    error printed) when it failed. Extra ``args`` follow the data path and the thread count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "problem.npz")
+        arrays = {f"w{i}": layer["w"] for i, layer in enumerate(layers)}
+        arrays.update({f"b{i}": layer["b"] for i, layer in enumerate(layers)})
+        np.savez(path, x=x, y=y, n_layers=len(layers), **arrays)
+        file = os.path.join(tmp, "run.py")
+        with open(file, "w") as f:
+            f.write(script)
+        out = subprocess.run(
+            [python, file, path, str(os.cpu_count()), *map(str, args)],
+            capture_output=True,
+            text=True,
+        )
+    if out.returncode:
+        print("the PyTorch run failed:\n" + out.stderr[-2000:])
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_vs_pyhessian(layers, x, y, params, batches, python):
@@ -195,21 +226,9 @@ def bench_vs_pyhessian(layers, x, y, params, batches, python):
 
     from sharp_minima import hessian
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "problem.npz")
-        arrays = {f"w{i}": layer["w"] for i, layer in enumerate(layers)}
-        arrays.update({f"b{i}": layer["b"] for i, layer in enumerate(layers)})
-        np.savez(path, x=x, y=y, n_layers=len(layers), **arrays)
-        script = os.path.join(tmp, "run_pyhessian.py")
-        with open(script, "w") as f:
-            f.write(PYHESSIAN_SCRIPT)
-        out = subprocess.run(
-            [python, script, path, str(os.cpu_count())], capture_output=True, text=True
-        )
-    if out.returncode:
-        print("PyHessian run failed:\n" + out.stderr[-2000:])
+    pyh = run_torch(python, PYHESSIAN_SCRIPT, layers, x, y)
+    if pyh is None:
         return
-    pyh = json.loads(out.stdout.strip().splitlines()[-1])
 
     t0 = time.perf_counter()
     first = hessian.eigenpairs(mlp_loss, params, batches, k=5, key=jax.random.key(0), which="LM")

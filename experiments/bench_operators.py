@@ -22,16 +22,15 @@ Absolute times on a shared CPU are noisy; the ratios are what to read.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
+from experiments.bench_hessian import TORCH_MLP, make_problem, run_torch, timeit
 from experiments.quiet import quiet
 
 FLAGS = flags.FLAGS
@@ -49,29 +48,20 @@ def define_flags():
     flags.DEFINE_bool("sharded_child", False, "Internal: run the sharded section here.")
 
 
-def _timeit(fn, repeats):
+def alternate(fns, rounds):
+    """Median times of ``fns`` called in alternation, ``rounds`` times each (after a warm-up):
+    side by side, so the machine's drift hits them alike."""
     import jax
 
-    jax.block_until_ready(fn())  # warm-up (and compile)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    for fn in fns:
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def make_problem(examples, width, seed=0):
-    """F1-sized ReLU MLP (list of {"w", "b"}) and data (numpy)."""
-    rng = np.random.default_rng(seed)
-    widths = (784,) + (width,) * 5 + (10,)
-    layers = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        w = rng.normal(size=(fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
-        layers.append({"w": w.astype(np.float32), "b": np.zeros(fan_out, np.float32)})
-    x = rng.normal(size=(examples, 784)).astype(np.float32)
-    y = np.argmax(x @ rng.normal(size=(784, 10)), axis=1).astype(np.int32)
-    return layers, x, y
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def model_fn(params, batch):
@@ -91,24 +81,10 @@ def mean_loss(params, batch):
     return operators.cross_entropy().per_example(model_fn(params, batch), batch).mean()
 
 
-CURVLINOPS_SCRIPT = r"""
-import json, sys, time
-import numpy as np, torch
+CURVLINOPS_SCRIPT = (
+    TORCH_MLP
+    + r"""
 from curvlinops import GGNLinearOperator
-torch.set_num_threads(int(sys.argv[2]))
-z = np.load(sys.argv[1])
-n_layers = int(z["n_layers"])
-mods = []
-for i in range(n_layers):
-    w, b = z[f"w{i}"], z[f"b{i}"]
-    lin = torch.nn.Linear(w.shape[0], w.shape[1])
-    with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(w.T)); lin.bias.copy_(torch.from_numpy(b))
-    mods.append(lin)
-    if i < n_layers - 1:
-        mods.append(torch.nn.ReLU())
-model = torch.nn.Sequential(*mods)
-x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"]).long()
 params = [p for p in model.parameters()]
 op = GGNLinearOperator(model, torch.nn.CrossEntropyLoss(), params, [(x, y)],
                        check_deterministic=False)
@@ -130,6 +106,7 @@ import importlib.metadata as md
 print(json.dumps({"time": best, "grad": t_grad, "version": md.version("curvlinops-for-pytorch"),
                   "torch": torch.__version__}))
 """
+)
 
 
 def bench_ggn(layers, x, y, repeats):
@@ -157,9 +134,9 @@ def bench_ggn(layers, x, y, repeats):
 
     ggn_fn, hvp_fn = product(ggn), product(curv)
     grad_fn = jax.jit(lambda p, b: jax.grad(mean_loss)(p, jax.tree.map(lambda a: a[0], b)))
-    t_grad = _timeit(lambda: grad_fn(params, batches), repeats)
-    t_ggn = _timeit(lambda: ggn_fn(params, batches, weights, v), repeats)
-    t_hvp = _timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
+    t_grad = timeit(lambda: grad_fn(params, batches), repeats)
+    t_ggn = timeit(lambda: ggn_fn(params, batches, weights, v), repeats)
+    t_hvp = timeit(lambda: hvp_fn(params, batches, weights, v), repeats)
     print(
         f"gradient {t_grad * 1e3:7.1f} ms   GGN-vector {t_ggn * 1e3:7.1f} ms   "
         f"HVP {t_hvp * 1e3:7.1f} ms"
@@ -185,31 +162,23 @@ def bench_ggn(layers, x, y, repeats):
         ours = np.asarray(ggn_fn(params, batches, weights, v))
         theirs = np.asarray(ravel_pytree(laplax_fn(params, xs, ys, vtree))[0]) / len(x)
         agree = np.abs(ours - theirs).max() / np.abs(theirs).max()
-        t_laplax = _timeit(lambda: laplax_fn(params, xs, ys, vtree), repeats)
+        # Alternating rounds, medians: the two differ by less than this CPU's drift.
+        t_ours, t_laplax = alternate(
+            [lambda: ggn_fn(params, batches, weights, v), lambda: laplax_fn(params, xs, ys, vtree)],
+            max(repeats, 7),
+        )
         print(
             f"laplax GGN-vector {t_laplax * 1e3:7.1f} ms (same product: max rel. "
             f"difference {agree:.1e}, theirs summed over examples, ours their mean)"
         )
-        print(f"RATIO ours/laplax = {t_ggn / t_laplax:.2f} (target <= 1.0)")
+        print(
+            f"RATIO ours/laplax = {t_ours / t_laplax:.2f} (target <= 1.0; medians of "
+            f"alternating rounds: {t_ours * 1e3:.1f} vs {t_laplax * 1e3:.1f} ms)"
+        )
 
     if FLAGS.torch_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "problem.npz")
-            arrays = {f"w{i}": layer["w"] for i, layer in enumerate(layers)}
-            arrays.update({f"b{i}": layer["b"] for i, layer in enumerate(layers)})
-            np.savez(path, x=x, y=y, n_layers=len(layers), **arrays)
-            script = os.path.join(tmp, "run_curvlinops.py")
-            with open(script, "w") as f:
-                f.write(CURVLINOPS_SCRIPT)
-            out = subprocess.run(
-                [FLAGS.torch_python, script, path, str(os.cpu_count()), str(repeats)],
-                capture_output=True,
-                text=True,
-            )
-        if out.returncode:
-            print("curvlinops run failed:\n" + out.stderr[-2000:])
-        else:
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+        res = run_torch(FLAGS.torch_python, CURVLINOPS_SCRIPT, layers, x, y, repeats)
+        if res is not None:
             print(
                 f"curvlinops {res['version']} (torch {res['torch']}) GGN-vector "
                 f"{res['time'] * 1e3:7.1f} ms; torch's gradient {res['grad'] * 1e3:7.1f} ms "
@@ -231,16 +200,16 @@ def bench_noise(layers, x, y, repeats):
     params = jax.tree.map(jnp.asarray, layers)
     batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
     grad_fn = jax.jit(jax.grad(mean_loss))
-    t_grad = _timeit(lambda: grad_fn(params, batch), repeats)
+    t_grad = timeit(lambda: grad_fn(params, batch), repeats)
     noise = gradients.GradientNoise(mean_loss, chunk=32)
     batches = jax.tree.map(lambda a: a[None], batch)
-    t_exact = _timeit(lambda: noise.measure(params, batches).total.trace_cov, 1)
+    t_exact = timeit(lambda: noise.measure(params, batches).total.trace_cov, 1)
     exact = noise.measure(params, batches).total
     key = jax.random.key(0)
     total = gradients.GradientNoise(mean_loss, groups={"all": ""})
     rows = []
     for name, est, k in (("per layer", noise, 2), ("total only", total, 2)):
-        t = _timeit(
+        t = timeit(
             lambda est=est, k=k: est.measure(params, batches, num_probes=k, key=key).total, repeats
         )
         rows.append((name, k, t, est.measure(params, batches, num_probes=k, key=key).total))
@@ -278,8 +247,8 @@ def bench_noise(layers, x, y, repeats):
         g2, tr = gradients.two_batch(stats["small_sq"], stats["big_sq"], small, len(x))
         return optax.apply_updates(p, updates), s, loss, g2, tr
 
-    t_plain = _timeit(lambda: plain(params, opt_state, batch), repeats)
-    t_two = _timeit(lambda: with_noise(params, opt_state, batch), repeats)
+    t_plain = timeit(lambda: plain(params, opt_state, batch), repeats)
+    t_two = timeit(lambda: with_noise(params, opt_state, batch), repeats)
     *_, g2, tr = with_noise(params, opt_state, batch)
     print(
         f"SGD step {t_plain * 1e3:7.1f} ms   with the two-batch estimate {t_two * 1e3:7.1f} ms "

@@ -174,6 +174,15 @@ class _ModelObjective(objective.Objective):
         return super().prepare(params, batches, weights)
 
 
+def _objective(fn, output_loss, wrt) -> objective.Objective:
+    """A mean loss ``fn(params, batch)`` (``output_loss=None``), or a model ``fn`` with an
+    output loss, as the operator's objective."""
+    if output_loss is None:
+        _check_model_fn(fn)
+        return objective.Objective(fn, wrt)
+    return _ModelObjective(fn, _output_loss(output_loss), wrt)
+
+
 class GGN(Operator):
     """The generalised Gauss–Newton matrix G = Σᵢ ωᵢ Jᵢᵀ H_ℓ,ᵢ Jᵢ of a model and output loss.
 
@@ -270,12 +279,7 @@ class Fisher(Operator):
                 raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.kind, self.key, self.num_samples = kind, key, num_samples
         self.name = "fisher" if kind == "empirical" else "fisher_mc"
-        if output_loss is None:
-            _check_model_fn(model_fn)
-            obj = objective.Objective(model_fn, wrt)
-        else:
-            obj = _ModelObjective(model_fn, _output_loss(output_loss), wrt)
-        super().__init__(obj, chunk=chunk)
+        super().__init__(_objective(model_fn, output_loss, wrt), chunk=chunk)
 
     def operands(self) -> PyTree:
         return self.key
@@ -327,12 +331,7 @@ class GradientCovariance(Operator):
     products = "gradient-covariance-vector products"
 
     def __init__(self, loss_fn, output_loss=None, *, wrt=None, chunk: int = 8):
-        if output_loss is None:
-            _check_model_fn(loss_fn)
-            obj = objective.Objective(loss_fn, wrt)
-        else:
-            obj = _ModelObjective(loss_fn, _output_loss(output_loss), wrt)
-        super().__init__(obj, chunk=chunk)
+        super().__init__(_objective(loss_fn, output_loss, wrt), chunk=chunk)
 
     def _prepare(self, params, batches, weights):
         _check_batches(batches, "the gradient covariance")
