@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -181,7 +183,11 @@ def test_readme_operators_and_noise_example_runs():
     ns = run_after_hessian_example("operators.GGN(")
     assert ns["top_ggn"].converged.all() and ns["top_ggn"].values[0] > 0
     assert ns["top_cov"].values[0] > 0 and ns["tr_fisher"].value > 0
-    assert ns["top_ef"].values[0] >= ns["top_cov"].values[0]  # Σ = F_emp − ḡḡᵀ
+    # Σ = F_emp − ḡḡᵀ ≤ F_emp, for the same loss (the example's loss_fn has no ½: 4× Σ).
+    same = ns["operators"].GradientCovariance(ns["model_fn"], "squared_error")
+    top = same.eigenpairs(ns["params"], ns["batches"], k=1, key=ns["jax"].random.key(0))
+    assert top.values[0] <= ns["top_ef"].values[0]
+    np.testing.assert_allclose(4 * top.values[0], ns["top_cov"].values[0], rtol=1e-3)
     total = ns["est"].total
     parts = ns["est"].layers
     assert abs(sum(p.trace_cov for p in parts.values()) - total.trace_cov) < 1e-4 * total.trace_cov
