@@ -254,8 +254,6 @@ def test_a_sharded_basis_follows_sharded_parameters():
     ordered = np.sort(spectrum)
     for which, expected in (("LA", ordered[::-1][:2]), ("SA", ordered[:2])):
         top = curv.eigenpairs(sharded, None, k=2, key=jax.random.key(0), which=which, tol=1e-6)
-        ref = curv.eigenpairs(params, None, k=2, key=jax.random.key(0), which=which, tol=1e-6)
-        np.testing.assert_allclose(top.values, ref.values, rtol=1e-5)
         # The padding is not an eigenvector: no spurious 0 among the smallest.
         np.testing.assert_allclose(top.values, expected, atol=1e-4)
         assert top.vectors["w"].shape == (2, 64, 4)
