@@ -1,6 +1,9 @@
 """Tests of sharp_minima.curvature (the solvers' base) and sharp_minima.operators (GGN,
 Fisher, gradient covariance) against dense float64 references built with jax.jacobian."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,3 +291,12 @@ def test_clear_errors(refs):
     bad = operators.OutputLoss("sum", lambda o, b: jnp.sum(o))
     with pytest.raises(ValueError, match="must return one loss per example"):
         operators.GGN(model_fn, bad).matvec(r["params"], r["batches"], r["params"])
+
+
+def test_importing_the_solvers_operators_and_noise_statistics_does_not_import_flax():
+    code = (
+        "import sys, sharp_minima.curvature, sharp_minima.operators, sharp_minima.gradients;"
+        "bad = [m for m in ('flax', 'tensorflow', 'tensorflow_datasets') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
