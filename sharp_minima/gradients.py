@@ -364,7 +364,6 @@ class GradientNoise:
         self.num_traces += 1
         leaves, f = self._leaf_loss(params)
         num_groups = max(group_of) + 1
-        nb = jax.tree.leaves(batches)[0].shape[0]
         dtype = jnp.result_type(*leaves)
 
         def omega_of(batch):
@@ -429,7 +428,6 @@ class GradientNoise:
             sq, dot, omega = lax.map(one_batch, batches)  # (nb, B, groups) twice, (nb, B)
             pi = omega * weights[:, None]
             units = jnp.zeros((num_groups, 1), dtype)
-        del nb
         mean_sq = group_sums(jnp.stack([jnp.vdot(m, m) for m in mean]))
         return sq, dot, pi, mean_sq, mean, units
 
