@@ -1,0 +1,412 @@
+"""SGD, noisy gradient descent and the SDE of the lecture notes' picture, thousands of runs in
+one compiled call; and populations of small models trained in one vmapped step.
+
+**Simulators** (`Simulator`) run R independent copies of an iteration on a potential
+L: ℝᵈ → ℝ (or on a finite data set's per-example losses) in one ``jit(vmap(scan))`` call, keys
+explicit:
+
+- SGD with true mini-batch sampling: ``x ← x − η·mean_{i∈batch} ∇ℓᵢ(x)``, B examples drawn
+  without replacement from N at every step (`minibatch_noise`);
+- gradient descent with Gaussian gradient noise ``x ← x − η(∇L(x) + ξ)``, ξ ~ N(0, C) with C
+  isotropic σ²I (`isotropic_noise`), diagonal (`diagonal_noise`), a given covariance
+  (`covariance_noise`) or proportional to the curvature, C = s·H(x)₊ (`curvature_noise`:
+  the SGD-like noise of Zhu et al. 2019 and Xie et al. 2021, under which flat minima are
+  exponentially preferred);
+- the Euler–Maruyama discretisation of the SDE ``dx = −∇L dt + √(2T) dW``
+  (`langevin_noise`): the same update with η = dt and ξ ~ N(0, 2T/dt·I), whose stationary
+  density is ∝ exp(−L/T).
+
+A mean-loss SGD step with batch size B has gradient noise of covariance Σ/B (times the
+finite-N factor (N − B)/(N − 1) without replacement): `isotropic_noise(σ/√B)` models it with
+Σ = σ²I, and its temperature is T = ησ²/(2B) (the lecture's eq. 25; `gradients.temperature`
+is η(1 − B/N)/(B(1 − μ)), the scale of Σ). Each run records its final position and the first
+step at which ``escaped(x)`` holds (−1 if never), for escape-time statistics.
+
+**Potentials**: `quadratic`, `double_well` (two minima of chosen depths and curvatures,
+with `Potential.minima` and `Potential.curvatures` for the Laplace prediction), and
+`laplace_ratio` (P_A/P_B → √(H_B/H_A)·exp(−(L_A − L_B)/T) as T → 0).
+
+**Populations** (`PopulationTrainer`): one training step ``vmap``ped over P members' parameters,
+optimizer states (learning rates travel in the state, `optax.inject_hyperparams`) and data
+order, with the steps of an epoch fused in one ``lax.scan`` and the data on the device, so a
+sweep over learning rates and seeds is one compiled program whatever its size.
+
+Only jax, numpy and optax are imported here.
+
+References:
+  Mandt, Hoffman & Blei (2017); Jastrzębski et al. (2017); Smith & Le (2018); Zhu et al.
+  (2019); Xie, Sato & Sugiyama (2021); Zhang et al. (2019, the noisy quadratic model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+__all__ = [
+    "Noise",
+    "PopulationTrainer",
+    "Potential",
+    "SimulationResult",
+    "Simulator",
+    "covariance_noise",
+    "curvature_noise",
+    "diagonal_noise",
+    "double_well",
+    "isotropic_noise",
+    "langevin_noise",
+    "laplace_ratio",
+    "minibatch_noise",
+    "quadratic",
+]
+
+
+# ------------------------------------------------------------------------------- potentials
+
+
+class Potential(NamedTuple):
+    """A potential L(x) on ℝᵈ.
+
+    Attributes:
+      value: ``value(x) -> scalar`` for x of shape (d,).
+      dim: d.
+      minima: (k, d) local minima (when known, for predictions), else None.
+      curvatures: (k,) Hessian determinants det H at ``minima`` (1-D: L''), else None.
+      name: for reports.
+    """
+
+    value: Callable[[jax.Array], jax.Array]
+    dim: int
+    minima: np.ndarray | None = None
+    curvatures: np.ndarray | None = None
+    name: str = "potential"
+
+    def grad(self, x):
+        return jax.grad(self.value)(x)
+
+
+def quadratic(h) -> Potential:
+    """L(x) = ½ Σ hᵢ xᵢ² (a diagonal quadratic; the noisy quadratic model's loss).
+
+    >>> float(quadratic([2.0, 4.0]).value(jnp.array([1.0, 1.0])))
+    3.0
+    """
+    h = np.asarray(h, np.float64)
+    hj = jnp.asarray(h)
+    return Potential(
+        lambda x: 0.5 * jnp.sum(hj.astype(x.dtype) * x**2),
+        len(h),
+        np.zeros((1, len(h))),
+        np.array([np.prod(h)]),
+        "quadratic",
+    )
+
+
+def double_well(
+    depth_a: float = 1.0, depth_b: float = 0.8, curv_a: float = 8.0, curv_b: float = 2.0
+) -> Potential:
+    """A 1-D asymmetric double well: minimum A at x < 0 with value −``depth_a`` and curvature
+    L'' = ``curv_a``, minimum B at x > 0 with −``depth_b`` and ``curv_b``, the barrier at 0
+    (L(0) = 0).
+
+    Each side is the quartic well d·((s/w)⁴ − 2(s/w)²) in s = |x| (minimum −d at s = w,
+    curvature 8d/w², so w = √(8d/curvature)): confining, with L'(0) = 0 on both sides (L''
+    jumps at the barrier, which does not matter for escapes).
+
+    >>> w = double_well()
+    >>> [round(float(w.value(jnp.asarray(m))), 6) for m in w.minima], w.minima[0].tolist()
+    ([-1.0, -0.8], [-1.0])
+    """
+    if min(depth_a, depth_b, curv_a, curv_b) <= 0:
+        raise ValueError("depths and curvatures must be positive")
+    w_a, w_b = np.sqrt(8 * depth_a / curv_a), np.sqrt(8 * depth_b / curv_b)
+
+    def value(x):
+        s = x[0]
+        side = jnp.where(s < 0, -s / w_a, s / w_b)
+        depth = jnp.where(s < 0, depth_a, depth_b)
+        return depth * (side**4 - 2 * side**2)
+
+    return Potential(
+        value,
+        1,
+        np.array([[-w_a], [w_b]]),
+        np.array([curv_a, curv_b]),
+        "double_well",
+    )
+
+
+def laplace_ratio(potential: Potential, temperature: float) -> float:
+    """P_A/P_B of the density ∝ exp(−L/T) in the wells around ``potential.minima[0]`` (A) and
+    ``[1]`` (B) by Laplace's method: √(det H_B/det H_A)·exp(−(L_A − L_B)/T) (the lecture's
+    eq. 26 with its factor 2 restored: T = ησ²/(2B) in eq. 25).
+
+    >>> round(laplace_ratio(double_well(1.0, 1.0, 8.0, 2.0), 0.1), 6)  # same depth: √(2/8)
+    0.5
+    """
+    if potential.minima is None or potential.curvatures is None or len(potential.minima) < 2:
+        raise ValueError("laplace_ratio needs a potential with two known minima and curvatures")
+    la, lb = (float(potential.value(jnp.asarray(m))) for m in potential.minima[:2])
+    ha, hb = potential.curvatures[:2]
+    return float(np.sqrt(hb / ha) * np.exp(-(la - lb) / temperature))
+
+
+# ----------------------------------------------------------------------------------- noise
+
+
+class Noise(NamedTuple):
+    """A gradient-noise model: ``sample(key, x, params, grad) -> (d,)`` noise added to ∇L(x)
+    (or, for `minibatch_noise`, the whole stochastic gradient), with its arrays in ``params``
+    (passed to the compiled call as arguments, never closed over)."""
+
+    name: str
+    sample: Callable
+    params: Any
+    replaces_gradient: bool = False
+
+
+def isotropic_noise(sigma) -> Noise:
+    """ξ ~ N(0, σ²I)."""
+    return Noise(
+        "isotropic",
+        lambda key, x, s, g: s * jax.random.normal(key, x.shape, x.dtype),
+        jnp.asarray(sigma),
+    )
+
+
+def diagonal_noise(sigmas) -> Noise:
+    """ξ ~ N(0, diag(σ²))."""
+    return Noise(
+        "diagonal",
+        lambda key, x, s, g: s * jax.random.normal(key, x.shape, x.dtype),
+        jnp.asarray(sigmas),
+    )
+
+
+def covariance_noise(cov) -> Noise:
+    """ξ ~ N(0, C) for a given symmetric positive semi-definite C (d, d)."""
+    cov = np.asarray(cov, np.float64)
+    w, v = np.linalg.eigh(cov)
+    if w.min() < -1e-10 * max(abs(w).max(), 1e-300):
+        raise ValueError("the covariance must be positive semi-definite")
+    root = jnp.asarray(v * np.sqrt(np.clip(w, 0, None)))
+    return Noise(
+        "covariance",
+        lambda key, x, r, g: r.astype(x.dtype) @ jax.random.normal(key, x.shape, x.dtype),
+        root,
+    )
+
+
+def curvature_noise(scale, potential: Potential) -> Noise:
+    """ξ ~ N(0, s·H(x)₊): noise shaped like the curvature at the current point (negative
+    curvature clipped to 0), the covariance SGD's noise has near a minimum (Σ ≈ F ≈ H)."""
+
+    def sample(key, x, s, g):
+        h = jax.hessian(potential.value)(x)
+        w, v = jnp.linalg.eigh(h)
+        root = v * jnp.sqrt(jnp.clip(w, 0, None) * s)
+        return root @ jax.random.normal(key, x.shape, x.dtype)
+
+    return Noise("curvature", sample, jnp.asarray(scale))
+
+
+def langevin_noise(temperature, dt) -> Noise:
+    """The Euler–Maruyama step of dx = −∇L dt + √(2T) dW with step η = ``dt``: ξ ~
+    N(0, 2T/dt·I), so that η·ξ has variance 2T·dt (stationary density ∝ exp(−L/T))."""
+    return isotropic_noise(jnp.sqrt(2.0 * jnp.asarray(temperature) / jnp.asarray(dt)))
+
+
+def minibatch_noise(per_example_grad, data, batch_size: int) -> Noise:
+    """SGD on a finite data set: the gradient is the mean of ``per_example_grad(x, example)``
+    over ``batch_size`` examples drawn without replacement from ``data`` (a pytree with a
+    leading example axis) at every step, replacing ∇L(x)."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] (the data set), got {batch_size}")
+
+    def sample(key, x, data, g):
+        idx = jax.random.choice(key, n, (batch_size,), replace=False)
+        batch = jax.tree.map(lambda a: a[idx], data)
+        return jnp.mean(jax.vmap(per_example_grad, in_axes=(None, 0))(x, batch), axis=0)
+
+    return Noise(f"minibatch(B={batch_size})", sample, data, replaces_gradient=True)
+
+
+# ------------------------------------------------------------------------------- simulator
+
+
+class SimulationResult(NamedTuple):
+    """Output of `Simulator.run`.
+
+    Attributes:
+      final: (R, d) positions after the last step.
+      escape_step: (R,) the first step (1-based) after which ``escaped(x)`` held, −1 if
+        never (only with ``escaped``).
+      mean, var: (num_records, d) mean and variance over runs at the recorded steps (with
+        ``record_every``), else empty.
+    """
+
+    final: np.ndarray
+    escape_step: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+
+class Simulator:
+    """R runs of ``x ← x − η(∇L(x) + ξ)`` (or ``x ← x − η g_B(x)`` for mini-batch noise) in one
+    compiled ``jit(vmap(scan))`` call, owned by the object.
+
+    Args:
+      potential: a `Potential` (its gradient is used unless the noise replaces it).
+      noise: a `Noise` model.
+      escaped: optional ``escaped(x) -> bool``: the first step at which it holds is recorded.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> sim = Simulator(quadratic([1.0]), isotropic_noise(1.0))
+      >>> out = sim.run(jnp.zeros((4000, 1)), key=jax.random.key(0), learning_rate=0.1,
+      ...               num_steps=500)
+      >>> round(float(out.final.var()), 1)  # η σ² / (h (2 − η h)) = 0.1 / 1.9
+      0.1
+    """
+
+    def __init__(self, potential: Potential, noise: Noise, *, escaped=None):
+        self.potential, self.noise, self.escaped = potential, noise, escaped
+        self.num_traces = 0
+        self._run_jit = jax.jit(self._kernel, static_argnames=("num_steps", "record_every"))
+
+    def _kernel(self, x0, keys, lr, noise_params, *, num_steps, record_every):
+        self.num_traces += 1
+        noise, grad = self.noise, self.potential.grad
+        escaped = self.escaped
+
+        def one(x0, key):
+            def step(carry, t):
+                x, first = carry
+                k = jax.random.fold_in(key, t)
+                g = None if noise.replaces_gradient else grad(x)
+                xi = noise.sample(k, x, noise_params, g)
+                x = x - lr * (xi if noise.replaces_gradient else g + xi)
+                if escaped is not None:
+                    first = jnp.where((first < 0) & escaped(x), t + 1, first)
+                return (x, first), x
+
+            (x, first), path = lax.scan(
+                step, (x0, jnp.asarray(-1, jnp.int32)), jnp.arange(num_steps)
+            )
+            records = path[record_every - 1 :: record_every] if record_every else path[:0]
+            return x, first, records
+
+        final, first, records = jax.vmap(one)(x0, keys)  # records: (R, num_records, d)
+        return final, first, records.mean(0), records.var(0)
+
+    def run(
+        self,
+        x0,
+        *,
+        key: jax.Array,
+        learning_rate: float,
+        num_steps: int,
+        record_every: int = 0,
+    ) -> SimulationResult:
+        """Runs ``num_steps`` steps from each row of ``x0`` (R, d), run r with key
+        ``fold_in(key, r)``; the across-run mean and variance every ``record_every`` steps."""
+        x0 = jnp.asarray(x0)
+        if x0.ndim != 2 or x0.shape[1] != self.potential.dim:
+            raise ValueError(
+                f"x0 must have shape (runs, {self.potential.dim}), got {tuple(x0.shape)}"
+            )
+        if num_steps < 1 or record_every < 0:
+            raise ValueError(
+                f"need num_steps >= 1 and record_every >= 0, got {num_steps}, {record_every}"
+            )
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(x0.shape[0]))
+        final, first, mean, var = self._run_jit(
+            x0,
+            keys,
+            jnp.asarray(learning_rate, x0.dtype),
+            self.noise.params,
+            num_steps=num_steps,
+            record_every=record_every,
+        )
+        return SimulationResult(*(np.asarray(a) for a in (final, first, mean, var)))
+
+
+# ----------------------------------------------------------------------------- populations
+
+
+class PopulationTrainer:
+    """P small models trained at once: one step ``vmap``ped over the members' parameters,
+    optimizer states (each member's learning rate inside it) and batches; an epoch is one
+    ``lax.scan`` over its steps with the data on the device.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (mean over the batch).
+      optimizer: ``optimizer(learning_rate) -> optax.GradientTransformation``, e.g.
+        ``optax.sgd``; wrapped in `optax.inject_hyperparams`, so the rate is per member.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
+      >>> trainer = PopulationTrainer(loss, optax.sgd)
+      >>> params = jnp.zeros((3, 2))  # 3 members
+      >>> state = trainer.init(params, learning_rates=jnp.array([0.0, 0.1, 0.2]))
+      >>> batch = {"x": jnp.ones((3, 4, 2)), "y": jnp.ones((3, 4))}  # one batch per member
+      >>> params, state, losses = trainer.step(params, state, batch)
+      >>> [round(float(v), 4) for v in params[:, 0]]  # w − η·2(x·w − y)x = 2η
+      [0.0, 0.2, 0.4]
+    """
+
+    def __init__(self, loss_fn, optimizer: Callable[..., optax.GradientTransformation]):
+        self.loss_fn = loss_fn
+        self.tx = optax.inject_hyperparams(optimizer)(learning_rate=0.0)
+        self._optimizer = optimizer
+        self.num_traces = 0
+        self._step_jit = jax.jit(jax.vmap(self._step))
+        self._epoch_jit = jax.jit(self._epoch)
+
+    def _step(self, params, opt_state, batch):
+        self.num_traces += 1
+        loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def _epoch(self, params, opt_state, data, order):
+        """``order`` (P, steps, B): each member's example indices per step into ``data``
+        (shared by all members, on the device)."""
+
+        def body(carry, idx):  # idx: (P, B)
+            params, opt_state = carry
+            batch = jax.vmap(lambda i: jax.tree.map(lambda a: a[i], data))(idx)
+            params, opt_state, loss = jax.vmap(self._step)(params, opt_state, batch)
+            return (params, opt_state), loss
+
+        (params, opt_state), losses = lax.scan(body, (params, opt_state), jnp.swapaxes(order, 0, 1))
+        return params, opt_state, losses.T  # losses (P, steps)
+
+    def init(self, params, *, learning_rates):
+        """Optimizer states of the members (``params`` with a leading axis P), member p with
+        learning rate ``learning_rates[p]``."""
+        lrs = jnp.asarray(learning_rates)
+
+        def one(p, lr):
+            state = self.tx.init(p)
+            return optax.tree_utils.tree_set(state, learning_rate=lr)
+
+        return jax.vmap(one)(params, lrs)
+
+    def step(self, params, opt_state, batch):
+        """One step of every member on its own batch (every leaf with a leading axis P)."""
+        return self._step_jit(params, opt_state, batch)
+
+    def epoch(self, params, opt_state, data, order):
+        """The steps of ``order`` (P, steps, B) in one compiled call: member p's step s trains
+        on ``data[order[p, s]]``. Returns the new parameters and states and the (P, steps)
+        losses."""
+        return self._epoch_jit(params, opt_state, data, jnp.asarray(order))

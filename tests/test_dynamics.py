@@ -1,0 +1,158 @@
+"""Tests of sharp_minima.dynamics: the simulators' stationary spread against the discrete-time
+closed forms, double-well occupation against the Boltzmann and Laplace predictions, and the
+population step against separate steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+
+from sharp_minima import dynamics
+
+R = 20_000  # runs: the sample variance's relative standard error is √(2/R) = 1%
+
+
+def stationary(sim, dim, lr, steps=400, x0=None, seed=0):
+    x0 = jnp.zeros((R, dim)) if x0 is None else x0
+    return sim.run(x0, key=jax.random.key(seed), learning_rate=lr, num_steps=steps).final
+
+
+def within(sample_var, expected, n=R):
+    """The sample variance of n Gaussian draws is within 5 standard errors of ``expected``."""
+    return abs(sample_var - expected) < 5 * expected * np.sqrt(2 / n)
+
+
+def test_gaussian_noise_stationary_spread_matches_the_discrete_closed_form():
+    h, lr, sigma = np.array([1.0, 3.0]), 0.2, 0.7
+    pot = dynamics.quadratic(h)
+    # x ← (1 − ηh)x − ηξ: Var = η²σ² / (1 − (1 − ηh)²) = ησ² / (h(2 − ηh)).
+    final = stationary(dynamics.Simulator(pot, dynamics.isotropic_noise(sigma)), 2, lr)
+    expected = lr * sigma**2 / (h * (2 - lr * h))
+    assert all(within(v, e) for v, e in zip(final.var(0), expected))
+    sigmas = np.array([0.5, 2.0])
+    final = stationary(dynamics.Simulator(pot, dynamics.diagonal_noise(sigmas)), 2, lr, seed=1)
+    expected = lr * sigmas**2 / (h * (2 - lr * h))
+    assert all(within(v, e) for v, e in zip(final.var(0), expected))
+    # A full covariance: the discrete Lyapunov equation P = A P Aᵀ + η² C, A = I − ηH.
+    cov = np.array([[1.0, 0.6], [0.6, 0.5]])
+    final = stationary(dynamics.Simulator(pot, dynamics.covariance_noise(cov)), 2, lr, seed=2)
+    a = np.eye(2) - lr * np.diag(h)
+    p = scipy.linalg.solve_discrete_lyapunov(a, lr**2 * cov)
+    got = np.cov(final.T)
+    assert abs(got[0, 1] - p[0, 1]) < 5 * np.sqrt((p[0, 0] * p[1, 1] + p[0, 1] ** 2) / R)
+    assert all(within(got[i, i], p[i, i]) for i in range(2))
+    # Curvature-shaped noise C = s·H on a quadratic: diagonal with σ² = s·h.
+    final = stationary(dynamics.Simulator(pot, dynamics.curvature_noise(0.3, pot)), 2, lr, seed=3)
+    expected = lr * 0.3 * h / (h * (2 - lr * h))
+    assert all(within(v, e) for v, e in zip(final.var(0), expected))
+
+
+def test_euler_maruyama_and_minibatch_sgd_stationary_spread():
+    h, dt, temp = 2.0, 0.05, 0.3
+    pot = dynamics.quadratic([h])
+    # x ← (1 − h dt)x + √(2T dt) ξ: Var = T / (h (1 − h dt / 2)).
+    final = stationary(dynamics.Simulator(pot, dynamics.langevin_noise(temp, dt)), 1, dt)
+    assert within(final.var(), temp / (h * (1 - h * dt / 2)))
+    # SGD on N examples with ℓᵢ = ½h(x − cᵢ)²: the mean of B gradients drawn without
+    # replacement has variance h²s²/B·(N − B)/(N − 1) around h(x − c̄).
+    rng = np.random.default_rng(0)
+    c = jnp.asarray(rng.normal(size=(50,)))
+    noise = dynamics.minibatch_noise(lambda x, ci: h * (x - ci), c, batch_size=10)
+    lr, runs = 0.1, 4000  # sampling without replacement costs more per step: fewer runs
+    sim = dynamics.Simulator(pot, noise)
+    final = sim.run(
+        jnp.zeros((runs, 1)), key=jax.random.key(4), learning_rate=lr, num_steps=150
+    ).final
+    s2 = float(np.var(np.asarray(c)))
+    noise_var = h**2 * s2 / 10 * (50 - 10) / (50 - 1)
+    expected = lr**2 * noise_var / (1 - (1 - lr * h) ** 2)
+    assert within(final.var(), expected, n=runs)
+    assert abs(final.mean() - float(c.mean())) < 5 * np.sqrt(expected / runs)
+    # With replacement-free sampling ignored (no (N − B)/(N − 1)) the prediction is 22% off:
+    assert not within(final.var(), expected * 49 / 40, n=runs)
+
+
+def boltzmann_ratio(pot, temp):
+    """P(x < 0) / P(x > 0) of the density ∝ exp(−L/T), by the trapezoid rule on a fine grid."""
+    with jax.enable_x64(True):
+        x = np.linspace(-6.0, 6.0, 240_001)
+        values = np.asarray(jax.vmap(pot.value)(jnp.asarray(x)[:, None]))
+    f = np.exp(-(values - values.min()) / temp)
+    left, right = x <= 0, x >= 0
+    return np.trapezoid(f[left], x[left]) / np.trapezoid(f[right], x[right])
+
+
+def test_double_well_occupation_follows_boltzmann_and_approaches_laplace_as_t_falls():
+    pot = dynamics.double_well(depth_a=1.0, depth_b=0.8, curv_a=8.0, curv_b=2.0)
+    # The Laplace ratio √(H_B/H_A)·exp(−(L_A − L_B)/T) becomes exact as T → 0.
+    errors = [
+        abs(boltzmann_ratio(pot, t) / dynamics.laplace_ratio(pot, t) - 1)
+        for t in (0.2, 0.1, 0.05, 0.025)
+    ]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 4
+    # Langevin runs, half started in each well, occupy the wells as exp(−L/T) says.
+    temp, dt = 0.35, 0.01
+    sim = dynamics.Simulator(pot, dynamics.langevin_noise(temp, dt))
+    x0 = jnp.concatenate([jnp.full((1000, 1), -1.0), jnp.full((1000, 1), 1.79)])
+    final = sim.run(x0, key=jax.random.key(0), learning_rate=dt, num_steps=10_000).final
+    p_left = float((final[:, 0] < 0).mean())
+    expected = boltzmann_ratio(pot, temp)
+    expected_left = expected / (1 + expected)
+    se = np.sqrt(expected_left * (1 - expected_left) / len(final))
+    assert abs(p_left - expected_left) < 5 * se + 0.02  # sampling + Euler-Maruyama bias
+    # The depths alone (no curvature prefactor) predict 64% in A: far from what the runs do.
+    depths_only = np.exp(0.2 / temp) / (1 + np.exp(0.2 / temp))
+    assert abs(p_left - depths_only) > 5 * se + 0.02
+
+
+def test_escape_steps_are_recorded():
+    pot = dynamics.double_well()
+    sim = dynamics.Simulator(pot, dynamics.langevin_noise(0.3, 0.01), escaped=lambda x: x[0] > 0)
+    out = sim.run(
+        jnp.full((500, 1), -1.0), key=jax.random.key(0), learning_rate=0.01, num_steps=3000
+    )
+    escaped = out.escape_step >= 0
+    assert 0 < escaped.mean() < 1  # some escape over the barrier, some not yet
+    assert out.escape_step[escaped].max() <= 3000 and np.all(out.escape_step[~escaped] == -1)
+    with pytest.raises(ValueError, match=r"x0 must have shape \(runs, 1\)"):
+        sim.run(jnp.zeros(5), key=jax.random.key(0), learning_rate=0.1, num_steps=2)
+
+
+def test_a_population_step_equals_separate_steps():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+
+        def loss(p, b):
+            h = jnp.tanh(b["x"] @ p["w1"])
+            return jnp.mean((h @ p["w2"] - b["y"]) ** 2)
+
+        members = 3
+        params = {
+            "w1": jnp.asarray(rng.normal(size=(members, 4, 8))),
+            "w2": jnp.asarray(rng.normal(size=(members, 8))),
+        }
+        data = {"x": jnp.asarray(rng.normal(size=(32, 4))), "y": jnp.asarray(rng.normal(size=32))}
+        lrs = jnp.array([0.01, 0.05, 0.1])
+        trainer = dynamics.PopulationTrainer(
+            loss, lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)
+        )
+        state = trainer.init(params, learning_rates=lrs)
+        order = jnp.asarray(rng.integers(0, 32, size=(members, 5, 8)))
+        pop, _, losses = trainer.epoch(params, state, data, order)
+        for m in range(members):
+            tx = optax.sgd(float(lrs[m]), momentum=0.9)
+            p = jax.tree.map(lambda a, m=m: a[m], params)
+            s = tx.init(p)
+            for step in range(5):
+                batch = jax.tree.map(lambda a, i=order[m, step]: a[i], data)
+                value, g = jax.value_and_grad(loss)(p, batch)
+                np.testing.assert_allclose(losses[m, step], value, rtol=1e-12)
+                updates, s = tx.update(g, s, p)
+                p = optax.apply_updates(p, updates)
+            for a, b in zip(
+                jax.tree.leaves(p), jax.tree.leaves(jax.tree.map(lambda a, m=m: a[m], pop))
+            ):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        assert trainer.num_traces == 1
