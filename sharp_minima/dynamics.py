@@ -161,21 +161,24 @@ def laplace_ratio(potential: Potential, temperature: float) -> float:
 
 
 class Noise(NamedTuple):
-    """A gradient-noise model: ``sample(key, x, params, grad) -> (d,)`` noise added to ∇L(x)
-    (or, for `minibatch_noise`, the whole stochastic gradient), with its arrays in ``params``
+    """A gradient-noise model: ``sample(z, x, params, grad) -> (d,)`` noise added to ∇L(x) from
+    a standard normal draw z (d,) (the simulator draws one block for all runs per step, the
+    cheap way), or, with ``needs_key``, ``sample(key, x, params, grad)``, the whole stochastic
+    gradient when ``replaces_gradient`` (`minibatch_noise`). Its arrays are ``params``
     (passed to the compiled call as arguments, never closed over)."""
 
     name: str
     sample: Callable
     params: Any
     replaces_gradient: bool = False
+    needs_key: bool = False
 
 
 def isotropic_noise(sigma) -> Noise:
     """ξ ~ N(0, σ²I)."""
     return Noise(
         "isotropic",
-        lambda key, x, s, g: s * jax.random.normal(key, x.shape, x.dtype),
+        lambda z, x, s, g: s.astype(x.dtype) * z,
         jnp.asarray(sigma),
     )
 
@@ -184,7 +187,7 @@ def diagonal_noise(sigmas) -> Noise:
     """ξ ~ N(0, diag(σ²))."""
     return Noise(
         "diagonal",
-        lambda key, x, s, g: s * jax.random.normal(key, x.shape, x.dtype),
+        lambda z, x, s, g: s.astype(x.dtype) * z,
         jnp.asarray(sigmas),
     )
 
@@ -198,7 +201,7 @@ def covariance_noise(cov) -> Noise:
     root = jnp.asarray(v * np.sqrt(np.clip(w, 0, None)))
     return Noise(
         "covariance",
-        lambda key, x, r, g: r.astype(x.dtype) @ jax.random.normal(key, x.shape, x.dtype),
+        lambda z, x, r, g: r.astype(x.dtype) @ z,
         root,
     )
 
@@ -207,11 +210,11 @@ def curvature_noise(scale, potential: Potential) -> Noise:
     """ξ ~ N(0, s·H(x)₊): noise shaped like the curvature at the current point (negative
     curvature clipped to 0), the covariance SGD's noise has near a minimum (Σ ≈ F ≈ H)."""
 
-    def sample(key, x, s, g):
+    def sample(z, x, s, g):
         h = jax.hessian(potential.value)(x)
         w, v = jnp.linalg.eigh(h)
         root = v * jnp.sqrt(jnp.clip(w, 0, None) * s)
-        return root @ jax.random.normal(key, x.shape, x.dtype)
+        return root @ z
 
     return Noise("curvature", sample, jnp.asarray(scale))
 
@@ -235,7 +238,7 @@ def minibatch_noise(per_example_grad, data, batch_size: int) -> Noise:
         batch = jax.tree.map(lambda a: a[idx], data)
         return jnp.mean(jax.vmap(per_example_grad, in_axes=(None, 0))(x, batch), axis=0)
 
-    return Noise(f"minibatch(B={batch_size})", sample, data, replaces_gradient=True)
+    return Noise(f"minibatch(B={batch_size})", sample, data, replaces_gradient=True, needs_key=True)
 
 
 # ------------------------------------------------------------------------------- simulator
@@ -260,7 +263,7 @@ class SimulationResult(NamedTuple):
 
 class Simulator:
     """R runs of ``x ← x − η(∇L(x) + ξ)`` (or ``x ← x − η g_B(x)`` for mini-batch noise) in one
-    compiled ``jit(vmap(scan))`` call, owned by the object.
+    compiled call (a ``lax.scan`` over steps of a ``vmap`` over runs), owned by the object.
 
     Args:
       potential: a `Potential` (its gradient is used unless the noise replaces it).
@@ -281,30 +284,38 @@ class Simulator:
         self.num_traces = 0
         self._run_jit = jax.jit(self._kernel, static_argnames=("num_steps", "record_every"))
 
-    def _kernel(self, x0, keys, lr, noise_params, *, num_steps, record_every):
+    def _kernel(self, x0, key, lr, noise_params, *, num_steps, record_every):
         self.num_traces += 1
         noise, grad = self.noise, self.potential.grad
         escaped = self.escaped
+        runs = x0.shape[0]
 
-        def one(x0, key):
-            def step(carry, t):
-                x, first = carry
-                k = jax.random.fold_in(key, t)
-                g = None if noise.replaces_gradient else grad(x)
-                xi = noise.sample(k, x, noise_params, g)
-                x = x - lr * (xi if noise.replaces_gradient else g + xi)
-                if escaped is not None:
-                    first = jnp.where((first < 0) & escaped(x), t + 1, first)
-                return (x, first), x
+        def one(x, draw):  # one run's step; draw: its normal block row or its key
+            g = None if noise.replaces_gradient else grad(x)
+            xi = noise.sample(draw, x, noise_params, g)
+            return x - lr * (xi if noise.replaces_gradient else g + xi)
 
-            (x, first), path = lax.scan(
-                step, (x0, jnp.asarray(-1, jnp.int32)), jnp.arange(num_steps)
-            )
-            records = path[record_every - 1 :: record_every] if record_every else path[:0]
-            return x, first, records
+        def step(carry, t):
+            x, first = carry
+            k = jax.random.fold_in(key, t)
+            if noise.needs_key:
+                draws = jax.random.split(k, runs)
+            else:  # one block of standard normals for all runs
+                draws = jax.random.normal(k, x.shape, x.dtype)
+            x = jax.vmap(one)(x, draws)
+            if escaped is not None:
+                first = jnp.where((first < 0) & jax.vmap(escaped)(x), t + 1, first)
+            if record_every:
+                return (x, first), (x.mean(0), x.var(0))
+            return (x, first), None
 
-        final, first, records = jax.vmap(one)(x0, keys)  # records: (R, num_records, d)
-        return final, first, records.mean(0), records.var(0)
+        init = (x0, jnp.full((runs,), -1, jnp.int32))
+        (x, first), records = lax.scan(step, init, jnp.arange(num_steps))
+        if record_every:
+            mean, var = (r[record_every - 1 :: record_every] for r in records)
+        else:
+            mean = var = jnp.zeros((0, x0.shape[1]), x0.dtype)
+        return x, first, mean, var
 
     def run(
         self,
@@ -315,8 +326,9 @@ class Simulator:
         num_steps: int,
         record_every: int = 0,
     ) -> SimulationResult:
-        """Runs ``num_steps`` steps from each row of ``x0`` (R, d), run r with key
-        ``fold_in(key, r)``; the across-run mean and variance every ``record_every`` steps."""
+        """Runs ``num_steps`` steps from each row of ``x0`` (R, d), step t drawing its noise
+        for all runs from ``fold_in(key, t)``; the across-run mean and variance every
+        ``record_every`` steps."""
         x0 = jnp.asarray(x0)
         if x0.ndim != 2 or x0.shape[1] != self.potential.dim:
             raise ValueError(
@@ -326,10 +338,9 @@ class Simulator:
             raise ValueError(
                 f"need num_steps >= 1 and record_every >= 0, got {num_steps}, {record_every}"
             )
-        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(x0.shape[0]))
         final, first, mean, var = self._run_jit(
             x0,
-            keys,
+            key,
             jnp.asarray(learning_rate, x0.dtype),
             self.noise.params,
             num_steps=num_steps,
