@@ -300,3 +300,18 @@ def test_importing_the_solvers_operators_and_noise_statistics_does_not_import_fl
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_log_det_of_the_positive_part_by_slq(x64):
+    # A spectrum with a positive part (log det known), zeros and negative eigenvalues.
+    rng = np.random.default_rng(2)
+    positive = rng.uniform(0.5, 4.0, 30)
+    spectrum = np.concatenate([positive, np.zeros(10), -rng.uniform(0.1, 1.0, 20)])
+    q, _ = np.linalg.qr(rng.normal(size=(60, 60)))
+    a = jnp.asarray((q * spectrum) @ q.T)
+    curv = hessian.Curvature(lambda x, batch: 0.5 * x @ a @ x)
+    est = curv.log_det(jnp.zeros(60), None, key=jax.random.key(0), num_probes=64, floor=1e-3)
+    expected = np.log(positive).sum()
+    assert abs(est.value - expected) < 4 * est.stderr and est.stderr < 0.2 * abs(expected)
+    # Counting the negative part's |λ| would be far off.
+    assert abs(np.log(np.abs(spectrum[spectrum != 0])).sum() - expected) > 8 * est.stderr

@@ -193,3 +193,10 @@ def test_readme_operators_and_noise_example_runs():
     assert abs(sum(p.trace_cov for p in parts.values()) - total.trace_cov) < 1e-4 * total.trace_cov
     assert total.b_simple > 0 and total.b_simple_stderr > 0 and ns["est"].num_examples == 512
     assert ns["b_noise"].value > 0
+
+
+def test_readme_dynamics_example_runs():
+    ns = run_after_hessian_example("dynamics.double_well(")
+    assert 0.4 < ns["in_a"] < 0.55  # the runs left the deep well: occupation, not depth
+    assert abs(ns["ratio"] - 0.88) < 0.01
+    assert (ns["runs"].escape_step >= 0).mean() > 0.9
