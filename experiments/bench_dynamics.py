@@ -20,6 +20,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.bench_hessian import mlp_loss
 from experiments.quiet import quiet
 
 FLAGS = flags.FLAGS
@@ -57,14 +58,7 @@ def bench_population(widths, members, steps):
             for k, a, b in zip(keys, widths[:-1], widths[1:])
         ]
 
-    def loss(params, batch):
-        h = batch["x"]
-        for i, layer in enumerate(params):
-            h = h @ layer["w"] + layer["b"]
-            if i < len(params) - 1:
-                h = jax.nn.relu(h)
-        logp = jax.nn.log_softmax(h)
-        return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+    loss = mlp_loss  # the ReLU MLP of bench_hessian: a list of {"w", "b"} layers
 
     n, batch_size = 4096, 32
     data = {
