@@ -50,11 +50,13 @@ import optax
 from jax import lax
 
 __all__ = [
+    "NoisyQuadratic",
     "Noise",
     "PopulationTrainer",
     "Potential",
     "SimulationResult",
     "Simulator",
+    "boltzmann_ratio",
     "covariance_noise",
     "curvature_noise",
     "diagonal_noise",
@@ -63,6 +65,7 @@ __all__ = [
     "langevin_noise",
     "laplace_ratio",
     "minibatch_noise",
+    "noisy_quadratic",
     "quadratic",
 ]
 
@@ -155,6 +158,25 @@ def laplace_ratio(potential: Potential, temperature: float) -> float:
     la, lb = (float(potential.value(jnp.asarray(m))) for m in potential.minima[:2])
     ha, hb = potential.curvatures[:2]
     return float(np.sqrt(hb / ha) * np.exp(-(la - lb) / temperature))
+
+
+def boltzmann_ratio(potential: Potential, temperature: float, *, lim: float = 6.0,
+                    num_points: int = 240_001) -> float:  # fmt: skip
+    """P(x < 0)/P(x > 0) of the density ∝ exp(−L/T) of a 1-D potential (the stationary law of
+    the Langevin SDE), by the trapezoid rule on [−lim, lim] in float64: the exact ratio that
+    `laplace_ratio` approximates.
+
+    >>> round(boltzmann_ratio(double_well(1.0, 1.0, 8.0, 8.0), 0.3), 6)  # a symmetric well
+    1.0
+    """
+    if potential.dim != 1:
+        raise ValueError(f"boltzmann_ratio needs a 1-D potential, got dimension {potential.dim}")
+    with jax.enable_x64(True):
+        x = np.linspace(-lim, lim, num_points)
+        values = np.asarray(jax.vmap(potential.value)(jnp.asarray(x)[:, None]))
+    f = np.exp(-(values - values.min()) / temperature)
+    left, right = x <= 0, x >= 0
+    return float(np.trapezoid(f[left], x[left]) / np.trapezoid(f[right], x[right]))
 
 
 # ----------------------------------------------------------------------------------- noise
@@ -325,10 +347,12 @@ class Simulator:
         learning_rate: float,
         num_steps: int,
         record_every: int = 0,
+        noise_params=None,
     ) -> SimulationResult:
         """Runs ``num_steps`` steps from each row of ``x0`` (R, d), step t drawing its noise
         for all runs from ``fold_in(key, t)``; the across-run mean and variance every
-        ``record_every`` steps."""
+        ``record_every`` steps. ``noise_params`` replaces the noise's arrays (e.g. another σ
+        or temperature, shaped like ``noise.params``) without recompiling."""
         x0 = jnp.asarray(x0)
         if x0.ndim != 2 or x0.shape[1] != self.potential.dim:
             raise ValueError(
@@ -342,11 +366,22 @@ class Simulator:
             x0,
             key,
             jnp.asarray(learning_rate, x0.dtype),
-            self.noise.params,
+            self.noise.params if noise_params is None else _like(noise_params, self.noise.params),
             num_steps=num_steps,
             record_every=record_every,
         )
         return SimulationResult(*(np.asarray(a) for a in (final, first, mean, var)))
+
+
+def _like(new, old):
+    """``new`` as arrays of the shapes and dtypes of ``old`` (so the compiled call is reused)."""
+    out = jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, old)
+    for n, o in zip(jax.tree.leaves(out), jax.tree.leaves(old)):
+        if n.shape != jnp.shape(o):
+            raise ValueError(
+                f"noise_params must be shaped like the noise's: {n.shape} vs {jnp.shape(o)}"
+            )
+    return out
 
 
 # ----------------------------------------------------------------------------- populations
@@ -374,13 +409,21 @@ class PopulationTrainer:
       [0.0, 0.2, 0.4]
     """
 
-    def __init__(self, loss_fn, optimizer: Callable[..., optax.GradientTransformation]):
+    def __init__(
+        self, loss_fn, optimizer: Callable[..., optax.GradientTransformation], *, metrics_fn=None
+    ):
         self.loss_fn = loss_fn
+        self.metrics_fn = metrics_fn
         self.tx = optax.inject_hyperparams(optimizer)(learning_rate=0.0)
         self._optimizer = optimizer
         self.num_traces = 0
         self._step_jit = jax.jit(jax.vmap(self._step))
         self._epoch_jit = jax.jit(self._epoch)
+        self._metrics_jit = jax.jit(jax.vmap(self._metrics, in_axes=(0, None)))
+
+    def _metrics(self, params, data):
+        self.num_traces += 1
+        return self.metrics_fn(params, data)
 
     def _step(self, params, opt_state, batch):
         self.num_traces += 1
@@ -412,6 +455,25 @@ class PopulationTrainer:
 
         return jax.vmap(one)(params, lrs)
 
+    @staticmethod
+    def learning_rates(opt_state) -> jax.Array:
+        """The members' current learning rates, (P,)."""
+        return opt_state.hyperparams["learning_rate"]
+
+    @staticmethod
+    def set_learning_rates(opt_state, learning_rates):
+        """The states with member p's learning rate set to ``learning_rates[p]`` (a schedule
+        between calls of `epoch`: warm-up, decay), the rest of each state kept."""
+        lrs = jnp.asarray(learning_rates, PopulationTrainer.learning_rates(opt_state).dtype)
+        return optax.tree_utils.tree_set(opt_state, learning_rate=lrs)
+
+    def evaluate(self, params, data) -> dict:
+        """``metrics_fn(params_p, data)`` for every member p (data shared, on the device), in
+        one compiled call: a dict of (P,) arrays."""
+        if self.metrics_fn is None:
+            raise ValueError("PopulationTrainer(..., metrics_fn=...) is needed to evaluate")
+        return self._metrics_jit(params, data)
+
     def step(self, params, opt_state, batch):
         """One step of every member on its own batch (every leaf with a leading axis P)."""
         return self._step_jit(params, opt_state, batch)
@@ -421,3 +483,71 @@ class PopulationTrainer:
         on ``data[order[p, s]]``. Returns the new parameters and states and the (P, steps)
         losses."""
         return self._epoch_jit(params, opt_state, data, jnp.asarray(order))
+
+
+# -------------------------------------------------------------- the noisy quadratic model
+
+
+class NoisyQuadratic(NamedTuple):
+    """The noisy quadratic model of Zhang et al. (2019): L(x) = ½ Σᵢ hᵢxᵢ², SGD with batch
+    size B sees the gradient plus noise of covariance diag(c)/B (an infinite stream of
+    examples), ``x ← x − η(Hx + ξ)``. Every coordinate's second moment then follows
+    mᵢ(t+1) = (1 − ηhᵢ)² mᵢ(t) + η²cᵢ/B, so the expected loss has the closed form
+
+        E L(t) = ½ Σᵢ hᵢ [(1 − ηhᵢ)^(2t) (mᵢ(0) − mᵢ(∞)) + mᵢ(∞)],  mᵢ(∞) = ηcᵢ / (Bhᵢ(2 − ηhᵢ))
+
+    (η < 2/max h). Steps to a target loss against B, with η tuned per B, trace the three
+    regimes of Shallue et al. (2019) in milliseconds: the closed-form check of the critical
+    batch size.
+
+    Attributes:
+      curvatures: h (d,), > 0.
+      noise: c (d,), the per-example gradient variance along each axis.
+      init_sq: m(0) (d,), E[xᵢ²] at the start.
+    """
+
+    curvatures: np.ndarray
+    noise: np.ndarray
+    init_sq: np.ndarray
+
+    def loss(self, learning_rate: float, batch_size: float, steps) -> np.ndarray:
+        """E L(t) at ``steps`` (any shape); inf where η ≥ 2/max h (the iteration diverges)."""
+        h, c, m0 = (np.asarray(a, np.float64) for a in self)
+        t = np.asarray(steps, np.float64)[..., None]
+        eta = float(learning_rate)
+        if not 0 < eta < 2.0 / h.max():
+            return np.full(t.shape[:-1], np.inf)
+        m_inf = eta * c / (batch_size * h * (2.0 - eta * h))
+        m = (1.0 - eta * h) ** (2.0 * t) * (m0 - m_inf) + m_inf
+        return 0.5 * (h * m).sum(-1)
+
+    def steps_to_target(self, target: float, learning_rate: float, batch_size: float) -> float:
+        """The first step t with E L(t) ≤ ``target`` (E L(t) is monotone in t), by bisection;
+        inf if the loss never gets there (its floor lies above the target, or η diverges)."""
+        if self.loss(learning_rate, batch_size, 0.0) <= target:
+            return 0.0
+        floor = self.loss(learning_rate, batch_size, np.inf)
+        if not floor < target:
+            return float("inf")
+        hi = 1.0
+        while self.loss(learning_rate, batch_size, hi) > target:
+            hi *= 2.0
+        lo = hi / 2.0 if hi > 1 else 0.0
+        while hi - lo > 0.5:  # integer steps: stop at a bracket of one step
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.loss(learning_rate, batch_size, mid) > target else (lo, mid)
+        return float(np.ceil(hi))
+
+    def best_steps(self, target: float, batch_size: float, learning_rates) -> tuple[float, float]:
+        """The fewest steps to ``target`` at batch size B over ``learning_rates`` (the
+        per-B tuning of Shallue et al.), and the learning rate that achieves it."""
+        steps = [self.steps_to_target(target, lr, batch_size) for lr in learning_rates]
+        i = int(np.argmin(steps))
+        return steps[i], float(learning_rates[i])
+
+
+def noisy_quadratic(dim: int = 1000, *, noise_scale: float = 1.0) -> NoisyQuadratic:
+    """Zhang et al. (2019)'s NQM: hᵢ = 1/i, gradient noise c = ``noise_scale``·h (Σ ∝ H, the
+    Fisher ≈ Hessian picture), started from mᵢ(0) = 1."""
+    h = 1.0 / np.arange(1, dim + 1, dtype=np.float64)
+    return NoisyQuadratic(h, noise_scale * h, np.ones(dim))

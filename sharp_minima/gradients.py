@@ -237,6 +237,61 @@ def temperature(learning_rate, batch_size, num_examples=None, momentum=0.0) -> f
     return float(learning_rate) * finite / (batch_size * (1.0 - momentum))
 
 
+class CriticalBatch(NamedTuple):
+    """McCandlish et al. (2018)'s fit of steps S and examples E = S·B to a target against B:
+    S = S_min(1 + B_crit/B), i.e. (S/S_min − 1)(E/E_min − 1) = 1, with B_crit = E_min/S_min.
+
+    Attributes:
+      s_min, e_min: the fewest steps (B → ∞) and examples (B → 0).
+      b_crit: E_min/S_min, with its standard error ``b_crit_stderr`` (from the fit's
+        residuals).
+      residual: the root-mean-square relative error of the fitted S.
+    """
+
+    s_min: float
+    e_min: float
+    b_crit: float
+    b_crit_stderr: float
+    residual: float
+
+    def steps(self, batch_size) -> np.ndarray:
+        """The fitted S at ``batch_size``."""
+        return self.s_min * (1.0 + self.b_crit / np.asarray(batch_size, np.float64))
+
+
+def critical_batch(batch_sizes, steps) -> CriticalBatch:
+    """Fits S = S_min + E_min/B (linear in 1/B) to measured steps-to-target, each point
+    weighted by 1/S (relative errors), for B_crit = E_min/S_min (McCandlish et al. 2018).
+
+    Raises:
+      ValueError: fewer than 3 finite points, or a fit without positive S_min and E_min.
+
+    >>> fit = critical_batch([8, 32, 128, 512], [1000 * (1 + 64 / b) for b in (8, 32, 128, 512)])
+    >>> round(fit.b_crit, 6), round(fit.s_min, 6), round(fit.residual, 9)
+    (64.0, 1000.0, 0.0)
+    """
+    b = np.asarray(batch_sizes, np.float64)
+    s = np.asarray(steps, np.float64)
+    ok = np.isfinite(s) & (s > 0) & (b > 0)
+    b, s = b[ok], s[ok]
+    if len(b) < 3:
+        raise ValueError(f"the critical-batch fit needs >= 3 finite points, got {len(b)}")
+    x = np.stack([1.0 / s, 1.0 / (b * s)], axis=1)  # (S_min + E_min/B)/S = 1
+    coef, *_ = np.linalg.lstsq(x, np.ones(len(b)), rcond=None)
+    s_min, e_min = (float(v) for v in coef)
+    if not (s_min > 0 and e_min > 0):
+        raise ValueError(
+            f"the fit S = S_min + E_min/B gave S_min={s_min:.4g}, E_min={e_min:.4g}: the steps do "
+            "not fall with B as the model has them (too few batch sizes, or all in one regime)"
+        )
+    res = x @ coef - 1.0
+    dof = max(len(b) - 2, 1)
+    cov = (res @ res / dof) * np.linalg.inv(x.T @ x)
+    grad = np.array([-e_min / s_min**2, 1.0 / s_min])  # ∂(E_min/S_min)
+    se = float(np.sqrt(max(grad @ cov @ grad, 0.0)))
+    return CriticalBatch(s_min, e_min, e_min / s_min, se, float(np.sqrt(np.mean(res**2))))
+
+
 def two_batch(small_sq, big_sq, small_size, big_size) -> tuple[float, float]:
     """``(|G|², tr Σ)`` from the squared norms of a small- and a big-batch gradient taken at
     the same parameters (McCandlish et al. 2018, App. A.1); unbiased for batches drawn with

@@ -137,15 +137,16 @@ def random_subspace(key, n: int, p: int, dtype=jnp.float32) -> jax.Array:
     return jax.random.normal(key, (n, p), dtype)
 
 
-def _box_bounds(x0, epsilon, matrix):
-    """b_i = ε(|(A⁺x)_i| + 1), with A⁺x from the p×p Gram matrix (float64 solve)."""
+def _box_bounds(x0, epsilon, matrix, offset=1.0):
+    """b_i = ε(|(A⁺x)_i| + offset), with A⁺x from the p×p Gram matrix (float64 solve):
+    Keskar's box for offset 1, the adaptive box ε|(A⁺x)_i| for offset 0."""
     if matrix is None:
         coords = np.abs(np.asarray(x0, np.float64))
     else:
         gram = np.asarray(matrix.T @ matrix, np.float64)
         rhs = np.asarray(matrix.T @ x0, np.float64)
         coords = np.abs(np.linalg.lstsq(gram, rhs, rcond=None)[0])
-    return epsilon * (coords + 1.0)
+    return epsilon * (coords + offset)
 
 
 class SharpnessMeter:
@@ -208,6 +209,7 @@ class SharpnessMeter:
         subspace: jax.Array | None = None,
         max_iter: int = 10,
         weights=None,
+        adaptive: bool = False,
     ) -> Sharpness:
         """Keskar et al.'s ε-sharpness φ(x, ε, A) at ``params`` (see the module docstring).
 
@@ -221,6 +223,10 @@ class SharpnessMeter:
           subspace: an explicit n×p matrix A instead (e.g. the identity, for testing).
           max_iter: L-BFGS-B iterations (the paper: 10).
           weights: per-batch weights (ragged last batch), as in `sharp_minima.hessian`.
+          adaptive: the box |y_i| ≤ ε|(A⁺x)_i| instead of ε(|(A⁺x)_i| + 1): the adaptive
+            (∞-norm) sharpness of Kwon et al. (2021), invariant under rescalings of the
+            parameters that leave the function unchanged (e.g. a ReLU layer × α, the next
+            × 1/α), which change φ. A parameter at exactly 0 is not perturbed.
 
         Returns:
           `Sharpness`.
@@ -247,7 +253,7 @@ class SharpnessMeter:
             if matrix.ndim != 2 or matrix.shape[0] != n:
                 raise ValueError(f"subspace must have shape ({n}, p), got {matrix.shape}")
         p = n if matrix is None else matrix.shape[1]
-        bounds64 = _box_bounds(x0, epsilon, matrix)
+        bounds64 = _box_bounds(x0, epsilon, matrix, offset=0.0 if adaptive else 1.0)
         bounds = jnp.asarray(bounds64, dtype)
         best = {"value": -np.inf, "u": np.zeros(p)}
         cache = {}
@@ -373,6 +379,7 @@ def epsilon_sharpness(
     max_iter: int = 10,
     weights=None,
     wrt=None,
+    adaptive: bool = False,
 ) -> Sharpness:
     """Keskar et al.'s ε-sharpness φ(x, ε, A) of ``loss_fn`` at ``params``.
 
@@ -389,6 +396,7 @@ def epsilon_sharpness(
         subspace=subspace,
         max_iter=max_iter,
         weights=weights,
+        adaptive=adaptive,
     )
 
 

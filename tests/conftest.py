@@ -41,6 +41,7 @@ TINY = {
     "sharpest_directions": "sharpest_directions.py:tiny",
     "nudged_sgd": "nudged_sgd.py:tiny",
     "visualize_generalization": "visualize_generalization.py:tiny",
+    "sgd_noise": "sgd_noise.py:tiny",
 }
 
 

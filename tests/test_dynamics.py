@@ -9,7 +9,7 @@ import optax
 import pytest
 import scipy.linalg
 
-from sharp_minima import dynamics
+from sharp_minima import dynamics, gradients
 
 R = 20_000  # runs: the sample variance's relative standard error is √(2/R) = 1%
 
@@ -74,21 +74,11 @@ def test_euler_maruyama_and_minibatch_sgd_stationary_spread():
     assert not within(final.var(), expected * 49 / 40, n=runs)
 
 
-def boltzmann_ratio(pot, temp):
-    """P(x < 0) / P(x > 0) of the density ∝ exp(−L/T), by the trapezoid rule on a fine grid."""
-    with jax.enable_x64(True):
-        x = np.linspace(-6.0, 6.0, 240_001)
-        values = np.asarray(jax.vmap(pot.value)(jnp.asarray(x)[:, None]))
-    f = np.exp(-(values - values.min()) / temp)
-    left, right = x <= 0, x >= 0
-    return np.trapezoid(f[left], x[left]) / np.trapezoid(f[right], x[right])
-
-
 def test_double_well_occupation_follows_boltzmann_and_approaches_laplace_as_t_falls():
     pot = dynamics.double_well(depth_a=1.0, depth_b=0.8, curv_a=8.0, curv_b=2.0)
     # The Laplace ratio √(H_B/H_A)·exp(−(L_A − L_B)/T) becomes exact as T → 0.
     errors = [
-        abs(boltzmann_ratio(pot, t) / dynamics.laplace_ratio(pot, t) - 1)
+        abs(dynamics.boltzmann_ratio(pot, t) / dynamics.laplace_ratio(pot, t) - 1)
         for t in (0.2, 0.1, 0.05, 0.025)
     ]
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 4
@@ -98,7 +88,7 @@ def test_double_well_occupation_follows_boltzmann_and_approaches_laplace_as_t_fa
     x0 = jnp.concatenate([jnp.full((1000, 1), -1.0), jnp.full((1000, 1), 1.79)])
     final = sim.run(x0, key=jax.random.key(0), learning_rate=dt, num_steps=10_000).final
     p_left = float((final[:, 0] < 0).mean())
-    expected = boltzmann_ratio(pot, temp)
+    expected = dynamics.boltzmann_ratio(pot, temp)
     expected_left = expected / (1 + expected)
     se = np.sqrt(expected_left * (1 - expected_left) / len(final))
     assert abs(p_left - expected_left) < 5 * se + 0.02  # sampling + Euler-Maruyama bias
@@ -156,3 +146,94 @@ def test_a_population_step_equals_separate_steps():
             ):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         assert trainer.num_traces == 1
+
+
+def test_noisy_quadratic_closed_form_matches_simulation_and_fits_the_critical_batch():
+    q = dynamics.noisy_quadratic(8)
+    lr, b, steps = 0.8, 2, 60
+    sim = dynamics.Simulator(
+        dynamics.quadratic(q.curvatures), dynamics.diagonal_noise(np.sqrt(q.noise / b))
+    )
+    x0 = jax.random.normal(jax.random.key(1), (R, 8))  # E[x²] = 1 = m(0)
+    out = sim.run(x0, key=jax.random.key(2), learning_rate=lr, num_steps=steps, record_every=20)
+    simulated = 0.5 * ((out.mean**2 + out.var) * q.curvatures).sum(1)
+    closed = q.loss(lr, b, [20, 40, 60])
+    np.testing.assert_allclose(simulated, closed, rtol=5 * np.sqrt(2 / R))
+    # The recurrence by hand for one coordinate: m ← (1 − ηh)² m + η² c / B.
+    m = 1.0
+    for _ in range(3):
+        m = (1 - lr * q.curvatures[0]) ** 2 * m + lr**2 * q.noise[0] / b
+    one = dynamics.NoisyQuadratic(q.curvatures[:1], q.noise[:1], q.init_sq[:1])
+    assert float(one.loss(lr, b, 3)) == pytest.approx(0.5 * q.curvatures[0] * m, rel=1e-12)
+    # Steps to a target: the first integer step at or below it; never below the floor.
+    target = float(q.loss(lr, b, 25))
+    t = q.steps_to_target(target, lr, b)
+    assert q.loss(lr, b, t) <= target < q.loss(lr, b, t - 1)
+    assert q.steps_to_target(0.5 * float(q.loss(lr, b, np.inf)), lr, b) == np.inf
+    assert q.steps_to_target(1.0, 2.5, b) == np.inf  # η ≥ 2/h_max diverges
+    # Tuned per B, the steps fall as 1/B at small B and level off: the fit finds B_crit
+    # between the regimes and follows the curve to a few percent.
+    grid = np.geomspace(1e-2, 1.99, 40)
+    target = 0.05 * float(q.loss(1.0, 1.0, 0))
+    bs = [2.0**i for i in range(12)]
+    s = [q.best_steps(target, bb, grid)[0] for bb in bs]
+    fit = gradients.critical_batch(bs, s)
+    assert bs[0] < fit.b_crit < bs[-1] and fit.residual < 0.1
+    assert s[0] / s[1] > 1.8 and s[-2] / s[-1] < 1.1
+
+
+def test_critical_batch_fit_recovers_its_parameters_and_rejects_bad_input():
+    bs = np.array([4, 16, 64, 256, 1024], np.float64)
+    s = 500 * (1 + 100 / bs) * np.array([1.02, 0.98, 1.01, 0.99, 1.0])
+    fit = gradients.critical_batch(bs, s)
+    assert fit.b_crit == pytest.approx(100, rel=0.05) and fit.b_crit_stderr > 0
+    assert fit.e_min == pytest.approx(fit.b_crit * fit.s_min)
+    np.testing.assert_allclose(fit.steps(bs), s, rtol=0.05)
+    with pytest.raises(ValueError, match=">= 3 finite"):
+        gradients.critical_batch([1, 2, 4], [10, np.inf, 3])
+    with pytest.raises(ValueError, match="do not fall"):
+        gradients.critical_batch([1, 2, 4], [1, 2, 4])  # steps grow with B
+
+
+def test_population_evaluate_and_learning_rate_schedule():
+    loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)  # noqa: E731
+    metrics = lambda w, d: {"mse": loss(w, d), "norm": jnp.sum(w**2)}  # noqa: E731
+    trainer = dynamics.PopulationTrainer(loss, optax.sgd, metrics_fn=metrics)
+    params = jnp.stack([jnp.zeros(2), jnp.ones(2)])
+    state = trainer.init(params, learning_rates=jnp.array([0.1, 0.2]))
+    data = {"x": jnp.eye(2), "y": jnp.array([1.0, 2.0])}
+    m = trainer.evaluate(params, data)
+    np.testing.assert_allclose(m["mse"], [2.5, 0.5])
+    np.testing.assert_allclose(m["norm"], [0.0, 2.0])
+    state = trainer.set_learning_rates(state, [0.0, 0.5])
+    np.testing.assert_allclose(trainer.learning_rates(state), [0.0, 0.5])
+    order = np.zeros((2, 1, 2), np.int32) + np.arange(2)  # both examples, one step
+    new, _, _ = trainer.epoch(params, state, data, order)
+    np.testing.assert_allclose(new[0], params[0])  # rate 0: unchanged
+    # member 1: w − 0.5·(2/2)·(w − y) = (1 + 0.5·(1 − 1), 1 + 0.5·(2 − 1))
+    np.testing.assert_allclose(new[1], [1.0, 1.5], rtol=1e-6)
+    with pytest.raises(ValueError, match="metrics_fn"):
+        dynamics.PopulationTrainer(loss, optax.sgd).evaluate(params, data)
+
+
+def test_noise_params_change_the_noise_without_recompiling():
+    h, lr = 1.0, 0.2
+    sim = dynamics.Simulator(dynamics.quadratic([h]), dynamics.isotropic_noise(1.0))
+    for sigma in (0.5, 2.0):
+        out = sim.run(
+            jnp.zeros((R, 1)),
+            key=jax.random.key(5),
+            learning_rate=lr,
+            num_steps=200,
+            noise_params=sigma,
+        )
+        assert within(out.final.var(), lr * sigma**2 / (h * (2 - lr * h)))
+    assert sim.num_traces == 1
+    with pytest.raises(ValueError, match="shaped like"):
+        sim.run(
+            jnp.zeros((4, 1)),
+            key=jax.random.key(0),
+            learning_rate=lr,
+            num_steps=2,
+            noise_params=jnp.ones(3),
+        )

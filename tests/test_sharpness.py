@@ -191,3 +191,37 @@ def test_direct_lbfgsb_driver_matches_scipy_minimize():
     assert len(seen) == ref.nfev
     np.testing.assert_allclose(seen[-1], ref.x, atol=1e-12)
     assert np.all(np.abs(ref.x) <= 1.0)
+
+
+def test_adaptive_sharpness_is_invariant_under_relu_rescaling_and_keskar_phi_is_not(x64):
+    from sharp_minima.models import mlp
+
+    model = mlp.MLP(widths=(6,), num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (16, 4), jnp.float64)
+    y = jnp.arange(16) % 3
+    params = jax.tree.map(
+        lambda a: a.astype(jnp.float64), model.init(jax.random.key(1), x)
+    )  # float64 weights
+    loss = lambda p, b: losses.cross_entropy(model.apply(p, b["x"]), b["y"])  # noqa: E731
+    batches = {"x": x[None], "y": y[None]}
+    meter = sharpness.SharpnessMeter(loss)
+    adaptive, phi = [], []
+    for alpha in (0.2, 1.0, 5.0):
+        p = mlp.rescale_layers(params, alpha)
+        assert float(loss(p, {"x": x, "y": y})) == pytest.approx(
+            float(loss(params, {"x": x, "y": y})), rel=1e-12
+        )
+        kw = dict(epsilon=1e-2, key=jax.random.key(2))
+        adaptive.append(meter.epsilon_sharpness(p, batches, adaptive=True, **kw))
+        phi.append(meter.epsilon_sharpness(p, batches, **kw).value)
+        # The adaptive box is ε|x_i|: a zero-width box for every weight at exactly 0.
+        flat = np.concatenate([np.ravel(a) for a in jax.tree.leaves(p)])
+        pert = np.concatenate([np.ravel(a) for a in jax.tree.leaves(adaptive[-1].perturbation)])
+        assert np.all(np.abs(pert) <= 1e-2 * np.abs(flat) * (1 + 1e-12))
+    values = [a.value for a in adaptive]
+    assert max(values) / min(values) - 1 < 1e-9  # the same function: the same number
+    assert max(phi) / min(phi) > 1.5  # Keskar's box ε(|x| + 1) is not scale-invariant
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        mlp.rescale_layers(params, 0.0)
+    with pytest.raises(ValueError, match="no layer 'Dense_5'"):
+        mlp.rescale_layers(params, 2.0, second="Dense_5")

@@ -16,7 +16,7 @@ from matplotlib.layout_engine import ConstrainedLayoutEngine
 # Lines a study logs only when it trains (progress, evaluations) or measures something.
 WORK = re.compile(
     r"step \d+/\d+ epoch|epoch \d+/\d+:|sharpness full|basin radii|measuring the final"
-    r"|parametric plot"
+    r"|parametric plot|\] done: \d+ steps|\] measuring "
 )
 
 

@@ -94,3 +94,39 @@ class PairwiseLinear(nn.Module):
         i, j = jnp.triu_indices(f.shape[1])
         features = jnp.concatenate([f, f[:, i] * f[:, j]], axis=1)
         return nn.Dense(self.num_classes)(features)
+
+
+def rescale_layers(variables, alpha: float, first: str = "Dense_0", second: str = "Dense_1"):
+    """Dinh et al. (2017)'s reparameterisation of a ReLU network: layer ``first`` (kernel and
+    bias) × α and the next layer ``second``'s kernel × 1/α. ReLU(αz) = α·ReLU(z) for α > 0,
+    so the function, and every loss and accuracy, is unchanged, while the curvature of the
+    two layers' blocks scales by 1/α² and α²: the Hessian's eigenvalues, its trace and
+    Keskar's ε-sharpness move, and scale-invariant measures do not.
+
+    Args:
+      variables: ``{"params": {first: {"kernel", "bias"}, second: {"kernel", ...}, ...}}`` (or
+        the ``params`` dict itself), with nothing but a ReLU between the two layers (no
+        BatchNorm).
+      alpha: the factor, > 0.
+
+    Raises:
+      ValueError: α ≤ 0 or a layer not found.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = MLP(widths=(8,), num_classes=3)
+    >>> x = jnp.ones((2, 5))
+    >>> v = model.init(jax.random.key(0), x)
+    >>> w = rescale_layers(v, 10.0)
+    >>> bool(jnp.allclose(model.apply(v, x), model.apply(w, x), rtol=1e-5, atol=1e-6))
+    True
+    """
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (ReLU is positively homogeneous), got {alpha}")
+    nested = "params" in variables
+    params = dict(variables["params"] if nested else variables)
+    for name in (first, second):
+        if name not in params:
+            raise ValueError(f"no layer {name!r} in the parameters; layers: {sorted(params)}")
+    params[first] = {k: v * alpha for k, v in params[first].items()}
+    params[second] = {k: v / alpha if k == "kernel" else v for k, v in params[second].items()}
+    return {**variables, "params": params} if nested else params

@@ -1,0 +1,180 @@
+"""The lecture notes "Towards Understanding SGD": the SGD noise scale, batch size and
+sharpness (`sharp_minima.studies.sgd_noise`).
+
+    python -m experiments.sgd_noise --workdir=runs/sgd_noise   # this CPU-sized config
+
+Default (CPU-sized, ~15 minutes on 2 cores): a ReLU MLP 40-64-64-10 on the embedded MNIST-1D
+(4,000 training / 1,000 test examples), plain SGD, every training sweep a population of
+small models trained in one vmapped program (`sharp_minima.dynamics.PopulationTrainer`),
+2 seeds. Variants:
+
+- ``fashion``: a 784-128-128-10 MLP on a 10,000-example Fashion-MNIST subset (needs the
+  Debian package or TFDS);
+- ``paper``: closer to the sources' scale — the full Fashion-MNIST training set, the
+  batch grids up to 8,192 and 3 seeds (GPU/TPU);
+- ``tiny``: seconds per section, for tests.
+
+The sources' setups (ImageNet ResNet-50 for Goyal et al., MNIST for Smith & Le, CIFAR-10
+for Jastrzębski et al. 2017) are GPU-scale; their numbers stand beside ours in the report.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+    c = base.base()
+    c.name = "sgd_noise"
+    c.model.name = "mlp"
+    c.model.kwargs = ml_collections.ConfigDict({"widths": (64, 64)})
+    c.data.name = "mnist1d"
+    c.optim.name = "sgd"
+    c.optim.learning_rate = 0.1
+    c.batch_size = 32
+
+    s = c.sgd_noise = ml_collections.ConfigDict()
+    s.sections = (0, 1, 2, 3, 4, 5, 6)
+    s.seeds = 2
+    s.curvature_examples = 1000  # training examples for λ_max, traces, φ, log det
+    s.curvature_batch_size = 500
+
+    # 0. flatness depends on the parameterisation (Dinh et al. 2017)
+    r = s.rescaling = ml_collections.ConfigDict()
+    r.alphas = (0.1, 0.3, 1.0, 3.0, 10.0)
+    r.batch_size = 32
+    r.learning_rate = 0.1
+    r.num_epochs = 30
+    r.epsilon = 1e-3  # Keskar's φ
+    r.adaptive_epsilon = 1e-2  # adaptive sharpness box ε|w|
+    r.slice_radius = 0.5  # filter-normalised slice, t ∈ [−r, r]
+    r.slice_points = 21
+    r.trace_matvecs = 60
+
+    # 1. the lecture's Table 1
+    t = s.toy = ml_collections.ConfigDict()
+    t.epsilons = (1e-3, 5e-4)
+
+    # 2. linear scaling with warm-up (Goyal et al. 2017)
+    g = s.scaling = ml_collections.ConfigDict()
+    g.base_batch_size = 16
+    g.base_learning_rate = 0.05
+    g.ks = (1, 2, 4, 8, 16, 32)
+    g.warmup_epochs = 3
+    g.num_epochs = 20
+    g.evals_per_epoch = 4
+
+    # 3. noise scale and optimal batch size (Smith & Le 2018; Smith et al. 2018)
+    n = s.noise_scale = ml_collections.ConfigDict()
+    n.batch_sizes = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+    n.learning_rates = (0.025, 0.05, 0.1, 0.2, 0.4)
+    n.train_sizes = (1000, 2000, 4000)
+    n.size_learning_rate = 0.1
+    n.num_epochs = 20
+    n.schedule_batch_size = 32  # grow B instead of decaying η
+    n.schedule_learning_rate = 0.2
+    n.schedule_factor = 4
+    n.schedule_epochs = (10, 20)  # η ÷ factor (or B × factor) at these epochs
+    n.schedule_num_epochs = 30
+
+    # 4. three factors: η/B sets the endpoint (Jastrzębski et al. 2017)
+    f = s.factors = ml_collections.ConfigDict()
+    f.ratios = (1 / 1600, 1 / 400, 1 / 100)  # η/B
+    f.batch_sizes = (16, 64, 256)
+    f.num_epochs = 30
+    f.epsilon = 1e-3
+    f.num_minibatches = 16  # batch sharpness
+    f.slq_probes = 8
+    f.slq_steps = 40
+
+    # 5. the SDE picture (sharp_minima.dynamics)
+    d = s.sde = ml_collections.ConfigDict()
+    d.runs = 4000
+    d.ratios = (0.005, 0.01, 0.02, 0.04)  # η/B for the stationary spread
+    d.temperatures = (0.5, 0.35, 0.25, 0.2)  # double-well occupation
+    d.dt = 0.01
+    d.occupation_time = 400.0  # simulated time per temperature (× exp(barrier/T) / exp(1/0.2))
+    d.escape_depth = 0.5  # both wells: the same depth, curvatures 8 (sharp) and 2 (flat)
+    d.escape_ratios = (20.0, 30.0, 40.0, 50.0)  # B/η
+    d.escape_steps = 40_000
+    d.nqm_dim = 100
+
+    # 6. the critical batch size (McCandlish et al. 2018; Shallue et al. 2019)
+    k = s.critical = ml_collections.ConfigDict()
+    k.batch_sizes = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    k.learning_rates = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+    k.target_loss = 0.6  # full training-set cross-entropy
+    k.max_steps = 16_000
+    k.evals_per_epoch = 8
+    k.nqm_dim = 1000
+    k.nqm_target = 0.01  # × the initial loss
+
+    def fashion(c):
+        c.name = "sgd_noise_fashion"
+        c.data.name = "fashion_mnist"
+        c.data.max_train = 10_000
+        c.model.kwargs.widths = (128, 128)
+        c.sgd_noise.critical.target_loss = 0.4
+
+    def paper(c):
+        fashion(c)
+        c.name = "sgd_noise_paper"
+        c.data.max_train = None
+        s = c.sgd_noise
+        s.seeds = 3
+        s.scaling.ks = (1, 2, 4, 8, 16, 32, 64, 128)
+        s.noise_scale.batch_sizes = tuple(2**i for i in range(2, 14))
+        s.noise_scale.train_sizes = (5000, 15000, 30000, 60000)
+        s.critical.batch_sizes = tuple(2**i for i in range(2, 14))
+        s.critical.max_steps = 100_000
+
+    def tiny(c):
+        base.tiny(c)
+        c.data.max_train = 256
+        c.model.kwargs.widths = (16,)
+        s = c.sgd_noise
+        s.seeds = 2
+        s.curvature_examples = 64
+        s.curvature_batch_size = 32
+        r = s.rescaling
+        r.alphas = (0.5, 1.0, 2.0)
+        r.num_epochs = 2
+        r.slice_points = 5
+        r.trace_matvecs = 12
+        g = s.scaling
+        g.ks = (1, 2, 4)
+        g.num_epochs = 2
+        g.warmup_epochs = 1
+        g.evals_per_epoch = 2
+        n = s.noise_scale
+        n.batch_sizes = (8, 16, 32)
+        n.learning_rates = (0.05, 0.1)
+        n.train_sizes = (128, 256)
+        n.num_epochs = 2
+        n.schedule_epochs = (1, 2)
+        n.schedule_num_epochs = 3
+        n.schedule_factor = 2
+        n.schedule_batch_size = 16
+        f = s.factors
+        f.ratios = (1 / 320, 1 / 80)
+        f.batch_sizes = (16, 32)
+        f.num_epochs = 2
+        f.num_minibatches = 4
+        f.slq_probes = 2
+        f.slq_steps = 8
+        d = s.sde
+        d.runs = 200
+        d.temperatures = (0.5, 0.35)
+        d.occupation_time = 5.0
+        d.escape_ratios = (10.0, 20.0)
+        d.escape_steps = 500
+        d.nqm_dim = 10
+        k = s.critical
+        k.batch_sizes = (8, 16, 32, 64)
+        k.learning_rates = (0.1, 0.4)
+        k.target_loss = 2.2
+        k.max_steps = 60
+        k.evals_per_epoch = 2
+        k.nqm_dim = 50
+
+    return base.with_variants(c, arg, {"fashion": fashion, "paper": paper, "tiny": tiny})

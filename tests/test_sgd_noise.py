@@ -1,0 +1,134 @@
+"""The lecture notes' study (`sharp_minima.studies.sgd_noise`) end to end on its tiny config
+(in-process), its bookkeeping against hand computations, configs and exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import load_config
+
+from sharp_minima import gradients
+from sharp_minima.studies import sgd_noise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sgd_noise_tiny_end_to_end(tiny_study):
+    run = tiny_study("sgd_noise")
+    secs, config = run.results["sections"], run.config
+    assert set(secs) == set(sgd_noise.SECTIONS)
+    claims = {c["claim"]: c["verdict"] for c in run.results["claims"]}
+    # Every section contributes its claims, each with a verdict.
+    for i in range(len(sgd_noise.SECTIONS)):
+        assert any(c.startswith(f"[{i}] ") for c in claims), i
+    # 0: the rescaled network is the same function; the invariant measures do not move.
+    rows = secs["rescaling"]["rows"]
+    acc = {rows[k]["test_accuracy"] for k in rows}
+    assert len(acc) == 1
+    ref = rows["1"]
+    for k, row in rows.items():
+        assert row["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+        assert row["slice_rise"] == pytest.approx(ref["slice_rise"], rel=1e-4)
+        assert row["adaptive"] == pytest.approx(ref["adaptive"], rel=1e-6)
+        if k != "1":  # λ_max does move
+            assert abs(np.log(row["lambda_max"] / ref["lambda_max"])) > 0.1
+    # 1: the identity rows are the closed forms; all 16 rows of the lecture's table are there.
+    toy = secs["toy"]["rows"]
+    assert len(toy) == 16 and all(r["lecture"] for r in toy)
+    for r in toy:
+        if r["A"] == "identity":
+            assert r["phi"] == pytest.approx(r["closed_form"], rel=1e-9)
+    # 2: every k and arm ran, the baseline once.
+    names = set(secs["scaling"]["runs"])
+    assert "k1/none" in names and "k4/gradual" in names and "k1/gradual" not in names
+    # 3: B_opt for every η and N, and the three schedules, growing B in fewer updates.
+    ns = secs["noise_scale"]
+    assert len(ns["by_lr"]) == len(config.sgd_noise.noise_scale.learning_rates)
+    assert ns["schedules"]["grow"]["updates"] < ns["schedules"]["decay"]["updates"]
+    # 4: every (η/B, B, seed) endpoint, η = (η/B)·B, and the SDE time the same along a line.
+    pts = secs["factors"]["points"]
+    f = config.sgd_noise.factors
+    assert len(pts) == len(f.ratios) * len(f.batch_sizes) * config.sgd_noise.seeds
+    for p in pts:
+        assert p["learning_rate"] == pytest.approx(p["ratio"] * p["batch_size"])
+    by_ratio = {}
+    for p in pts:
+        by_ratio.setdefault(p["ratio"], set()).add(round(p["sde_time"], 6))
+    assert all(len(v) == 1 for v in by_ratio.values())
+    # 5: the simulations' closed-form checks hold even at the tiny scale.
+    assert claims[next(c for c in claims if c.startswith("[5] the stationary spread"))] == "yes"
+    assert claims[next(c for c in claims if c.startswith("[5] the noisy quadratic"))] == "yes"
+    # 6: steps to the target fall with B.
+    steps = [r["steps"] for r in secs["critical"]["per_batch"]]
+    assert np.isfinite(steps).all() and steps[0] > steps[-1]
+    report = open(os.path.join(run.workdir, "report.md")).read()
+    for title in sgd_noise.TITLES.values():
+        assert title in report
+    assert "23.74" in report and "T = (η/B)(1 − B/N)" in report
+
+
+def test_warmup_rates_by_hand():
+    # k = 4, η₀ = 0.1, 2 warm-up epochs.
+    assert sgd_noise.warmup_rate("none", 4, 0.1, 2, 0.0) == pytest.approx(0.4)
+    assert sgd_noise.warmup_rate("constant", 4, 0.1, 2, 1.9) == pytest.approx(0.1)
+    assert sgd_noise.warmup_rate("constant", 4, 0.1, 2, 2.0) == pytest.approx(0.4)
+    assert sgd_noise.warmup_rate("gradual", 4, 0.1, 2, 0.0) == pytest.approx(0.1)
+    assert sgd_noise.warmup_rate("gradual", 4, 0.1, 2, 1.0) == pytest.approx(0.25)
+    assert sgd_noise.warmup_rate("gradual", 4, 0.1, 2, 5.0) == pytest.approx(0.4)
+    assert sgd_noise.warmup_rate("gradual", 1, 0.1, 2, 0.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown warm-up"):
+        sgd_noise.warmup_rate("linear", 2, 0.1, 2, 0.0)
+
+
+def test_temperature_bookkeeping_by_hand():
+    # T = η(1 − B/N)/(B(1 − μ)): η = 0.2, B = 50, N = 1000 → 0.2·0.95/50 = 0.0038.
+    assert gradients.temperature(0.2, 50, 1000) == pytest.approx(0.0038)
+    # With momentum 0.9 the temperature is ten times larger.
+    assert gradients.temperature(0.2, 50, 1000, momentum=0.9) == pytest.approx(0.038)
+    # N → ∞: η/B. B = N: no noise at all.
+    assert gradients.temperature(0.2, 50) == pytest.approx(0.004)
+    assert gradients.temperature(0.2, 1000, 1000) == 0.0
+    # The lecture sums the loss over N: its g = η(N/B − 1) is N·T of the mean loss.
+    eta, b, n = 0.2, 50, 1000
+    assert eta * (n / b - 1) == pytest.approx(n * gradients.temperature(eta, b, n))
+
+
+def test_steps_to_target_and_best_batch():
+    steps, loss = [0, 10, 20, 30], [2.0, 1.0, 0.5, 0.25]
+    # log-linear between evaluations: 0.7 lies between 1.0 (step 10) and 0.5 (step 20).
+    expect = 10 + 10 * np.log(1.0 / 0.7) / np.log(2.0)
+    assert sgd_noise.steps_to_target(steps, loss, 0.7) == pytest.approx(expect)
+    assert sgd_noise.steps_to_target(steps, loss, 0.1) == np.inf
+    assert sgd_noise.steps_to_target(steps, [3.0, np.nan, 0.2, 0.1], 0.5) == 20.0
+    # A parabola in log₂ B peaking at 2^4.5 between grid points 16 and 32.
+    bs = [4, 8, 16, 32, 64]
+    acc = [-((np.log2(b) - 4.5) ** 2) for b in bs]
+    b_opt, edge = sgd_noise.best_batch(bs, acc)
+    assert b_opt == pytest.approx(2**4.5) and not edge
+    assert sgd_noise.best_batch(bs, [5, 4, 3, 2, 1]) == (4.0, True)
+
+
+@pytest.mark.parametrize("spec", ["sgd_noise.py", "sgd_noise.py:fashion", "sgd_noise.py:paper"])
+def test_configs_validate(spec):
+    sgd_noise.validate(load_config(spec))
+
+
+def test_bad_config_exits_2(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.sgd_noise",
+            "--config=configs/sgd_noise.py:tiny",
+            "--config.sgd_noise.scaling.ks=2,4",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "ks must include 1" in out.stderr
