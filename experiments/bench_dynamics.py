@@ -4,8 +4,9 @@ r"""Benchmark of sharp_minima.dynamics: ratios measured side by side in one run.
 
 Prints:
   * a population of 24 MLPs trained in one vmapped step (`PopulationTrainer.step`) vs the
-    same 24 steps as 24 jitted calls, for a compute-bound 40-256-256-10 MLP and a
-    dispatch-bound 40-64-10 MLP at batch 32 (targets: >= 0.95 and >= 3), and the steps of an
+    same 24 steps as 24 jitted calls, for a compute-bound 40-256-256-10 MLP, the sgd_noise
+    study's 40-64-64-10 and a dispatch-bound 40-64-10 MLP at batch 32 (targets: >= 0.95,
+    >= 0.95 and >= 3), and the steps of an
     epoch fused in one `lax.scan` (`PopulationTrainer.epoch`) vs one vmapped call per step;
   * 10^4 Langevin runs x 10^4 steps on the double well in one `Simulator.run` call vs the same
     simulation in NumPy, vectorised over runs (target >= 5).
@@ -163,7 +164,12 @@ def main(argv):
     import jax
 
     print(f"devices: {jax.devices()}")
-    for widths, target in (((40, 256, 256, 10), 0.95), ((40, 64, 10), 3.0)):
+    # compute-bound; the sgd_noise study's MLP; dispatch-bound
+    for widths, target in (
+        ((40, 256, 256, 10), 0.95),
+        ((40, 64, 64, 10), 0.95),
+        ((40, 64, 10), 3.0),
+    ):
         r_vmap, r_fused = bench_population(widths, FLAGS.members, FLAGS.steps)
         print(
             f"RATIO sequential/vmapped = {r_vmap:.2f}, sequential/fused = {r_fused:.2f} "

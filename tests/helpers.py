@@ -2,6 +2,9 @@
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 
 def load_config(spec, **overrides):
@@ -48,3 +51,18 @@ def figure_overlaps(fig) -> list[str]:
                         f"{t.get_text()!r} of {a.get_title() or a} over {b.get_title() or b}"
                     )
     return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_experiment(module, *args, timeout=300, env=None):
+    """``python -m experiments.<module> *args`` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else dict(os.environ, **env),
+    )

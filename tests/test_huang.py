@@ -3,8 +3,6 @@ model, SVHN's extra split, and the study end to end on its tiny config (in-proce
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -12,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, run_experiment
 
 from sharp_minima import data as data_lib
 from sharp_minima import losses
@@ -197,19 +195,11 @@ def test_svhn_config_with_extra_split_under_mock_data(tmp_path):
     [("--config.poison.kind=flip", "poison.kind"), ("--config.rings.gaps=(0.1,0.5)", "gaps")],
 )
 def test_bad_config_exits_2(tmp_path, override, needle):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.visualize_generalization",
-            "--config=configs/visualize_generalization.py:tiny",
-            override,
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_experiment(
+        "visualize_generalization",
+        "--config=configs/visualize_generalization.py:tiny",
+        override,
+        f"--workdir={tmp_path}",
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and needle in out.stderr

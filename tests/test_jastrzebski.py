@@ -3,8 +3,6 @@ optimizer-steering tracker, the plateau hook, starting from another run, exit st
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -12,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import load_config, read_jsonl
+from helpers import load_config, read_jsonl, run_experiment
 from jax.flatten_util import ravel_pytree
 
 from sharp_minima import losses, optim, tracking, train
@@ -164,19 +162,11 @@ def test_init_variables_start_a_run_from_other_parameters(tmp_path):
     ],
 )
 def test_bad_configs_exit_2(tmp_path, module, override):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            f"experiments.{module}",
-            f"--config=configs/{module}.py:tiny",
-            override,
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_experiment(
+        module,
+        f"--config=configs/{module}.py:tiny",
+        override,
+        f"--workdir={tmp_path}",
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr

@@ -200,3 +200,11 @@ def test_readme_dynamics_example_runs():
     assert 0.4 < ns["in_a"] < 0.55  # the runs left the deep well: occupation, not depth
     assert abs(ns["ratio"] - 0.88) < 0.01
     assert (ns["runs"].escape_step >= 0).mean() > 0.9
+
+
+def test_readme_noisy_quadratic_example_runs():
+    ns = run_after_hessian_example("dynamics.noisy_quadratic(")
+    fit = ns["fit"]
+    assert abs(fit.b_crit - 193) < 2 and fit.residual < 0.07  # the numbers the README quotes
+    steps = ns["steps"]
+    assert steps[0] / steps[1] > 1.9 and steps[-2] / steps[-1] < 1.05  # the two regimes

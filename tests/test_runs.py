@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, run_experiment
 
 from configs import quickstart
 from sharp_minima import files, hessian, sharpness, train
@@ -31,8 +31,7 @@ def tiny(**overrides):
 
 
 def cli(module, *args, timeout=300):
-    cmd = [sys.executable, "-m", f"experiments.{module}", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run_experiment(module, *args, timeout=timeout)
 
 
 def one_clear_line(out):

@@ -2,12 +2,10 @@
 (in-process), its bookkeeping against hand computations, configs and exit status 2."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, run_experiment
 
 from sharp_minima import gradients
 from sharp_minima.studies import sgd_noise
@@ -116,19 +114,11 @@ def test_configs_validate(spec):
 
 
 def test_bad_config_exits_2(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.sgd_noise",
-            "--config=configs/sgd_noise.py:tiny",
-            "--config.sgd_noise.scaling.ks=2,4",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_experiment(
+        "sgd_noise",
+        "--config=configs/sgd_noise.py:tiny",
+        "--config.sgd_noise.scaling.ks=2,4",
+        f"--workdir={tmp_path}",
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "ks must include 1" in out.stderr

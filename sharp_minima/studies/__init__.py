@@ -35,5 +35,8 @@ library measurements that several studies (and notebooks) use are in `sharp_mini
 - `nudged_sgd` — Jastrzębski et al. (2019), Sec. 4: Nudged-SGD against SGD (Table 1).
 - `visualize_generalization` — Huang et al. (2020): bad minima, decision boundaries, basin
   volumes, loss surfaces, t-SNE of the trajectory, pinched rings, optimizers vs linear.
+- `sgd_noise` — the lecture notes "Towards Understanding SGD": parameterisation and flatness,
+  toy sharpness, linear scaling with warm-up, noise scale and B_opt, three factors, the SDE
+  picture, the critical batch size (populations trained in one vmapped program).
 - `curvature_demo` — the top Hessian eigenvalues of a small MLP tracked along training.
 """
