@@ -74,6 +74,9 @@ def base() -> ml_collections.ConfigDict:
     c.early_stop.metric = "train/loss"
     c.early_stop.patience = 0  # evaluations without improvement; 0 = off
     c.early_stop.min_delta = 0.0
+    # Train to a fit: stop at the first evaluation meeting every target, e.g.
+    # ("train/accuracy>=0.995", "train/loss<=0.1"); num_epochs is then the cap.
+    c.early_stop.targets = ()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # 0 = at each evaluation only

@@ -132,24 +132,40 @@ def test_study_tiny_end_to_end(tiny_study):
     results, tmp_path = run.results, Path(run.workdir)
     report = (tmp_path / "report.md").read_text()
     assert "| claim | verdict | numbers |" in report and "Table 1" in report
-    assert len(results["claims"]) == 7
+    assert len(results["claims"]) == 8
     for claim in results["claims"]:
         assert claim["verdict"] in common.VERDICTS and claim["numbers"]
     recs = results["swissroll"]
-    assert {r["beta"] for r in recs} == {0.0, 0.3}
+    assert {r["beta"] for r in recs} == {0.0, 0.9}
+    # Trained to a fit: the natural run stops at the first evaluation meeting the targets,
+    # before the cap; the β = 0.9 run reaches the cap, is reported as not fitted and gets
+    # no volume.
+    natural, poisoned = (next(r for r in recs if r["beta"] == b) for b in (0.0, 0.9))
+    assert natural["fitted"] and natural["epochs"] < run.config.num_epochs
+    assert natural["train_accuracy"] >= run.config.fit.accuracy
+    assert natural["epochs"] % run.config.eval_every_epochs == 0
+    assert "log_volume_0.7" in natural and "log_volume_bootstrap_0.7" in natural
+    assert not poisoned["fitted"] and poisoned["epochs"] == run.config.num_epochs
+    assert not any(k.startswith("log_volume") for k in poisoned)
+    assert "Did not fit: β = 0.9" in report
+    fits = next(c for c in results["claims"] if c["claim"].startswith("every network"))
+    assert fits["verdict"] == "no" and "β=0.9 seed 0" in fits["numbers"]
     for fig in ("decision_boundaries", "surfaces", "volume", "tsne", "rings"):
         for ext in ("png", "pdf"):
             assert (tmp_path / f"{fig}.{ext}").stat().st_size > 0
-    # The natural run saved its iterates; the t-SNE started bad-minimum searches from two.
+    # The natural run saved its iterates up to its fit; the t-SNE searched from two of them,
+    # each search trained to a fit too (or reported as not fitted).
     its = os.listdir(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "arrays" / "iterates")
-    assert len(its) == 5 and len(results["tsne"]["bad"]) == 2
+    assert len(its) == natural["epochs"] // run.config.tsne.every_epochs + 1
+    assert len(results["tsne"]["bad"]) == 2
+    assert all(isinstance(b["fitted"], bool) and b["epochs"] >= 1 for b in results["tsne"]["bad"])
     surface = np.load(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "measure.surface.npz")
     assert surface["loss"].shape == (5, 5) and surface["accuracy"].max() <= 1
     assert set(results["optimizers"]["rows"]) == {
         "sgd",
         "adam",
         "lbfgs",
-        "linear (pixels + pairwise products)",
+        "linear (inputs + pairwise products)",
     }
     assert json.load(open(tmp_path / "results.json"))["claims"] == results["claims"]
 
@@ -171,6 +187,7 @@ def test_svhn_config_with_extra_split_under_mock_data(tmp_path):
             "poison.seeds": 1,
             "volume.num_directions": 4,
             "volume.cutoffs": (10.0,),
+            "fit.accuracy": 0.0,  # fitted when the loss is under the cutoff
             "volume.grid_points": 4,
             "surface.points": 3,
             "data.data_dir": str(tmp_path / "tfds"),

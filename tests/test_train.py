@@ -52,6 +52,9 @@ def test_config_variants_and_errors():
         ({"schedule.warmup_epochs": 100.0}, "warmup_epochs .* shorter"),
         ({"data.augment": True}, "augment .* image data"),
         ({"early_stop.patience": 2, "early_stop.metric": "val/loss"}, "validation_fraction is 0"),
+        ({"early_stop.targets": ("train/accuracy=0.9",)}, "early_stop.targets"),
+        ({"early_stop.targets": ("train/speed>=1",)}, "early_stop.targets"),
+        ({"early_stop.targets": ("val/accuracy>=0.9",)}, "validation_fraction is 0"),
     ]
     for overrides, message in bad:
         with pytest.raises(train.ConfigError, match=message):
@@ -211,6 +214,23 @@ def test_early_stopped_run_stays_stopped_on_resume(tmp_path):
     assert first.stopped_early and int(first.state.step) == 8
     again = train.train(config, str(tmp_path))
     assert again.stopped_early and int(again.state.step) == 8 and again.resumed_from == 8
+
+
+def test_training_to_a_fit_stops_at_the_first_evaluation_meeting_every_target(tmp_path):
+    # 4 steps per epoch; the training loss falls below 2.5 at once, never below 1e-6.
+    targets = ("train/loss<2.5", "train/accuracy>=0.0")
+    config = tiny(num_epochs=30, **{"early_stop.targets": targets})
+    first = train.train(config, str(tmp_path / "fit"))
+    assert first.stopped_early and int(first.state.step) == 4  # the first evaluation
+    assert train.targets_met(config, first.final)
+    again = train.train(config, str(tmp_path / "fit"))  # a resume stays stopped
+    assert again.stopped_early and int(again.state.step) == 4
+    never = tiny(num_epochs=3, **{"early_stop.targets": ("train/loss<1e-6",)})
+    capped = train.train(never, str(tmp_path / "cap"))  # the cap: reported as not fitted
+    assert not capped.stopped_early and int(capped.state.step) == 12
+    assert not train.targets_met(never, capped.final)
+    assert train.parse_target("val/accuracy>0.9") == ("val/accuracy", ">", 0.9)
+    assert train.parse_target("train/loss=0.1") is None
 
 
 def test_early_stop_from_history():

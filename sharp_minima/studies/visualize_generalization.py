@@ -24,6 +24,7 @@ claim), ``results.json`` and figures (PNG + PDF).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zlib
 
@@ -97,8 +98,9 @@ OPTIMIZERS = {
     "yogi": (1e-3, lambda lr: optax.yogi(lr)),
     "novograd": (1e-3, lambda lr: optax.novograd(lr)),
     "adafactor": (1e-2, lambda lr: optax.adafactor(lr)),
-    # Mini-batch L-BFGS (history 5 as in the paper) with a fixed step, no line search.
-    "lbfgs": (0.05, lambda lr: optax.lbfgs(lr, memory_size=5, linesearch=None)),
+    # Mini-batch L-BFGS (history 5 as in the paper) with optax's zoom line search (strong
+    # Wolfe; the paper: Armijo), on each mini-batch's objective: no learning rate to tune.
+    "lbfgs": (None, lambda lr: optax.lbfgs(memory_size=5)),
 }
 
 
@@ -107,7 +109,7 @@ OPTIMIZERS = {
 
 def validate(config) -> None:
     """Raises `train.ConfigError` for a config without sensible study sections."""
-    for name in ("poison", "volume", "surface", "tsne", "rings", "optimizers", "sections"):
+    for name in ("poison", "volume", "surface", "tsne", "rings", "optimizers", "sections", "fit"):
         if name not in config:
             raise train.ConfigError(f"config {config.name!r} has no {name!r} section")
     train.validate_config(config)
@@ -136,6 +138,10 @@ def validate(config) -> None:
         ("optimizers.epochs", dict(low=1, integer=True)),
         ("optimizers.batch_size", dict(low=1, integer=True)),
         ("optimizers.downsample", dict(low=1, integer=True)),
+        ("optimizers.lr_factors", dict(low=0, low_open=True)),
+        ("optimizers.linear_learning_rates", dict(low=0, low_open=True)),
+        ("optimizers.validation_fraction", dict(low=0, low_open=True, high=1, high_open=True)),
+        ("fit.accuracy", dict(low=0, high=1)),  # 0: the loss cutoff alone
     ):
         train.check_numbers(config, path, **kw)
     p, r, o = config.poison, config.rings, config.optimizers
@@ -205,12 +211,36 @@ def poisoned(data: Dataset, num_points: int) -> Dataset:
 # -------------------------------------------------------------------------------- training
 
 
+def fit_targets(config) -> tuple[str, ...]:
+    """Train to a fit: the paper's "above 99.5 % training accuracy", and a training loss under
+    the basin cutoff (so the minimum has a basin to measure); ``num_epochs`` is the cap."""
+    return (
+        f"train/accuracy>={config.fit.accuracy:g}",
+        f"train/loss<{config.volume.cutoffs[0]:g}",
+    )
+
+
+def fitted(cfg, result) -> bool:
+    """Whether a run met its fit targets at its last evaluation (False at the cap)."""
+    return train.targets_met(cfg, result.final)
+
+
 def run_config(
-    config, seed: int, *, epochs=None, batch_size=None, n_train: int, learning_rate=None
+    config,
+    seed: int,
+    *,
+    epochs=None,
+    batch_size=None,
+    n_train: int,
+    learning_rate=None,
+    to_fit: bool = False,
 ) -> ml_collections.ConfigDict:
     """The training config of one run: full batch over ``n_train`` examples unless the
-    config's batch size is smaller (SVHN), evaluation of the training set on D_t only."""
+    config's batch size is smaller (SVHN), evaluation of the training set on D_t only;
+    ``to_fit``: stop at the first evaluation meeting `fit_targets`."""
     changes = {"seed": seed}
+    if to_fit:
+        changes["early_stop.targets"] = fit_targets(config)
     if learning_rate is not None:
         changes["optim.learning_rate"] = learning_rate
     if epochs is not None:
@@ -333,10 +363,17 @@ class Geometry:
             except ValueError as e:  # the run did not reach the cutoff: no basin
                 out[f"volume_note_{c:g}"] = str(e)
                 continue
+            # With thousands of dimensions the largest radius decides E[rⁿ] (effective
+            # directions ≈ 1), where the delta method's ±1 means nothing: resample the
+            # directions instead, which shows how much one direction moves the estimate.
+            _, boot, _, _ = landscape.log_volume(
+                vol.radii, vol.dim, error="bootstrap", key=jax.random.fold_in(key, 1)
+            )
             out.update(
                 {
                     f"log_volume_{c:g}": vol.log_volume,
                     f"log_volume_stderr_{c:g}": vol.stderr,
+                    f"log_volume_bootstrap_{c:g}": boot,
                     f"effective_directions_{c:g}": vol.effective_samples,
                     f"radius_mean_{c:g}": float(np.mean(vol.radii)),
                     f"radius_min_{c:g}": float(np.min(vol.radii)),
@@ -410,7 +447,7 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
             name = f"beta{beta:g}/seed{seed}"
             run_dir = runs.run_dir(workdir, "swissroll", name)
             run_data = data if beta == 0 or p.kind == "label_flip" else poisoned(data, p.num_points)
-            cfg = run_config(config, seed, n_train=len(run_data.x_train))
+            cfg = run_config(config, seed, n_train=len(run_data.x_train), to_fit=True)
             hooks = []
             if beta == 0 and seed == config.seed and "tsne" in config.sections:
                 hooks = [
@@ -442,23 +479,33 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
             variables = result.state.variables()
             key = jax.random.fold_in(keys["volume"], zlib.crc32(name.encode()))
             cache = runs.Cache(os.path.join(run_dir, "measure.json"))
+            accuracies = {
+                "beta": beta,
+                "seed": seed,
+                "fitted": fitted(cfg, result),
+                "epochs": int(result.state.step) // max(1, len(run_data.x_train) // cfg.batch_size),
+                "train_accuracy": float(result.final["train/accuracy"]),
+                "train_loss": float(result.final["train/loss"]),
+                "test_accuracy": float(result.final["test/accuracy"]),
+                "test_loss": float(result.final["test/loss"]),
+            }
+            if not accuracies["fitted"]:  # reported as "did not fit", kept out of the volumes
+                log(
+                    f"[swissroll {name}] did not fit in {config.num_epochs} epochs: train "
+                    f"accuracy {100 * accuracies['train_accuracy']:.1f} %, loss "
+                    f"{accuracies['train_loss']:.3g}"
+                )
+                records.append(accuracies)
 
-            def measure(result=result, variables=variables, key=key, beta=beta, seed=seed):
+            def measure(variables=variables, key=key, beta=beta, seed=seed, acc=accuracies):
                 log(
                     f"[swissroll {beta=:g} {seed=}] basin radii along "
                     f"{config.volume.num_directions} directions"
                 )
-                return {
-                    "beta": beta,
-                    "seed": seed,
-                    "train_accuracy": float(result.final["train/accuracy"]),
-                    "train_loss": float(result.final["train/loss"]),
-                    "test_accuracy": float(result.final["test/accuracy"]),
-                    "test_loss": float(result.final["test/loss"]),
-                    **geometry.measure(variables, batches, weights, config, key),
-                }
+                return {**acc, **geometry.measure(variables, batches, weights, config, key)}
 
-            records.append(cache.get("measure", measure_key(config, result), measure))
+            if accuracies["fitted"]:
+                records.append(cache.get("measure", measure_key(config, result), measure))
             if seed == config.seed and config.data.name in ("swissroll", "rings"):
                 boundaries[beta] = decision_grid(
                     model,
@@ -482,7 +529,7 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
     t, p = config.tsne, config.poison
     n_t = len(data.x_train)
     natural = runs.run_dir(workdir, "swissroll", f"beta0/seed{config.seed}")
-    cfg = run_config(config, config.seed, n_train=n_t)
+    cfg = run_config(config, config.seed, n_train=n_t, to_fit=True)
     model = train.build_model(cfg, data)
     hooks = [train.Hook(Iterates(), every_epochs=t.every_epochs, at_start=True, name="iterates")]
     good = fit(
@@ -504,6 +551,7 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
             epochs=t.epochs,
             n_train=len(run_data.x_train),
             learning_rate=t.learning_rate,
+            to_fit=True,
         )
         res = fit(
             bcfg,
@@ -524,6 +572,8 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
         bad.append(
             {
                 "from_epoch": int(epochs[i]),
+                "fitted": fitted(bcfg, res),
+                "epochs": int(res.state.step) // max(1, len(run_data.x_train) // bcfg.batch_size),
                 "train_accuracy": float(res.final["train/accuracy"]),
                 "test_accuracy": float(res.final["test/accuracy"]),
                 "distance": float(np.linalg.norm(flat - iterates[i])),
@@ -633,6 +683,7 @@ def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.Co
             "data.name": o.data,
             "data.options": {},
             "data.max_train": o.max_train,
+            "data.validation_fraction": o.validation_fraction,
             "data.augment": False,
             "optim.grad_clip_norm": 0.0,
             "checkpoint.every_epochs": o.epochs,
@@ -645,9 +696,36 @@ def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.Co
     )
 
 
+def learning_rates(config, name: str) -> list:
+    """The rates tried for optimizer ``name`` (the default × ``lr_factors``; [None] for a
+    line search)."""
+    base = OPTIMIZERS[name][0]
+    return [None] if base is None else [base * f for f in config.optimizers.lr_factors]
+
+
+def _lr_name(lr) -> str:
+    return "linesearch" if lr is None else f"lr{lr:g}"
+
+
+def _best_on_validation(tried: dict) -> dict:
+    """The run with the highest final validation accuracy (diverged runs never win), with
+    every rate's validation accuracy beside it."""
+    ok = {k: r for k, r in tried.items() if not r.get("diverged")}
+    if not ok:
+        return {**next(iter(tried.values())), "tried": {}}
+    best = max(ok, key=lambda k: ok[k].get("val_accuracy", -1.0))
+    return {
+        **ok[best],
+        "tried": {
+            k: (None if r.get("diverged") else r.get("val_accuracy")) for k, r in tried.items()
+        },
+    }
+
+
 def run_optimizers(config, workdir, log, data=None) -> dict:
-    """Table 1: every optimizer of ``config.optimizers.names`` on one small image task, and a
-    linear model on pixels and pairwise products trained with SGD (``data``: that task's
+    """Table 1: every optimizer of ``config.optimizers.names`` on one small task, each with its
+    learning rate chosen on a validation split, and a linear model on the inputs and their
+    pairwise products trained with SGD (its rate chosen the same way) (``data``: that task's
     data, default loaded here)."""
     o = config.optimizers
     net = optimizer_config(config, "mlp", {"widths": tuple(o.widths)})
@@ -655,33 +733,39 @@ def run_optimizers(config, workdir, log, data=None) -> dict:
     model = train.build_model(net, data)
     rows = {}
     for name in o.names:
-        lr, make = OPTIMIZERS[name]
-        res = fit(
-            net,
-            runs.run_dir(workdir, "optimizers", name),
-            data,
-            tx=make(lr),
-            log=log,
-            label=f"[optimizers {name}] ",
-            model=model,
-        )
-        rows[name] = _row(res, lr)
+        make = OPTIMIZERS[name][1]
+        tried = {}
+        for lr in learning_rates(config, name):
+            res = fit(
+                net,
+                runs.run_dir(workdir, "optimizers", name, _lr_name(lr)),
+                data,
+                tx=make(lr),
+                log=log,
+                label=f"[optimizers {name} {_lr_name(lr)}] ",
+                model=model,
+            )
+            tried[_lr_name(lr)] = _row(res, lr)
+        rows[name] = _best_on_validation(tried)
     linear = optimizer_config(config, "pairwise_linear", {"downsample": o.downsample})
     linear_model = train.build_model(linear, data)
-    lr = o.linear_learning_rate
-    res = fit(
-        linear,
-        runs.run_dir(workdir, "optimizers", "linear"),
-        data,
-        tx=optax.sgd(lr),
-        log=log,
-        label="[optimizers linear] ",
-        model=linear_model,
-    )
-    rows["linear (pixels + pairwise products)"] = _row(res, lr)
+    tried = {}
+    for lr in o.linear_learning_rates:
+        res = fit(
+            linear,
+            runs.run_dir(workdir, "optimizers", "linear", _lr_name(lr)),
+            data,
+            tx=optax.sgd(lr),
+            log=log,
+            label=f"[optimizers linear {_lr_name(lr)}] ",
+            model=linear_model,
+        )
+        tried[_lr_name(lr)] = _row(res, lr)
+    rows["linear (inputs + pairwise products)"] = _best_on_validation(tried)
     return {
         "rows": rows,
-        "data": f"{data.name} ({data.source}), {len(data.x_train)} training examples",
+        "data": f"{data.name} ({data.source}), {len(data.x_train)} training examples "
+        f"({len(data.x_val)} more for validation)",
         "num_test": len(data.x_test),
         "params_linear": _count(linear_model, data),
         "params_net": _count(model, data),
@@ -698,6 +782,7 @@ def _row(res, lr):
         return {"diverged": True, "learning_rate": lr, "message": res.message}
     f = res.final
     return {
+        "val_accuracy": float(f["val/accuracy"]) if "val/accuracy" in f else None,
         "train_loss": float(f["train/loss"]),
         "test_loss": float(f["test/loss"]),
         "train_accuracy": float(f["train/accuracy"]),
@@ -723,7 +808,32 @@ def claims(config, out: dict) -> list[tuple[str, str, str]]:
     read "not tested"."""
     cl = []
     if "swissroll" in out:
-        recs = out["swissroll"]
+        every = out["swissroll"]
+        unfit = [r for r in every if not r.get("fitted", True) and "test_accuracy" in r]
+        fit_runs = [r for r in every if "test_accuracy" in r]
+        cl.append(
+            (
+                f"every network, natural and poisoned, fits the training set (≥ "
+                f"{100 * config.fit.accuracy:g} % train accuracy, loss < "
+                f"{config.volume.cutoffs[0]:g}; trained to a fit, capped at "
+                f"{config.num_epochs} epochs)",
+                bool(fit_runs) and not unfit if fit_runs else None,
+                (
+                    f"{len(fit_runs) - len(unfit)}/{len(fit_runs)} runs fitted"
+                    + (
+                        "; did not fit: "
+                        + ", ".join(
+                            f"β={r['beta']:g} seed {r['seed']} (train "
+                            f"{100 * r['train_accuracy']:.1f} %, loss {r['train_loss']:.3g})"
+                            for r in unfit
+                        )
+                        if unfit
+                        else ""
+                    )
+                ),
+            )
+        )
+        recs = [r for r in every if r.get("fitted", True)]  # volumes exist only for these
         num_test = out.get("setup", {}).get("num_test") or 0
         test_stats = by_beta(recs, "test_accuracy")
         test = {b: v["mean"] for b, v in test_stats.items()}
@@ -751,13 +861,16 @@ def claims(config, out: dict) -> list[tuple[str, str, str]]:
         bad = [b for b in betas if b > 0]
         parts = []
         for b in bad:
-            parts.append(verdict(tr.get(b, nan) - 0.99, 0.0) if tr.get(b, nan) < 1 else "yes")
+            parts.append(
+                verdict(tr.get(b, nan) - config.fit.accuracy, 0.0) if tr.get(b, nan) < 1 else "yes"
+            )
             parts.append(
                 verdict(good - test.get(b, nan), acc_noise.get(0.0, 0) + acc_noise.get(b, 0))
             )
         cl.append(
             (
-                "poisoned minima fit the training set (≥ 99 % train accuracy) and generalize worse",
+                f"poisoned minima fit the training set (≥ {100 * config.fit.accuracy:g} % train "
+                "accuracy) and generalize worse",
                 all_of(parts),
                 "; ".join(
                     f"β={b:g}: train {100 * tr[b]:.1f} %, test {100 * test[b]:.1f} %"
@@ -794,25 +907,43 @@ def claims(config, out: dict) -> list[tuple[str, str, str]]:
                 + missing,
             )
         )
+        pairs = [
+            (r["test_accuracy"], r[f"log_volume_{c:g}"]) for r in recs if f"log_volume_{c:g}" in r
+        ]
+        if len(pairs) >= 4:
+            acc, vol = np.asarray(pairs).T
+            corr = float(np.corrcoef(acc, vol)[0, 1])
+            noise = 2.0 / math.sqrt(len(pairs))  # ≈ 2 standard errors of r when there is none
+            cl.append(
+                (
+                    "log-volume falls as the test accuracy falls (positive correlation over the "
+                    "fitted runs)",
+                    verdict(corr, noise),
+                    f"Pearson r = {corr:.2f} over {len(pairs)} runs (noise ±{noise:.2f})",
+                )
+            )
     if "tsne" in out:
         t = out["tsne"]
         claim = (
-            "bad minima (≥ 99 % train, ≥ 20 points below the natural run's test accuracy) are "
-            "found near every SGD iterate"
+            f"bad minima that fit the training set (≥ {100 * config.fit.accuracy:g} % train) "
+            "and test ≥ 20 points below the natural run are found near every SGD iterate"
         )
         if not t.get("good"):
             cl.append((claim, None, f"not tested: the natural run diverged ({t.get('diverged')})"))
         else:
             good = t["good"]["test_accuracy"]
             ok = [
-                b["train_accuracy"] >= 0.99 and b["test_accuracy"] <= good - 0.2 for b in t["bad"]
+                b.get("fitted", b["train_accuracy"] >= config.fit.accuracy)
+                and b["test_accuracy"] <= good - 0.2
+                for b in t["bad"]
             ]
             ratio = [b["distance"] / max(b["norm"], 1e-12) for b in t["bad"]]
             cl.append(
                 (
                     claim,
                     bool(ok and all(ok)) if t["bad"] else None,
-                    f"{sum(ok)}/{len(ok)} starts; test accuracy "
+                    f"{sum(ok)}/{len(ok)} starts ({sum(b.get('fitted', True) for b in t['bad'])} "
+                    "fitted); test accuracy "
                     f"{min(100 * b['test_accuracy'] for b in t['bad']):.1f}–"
                     f"{max(100 * b['test_accuracy'] for b in t['bad']):.1f} % vs "
                     f"{100 * good:.1f} %; distance / ‖θ_t‖ {min(ratio):.2f}–{max(ratio):.2f}"
@@ -856,7 +987,7 @@ def claims(config, out: dict) -> list[tuple[str, str, str]]:
             )
     if "optimizers" in out:
         rows = out["optimizers"]["rows"]
-        lin = rows["linear (pixels + pairwise products)"].get("test_accuracy", np.nan)
+        lin = rows["linear (inputs + pairwise products)"].get("test_accuracy", np.nan)
         nets = {
             k: v["test_accuracy"]
             for k, v in rows.items()
@@ -1031,8 +1162,10 @@ def report_markdown(config, out: dict) -> str:
             "",
             f"Data: {s['data_note']}. Model {config.model.name} {dict(config.model.kwargs)}, "
             f"{config.optim.name} lr {config.optim.learning_rate:g}, gradient clipping "
-            f"{config.optim.grad_clip_norm:g}, {train.plural(config.num_epochs, 'epoch')}, "
-            "poisoning "
+            f"{config.optim.grad_clip_norm:g}, trained to a fit (training accuracy ≥ "
+            f"{100 * config.fit.accuracy:g} % and loss < {c:g} at an evaluation every "
+            f"{train.plural(config.eval_every_epochs, 'epoch')}; cap "
+            f"{config.num_epochs} epochs), poisoning "
             f"{config.poison.kind} with |D_d| = {config.poison.num_points}, "
             f"{train.plural(config.poison.seeds, 'run')} per β. Basin: training loss "
             "(evaluation mode) below "
@@ -1041,24 +1174,49 @@ def report_markdown(config, out: dict) -> str:
             "Grid radius: the authors' gen-viz radius (cross-entropy "
             f"{config.volume.grid_cutoff:g} "
             f"on a power-5 grid of {config.volume.grid_points} points up to "
-            f"{config.volume.grid_max:g}, filter-normalised directions).",
+            f"{config.volume.grid_max:g}, filter-normalised directions). A run that reaches "
+            "the cap without fitting is counted under *did not fit* and has no volume.",
             "",
-            "| β | train acc % | test acc % | log V (min–max) | ± (delta) | mean radius | "
-            "grid radius | evals/direction |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| β | fitted | epochs to fit | train acc % | test acc % | log V (min–max) | "
+            "± runs (std) | ± bootstrap | ± delta | mean radius | grid radius |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for b in sorted(by_beta(records, "test_accuracy")):
-            rs = [r for r in records if r["beta"] == b and "test_accuracy" in r]
+        for b in sorted({r["beta"] for r in records if "test_accuracy" in r}):
+            every = [r for r in records if r["beta"] == b and "test_accuracy" in r]
+            rs = [r for r in every if r.get("fitted", True)]
             f = lambda k, rs=rs: [r[k] for r in rs if k in r]  # noqa: E731
             lv = f(f"log_volume_{c:g}")
+            ep = [r["epochs"] for r in rs if "epochs" in r]
             lines.append(
-                f"| {b:g} | {100 * np.mean(f('train_accuracy')):.1f} | "
-                f"{100 * np.mean(f('test_accuracy')):.1f} | "
+                f"| {b:g} | {len(rs)}/{len(every)} | "
+                + (f"{min(ep)}–{max(ep)}" if ep else "—")
+                + f" | {_mean(f('train_accuracy'), 1, 100)} | "
+                f"{_mean(f('test_accuracy'), 1, 100)} | "
                 + (f"{np.mean(lv):.1f} ({min(lv):.1f}–{max(lv):.1f})" if lv else "—")
-                + f" | {_mean(f(f'log_volume_stderr_{c:g}'), 2)} | "
-                f"{_mean(f(f'radius_mean_{c:g}'), 3)} | {_mean(f('grid_radius_mean'), 3)} | "
-                f"{_mean(f(f'evals_per_direction_{c:g}'), 1)} |"
+                + (f" | {np.std(lv, ddof=1):.0f}" if len(lv) > 1 else " | —")
+                + f" | {_mean(f(f'log_volume_bootstrap_{c:g}'), 0)} | "
+                f"{_mean(f(f'log_volume_stderr_{c:g}'), 2)} | "
+                f"{_mean(f(f'radius_mean_{c:g}'), 3)} | {_mean(f('grid_radius_mean'), 3)} |"
             )
+        unfit = [r for r in records if not r.get("fitted", True) and "test_accuracy" in r]
+        for r in unfit:
+            lines.append(
+                f"\nDid not fit: β = {r['beta']:g}, seed {r['seed']}: train "
+                f"{100 * r['train_accuracy']:.1f} %, loss {r['train_loss']:.3g}, test "
+                f"{100 * r['test_accuracy']:.1f} % after {r.get('epochs', '?')} epochs."
+            )
+        eff = [r.get(f"effective_directions_{c:g}") for r in records]
+        eff = [e for e in eff if e is not None]
+        lines += [
+            "",
+            "**Error bars of log V.** log V = log ω_n + log mean rⁿ with n in the hundreds or "
+            "thousands, so the largest radius decides the mean: the effective number of "
+            f"directions 1/Σw² (w ∝ rⁿ) is {_mean(eff, 2)} here. The delta method then reads "
+            "≈ ±1 whatever the data, because it assumes many directions share the weight; it "
+            "does not apply. The spread over runs is the error bar that means something for a "
+            "comparison between β; the bootstrap over directions (resampling the radii) says "
+            "how much the estimate of one run hangs on its single largest radius.",
+        ]
         lines += [
             "",
             "Paper: natural 98.5 % test (Fig. 1); bad minima below 53 %; SVHN "
@@ -1072,17 +1230,20 @@ def report_markdown(config, out: dict) -> str:
             "",
             f"{t['num_iterates']} iterates of the natural run (every "
             f"{train.plural(config.tsne.every_epochs, 'epoch')}); from {len(t['bad'])} of them the "
-            f"anti-generalization optimizer (β = {config.tsne.beta:g}, "
+            f"anti-generalization optimizer (β = {config.tsne.beta:g}, learning rate "
+            f"{config.tsne.learning_rate:g}, trained to a fit, cap "
             f"{train.plural(config.tsne.epochs, 'epoch')}). t-SNE after PCA to 50 dimensions.",
             "",
-            "| from epoch | train acc % | test acc % | distance | ‖θ_t‖ | "
-            "distance to next iterate |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| from epoch | fitted | epochs | train acc % | test acc % | distance | ‖θ_t‖ | "
+            "distance / ‖θ_t‖ | distance to next iterate |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for b in t["bad"]:
             lines.append(
-                f"| {b['from_epoch']} | {100 * b['train_accuracy']:.1f} | "
+                f"| {b['from_epoch']} | {'yes' if b.get('fitted', True) else 'no'} | "
+                f"{b.get('epochs', '—')} | {100 * b['train_accuracy']:.1f} | "
                 f"{100 * b['test_accuracy']:.1f} | {b['distance']:.2f} | {b['norm']:.2f} | "
+                f"{b['distance'] / max(b['norm'], 1e-12):.2f} | "
                 f"{b['distance_to_next_iterate']:.2f} |"
             )
         lines += [
@@ -1120,22 +1281,32 @@ def report_markdown(config, out: dict) -> str:
             f"Data: {o['data']}; MLP {tuple(config.optimizers.widths)} "
             f"({o['params_net']} parameters) for "
             f"{train.plural(config.optimizers.epochs, 'epoch')} at "
-            f"batch {config.optimizers.batch_size}, constant learning rates; linear model "
-            f"on pixels (downsampled ×{config.optimizers.downsample}) and their pairwise "
-            f"products ({o['params_linear']} parameters), SGD. Paper: VGG-13 on CIFAR-10.",
+            f"batch {config.optimizers.batch_size}, constant learning rates, each chosen on "
+            "the validation split among the default × "
+            f"{', '.join(f'{x:.3g}' for x in config.optimizers.lr_factors)} (L-BFGS: history "
+            "5 with optax's zoom line search, no rate); linear model on the inputs "
+            f"(downsampled ×{config.optimizers.downsample}) and their pairwise "
+            f"products ({o['params_linear']} parameters), SGD at the best of "
+            f"{', '.join(f'{x:g}' for x in config.optimizers.linear_learning_rates)}. Paper: "
+            "VGG-13 on CIFAR-10.",
             "",
-            "| optimizer | lr | train loss | test loss | train acc % | test acc % | "
-            "paper train / test acc % |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| optimizer | chosen lr | val acc % (each lr tried) | train loss | test loss | "
+            "train acc % | test acc % | paper train / test acc % |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, r in o["rows"].items():
             paper = PAPER_TABLE1.get(name)
             pp = f"{paper[2]:.2f} / {paper[3]:.2f}" if paper else "—"
+            lr = "line search" if r.get("learning_rate") is None else f"{r['learning_rate']:g}"
+            tried = ", ".join(
+                f"{k}: " + ("diverged" if v is None else f"{100 * v:.1f}")
+                for k, v in r.get("tried", {}).items()
+            )
             if r.get("diverged"):
-                lines.append(f"| {name} | {r['learning_rate']:g} | diverged | | | | {pp} |")
+                lines.append(f"| {name} | {lr} | {tried} | diverged | | | | {pp} |")
                 continue
             lines.append(
-                f"| {name} | {r['learning_rate']:g} | {r['train_loss']:.3f} | "
+                f"| {name} | {lr} | {tried} | {r['train_loss']:.3f} | "
                 f"{r['test_loss']:.3f} | {100 * r['train_accuracy']:.2f} | "
                 f"{100 * r['test_accuracy']:.2f} | {pp} |"
             )
@@ -1143,8 +1314,8 @@ def report_markdown(config, out: dict) -> str:
     return "\n".join(lines + claims_table(out["claims"]) + [""])
 
 
-def _mean(values, digits):
-    return f"{np.mean(values):.{digits}f}" if values else "—"
+def _mean(values, digits, scale=1.0):
+    return f"{scale * np.mean(values):.{digits}f}" if values else "—"
 
 
 # --------------------------------------------------------------------------------- the study

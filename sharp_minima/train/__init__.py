@@ -41,6 +41,8 @@ _MODULES = {
         "setup",
         "validate_config",
         "check_numbers",
+        "parse_target",
+        "targets_met",
         "load_data",
         "build_model",
         "run_keys",

@@ -146,6 +146,18 @@ def validate_config(config, num_devices: int | None = None) -> None:
             not c.early_stop.metric.startswith("val/") or c.data.validation_fraction > 0,
             "config.early_stop.metric uses val/ but config.data.validation_fraction is 0",
         )
+    for target in c.early_stop.get("targets", ()) or ():
+        parsed = parse_target(target)
+        need(
+            parsed is not None and _is_metric(parsed[0], ("train", "val", "test")),
+            f"config.early_stop.targets: {target!r} is not '<train|val|test>/<"
+            f"{'|'.join(EVAL_METRICS)}><op><number>' with op one of >= <= > <",
+        )
+        need(
+            parsed is None or not parsed[0].startswith("val/") or c.data.validation_fraction > 0,
+            f"config.early_stop.targets: {target!r} uses val/ but "
+            "config.data.validation_fraction is 0",
+        )
     need(
         not c.get("tensorboard", False) or importlib.util.find_spec("tensorboardX") is not None,
         "config.tensorboard=True needs the tensorboardX package: "
@@ -221,6 +233,36 @@ def check_numbers(
         if dup is not None:
             raise ConfigError(f"{name} lists {dup:g} twice; each value names a run, list it once")
     return values
+
+
+_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+
+
+def parse_target(text: str):
+    """``"train/accuracy>=0.995"`` -> ``("train/accuracy", ">=", 0.995)``; None if malformed.
+
+    >>> parse_target("train/loss<0.1")
+    ('train/loss', '<', 0.1)
+    """
+    for op in (">=", "<=", ">", "<"):  # two-character operators first
+        name, found, value = str(text).partition(op)
+        if found:
+            try:
+                return name.strip(), op, float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def targets_met(config, record: dict) -> bool:
+    """Whether an evaluation ``record`` meets every ``config.early_stop.targets`` (False when
+    there are none or a metric is missing)."""
+    targets = [parse_target(t) for t in config.early_stop.get("targets", ()) or ()]
+    if not targets:
+        return False
+    return all(
+        name in record and _OPS[op](float(record[name]), value) for name, op, value in targets
+    )
 
 
 def _is_metric(name, splits) -> bool:

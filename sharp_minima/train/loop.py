@@ -23,7 +23,14 @@ from jax.sharding import Mesh
 from sharp_minima import data as data_lib
 from sharp_minima import files
 from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore_or_init
-from sharp_minima.train.config import Setup, config_dict, resolve_optimizer, run_keys, setup
+from sharp_minima.train.config import (
+    Setup,
+    config_dict,
+    resolve_optimizer,
+    run_keys,
+    setup,
+    targets_met,
+)
 from sharp_minima.train.console import (
     MetricsBuffer,
     MetricWriters,
@@ -295,10 +302,13 @@ class _Loop:
         self.progress.message(f"{self.progress.label}epoch {epoch}/{c.num_epochs}: {shown}{rate}")
         self._save(state, rec)
         if should_stop_early(c, self.history):
-            self.progress.message(
-                f"{self.progress.label}early stop: {c.early_stop.metric} did not improve for "
-                f"{c.early_stop.patience} evaluations"
+            why = (
+                "reached " + ", ".join(c.early_stop.targets)
+                if targets_met(c, rec)
+                else f"{c.early_stop.metric} did not improve for {c.early_stop.patience} "
+                "evaluations"
             )
+            self.progress.message(f"{self.progress.label}early stop: {why}")
             return state, True
         return state, False
 
@@ -381,9 +391,12 @@ class _Loop:
 
 
 def should_stop_early(config, history) -> bool:
-    """True when ``early_stop.metric`` has not improved by ``min_delta`` for ``patience``
-    evaluations (computed from the logged history, so it survives a resume)."""
+    """True when the last evaluation meets every ``early_stop.targets`` (training to a fit),
+    or when ``early_stop.metric`` has not improved by ``min_delta`` for ``patience``
+    evaluations (both computed from the logged history, so they survive a resume)."""
     es = config.early_stop
+    if history and targets_met(config, history[-1]):
+        return True
     if not es.patience:
         return False
     values = [r[es.metric] for r in history if es.metric in r]

@@ -140,8 +140,9 @@ def make_train_step(
 
     Args:
       loss_fn: a `TrainLoss` (e.g. `classification_loss`, or a research loss).
-      tx: any optax transformation; ``tx.update`` receives the params and ``value=objective``
-        (for ``reduce_on_plateau``).
+      tx: any optax transformation; ``tx.update`` receives the params and the extra arguments
+        ``value=objective`` (for ``reduce_on_plateau``), ``grad=`` and ``value_fn=`` (the
+        mini-batch objective as a function of the parameters: ``optax.lbfgs``'s line search).
       mesh: the batch arrives sharded along its ``"data"`` axis; the state stays replicated.
       lr_fn: optional ``lr_fn(step, opt_state)`` logged as ``train/learning_rate``.
       log_every: ``minibatch/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
@@ -161,7 +162,13 @@ def make_train_step(
         (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
         aux = dict(aux)
         stats = aux.pop("model_state", state.batch_stats)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=objective)
+
+        def value_fn(params):  # the mini-batch objective, for line searches (optax.lbfgs)
+            return loss_fn(params, state.batch_stats, batch, key)[0]
+
+        updates, opt_state = tx.update(
+            grads, state.opt_state, state.params, value=objective, grad=grads, value_fn=value_fn
+        )
         params = optax.apply_updates(state.params, updates)
         on_log_step = (state.step + 1) % log_every == 0
         grad_norm = jax.lax.cond(
