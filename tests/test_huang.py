@@ -166,6 +166,7 @@ def test_study_tiny_end_to_end(tiny_study):
         "adam",
         "lbfgs",
         "linear (inputs + pairwise products)",
+        "linear (inputs only)",
     }
     assert json.load(open(tmp_path / "results.json"))["claims"] == results["claims"]
 

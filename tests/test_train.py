@@ -324,3 +324,12 @@ def test_checkpointer_keeps_last_and_best_and_restore_or_init_resumes(tmp_path):
     assert resumed == 3
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lbfgs_with_its_line_search_trains(tmp_path):
+    # The step hands optax.lbfgs the mini-batch objective (value_fn) and gradient its zoom
+    # line search needs; every accepted step lowers that objective, so the loss falls.
+    config = tiny(num_epochs=3, batch_size=64, **{"data.max_train": 64})
+    result = train.train(config, str(tmp_path), tx=optax.lbfgs(memory_size=5))
+    losses = [r["train/loss"] for r in result.history]
+    assert losses[-1] < 0.9 * losses[0], losses

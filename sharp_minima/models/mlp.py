@@ -78,10 +78,13 @@ class PairwiseLinear(nn.Module):
     Attributes:
       num_classes: output size.
       downsample: pooling factor over each spatial axis (1 = none).
+      pairwise: with the pairwise products (default); False gives logistic regression on
+        the inputs.
     """
 
     num_classes: int
     downsample: int = 2
+    pairwise: bool = True  # False: the inputs alone (plain logistic regression)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -91,8 +94,10 @@ class PairwiseLinear(nn.Module):
             window = (k,) * (x.ndim - 2)  # every axis but batch and channels
             x = nn.avg_pool(x, window, strides=window)
         f = x.reshape((x.shape[0], -1))
-        i, j = jnp.triu_indices(f.shape[1])
-        features = jnp.concatenate([f, f[:, i] * f[:, j]], axis=1)
+        features = f
+        if self.pairwise:
+            i, j = jnp.triu_indices(f.shape[1])
+            features = jnp.concatenate([f, f[:, i] * f[:, j]], axis=1)
         return nn.Dense(self.num_classes)(features)
 
 

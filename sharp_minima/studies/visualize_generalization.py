@@ -136,6 +136,7 @@ def validate(config) -> None:
         ("rings.seeds", dict(low=1, integer=True)),
         ("rings.num_test", dict(low=1, integer=True)),
         ("optimizers.epochs", dict(low=1, integer=True)),
+        ("optimizers.lbfgs_epochs", dict(low=1, integer=True)),
         ("optimizers.batch_size", dict(low=1, integer=True)),
         ("optimizers.downsample", dict(low=1, integer=True)),
         ("optimizers.lr_factors", dict(low=0, low_open=True)),
@@ -673,8 +674,11 @@ def run_rings(config, workdir, keys, log) -> dict:
     return {"records": records, "boundaries": boundaries}
 
 
-def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.ConfigDict:
+def optimizer_config(
+    config, model_name: str, kwargs: dict, *, epochs=None, batch_size=None
+) -> ml_collections.ConfigDict:
     o = config.optimizers
+    epochs = epochs or o.epochs
     return runs.derive(
         config,
         {
@@ -686,11 +690,11 @@ def optimizer_config(config, model_name: str, kwargs: dict) -> ml_collections.Co
             "data.validation_fraction": o.validation_fraction,
             "data.augment": False,
             "optim.grad_clip_norm": 0.0,
-            "checkpoint.every_epochs": o.epochs,
+            "checkpoint.every_epochs": epochs,
         },
-        batch_size=o.batch_size,
-        num_epochs=o.epochs,
-        eval_every_epochs=o.epochs,
+        batch_size=batch_size or o.batch_size,
+        num_epochs=epochs,
+        eval_every_epochs=epochs,
         eval_train_examples=0,
         log_every_steps=50,
     )
@@ -734,10 +738,16 @@ def run_optimizers(config, workdir, log, data=None) -> dict:
     rows = {}
     for name in o.names:
         make = OPTIMIZERS[name][1]
+        cfg = net
+        if name == "lbfgs":  # full batch, as L-BFGS is meant to run (the paper: 350 epochs)
+            kw = {"widths": tuple(o.widths)}
+            cfg = optimizer_config(
+                config, "mlp", kw, epochs=o.lbfgs_epochs, batch_size=len(data.x_train)
+            )
         tried = {}
         for lr in learning_rates(config, name):
             res = fit(
-                net,
+                cfg,
                 runs.run_dir(workdir, "optimizers", name, _lr_name(lr)),
                 data,
                 tx=make(lr),
@@ -747,27 +757,36 @@ def run_optimizers(config, workdir, log, data=None) -> dict:
             )
             tried[_lr_name(lr)] = _row(res, lr)
         rows[name] = _best_on_validation(tried)
-    linear = optimizer_config(config, "pairwise_linear", {"downsample": o.downsample})
-    linear_model = train.build_model(linear, data)
-    tried = {}
-    for lr in o.linear_learning_rates:
-        res = fit(
-            linear,
-            runs.run_dir(workdir, "optimizers", "linear", _lr_name(lr)),
-            data,
-            tx=optax.sgd(lr),
-            log=log,
-            label=f"[optimizers linear {_lr_name(lr)}] ",
-            model=linear_model,
+    counts = {}
+    for pairwise, row, folder in (
+        (True, "linear (inputs + pairwise products)", "linear"),
+        (False, "linear (inputs only)", "linear_inputs"),
+    ):
+        linear = optimizer_config(
+            config, "pairwise_linear", {"downsample": o.downsample, "pairwise": pairwise}
         )
-        tried[_lr_name(lr)] = _row(res, lr)
-    rows["linear (inputs + pairwise products)"] = _best_on_validation(tried)
+        linear_model = train.build_model(linear, data)
+        counts[folder] = _count(linear_model, data)
+        tried = {}
+        for lr in o.linear_learning_rates:
+            res = fit(
+                linear,
+                runs.run_dir(workdir, "optimizers", folder, _lr_name(lr)),
+                data,
+                tx=optax.sgd(lr),
+                log=log,
+                label=f"[optimizers {folder} {_lr_name(lr)}] ",
+                model=linear_model,
+            )
+            tried[_lr_name(lr)] = _row(res, lr)
+        rows[row] = _best_on_validation(tried)
     return {
         "rows": rows,
         "data": f"{data.name} ({data.source}), {len(data.x_train)} training examples "
         f"({len(data.x_val)} more for validation)",
         "num_test": len(data.x_test),
-        "params_linear": _count(linear_model, data),
+        "params_linear": counts["linear"],
+        "params_linear_inputs": counts["linear_inputs"],
         "params_net": _count(model, data),
     }
 
@@ -1284,9 +1303,12 @@ def report_markdown(config, out: dict) -> str:
             f"batch {config.optimizers.batch_size}, constant learning rates, each chosen on "
             "the validation split among the default × "
             f"{', '.join(f'{x:.3g}' for x in config.optimizers.lr_factors)} (L-BFGS: history "
-            "5 with optax's zoom line search, no rate); linear model on the inputs "
+            "5 with optax's zoom line search, no rate, full batch for "
+            f"{config.optimizers.lbfgs_epochs} epochs); linear model on the inputs "
             f"(downsampled ×{config.optimizers.downsample}) and their pairwise "
-            f"products ({o['params_linear']} parameters), SGD at the best of "
+            f"products ({o['params_linear']} parameters; the paper's comparison) or the inputs "
+            f"alone (logistic regression, {o.get('params_linear_inputs', '?')} parameters), "
+            "SGD at the best of "
             f"{', '.join(f'{x:g}' for x in config.optimizers.linear_learning_rates)}. Paper: "
             "VGG-13 on CIFAR-10.",
             "",
