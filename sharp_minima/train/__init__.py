@@ -16,11 +16,13 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
   `make_train_step`, `make_eval_step`, `Evaluator`, `init_state`, `initial_params`.
 - `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
   hook runs every N steps or epochs, may log scalars, replace the state (e.g. new
-  directions in the optimizer state), write arrays with ``ctx.save_arrays``.
+  directions in the optimizer state), write arrays with ``ctx.save_arrays``; the stopping
+  rules `should_stop_early` (patience, or `targets_met`: training to a fit) and
+  `parse_target`.
 - `console` — `Progress`, `MetricsBuffer`, `MetricsLog`, `MetricWriters` (metrics.jsonl,
   and TensorBoard with ``config.tensorboard``), `NonFiniteError`.
 - `checkpoint` — `Checkpointer` (last + best), `restore_or_init`, `check_resumable`.
-- `loop` — `train`, `TrainResult`, `Interrupted`, `should_stop_early`.
+- `loop` — `train`, `TrainResult`, `Interrupted`.
 
 Weight decay is the L2 term ``λ/2 ‖w‖²`` added to the loss (kernels and embeddings only), as in
 Keskar et al. (2017) and Jastrzębski et al. (2019).
@@ -41,8 +43,6 @@ _MODULES = {
         "setup",
         "validate_config",
         "check_numbers",
-        "parse_target",
-        "targets_met",
         "load_data",
         "build_model",
         "run_keys",
@@ -78,6 +78,9 @@ _MODULES = {
         "save_arrays",
         "run_hooks",
         "conform",
+        "should_stop_early",
+        "parse_target",
+        "targets_met",
     ),
     "console": (
         "NonFiniteError",
@@ -98,7 +101,7 @@ _MODULES = {
         "check_resumable",
         "has_checkpoint",
     ),
-    "loop": ("train", "TrainResult", "Interrupted", "should_stop_early"),
+    "loop": ("train", "TrainResult", "Interrupted"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -25,6 +25,7 @@ import optax
 from sharp_minima import data as data_lib
 from sharp_minima import optim
 from sharp_minima.models import MODELS, get_model
+from sharp_minima.train.hooks import parse_target
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
@@ -233,36 +234,6 @@ def check_numbers(
         if dup is not None:
             raise ConfigError(f"{name} lists {dup:g} twice; each value names a run, list it once")
     return values
-
-
-_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
-
-
-def parse_target(text: str):
-    """``"train/accuracy>=0.995"`` -> ``("train/accuracy", ">=", 0.995)``; None if malformed.
-
-    >>> parse_target("train/loss<0.1")
-    ('train/loss', '<', 0.1)
-    """
-    for op in (">=", "<=", ">", "<"):  # two-character operators first
-        name, found, value = str(text).partition(op)
-        if found:
-            try:
-                return name.strip(), op, float(value)
-            except ValueError:
-                return None
-    return None
-
-
-def targets_met(config, record: dict) -> bool:
-    """Whether an evaluation ``record`` meets every ``config.early_stop.targets`` (False when
-    there are none or a metric is missing)."""
-    targets = [parse_target(t) for t in config.early_stop.get("targets", ()) or ()]
-    if not targets:
-        return False
-    return all(
-        name in record and _OPS[op](float(record[name]), value) for name, op, value in targets
-    )
 
 
 def _is_metric(name, splits) -> bool:

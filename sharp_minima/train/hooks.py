@@ -246,3 +246,53 @@ def conform(name: str, old: TrainState, new: TrainState) -> TrainState:
         return jax.device_put(n, sharding) if sharding is not None else n
 
     return jax.tree.map(like, new, old)
+
+
+# ------------------------------------------------------------------ stopping rules
+
+_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+
+
+def parse_target(text: str):
+    """``"train/accuracy>=0.995"`` -> ``("train/accuracy", ">=", 0.995)``; None if malformed.
+
+    >>> parse_target("train/loss<0.1")
+    ('train/loss', '<', 0.1)
+    """
+    for op in (">=", "<=", ">", "<"):  # two-character operators first
+        name, found, value = str(text).partition(op)
+        if found:
+            try:
+                return name.strip(), op, float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def targets_met(config, record: dict) -> bool:
+    """Whether an evaluation ``record`` meets every ``config.early_stop.targets`` (False when
+    there are none or a metric is missing)."""
+    targets = [parse_target(t) for t in config.early_stop.get("targets", ()) or ()]
+    if not targets:
+        return False
+    return all(
+        name in record and _OPS[op](float(record[name]), value) for name, op, value in targets
+    )
+
+
+def should_stop_early(config, history) -> bool:
+    """True when the last evaluation meets every ``early_stop.targets`` (training to a fit),
+    or when ``early_stop.metric`` has not improved by ``min_delta`` for ``patience``
+    evaluations (both computed from the logged history, so they survive a resume)."""
+    es = config.early_stop
+    if history and targets_met(config, history[-1]):
+        return True
+    if not es.patience:
+        return False
+    values = [r[es.metric] for r in history if es.metric in r]
+    if len(values) <= es.patience:
+        return False
+    sign = 1.0 if es.metric.endswith("loss") else -1.0  # minimise losses, maximise the rest
+    best_before = min(sign * v for v in values[: -es.patience])
+    recent = min(sign * v for v in values[-es.patience :])
+    return recent > best_before - es.min_delta

@@ -29,7 +29,6 @@ from sharp_minima.train.config import (
     resolve_optimizer,
     run_keys,
     setup,
-    targets_met,
 )
 from sharp_minima.train.console import (
     MetricsBuffer,
@@ -48,6 +47,8 @@ from sharp_minima.train.hooks import (
     hook_state,
     load_hook_state,
     run_hooks,
+    should_stop_early,
+    targets_met,
 )
 from sharp_minima.train.steps import (
     Evaluator,
@@ -388,21 +389,3 @@ class _Loop:
                 f"{self.progress.label}interrupted {where}; rerun the same command to resume"
             ) from None
         return state, False
-
-
-def should_stop_early(config, history) -> bool:
-    """True when the last evaluation meets every ``early_stop.targets`` (training to a fit),
-    or when ``early_stop.metric`` has not improved by ``min_delta`` for ``patience``
-    evaluations (both computed from the logged history, so they survive a resume)."""
-    es = config.early_stop
-    if history and targets_met(config, history[-1]):
-        return True
-    if not es.patience:
-        return False
-    values = [r[es.metric] for r in history if es.metric in r]
-    if len(values) <= es.patience:
-        return False
-    sign = 1.0 if es.metric.endswith("loss") else -1.0  # minimise losses, maximise the rest
-    best_before = min(sign * v for v in values[: -es.patience])
-    recent = min(sign * v for v in values[-es.patience :])
-    return recent > best_before - es.min_delta
