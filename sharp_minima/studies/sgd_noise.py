@@ -254,8 +254,8 @@ class _Kit:
         self._init = jax.jit(jax.vmap(self.model.init, in_axes=(0, None)))
         self.root = key_streams(config.seed, "sgd_noise/init")["sgd_noise/init"]
         template = self.model.init(jax.random.key(0), self.train["x"][:1])
-        self.dim = ravel_pytree(template)[0].size
-        self.unravel = ravel_pytree(template)[1]
+        flat, self.unravel = ravel_pytree(template)
+        self.dim = flat.size
         self._flat = jax.jit(jax.vmap(lambda p: ravel_pytree(p)[0]))
 
     def init(self, seeds):

@@ -226,6 +226,11 @@ def fitted(cfg, result) -> bool:
     return train.targets_met(cfg, result.final)
 
 
+def epochs_trained(cfg, result, num_examples: int) -> int:
+    """The epochs a run trained (its steps over the steps per epoch)."""
+    return int(result.state.step) // max(1, num_examples // cfg.batch_size)
+
+
 def run_config(
     config,
     seed: int,
@@ -484,7 +489,7 @@ def run_swissroll(config, workdir, data, keys, log) -> dict:
                 "beta": beta,
                 "seed": seed,
                 "fitted": fitted(cfg, result),
-                "epochs": int(result.state.step) // max(1, len(run_data.x_train) // cfg.batch_size),
+                "epochs": epochs_trained(cfg, result, len(run_data.x_train)),
                 "train_accuracy": float(result.final["train/accuracy"]),
                 "train_loss": float(result.final["train/loss"]),
                 "test_accuracy": float(result.final["test/accuracy"]),
@@ -574,7 +579,7 @@ def run_tsne(config, workdir, data, keys, log) -> dict:
             {
                 "from_epoch": int(epochs[i]),
                 "fitted": fitted(bcfg, res),
-                "epochs": int(res.state.step) // max(1, len(run_data.x_train) // bcfg.batch_size),
+                "epochs": epochs_trained(bcfg, res, len(run_data.x_train)),
                 "train_accuracy": float(res.final["train/accuracy"]),
                 "test_accuracy": float(res.final["test/accuracy"]),
                 "distance": float(np.linalg.norm(flat - iterates[i])),
