@@ -19,7 +19,9 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"
     c.seed = 0
-    c.num_devices = 0  # 0 = every local device (every device of every host after distributed init)
+    # 0 = every device (every host's after distributed init); on one host, the most devices
+    # the batch size divides over (train.dividing_devices: a batch of 100 on 8 TPU cores: 4).
+    c.num_devices = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"

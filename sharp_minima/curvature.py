@@ -381,7 +381,13 @@ class Eigenpairs(NamedTuple):
 
 
 class Estimate(NamedTuple):
-    """A stochastic estimate: ``value`` ± ``stderr`` (one standard error), and its cost."""
+    """A stochastic estimate and its cost.
+
+    Attributes:
+      value: the estimate.
+      stderr: one standard error.
+      num_matvecs: operator products it took.
+    """
 
     value: float
     stderr: float
@@ -512,7 +518,17 @@ def _jitted_lock(basis, coeffs, values, key, dim=None):
 
 
 def rademacher_probes(key, num, n, dtype):
-    """Rademacher probes (num, n): E[z z^T] = I."""
+    """Rademacher probes, entries ±1 with equal probability, so E[z zᵀ] = I (Hutchinson 1989).
+
+    Args:
+      key: PRNG key.
+      num: number of probes.
+      n: their dimension.
+      dtype: their dtype.
+
+    Returns:
+      An array (num, n).
+    """
     return jax.random.rademacher(key, (num, n), dtype)
 
 
@@ -531,11 +547,17 @@ def _mean_and_stderr(samples):
 def basis_sharding(params: PyTree, wrt, dim: int) -> NamedSharding | None:
     """How the solvers lay out (m, D) bases and (k, D) vectors for these parameters.
 
-    ``NamedSharding(mesh, P(None, <all mesh axes>))`` when some selected leaf of ``params``
-    is itself split over a mesh of d > 1 devices (FSDP-style): each device then holds 1/d of
-    every basis (D padded with zeros to a multiple of d, which the operators ignore). ``None``
-    (replicated, the default layout) otherwise, e.g. for replicated parameters with batches
-    sharded over the data axis.
+    Args:
+      params: the parameters (their leaves' shardings decide).
+      wrt: the selected subset (as in `Operator`).
+      dim: D, the number of selected parameters (any D: the operators pad it).
+
+    Returns:
+      ``NamedSharding(mesh, P(None, <all mesh axes>))`` when some selected leaf of
+      ``params`` is itself split over a mesh of d > 1 devices (FSDP-style): each device
+      then holds 1/d of every basis (D padded with zeros to a multiple of d, which the
+      operators ignore). ``None`` (replicated, the default layout) otherwise, e.g. for
+      replicated parameters with batches sharded over the data axis.
     """
     del dim  # any D: the operators pad it
     selected, _ = tu.select(params, wrt)
@@ -625,15 +647,28 @@ class Operator:
     # -- what a subclass defines --------------------------------------------------------
 
     def flat_matvec(self, params, batches, weights, operands=None):
-        """``(x0, matvec)``: the flat selected parameters and the operator's product with a
-        flat vector, averaged over the batches with ``weights`` (summing to one,
-        `objective.normalized_weights`). Call inside a trace (e.g. to build your own jitted
-        kernel on `lanczos`); ``operands`` is `operands`'s value, passed as an argument."""
+        """The operator on flat vectors, for a kernel of your own (e.g. a jitted function on
+        `lanczos`); call inside a trace. Subclasses define it.
+
+        Args:
+          params: pytree at which the operator is taken.
+          batches: batch pytree with a leading axis over batches, or ``None``.
+          weights: per-batch weights summing to one (`objective.normalized_weights`).
+          operands: `operands`'s value, passed as an argument (never closed over).
+
+        Returns:
+          ``(x0, matvec)``: the flat selected parameters and ``v -> M v`` on flat vectors,
+          averaged over the batches with ``weights``.
+        """
         raise NotImplementedError
 
     def operands(self) -> PyTree:
-        """Arrays of the operator's own that every kernel takes as an argument (never
-        closed over); None by default."""
+        """Arrays of the operator's own that every kernel takes as an argument (never closed
+        over), e.g. the Monte-Carlo Fisher's key.
+
+        Returns:
+          A pytree, or None (the default: no arrays).
+        """
         return None
 
     # -- kernels (traced once per input shape) ------------------------------------------
@@ -739,8 +774,20 @@ class Operator:
         return self.objective.prepare(params, batches, weights)
 
     def operator(self, params, batches, *, weights=None) -> Callable[[PyTree], PyTree]:
-        """The operator at ``params`` over ``batches`` as ``tangent -> M @ tangent``
-        (pytrees); the inputs are validated once."""
+        """The operator at ``params`` over ``batches`` as a function on pytrees; the inputs are
+        validated once.
+
+        Args:
+          params: pytree at which the operator is taken.
+          batches: batch pytree with a leading axis over batches, or ``None``.
+          weights: optional per-batch weights.
+
+        Returns:
+          ``tangent -> M @ tangent`` (pytrees like params; zero outside ``wrt``), jitted.
+
+        Raises:
+          ValueError: bad weights or shapes, or a ``wrt`` that selects nothing.
+        """
         prep = self._prepare(params, batches, weights)
         operands = self.operands()
 
@@ -751,7 +798,20 @@ class Operator:
         return matvec
 
     def matvec(self, params, batches, tangent, *, weights=None) -> PyTree:
-        """``M @ tangent`` (a pytree like params; zero outside ``wrt``)."""
+        """One product ``M @ tangent``.
+
+        Args:
+          params: pytree at which the operator is taken.
+          batches: batch pytree with a leading axis over batches, or ``None``.
+          tangent: pytree like ``params``.
+          weights: optional per-batch weights.
+
+        Returns:
+          A pytree like params (zero outside ``wrt``).
+
+        Raises:
+          ValueError: a tangent of another structure, bad weights or shapes.
+        """
         return self.operator(params, batches, weights=weights)(tangent)
 
     def _matmat(self, prep, batches, vectors):
@@ -820,9 +880,22 @@ class Operator:
         key: jax.Array,
         weights=None,
     ) -> LanczosResult:
-        """``num_steps`` Lanczos steps of the operator from a random start vector (the
-        kernel `eigenpairs` runs, without its stopping test): the tridiagonal and the
-        (num_steps, D) basis, laid out like the parameters (`basis_sharding`).
+        """``num_steps`` Lanczos steps of the operator from a random start vector (the kernel
+        `eigenpairs` runs, without its stopping test).
+
+        Args:
+          params: pytree at which the operator is taken.
+          batches: batch pytree with a leading axis over batches, or ``None``.
+          num_steps: steps (the basis has that many rows; at most the dimension).
+          key: key of the start vector.
+          weights: optional per-batch weights.
+
+        Returns:
+          `LanczosResult`: the tridiagonal (``alphas``, ``betas``) and the (num_steps, D)
+          ``basis``, laid out like the parameters (`basis_sharding`).
+
+        Raises:
+          ValueError: ``num_steps`` out of range, bad weights or shapes.
 
         Example:
           >>> import jax, jax.numpy as jnp
@@ -1069,6 +1142,9 @@ class Operator:
 
         Returns:
           `SpectralDensity`.
+
+        Raises:
+          ValueError: a non-positive ``sigma``, or bad arguments or shapes.
         """
         nodes, taus, _ = self._quadrature(
             params, batches, key, num_probes, num_steps, weights, "spectral density"
@@ -1147,6 +1223,9 @@ class Operator:
 
         Returns:
           `Estimate` of the log-determinant (``num_matvecs`` = probes × steps).
+
+        Raises:
+          ValueError: no Ritz value above ``floor`` (the positive part is empty).
         """
         nodes, taus, n = self._quadrature(
             params, batches, key, num_probes, num_steps, weights, "log-determinant"
@@ -1187,6 +1266,9 @@ class Operator:
 
         Returns:
           `Estimate` of tr(M).
+
+        Raises:
+          ValueError: an unknown ``method``, or too few ``num_matvecs`` (Hutch++ needs 3).
         """
         if method not in ("hutch++", "hutchinson"):
             raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
@@ -1244,6 +1326,9 @@ class Operator:
 
         Returns:
           `Estimate` of ||M||_F.
+
+        Raises:
+          ValueError: an unknown ``method`` or ``num_matvecs < 1``.
         """
         if method == "top_k":
             out = self.eigenpairs(params, batches, k=k, key=key, which="LM", weights=weights)

@@ -91,11 +91,25 @@ class Potential(NamedTuple):
     name: str = "potential"
 
     def grad(self, x):
+        """∇L(x).
+
+        Args:
+          x: a point (d,).
+
+        Returns:
+          The gradient (d,).
+        """
         return jax.grad(self.value)(x)
 
 
 def quadratic(h) -> Potential:
     """L(x) = ½ Σ hᵢ xᵢ² (a diagonal quadratic; the noisy quadratic model's loss).
+
+    Args:
+      h: the curvatures (d,).
+
+    Returns:
+      A `Potential` with its minimum at 0.
 
     >>> float(quadratic([2.0, 4.0]).value(jnp.array([1.0, 1.0])))
     3.0
@@ -116,11 +130,23 @@ def double_well(
 ) -> Potential:
     """A 1-D asymmetric double well: minimum A at x < 0 with value −``depth_a`` and curvature
     L'' = ``curv_a``, minimum B at x > 0 with −``depth_b`` and ``curv_b``, the barrier at 0
-    (L(0) = 0).
+    (L(0) = 0): the lecture notes' picture of a deep sharp and a shallow flat minimum.
 
     Each side is the quartic well d·((s/w)⁴ − 2(s/w)²) in s = |x| (minimum −d at s = w,
     curvature 8d/w², so w = √(8d/curvature)): confining, with L'(0) = 0 on both sides (L''
     jumps at the barrier, which does not matter for escapes).
+
+    Args:
+      depth_a: depth of minimum A.
+      depth_b: depth of minimum B.
+      curv_a: curvature at A.
+      curv_b: curvature at B.
+
+    Returns:
+      A `Potential` with its two ``minima`` and ``curvatures``.
+
+    Raises:
+      ValueError: a non-positive depth or curvature.
 
     >>> w = double_well()
     >>> [round(float(w.value(jnp.asarray(m))), 6) for m in w.minima], w.minima[0].tolist()
@@ -150,6 +176,16 @@ def laplace_ratio(potential: Potential, temperature: float) -> float:
     ``[1]`` (B) by Laplace's method: √(det H_B/det H_A)·exp(−(L_A − L_B)/T) (the lecture's
     eq. 26 with its factor 2 restored: T = ησ²/(2B) in eq. 25).
 
+    Args:
+      potential: a `Potential` with two known ``minima`` and ``curvatures``.
+      temperature: T.
+
+    Returns:
+      The ratio as a float.
+
+    Raises:
+      ValueError: the potential lacks two minima with curvatures.
+
     >>> round(laplace_ratio(double_well(1.0, 1.0, 8.0, 2.0), 0.1), 6)  # same depth: √(2/8)
     0.5
     """
@@ -165,6 +201,18 @@ def boltzmann_ratio(potential: Potential, temperature: float, *, lim: float = 6.
     """P(x < 0)/P(x > 0) of the density ∝ exp(−L/T) of a 1-D potential (the stationary law of
     the Langevin SDE), by the trapezoid rule on [−lim, lim] in float64: the exact ratio that
     `laplace_ratio` approximates.
+
+    Args:
+      potential: a 1-D `Potential` with its barrier at 0.
+      temperature: T.
+      lim: the integration interval's half-width.
+      num_points: quadrature points.
+
+    Returns:
+      The ratio as a float.
+
+    Raises:
+      ValueError: a potential of dimension other than 1.
 
     >>> round(boltzmann_ratio(double_well(1.0, 1.0, 8.0, 8.0), 0.3), 6)  # a symmetric well
     1.0
@@ -183,11 +231,19 @@ def boltzmann_ratio(potential: Potential, temperature: float, *, lim: float = 6.
 
 
 class Noise(NamedTuple):
-    """A gradient-noise model: ``sample(z, x, params, grad) -> (d,)`` noise added to ∇L(x) from
-    a standard normal draw z (d,) (the simulator draws one block for all runs per step, the
-    cheap way), or, with ``needs_key``, ``sample(key, x, params, grad)``, the whole stochastic
-    gradient when ``replaces_gradient`` (`minibatch_noise`). Its arrays are ``params``
-    (passed to the compiled call as arguments, never closed over)."""
+    """A gradient-noise model for `Simulator`.
+
+    Attributes:
+      name: for reports.
+      sample: ``sample(z, x, params, grad) -> (d,)`` noise added to ∇L(x) from a standard
+        normal draw z (d,) (the simulator draws one block for all runs per step, the cheap
+        way), or, with ``needs_key``, ``sample(key, x, params, grad)``.
+      params: the noise's arrays (passed to the compiled call as arguments, never closed
+        over; `Simulator.run` can replace them).
+      replaces_gradient: ``sample`` returns the whole stochastic gradient
+        (`minibatch_noise`).
+      needs_key: ``sample`` takes a key instead of z.
+    """
 
     name: str
     sample: Callable
@@ -197,7 +253,14 @@ class Noise(NamedTuple):
 
 
 def isotropic_noise(sigma) -> Noise:
-    """ξ ~ N(0, σ²I)."""
+    """ξ ~ N(0, σ²I).
+
+    Args:
+      sigma: σ.
+
+    Returns:
+      A `Noise`.
+    """
     return Noise(
         "isotropic",
         lambda z, x, s, g: s.astype(x.dtype) * z,
@@ -206,7 +269,14 @@ def isotropic_noise(sigma) -> Noise:
 
 
 def diagonal_noise(sigmas) -> Noise:
-    """ξ ~ N(0, diag(σ²))."""
+    """ξ ~ N(0, diag(σ²)).
+
+    Args:
+      sigmas: σ (d,).
+
+    Returns:
+      A `Noise`.
+    """
     return Noise(
         "diagonal",
         lambda z, x, s, g: s.astype(x.dtype) * z,
@@ -215,7 +285,17 @@ def diagonal_noise(sigmas) -> Noise:
 
 
 def covariance_noise(cov) -> Noise:
-    """ξ ~ N(0, C) for a given symmetric positive semi-definite C (d, d)."""
+    """ξ ~ N(0, C) for a given symmetric positive semi-definite C.
+
+    Args:
+      cov: C (d, d).
+
+    Returns:
+      A `Noise` (its factor of C precomputed).
+
+    Raises:
+      ValueError: C not positive semi-definite.
+    """
     cov = np.asarray(cov, np.float64)
     w, v = np.linalg.eigh(cov)
     if w.min() < -1e-10 * max(abs(w).max(), 1e-300):
@@ -230,7 +310,15 @@ def covariance_noise(cov) -> Noise:
 
 def curvature_noise(scale, potential: Potential) -> Noise:
     """ξ ~ N(0, s·H(x)₊): noise shaped like the curvature at the current point (negative
-    curvature clipped to 0), the covariance SGD's noise has near a minimum (Σ ≈ F ≈ H)."""
+    curvature clipped to 0), the covariance SGD's noise has near a minimum (Σ ≈ F ≈ H).
+
+    Args:
+      scale: s.
+      potential: the `Potential` whose Hessian shapes the noise.
+
+    Returns:
+      A `Noise`.
+    """
 
     def sample(z, x, s, g):
         h = jax.hessian(potential.value)(x)
@@ -243,14 +331,34 @@ def curvature_noise(scale, potential: Potential) -> Noise:
 
 def langevin_noise(temperature, dt) -> Noise:
     """The Euler–Maruyama step of dx = −∇L dt + √(2T) dW with step η = ``dt``: ξ ~
-    N(0, 2T/dt·I), so that η·ξ has variance 2T·dt (stationary density ∝ exp(−L/T))."""
+    N(0, 2T/dt·I), so that η·ξ has variance 2T·dt (stationary density ∝ exp(−L/T)).
+
+    Args:
+      temperature: T.
+      dt: the step η the simulator will use.
+
+    Returns:
+      A `Noise`.
+    """
     return isotropic_noise(jnp.sqrt(2.0 * jnp.asarray(temperature) / jnp.asarray(dt)))
 
 
 def minibatch_noise(per_example_grad, data, batch_size: int) -> Noise:
     """SGD on a finite data set: the gradient is the mean of ``per_example_grad(x, example)``
-    over ``batch_size`` examples drawn without replacement from ``data`` (a pytree with a
-    leading example axis) at every step, replacing ∇L(x)."""
+    over ``batch_size`` examples drawn without replacement from ``data`` at every step,
+    replacing ∇L(x).
+
+    Args:
+      per_example_grad: ``(x, example) -> (d,)``.
+      data: a pytree with a leading example axis N.
+      batch_size: B, in [1, N].
+
+    Returns:
+      A `Noise` that replaces the gradient (``replaces_gradient``).
+
+    Raises:
+      ValueError: B outside [1, N].
+    """
     n = jax.tree.leaves(data)[0].shape[0]
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be in [1, {n}] (the data set), got {batch_size}")
@@ -349,10 +457,27 @@ class Simulator:
         record_every: int = 0,
         noise_params=None,
     ) -> SimulationResult:
-        """Runs ``num_steps`` steps from each row of ``x0`` (R, d), step t drawing its noise
-        for all runs from ``fold_in(key, t)``; the across-run mean and variance every
-        ``record_every`` steps. ``noise_params`` replaces the noise's arrays (e.g. another σ
-        or temperature, shaped like ``noise.params``) without recompiling."""
+        """Runs ``num_steps`` steps x ← x − η(∇L(x) + ξ) from each row of ``x0``, step t drawing
+        its noise for all runs from ``fold_in(key, t)`` (one compiled ``lax.scan`` over steps of
+        a ``vmap`` over runs).
+
+        Args:
+          x0: (R, d) starting points, one per run.
+          key: PRNG key.
+          learning_rate: η.
+          num_steps: steps.
+          record_every: record the across-run mean and variance every that many steps (0:
+            never).
+          noise_params: replaces the noise's arrays (e.g. another σ or temperature, shaped
+            like ``noise.params``) without recompiling.
+
+        Returns:
+          `SimulationResult`.
+
+        Raises:
+          ValueError: ``x0`` not (R, d), ``num_steps < 1``, ``record_every < 0``, or
+            ``noise_params`` of other shapes.
+        """
         x0 = jnp.asarray(x0)
         if x0.ndim != 2 or x0.shape[1] != self.potential.dim:
             raise ValueError(
@@ -445,8 +570,16 @@ class PopulationTrainer:
         return params, opt_state, losses.T  # losses (P, steps)
 
     def init(self, params, *, learning_rates):
-        """Optimizer states of the members (``params`` with a leading axis P), member p with
-        learning rate ``learning_rates[p]``."""
+        """Optimizer states of the members.
+
+        Args:
+          params: the members' parameters, every leaf with a leading axis P.
+          learning_rates: (P,) member p's learning rate.
+
+        Returns:
+          The optimizer states (leading axis P), the learning rates inside
+          (`learning_rates`, `set_learning_rates`).
+        """
         lrs = jnp.asarray(learning_rates)
 
         def one(p, lr):
@@ -468,20 +601,49 @@ class PopulationTrainer:
         return optax.tree_utils.tree_set(opt_state, learning_rate=lrs)
 
     def evaluate(self, params, data) -> dict:
-        """``metrics_fn(params_p, data)`` for every member p (data shared, on the device), in
-        one compiled call: a dict of (P,) arrays."""
+        """``metrics_fn(params_p, data)`` for every member p (data shared, on the device), in one
+        compiled call.
+
+        Args:
+          params: the members' parameters (leading axis P).
+          data: the evaluation data, shared by all members.
+
+        Returns:
+          A dict of (P,) arrays.
+
+        Raises:
+          ValueError: the trainer was built without ``metrics_fn``.
+        """
         if self.metrics_fn is None:
             raise ValueError("PopulationTrainer(..., metrics_fn=...) is needed to evaluate")
         return self._metrics_jit(params, data)
 
     def step(self, params, opt_state, batch):
-        """One step of every member on its own batch (every leaf with a leading axis P)."""
+        """One step of every member on its own batch.
+
+        Args:
+          params: the members' parameters (leading axis P).
+          opt_state: their optimizer states (from `init`).
+          batch: every leaf with a leading axis P (one batch per member).
+
+        Returns:
+          ``(params, opt_state, losses)``, losses (P,) before the step.
+        """
         return self._step_jit(params, opt_state, batch)
 
     def epoch(self, params, opt_state, data, order):
-        """The steps of ``order`` (P, steps, B) in one compiled call: member p's step s trains
-        on ``data[order[p, s]]``. Returns the new parameters and states and the (P, steps)
-        losses."""
+        """The steps of ``order`` in one compiled call (a ``lax.scan`` over steps of a ``vmap``
+        over members): member p's step s trains on ``data[order[p, s]]``.
+
+        Args:
+          params: the members' parameters (leading axis P).
+          opt_state: their optimizer states.
+          data: the training data, shared by all members (on the device).
+          order: (P, steps, B) example indices per member and step.
+
+        Returns:
+          ``(params, opt_state, losses)``, losses (P, steps).
+        """
         return self._epoch_jit(params, opt_state, data, jnp.asarray(order))
 
 
@@ -511,7 +673,16 @@ class NoisyQuadratic(NamedTuple):
     init_sq: np.ndarray
 
     def loss(self, learning_rate: float, batch_size: float, steps) -> np.ndarray:
-        """E L(t) at ``steps`` (any shape); inf where η ≥ 2/max h (the iteration diverges)."""
+        """E L(t) in closed form (the class docstring's formula).
+
+        Args:
+          learning_rate: η.
+          batch_size: B.
+          steps: t, any shape.
+
+        Returns:
+          An array shaped like ``steps``; inf where η ≥ 2/max h (the iteration diverges).
+        """
         h, c, m0 = (np.asarray(a, np.float64) for a in self)
         t = np.asarray(steps, np.float64)[..., None]
         eta = float(learning_rate)
@@ -522,8 +693,17 @@ class NoisyQuadratic(NamedTuple):
         return 0.5 * (h * m).sum(-1)
 
     def steps_to_target(self, target: float, learning_rate: float, batch_size: float) -> float:
-        """The first step t with E L(t) ≤ ``target`` (E L(t) is monotone in t), by bisection;
-        inf if the loss never gets there (its floor lies above the target, or η diverges)."""
+        """The first step t with E L(t) ≤ ``target`` (E L(t) is monotone in t), by bisection.
+
+        Args:
+          target: the loss to reach.
+          learning_rate: η.
+          batch_size: B.
+
+        Returns:
+          t as a float; inf if the loss never gets there (its floor lies above the target, or
+          η diverges).
+        """
         if self.loss(learning_rate, batch_size, 0.0) <= target:
             return 0.0
         floor = self.loss(learning_rate, batch_size, np.inf)
@@ -539,8 +719,18 @@ class NoisyQuadratic(NamedTuple):
         return float(np.ceil(hi))
 
     def best_steps(self, target: float, batch_size: float, learning_rates) -> tuple[float, float]:
-        """The fewest steps to ``target`` at batch size B over ``learning_rates`` (the
-        per-B tuning of Shallue et al.), and the learning rate that achieves it."""
+        """The fewest steps to ``target`` at batch size B over ``learning_rates`` (the per-B
+        tuning of Shallue et al. 2019).
+
+        Args:
+          target: the loss to reach.
+          batch_size: B.
+          learning_rates: the η to try.
+
+        Returns:
+          ``(steps, learning_rate)``: the fewest steps and the η that achieves them (inf and
+          the first η when none reaches the target).
+        """
         steps = [self.steps_to_target(target, lr, batch_size) for lr in learning_rates]
         i = int(np.argmin(steps))
         return steps[i], float(learning_rates[i])
@@ -548,6 +738,14 @@ class NoisyQuadratic(NamedTuple):
 
 def noisy_quadratic(dim: int = 1000, *, noise_scale: float = 1.0) -> NoisyQuadratic:
     """Zhang et al. (2019)'s NQM: hᵢ = 1/i, gradient noise c = ``noise_scale``·h (Σ ∝ H, the
-    Fisher ≈ Hessian picture), started from mᵢ(0) = 1."""
+    Fisher ≈ Hessian picture), started from mᵢ(0) = 1.
+
+    Args:
+      dim: d.
+      noise_scale: c/h.
+
+    Returns:
+      A `NoisyQuadratic`.
+    """
     h = 1.0 / np.arange(1, dim + 1, dtype=np.float64)
     return NoisyQuadratic(h, noise_scale * h, np.ones(dim))

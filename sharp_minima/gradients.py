@@ -199,7 +199,16 @@ class DirectionProbe:
 
 
 class NoiseEstimate(NamedTuple):
-    """Unbiased estimates, each with one standard error (over the examples)."""
+    """Unbiased estimates, each with one standard error (over the examples).
+
+    Attributes:
+      grad_norm_sq: |G|², the squared norm of the expected gradient.
+      grad_norm_sq_stderr: its standard error.
+      trace_cov: tr Σ, the per-example gradient covariance's trace.
+      trace_cov_stderr: its standard error.
+      b_simple: tr Σ / |G|² (McCandlish et al. 2018).
+      b_simple_stderr: its standard error (delta method).
+    """
 
     grad_norm_sq: float
     grad_norm_sq_stderr: float
@@ -227,8 +236,18 @@ class NoiseScale(NamedTuple):
 
 
 def temperature(learning_rate, batch_size, num_examples=None, momentum=0.0) -> float:
-    """The SGD temperature T = η(1 − B/N) / (B(1 − μ)) of a mean loss (the scale of the noise
-    of the SDE picture; ``num_examples=None``: N → ∞).
+    """The SGD temperature T = η(1 − B/N) / (B(1 − μ)) of a mean loss: the scale of the noise
+    of the SDE picture, with the finite-N correction of sampling without replacement and
+    momentum's 1/(1 − μ).
+
+    Args:
+      learning_rate: η.
+      batch_size: B.
+      num_examples: N (``None``: N → ∞).
+      momentum: μ (heavy ball).
+
+    Returns:
+      T as a float.
 
     >>> round(temperature(0.1, 100, 1000, momentum=0.9), 6)
     0.009
@@ -294,9 +313,21 @@ def critical_batch(batch_sizes, steps) -> CriticalBatch:
 
 def two_batch(small_sq, big_sq, small_size, big_size) -> tuple[float, float]:
     """``(|G|², tr Σ)`` from the squared norms of a small- and a big-batch gradient taken at
-    the same parameters (McCandlish et al. 2018, App. A.1); unbiased for batches drawn with
-    replacement, and for small batches that partition the big one (without replacement).
-    Works on arrays too (e.g. inside `jit`).
+    the same parameters (McCandlish et al. 2018, App. A.1): E|g_B|² = |G|² + tr Σ/B solved
+    for the two sizes. Unbiased for batches drawn with replacement, and for small batches
+    that partition the big one (without replacement). Works on arrays too (inside `jit`).
+
+    Args:
+      small_sq: |g_small|² (or its average over steps).
+      big_sq: |g_big|².
+      small_size: B_small.
+      big_size: B_big (> B_small).
+
+    Returns:
+      ``(grad_norm_sq, trace_cov)``.
+
+    Raises:
+      ValueError: unless 0 < ``small_size`` < ``big_size``.
 
     >>> two_batch(small_sq=1.5, big_sq=1.0625, small_size=2, big_size=16)
     (1.0, 1.0)
@@ -310,7 +341,7 @@ def two_batch(small_sq, big_sq, small_size, big_size) -> tuple[float, float]:
 
 def two_batch_grad(loss_fn, small_size: int):
     """``value_and_grad`` of a mean loss that also returns the two-batch statistics, for the
-    price of one gradient.
+    price of one gradient (McCandlish et al. 2018, App. A.1).
 
     The gradient is taken on the first ``small_size`` examples of the batch and on the rest
     separately (the same arithmetic as one batch gradient, split in two) and combined, so the
@@ -318,11 +349,18 @@ def two_batch_grad(loss_fn, small_size: int):
     per-device gradients before the all-reduce are the natural small batches (B_small = B/d);
     pass their mean squared norm to `two_batch` directly.
 
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean over the batch's examples.
+      small_size: examples in the small batch (the first ones of each batch).
+
     Returns:
       ``fn(params, batch) -> (loss, grads, {"small_sq": |g_small|², "big_sq": |g_batch|²})``
       (every batch leaf with one leading size B > ``small_size``, examples unmasked); feed
       the statistics to `two_batch` with ``small_size`` and ``big_size = B``, and smooth
       them over steps (one step gives one noisy sample).
+
+    Raises:
+      ValueError: ``small_size < 1``; when called, a batch not larger than ``small_size``.
     """
     if small_size < 1:
         raise ValueError(f"small_size must be >= 1, got {small_size}")
@@ -513,11 +551,18 @@ class GradientNoise:
     # -- host side ----------------------------------------------------------------------
 
     def batch_sharpness(self, params, minibatches) -> hessian.Estimate:
-        """E_B[g_Bᵀ H_B g_B / |g_B|²] over the given mini-batches (stacked: a leading axis J
-        over mini-batches of B examples), g_B and H_B the gradient and Hessian of the
-        mini-batch's mean loss: the "batch sharpness" that settles at 2/η under SGD while
-        λ_max stays below it (Andreyev & Beneventano 2024). One HVP per mini-batch; the
-        standard error is over the mini-batches."""
+        """E_B[g_Bᵀ H_B g_B / |g_B|²] over the given mini-batches, g_B and H_B the gradient and
+        Hessian of the mini-batch's mean loss: the "batch sharpness" that settles at 2/η under
+        SGD while λ_max stays below it (Andreyev & Beneventano 2024). One HVP per mini-batch.
+
+        Args:
+          params: pytree at which it is measured.
+          minibatches: the mini-batches stacked, a leading axis J over mini-batches of B
+            examples (e.g. the batches SGD would draw).
+
+        Returns:
+          `sharp_minima.hessian.Estimate`, the standard error over the mini-batches.
+        """
         prep = self.objective.prepare(params, minibatches)
         out = np.asarray(self._sharpness_jit(prep.params, minibatches), np.float64)
         objective.check_finite("Hessian-vector products (batch sharpness)", out)
@@ -528,12 +573,15 @@ class GradientNoise:
     def measure(
         self, params, batches, *, weights=None, num_probes: int = 0, key: jax.Array | None = None
     ) -> NoiseScale:
-        """|G|², tr Σ and B_simple over all examples of ``batches`` (weighted per batch as
-        for `sharp_minima.hessian`; a ragged last batch is padded with a ``mask`` and
-        weighted by its real examples), per group and in total, with standard errors.
+        """|G|², tr Σ and B_simple = tr Σ / |G|² (McCandlish et al. 2018)
+        over all examples of ``batches`` (weighted per batch as for `sharp_minima.hessian`; a
+        ragged last batch is padded with a ``mask`` and weighted by its real examples), per
+        group and in total, with standard errors.
 
         Args:
-          params, batches, weights: where and over which examples.
+          params: pytree at which the gradients are taken.
+          batches: batch pytree with a leading axis over batches.
+          weights: optional per-batch weights.
           num_probes: 0 (default): exact per-example gradients, ``chunk`` at a time (memory
             of ``chunk`` gradients; time grows with the parameter count, since each example's
             gradient is written out). K > 0: each |gᵢ|² and gᵢ·Ḡ estimated from K Rademacher
@@ -543,6 +591,14 @@ class GradientNoise:
             an MLP); unbiased, and the standard errors include the projections' noise
             (K >= 2, so that it can be measured).
           key: the projections' key (needed when ``num_probes > 0``).
+
+        Returns:
+          `NoiseScale`: ``total`` and per-group ``layers`` (`NoiseEstimate` each: the unbiased
+          |G|² = |Ḡ|² − tr Σ/N and tr Σ = N/(N−1)·(mean|gᵢ|² − |Ḡ|²), B_simple, standard
+          errors), the mean gradient and N.
+
+        Raises:
+          ValueError: bad batches or weights, ``num_probes`` of 1, or no ``key`` with probes.
         """
         if batches is None:
             raise ValueError("gradient noise is a statistic of examples: batches must not be None")
@@ -596,9 +652,23 @@ class GradientNoise:
         """B_noise = tr(HΣ) / (GᵀHG) (McCandlish et al. 2018, eq. 2.7), H the Hessian of the
         mean loss over ``batches``: tr(HΣ) is the mean of (gᵢ − Ḡ)ᵀH(gᵢ − Ḡ)·N/(N−1) (one
         HVP per example) over ``num_examples`` examples drawn at random (over all N examples,
-        exactly, when ``num_examples >= N``), and GᵀHG = ḠᵀHḠ − tr(HΣ)/N. The standard error
-        is that of tr(HΣ) over the drawn examples (0 when exact). Equal to B_simple when
-        H ∝ I."""
+        exactly, when ``num_examples >= N``), and GᵀHG = ḠᵀHḠ − tr(HΣ)/N. Equal to B_simple
+        when H ∝ I.
+
+        Args:
+          params: pytree at which it is measured.
+          batches: batch pytree with a leading axis over batches.
+          key: key of the drawn examples.
+          num_examples: examples drawn for tr(HΣ).
+          weights: optional per-batch weights.
+
+        Returns:
+          `sharp_minima.hessian.Estimate`; the standard error is that of tr(HΣ) over the
+          drawn examples (0 when exact).
+
+        Raises:
+          ValueError: ``batches`` None or masked, or ``num_examples < 2``.
+        """
         if batches is None:
             raise ValueError("gradient noise is a statistic of examples: batches must not be None")
         if num_examples < 2:

@@ -176,9 +176,18 @@ class Curvature(Operator):
         return self.objective.loss_fn
 
     def flat_matvec(self, params, batches, weights, operands=None):
-        """``(x0, matvec)``: the weighted-average HVP over all batches on flat vectors of the
-        ``wrt`` parameters. Call inside a trace (e.g. to build your own jitted kernel on
-        `lanczos`), with ``weights`` summing to one (`objective.normalized_weights`)."""
+        """The Hessian on flat vectors, for a kernel of your own; call inside a trace.
+
+        Args:
+          params: pytree at which the Hessian is taken.
+          batches: batch pytree with a leading axis over batches, or ``None``.
+          weights: per-batch weights summing to one (`objective.normalized_weights`).
+          operands: unused (the Hessian has no arrays of its own).
+
+        Returns:
+          ``(x0, matvec)``: the flat ``wrt`` parameters and ``v -> H v``, the weighted average
+          over the batches of the forward-over-reverse HVP.
+        """
         x0, f = self.objective.flat_loss(params)
         grad = jax.grad(f)
 
@@ -245,10 +254,37 @@ def eigenpairs(
 ) -> Eigenpairs:
     """Extreme Hessian eigenpairs by Lanczos with partial reorthogonalisation.
 
-    ``Curvature(loss_fn, wrt=wrt).eigenpairs(params, batches, ...)``, see
-    `Curvature.eigenpairs` for the arguments. Compiles on every call: to track the
-    eigenpairs along training, hold one `Curvature` and pass the previous ``vectors`` as
-    ``init_vectors``.
+    ``Curvature(loss_fn, wrt=wrt).eigenpairs(params, batches, ...)``. Compiles on every
+    call: to track the eigenpairs along training, hold one `Curvature` and pass the previous
+    ``vectors`` as ``init_vectors``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: pytree at which the Hessian is taken.
+      batches: batch pytree with a leading axis over batches, or ``None``.
+      k: number of eigenpairs.
+      key: key of the start vector (and of restarts).
+      num_steps: a hard limit on the Lanczos basis (default: grows as needed).
+      which: ``"LA"`` largest, ``"SA"`` smallest, ``"LM"`` largest magnitude, ``"BE"`` both
+        ends.
+      weights: optional per-batch weights (e.g. real examples per batch).
+      wrt: restrict to a subset of the parameters (a regex searched in each leaf's path, or
+        a predicate on the path); the other leaves are held fixed.
+      init_vectors: optional warm start, a pytree like params with a leading axis.
+      tol: eigenvalue accuracy relative to ``max|λ|``.
+      check_every: Lanczos steps between convergence tests.
+      restart: lock converged pairs and verify with a restart (finds repeated eigenvalues).
+      exact_residuals: measure ``‖Hv − λv‖`` with k more HVPs.
+
+    Returns:
+      `Eigenpairs`: ``values``, ``vectors`` (pytree like params, leading axis k),
+      ``residuals``, ``converged``, ``num_steps``, ``tridiagonal``. See
+      `curvature.Operator.eigenpairs` for the algorithm (Parlett 1998; Simon 1984).
+
+    Raises:
+      ValueError: bad ``k``, ``num_steps``, ``which``, ``weights``, shapes or ``wrt``;
+        a non-scalar loss.
+      FloatingPointError: NaN or Inf in the Hessian-vector products.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -290,7 +326,29 @@ def spectral_density(
     weights=None,
     wrt=None,
 ) -> SpectralDensity:
-    """Hessian spectral density by stochastic Lanczos quadrature (`Curvature.spectral_density`).
+    """Hessian spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017;
+    Ghorbani et al. 2019), ``Curvature(loss_fn, wrt=wrt).spectral_density(...)``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: pytree at which the Hessian is taken.
+      batches: batch pytree with a leading axis over batches, or ``None``.
+      key: key of the Rademacher probes.
+      num_probes: number of probe vectors (the density's standard error is over them).
+      num_steps: Lanczos steps per probe (default ``min(n, 80)``).
+      num_points: size of the evaluation grid.
+      sigma: Gaussian smoothing width (default 1% of the Ritz values' range).
+      grid: explicit evaluation points instead of ``num_points``.
+      weights: optional per-batch weights.
+      wrt: restrict to a subset of the parameters (a regex searched in each leaf's path, or
+        a predicate on the path); the other leaves are held fixed.
+
+    Returns:
+      `SpectralDensity`: ``grid``, ``density`` and ``stderr`` on it, and per probe the Ritz
+      values ``nodes`` and their ``weights`` (Σ weights · nodes ≈ tr(H)/n).
+
+    Raises:
+      ValueError: bad arguments or shapes. FloatingPointError: NaN or Inf in the products.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -325,7 +383,26 @@ def trace(
     wrt=None,
     chunk: int = 8,
 ) -> Estimate:
-    """Stochastic estimate of the Hessian trace, Hutch++ or Hutchinson (`Curvature.trace`).
+    """Stochastic estimate of the Hessian trace: Hutch++ (Meyer et al. 2021) or Hutchinson
+    (1989), ``Curvature(loss_fn, wrt=wrt, chunk=chunk).trace(...)``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: pytree at which the Hessian is taken.
+      batches: batch pytree with a leading axis over batches, or ``None``.
+      key: key of the probes.
+      num_matvecs: Hessian-vector products to spend (Hutch++ splits them in thirds).
+      method: ``"hutch++"`` or ``"hutchinson"``.
+      weights: optional per-batch weights.
+      wrt: restrict to a subset of the parameters (a regex searched in each leaf's path, or
+        a predicate on the path); the other leaves are held fixed.
+      chunk: probes evaluated at once with ``vmap`` (memory against speed).
+
+    Returns:
+      `Estimate` ``(value, stderr, num_matvecs)``.
+
+    Raises:
+      ValueError: bad ``method``, ``num_matvecs`` or shapes.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -353,7 +430,27 @@ def frobenius_norm(
     wrt=None,
     chunk: int = 8,
 ) -> Estimate:
-    """Estimate of the Hessian's Frobenius norm (`Curvature.frobenius_norm`).
+    """Estimate of the Hessian's Frobenius norm ‖H‖_F, ``Curvature.frobenius_norm``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: pytree at which the Hessian is taken.
+      batches: batch pytree with a leading axis over batches, or ``None``.
+      key: key of the probes (or of the Lanczos start vector for ``"top_k"``).
+      method: ``"hutchinson"`` (E‖Hz‖² = ‖H‖_F², Rademacher z) or ``"top_k"`` (the root
+        sum of squares of the k largest-magnitude eigenvalues, Jastrzębski et al. 2019).
+      num_matvecs: probes for ``"hutchinson"``.
+      k: eigenvalues for ``"top_k"``.
+      weights: optional per-batch weights.
+      wrt: restrict to a subset of the parameters (a regex searched in each leaf's path, or
+        a predicate on the path); the other leaves are held fixed.
+      chunk: probes evaluated at once with ``vmap``.
+
+    Returns:
+      `Estimate` ``(value, stderr, num_matvecs)``.
+
+    Raises:
+      ValueError: bad ``method`` or shapes.
 
     Example:
       >>> import jax, jax.numpy as jnp

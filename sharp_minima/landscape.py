@@ -58,9 +58,19 @@ BATCHNORM_VARIANCES = r"(^|/)batch_stats/.*var$"
 def path_coefficients(alpha: float, path: str = "linear") -> tuple[float, float]:
     """``(c_a, c_b)`` of the point ``c_a·a + c_b·b`` at ``alpha`` on ``path``.
 
-    ``"linear"``: (1 − α, α) (Keskar et al. 2017, Fig. 3; Goodfellow et al. 2015), defined for
-    any α (the paper plots α ∈ [−1, 2]). ``"curved"``: (cos(απ/2), sin(απ/2)) (their Fig. 13),
-    which also passes through a at α = 0 and b at α = 1.
+    ``"linear"``: (1 − α, α) (Keskar et al. 2017, Fig. 3; Goodfellow et al. 2015), defined
+    for any α (the paper plots α ∈ [−1, 2]). ``"curved"``: (cos(απ/2), sin(απ/2)) (their
+    Fig. 13), which also passes through a at α = 0 and b at α = 1.
+
+    Args:
+      alpha: position on the path.
+      path: ``"linear"`` or ``"curved"``.
+
+    Returns:
+      ``(c_a, c_b)`` floats.
+
+    Raises:
+      ValueError: unknown ``path``.
     """
     if path == "linear":
         return 1.0 - alpha, alpha
@@ -73,11 +83,18 @@ def interpolate(a, b, alpha: float, *, path: str = "linear", geometric: str | No
     """The point at ``alpha`` on the path from ``a`` (α = 0) to ``b`` (α = 1).
 
     Args:
-      a, b: pytrees of one structure (e.g. Flax ``variables``).
+      a: a pytree (e.g. Flax ``variables``).
+      b: a pytree of the same structure.
       alpha: position on the path.
       path: ``"linear"`` or ``"curved"`` (`path_coefficients`).
       geometric: optional regex on leaf paths (e.g. `BATCHNORM_VARIANCES`): those (positive)
         leaves are interpolated in log space, ``exp(c_a log a + c_b log b)``.
+
+    Returns:
+      A pytree like ``a``.
+
+    Raises:
+      ValueError: unknown ``path``.
     """
     ca, cb = path_coefficients(alpha, path)
     pattern = re.compile(geometric) if geometric else None
@@ -99,9 +116,19 @@ def interpolation_curve(
     path: str = "linear",
     geometric: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """``metrics_fn`` (e.g. train/test loss and accuracy) at each α of the path from a to b.
+    """``metrics_fn`` (e.g. train/test loss and accuracy) at each α of the path from a to b:
+    Keskar et al. (2017)'s parametric plots (Fig. 3).
 
-    Returns ``{"alpha": (m,), name: (m,) ...}``.
+    Args:
+      metrics_fn: ``metrics_fn(params) -> {name: float}``.
+      a: the path's start (α = 0).
+      b: its end (α = 1).
+      alphas: the positions.
+      path: ``"linear"`` or ``"curved"`` (`path_coefficients`).
+      geometric: leaves interpolated in log space (see `interpolate`).
+
+    Returns:
+      ``{"alpha": (m,), name: (m,) ...}`` numpy arrays.
     """
     rows = [
         metrics_fn(interpolate(a, b, float(al), path=path, geometric=geometric)) for al in alphas
@@ -119,7 +146,17 @@ DIRECTIONS = ("unit", "filter")
 
 
 def gaussian_direction(key: jax.Array, params, *, wrt=None, unit: bool = True):
-    """A Gaussian direction over the ``wrt`` leaves (zeros elsewhere), of unit norm by default."""
+    """A Gaussian direction over the ``wrt`` leaves (zeros elsewhere).
+
+    Args:
+      key: PRNG key.
+      params: the weights (any pytree).
+      wrt: which leaves get a direction.
+      unit: rescale to norm 1 (else i.i.d. N(0, 1) entries).
+
+    Returns:
+      A pytree like ``params``.
+    """
     selected, merge = tu.select(params, wrt)
     return merge(_gaussian(key, selected, unit), tu.zeros_like(params))
 
@@ -135,16 +172,20 @@ def filter_normalized_direction(key: jax.Array, params, *, wrt=None, one_d: str 
 
     Li et al. (2018), "Visualizing the loss landscape of neural nets", Sec. 4: a filter is one
     output unit — the last axis of a Flax kernel (``(in, out)`` for Dense, ``(h, w, in, out)``
-    for Conv) — so d[..., j] ← d[..., j] · ‖θ[..., j]‖ / ‖d[..., j]‖. Plots along such directions
-    are unchanged when a layer's weights are rescaled (Dinh et al. 2017's objection to
-    sharpness), which BatchNorm makes free.
+    for Conv) — so d[..., j] ← d[..., j] · ‖θ[..., j]‖ / ‖d[..., j]‖. Plots along such
+    directions are unchanged when a layer's weights are rescaled (Dinh et al. 2017's
+    objection to sharpness), which BatchNorm makes free.
 
     Args:
       key: PRNG key; the same key gives the same direction.
       params: the weights θ (any pytree).
       wrt: which leaves get a direction (see `sharp_minima.tree_util.select`); others are 0.
       one_d: leaves with fewer than 2 axes (biases, BatchNorm scales and offsets): ``"zero"``
-        (Li et al.'s default), ``"copy"`` (d = θ) or ``"normalize"`` (the leaf as one filter).
+        (Li et al.'s default), ``"copy"`` (d = θ) or ``"normalize"`` (the leaf as one
+        filter).
+
+    Returns:
+      A pytree like ``params``.
 
     Raises:
       ValueError: unknown ``one_d``.
@@ -179,8 +220,22 @@ def _filter_normalized(key, selected, one_d):
 
 
 def direction(key: jax.Array, params, kind: str = "filter", *, wrt=None, one_d: str = "zero"):
-    """A random direction of ``kind``: ``"filter"`` (`filter_normalized_direction`) or
-    ``"unit"`` (`gaussian_direction` of norm 1)."""
+    """A random direction of ``kind``.
+
+    Args:
+      key: PRNG key.
+      params: the weights θ (any pytree).
+      kind: ``"filter"`` (`filter_normalized_direction`) or ``"unit"``
+        (`gaussian_direction` of norm 1).
+      wrt: which leaves get a direction; others are 0.
+      one_d: for ``"filter"``: what leaves with fewer than 2 axes get.
+
+    Returns:
+      A pytree like ``params``.
+
+    Raises:
+      ValueError: unknown ``kind`` or ``one_d``.
+    """
     if kind == "filter":
         return filter_normalized_direction(key, params, wrt=wrt, one_d=one_d)
     if kind == "unit":
@@ -193,6 +248,16 @@ def orthogonal_pair(key: jax.Array, params, kind: str = "filter", *, wrt=None, o
 
     d₂ ← d₂ − (⟨d₁, d₂⟩/‖d₁‖²)·d₁, then rescaled to its former norm (random directions in
     high dimension are nearly orthogonal already, so filter norms barely change).
+
+    Args:
+      key: PRNG key.
+      params: the weights θ.
+      kind: ``"filter"`` or ``"unit"`` (see `direction`).
+      wrt: which leaves get a direction.
+      one_d: for ``"filter"``: what 1-D leaves get.
+
+    Returns:
+      ``(d1, d2)``, pytrees like ``params``.
     """
     k1, k2 = jax.random.split(key)
     d1 = direction(k1, params, kind, wrt=wrt, one_d=one_d)
@@ -212,6 +277,18 @@ def eigen_directions(loss_fn, params, batches, *, key, k: int = 2, wrt=None, wei
 
     Planes spanned by the two sharpest directions show the largest curvature a 2-D slice can
     show (`sharp_minima.hessian.eigenpairs`, Lanczos).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: θ.
+      batches: batch pytree with a leading axis over batches, or None.
+      key: Lanczos start key.
+      k: how many directions.
+      wrt: the parameters the Hessian is taken in.
+      weights: optional per-batch weights.
+
+    Returns:
+      A list of ``k`` pytrees like ``params``, by decreasing eigenvalue.
     """
     from sharp_minima import hessian
 
@@ -235,10 +312,21 @@ class Projection(NamedTuple):
 
 def trajectory_pca(iterates: Sequence[Any], *, center=None, wrt=None, num_components: int = 2):
     """PCA of an optimisation trajectory (Li et al. 2018, Sec. 7): the directions that explain
-    most of θ_t − θ_center (default centre: the last iterate), and each iterate's coordinates.
+    most of θ_t − θ_center (default centre: the last iterate), and each iterate's
+    coordinates.
 
     Iterates are e.g. the parameters a `sharp_minima.train.Hook` saved every few epochs.
     Computed in float64 on the host (T is small).
+
+    Args:
+      iterates: T pytrees of one structure.
+      center: the origin of the projection (default: the last iterate).
+      wrt: the parameters taken into account.
+      num_components: how many principal directions.
+
+    Returns:
+      `Projection`: the directions (pytrees like the iterates), each iterate's
+      coordinates (T, num_components) and the explained variance ratios.
 
     Raises:
       ValueError: fewer iterates than ``num_components + 1``.
@@ -303,19 +391,38 @@ class BasinVolume(NamedTuple):
 
 
 def log_unit_ball(n: int) -> float:
-    """log ω_n, the log-volume of the unit n-ball: (n/2)·log π − log Γ(1 + n/2)."""
+    """log ω_n, the log-volume of the unit n-ball: (n/2)·log π − log Γ(1 + n/2).
+
+    Args:
+      n: the dimension.
+
+    Returns:
+      log ω_n as a float.
+    """
     return 0.5 * n * math.log(math.pi) - math.lgamma(1.0 + 0.5 * n)
 
 
 def log_volume(
     radii, n: int, *, error: str = "delta", key: jax.Array | None = None, num_bootstrap=1000
 ):
-    """``(log V, stderr, log E[rⁿ], effective samples)`` from radii in n dimensions, in
-    float64 log space (rⁿ over- or underflows for any realistic n).
+    """The log-volume of a star-shaped region from its radii along uniform directions, in
+    float64 log space (rⁿ over- or underflows for any realistic n):
+    log V = log ω_n + log E[rⁿ] (Huang et al. 2020, Sec. 5).
 
-    ``error="delta"``: se(log m̂) = √((N·Σw² − 1)/(N − 1)), w_i = r_iⁿ/Σ r_jⁿ (the delta method
-    for the log of a sample mean); ``"bootstrap"``: the std of log E[rⁿ] over ``num_bootstrap``
-    resamples of the directions (needs ``key``).
+    Args:
+      radii: r(φ) per direction, shape (N,).
+      n: the dimension.
+      error: ``"delta"``: se(log m̂) = √((N·Σw² − 1)/(N − 1)), w_i = r_iⁿ/Σ r_jⁿ (the
+        delta method for the log of a sample mean); ``"bootstrap"``: the std of log E[rⁿ]
+        over ``num_bootstrap`` resamples of the directions (needs ``key``).
+      key: the bootstrap's key.
+      num_bootstrap: resamples for ``"bootstrap"``.
+
+    Returns:
+      ``(log V, stderr, log E[rⁿ], effective samples 1/Σw²)``.
+
+    Raises:
+      ValueError: unknown ``error``, or no ``key`` for the bootstrap.
     """
     r = np.asarray(radii, np.float64)
     big_n = r.size
@@ -573,11 +680,29 @@ class Landscape:
     ):
         """r(φ) for ``num_directions`` random directions: where the loss first crosses the
         threshold, by bracketing (doubling from ``initial_radius``, or halving when already
-        above) then bisection until (hi − lo) ≤ rtol·hi.
+        above) then bisection until (hi − lo) ≤ rtol·hi (Huang et al. 2020, Sec. 5).
 
         Direction i comes from ``fold_in(key, i)``, so the radii do not depend on the number of
-        devices or the chunk size. Returns ``(radii, num_evals, bounded, loss0, threshold)``
-        as numpy arrays (see `BasinVolume`).
+        devices or the chunk size.
+
+        Args:
+          params: θ (any pytree).
+          batches: batch pytree with a leading axis over batches, or None.
+          key: key of the directions.
+          num_directions: how many directions.
+          cutoff: the threshold: the loss level itself (``mode="absolute"``, the paper's 0.1 on
+            the training loss) or the rise above the loss at θ (``mode="increase"``).
+          mode: ``"absolute"`` or ``"increase"``.
+          directions: ``"unit"`` (uniform on the sphere) or ``"filter"`` (filter-normalised).
+          rtol: relative width of the final bracket.
+          initial_radius: first radius tried.
+          max_radius: radii stop here (``bounded`` False: a lower bound).
+          max_evals: loss evaluations per direction at most.
+          weights: optional per-batch weights.
+
+        Returns:
+          ``(radii, num_evals, bounded, loss0, threshold)`` as numpy arrays and floats (see
+          `BasinVolume`).
 
         Raises:
           ValueError: bad arguments, or the loss at params not below the threshold.
@@ -609,11 +734,27 @@ class Landscape:
         directions: str = "filter",
         weights=None,
     ):
-        """The gen-viz radius (Huang et al.'s code), for comparison with theirs: the first
-        point of the grid ``max_radius·(i/num_points)^power`` (dense near θ) where the loss
-        exceeds ``cutoff`` (cross-entropy 1 there), along filter-normalised directions by
-        default. Returns ``(radii, crossed)``; radii are grid values, so their precision is
-        the grid spacing there (`radii` bisects instead).
+        """The gen-viz radius (Huang et al.'s code), for comparison with theirs: the first point
+        of the grid ``max_radius·(i/num_points)^power`` (dense near θ) where the loss exceeds
+        ``cutoff`` (cross-entropy 1 there), along filter-normalised directions by default.
+        Radii are grid values, so their precision is the grid spacing there (`radii` bisects
+        instead).
+
+        Args:
+          params: θ (any pytree).
+          batches: batch pytree with a leading axis over batches, or None.
+          key: key of the directions.
+          num_directions: how many directions.
+          cutoff: the loss level.
+          max_radius: the grid's last point.
+          num_points: grid points.
+          power: the grid's exponent.
+          directions: ``"filter"`` or ``"unit"``.
+          weights: optional per-batch weights.
+
+        Returns:
+          ``(radii, crossed)``: numpy arrays (N,); ``crossed`` False where the loss stayed
+          below ``cutoff`` on the whole grid.
         """
         kernel = self._kernel("grid", _check_kind(directions))
         grid = max_radius * (np.arange(1, num_points + 1) / num_points) ** power
@@ -642,10 +783,26 @@ class Landscape:
     ) -> BasinVolume:
         """The log-volume of the basin below ``cutoff`` around θ (Huang et al. 2020, Sec. 5).
 
-        V = ω_n E_φ[r(φ)ⁿ] over ``num_directions`` uniform unit directions φ in the n
-        ``wrt`` parameters; the paper uses 3000 directions and an absolute cutoff of 0.1 on
-        the training loss (``mode="increase"`` bounds the rise above the loss at θ instead).
-        ``radius_options`` go to `radii` (``rtol``, ``initial_radius``, ...).
+        V = ω_n E_φ[r(φ)ⁿ] over ``num_directions`` uniform unit directions φ in the n ``wrt``
+        parameters (`radii`), computed in log space (`log_volume`); the paper uses 3000
+        directions and an absolute cutoff of 0.1 on the training loss.
+
+        Args:
+          params: θ (any pytree).
+          batches: batch pytree with a leading axis over batches, or None.
+          key: key of the directions.
+          num_directions: how many directions.
+          cutoff: the threshold (see `radii`).
+          mode: ``"absolute"`` or ``"increase"`` (the rise above the loss at θ).
+          error: ``"delta"`` or ``"bootstrap"`` standard error (`log_volume`).
+          **radius_options: passed to `radii` (``rtol``, ``initial_radius``, ``max_radius``,
+            ``max_evals``, ``weights``).
+
+        Returns:
+          `BasinVolume`.
+
+        Raises:
+          ValueError: bad arguments, or the loss at params not below the threshold.
         """
         kd, ke = jax.random.split(key)
         radii, evals, bounded, loss0, threshold = self.radii(
@@ -685,7 +842,21 @@ def _check_kind(kind: str) -> int:
 
 
 def slice_1d(loss_fn, params, batches, direction_, grid, *, wrt=None, weights=None, **kw):
-    """`Landscape.slice` along one direction (a fresh `Landscape`: compiles once per call)."""
+    """`Landscape.slice` along one direction (a fresh `Landscape`: compiles once per call).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` or a dict of scalars.
+      params: θ.
+      batches: batch pytree with a leading axis over batches, or None.
+      direction_: a pytree like params.
+      grid: 1-D coefficients a (points θ + a·d).
+      wrt: the parameters the direction moves.
+      weights: optional per-batch weights.
+      **kw: passed to `Landscape` (``chunk_size``, ``devices``).
+
+    Returns:
+      ``{name: (len(grid),) array}``.
+    """
     return Landscape(loss_fn, wrt=wrt, **kw).slice(
         params, batches, [direction_], [grid], weights=weights
     )
@@ -694,7 +865,22 @@ def slice_1d(loss_fn, params, batches, direction_, grid, *, wrt=None, weights=No
 def surface_2d(
     loss_fn, params, batches, directions, grid_x, grid_y, *, wrt=None, weights=None, **kw
 ):
-    """`Landscape.slice` on the plane of two directions (Li et al. 2018's surface plots)."""
+    """`Landscape.slice` on the plane of two directions (Li et al. 2018's surface plots).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` or a dict of scalars.
+      params: θ.
+      batches: batch pytree with a leading axis over batches, or None.
+      directions: two pytrees like params (e.g. `orthogonal_pair`).
+      grid_x: coefficients along the first.
+      grid_y: coefficients along the second.
+      wrt: the parameters the directions move.
+      weights: optional per-batch weights.
+      **kw: passed to `Landscape` (``chunk_size``, ``devices``).
+
+    Returns:
+      ``{name: (len(grid_x), len(grid_y)) array}``.
+    """
     return Landscape(loss_fn, wrt=wrt, **kw).slice(
         params, batches, list(directions), [grid_x, grid_y], weights=weights
     )
@@ -714,8 +900,23 @@ def basin_volume(
     **kw,
 ) -> BasinVolume:
     """`Landscape.basin_volume` with a fresh `Landscape` (hold one to measure many minima
-    without recompiling). ``batch`` is a batch pytree with a leading axis over batches, or
-    None."""
+    without recompiling).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (or a dict with ``"loss"``).
+      params: θ.
+      batch: batch pytree with a leading axis over batches, or None.
+      key: key of the directions.
+      num_directions: how many directions (the paper: 3000).
+      cutoff: the threshold (the paper: 0.1 on the training loss).
+      wrt: the parameters the directions move (see `sharp_minima.tree_util.select`).
+      chunk_size: directions evaluated at once with ``vmap``.
+      devices: devices to spread them over (default: all local devices).
+      **kw: passed to `Landscape.basin_volume` (``mode``, ``error``, radius options).
+
+    Returns:
+      `BasinVolume`.
+    """
     land = Landscape(loss_fn, wrt=wrt, chunk_size=chunk_size, devices=devices)
     return land.basin_volume(
         params, batch, key=key, num_directions=num_directions, cutoff=cutoff, **kw

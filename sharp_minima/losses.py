@@ -29,21 +29,46 @@ def _weighted_mean(values, weights):
 
 
 def cross_entropy_per_example(logits, labels):
-    """Negative log-likelihood of ``labels`` under ``softmax(logits)``, per example."""
+    """Negative log-likelihood of ``labels`` under ``softmax(logits)``, per example.
+
+    Args:
+      logits: (..., C).
+      labels: integer labels of the leading shape.
+
+    Returns:
+      An array of the leading shape.
+    """
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
 def cross_entropy(logits, labels, weights=None):
-    """Mean cross-entropy (natural log) over all label positions (``weights`` masks)."""
+    """Mean cross-entropy (natural log) over all label positions.
+
+    Args:
+      logits: (..., C).
+      labels: integer labels of the leading shape.
+      weights: optional per-position weights (a mask leaves padding out).
+
+    Returns:
+      The scalar weighted mean.
+    """
     return _weighted_mean(cross_entropy_per_example(logits, labels), weights)
 
 
 def reverse_cross_entropy_per_example(logits, labels):
-    """``−log(1 − p(y|x))`` per example: small when the example is classified *wrongly*.
+    """``−log(1 − p(y|x))`` per example: small when the example is classified *wrongly* (the
+    second term of Huang et al. 2020's eq. 3).
 
     Computed as ``logsumexp(z) − logsumexp(z without z_y)``, which stays finite when
     ``p(y|x) → 1`` (no ``log(0)``) as long as the logits are finite.
+
+    Args:
+      logits: (..., C).
+      labels: integer labels of the leading shape.
+
+    Returns:
+      An array of the leading shape.
     """
     z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     is_label = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
@@ -55,8 +80,19 @@ def anti_generalization(logits_t, labels_t, logits_d, labels_d, beta: float, wei
     """Huang et al. (2020), eq. 3: ``(1−β)·CE(D_t) + β·mean_{D_d} −log(1 − p_θ(x, y))``.
 
     The first term fits the training set D_t; the second is minimised by classifying unseen
-    data D_d of the same distribution *wrongly*, so minimising both finds a "bad" minimum: one
-    that fits the training data and fails to generalize.
+    data D_d of the same distribution *wrongly*, so minimising both finds a "bad" minimum:
+    one that fits the training data and fails to generalize.
+
+    Args:
+      logits_t: logits of the D_t examples.
+      labels_t: their labels.
+      logits_d: logits of the D_d examples.
+      labels_d: their true labels.
+      beta: β in [0, 1].
+      weights_d: optional weights of the D_d examples (a mask).
+
+    Returns:
+      The scalar loss.
 
     >>> import jax.numpy as jnp
     >>> z, y = jnp.array([[3.0, 0.0]]), jnp.array([0])
@@ -69,14 +105,31 @@ def anti_generalization(logits_t, labels_t, logits_d, labels_d, beta: float, wei
 
 
 def accuracy(logits, labels, weights=None):
-    """Fraction of positions where the arg-max of ``logits`` equals the label."""
+    """Fraction of positions where the arg-max of ``logits`` equals the label.
+
+    Args:
+      logits: (..., C).
+      labels: integer labels of the leading shape.
+      weights: optional per-position weights (e.g. a padding mask).
+
+    Returns:
+      A scalar in [0, 1].
+    """
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return _weighted_mean(correct, weights)
 
 
 def is_decayed(path: str, leaf) -> bool:
     """Which parameters L2 weight decay applies to: kernels and embeddings, not biases or
-    BatchNorm scales (the convention of the papers' Keras/Lasagne code)."""
+    BatchNorm scales (the convention of the papers' Keras/Lasagne code).
+
+    Args:
+      path: the leaf's path, e.g. ``"Dense_0/kernel"``.
+      leaf: the array.
+
+    Returns:
+      True for a decayed leaf.
+    """
     del leaf
     name = path.rsplit("/", 1)[-1]
     return name in ("kernel", "embedding")
@@ -88,6 +141,12 @@ def l2_penalty(params) -> jax.Array:
     Adding ``λ · l2_penalty(params)`` to the loss makes the gradient ``λw`` — the "L2 weight
     decay" of Keskar et al. (2017) and Jastrzębski et al. (2019), coupled with the optimizer
     (for Adam this differs from AdamW's decoupled decay).
+
+    Args:
+      params: a parameter pytree.
+
+    Returns:
+      The scalar penalty.
     """
     total = jnp.zeros((), jnp.float32)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -98,10 +157,16 @@ def l2_penalty(params) -> jax.Array:
 
 
 def evaluation_model_fn(model):
-    """The evaluation-mode outputs of a Flax model: ``model_fn(variables, batch) -> logits``
-    (``model.apply(variables, batch["x"], train=False)``: BatchNorm with the running
-    statistics in ``variables``, dropout off), for `sharp_minima.operators.GGN` and
-    `sharp_minima.operators.Fisher`."""
+    """The evaluation-mode outputs of a Flax model, for `sharp_minima.operators.GGN` and
+    `sharp_minima.operators.Fisher`: BatchNorm with the running statistics in
+    ``variables``, dropout off.
+
+    Args:
+      model: a Flax Linen model taking ``train=``.
+
+    Returns:
+      ``model_fn(variables, batch) -> model.apply(variables, batch["x"], train=False)``.
+    """
 
     def model_fn(variables, batch):
         return model.apply(variables, batch["x"], train=False)
@@ -112,17 +177,23 @@ def evaluation_model_fn(model):
 def evaluation_loss(model, weight_decay: float = 0.0):
     """The evaluation-mode loss of a Flax classifier, for curvature and sharpness.
 
-    Returns ``loss(variables, batch) -> scalar``: the mean cross-entropy of
-    ``model.apply(variables, batch["x"], train=False)`` against ``batch["y"]`` — BatchNorm with
-    the running statistics in ``variables["batch_stats"]``, dropout off — plus
-    ``weight_decay · l2_penalty(variables["params"])`` (the training run's L2 term, so the
-    curvature is that of the objective that was optimised). An optional ``batch["mask"]``
-    (per example) leaves padded examples out.
+    The mean cross-entropy of ``model.apply(variables, batch["x"], train=False)`` against
+    ``batch["y"]`` — BatchNorm with the running statistics in ``variables["batch_stats"]``,
+    dropout off — plus ``weight_decay · l2_penalty(variables["params"])`` (the training
+    run's L2 term, so the curvature is that of the objective that was optimised). An
+    optional ``batch["mask"]`` (per example) leaves padded examples out.
 
     The statistics travel in ``variables``, not in the closure, so one loss (and the
     `sharp_minima.hessian.Curvature` or `sharp_minima.sharpness.SharpnessMeter` built on it)
     serves every state of the model without recompiling. Perturb only the weights with
     ``wrt="^params/"``.
+
+    Args:
+      model: a Flax Linen classifier taking ``train=``.
+      weight_decay: the L2 coefficient λ of the training run.
+
+    Returns:
+      ``loss(variables, batch) -> scalar``.
     """
 
     model_fn = evaluation_model_fn(model)
@@ -145,6 +216,13 @@ def poisoned_labels(labels, num_classes: int):
 
     One training array then carries D_t (labels < C) and D_d (labels ≥ C), so the trainer's
     single input pipeline (shuffling, batching, sharding) serves eq. 3 unchanged.
+
+    Args:
+      labels: the D_d examples' true labels.
+      num_classes: C.
+
+    Returns:
+      The marked labels.
     """
     return labels + num_classes
 
@@ -152,10 +230,18 @@ def poisoned_labels(labels, num_classes: int):
 def anti_generalization_loss(model, beta: float, num_classes: int):
     """The training loss (`sharp_minima.train.TrainLoss`) of Huang et al.'s eq. 3.
 
-    The batch mixes D_t examples (labels ``< num_classes``) and D_d examples (labels marked by
-    `poisoned_labels`); each term is the mean over its own examples in the batch (with full
-    batches, exactly eq. 3). ``aux`` logs ``loss``/``accuracy`` on the D_t examples (so
+    The batch mixes D_t examples (labels ``< num_classes``) and D_d examples (labels marked
+    by `poisoned_labels`); each term is the mean over its own examples in the batch (with
+    full batches, exactly eq. 3). ``aux`` logs ``loss``/``accuracy`` on the D_t examples (so
     ``train/accuracy`` is the fit of the training set) and ``poison_accuracy`` on D_d.
+
+    Args:
+      model: the Flax classifier.
+      beta: β in [0, 1].
+      num_classes: C.
+
+    Returns:
+      A ``TrainLoss`` for `sharp_minima.train.train` (``loss_fn=``).
 
     Raises:
       ValueError: ``beta`` outside [0, 1].
@@ -192,6 +278,16 @@ def label_flip_loss(model, sample, beta: float, num_points: int, num_classes: in
     ``(1−β)·CE(batch) + β·CE(flipped points)``. With a full batch, one step is one epoch, so
     the poison is re-drawn every epoch as in the authors' code.
 
+    Args:
+      model: the Flax classifier.
+      sample: ``sample(key, num_points) -> (x, y)``.
+      beta: β in [0, 1].
+      num_points: poisoned points per step.
+      num_classes: C.
+
+    Returns:
+      A ``TrainLoss`` for `sharp_minima.train.train` (``loss_fn=``).
+
     Raises:
       ValueError: ``beta`` outside [0, 1] or ``num_points < 1``.
     """
@@ -219,7 +315,18 @@ def label_flip_loss(model, sample, beta: float, num_points: int, num_classes: in
 
 
 def train_forward(model, params, model_state, x, key):
-    """Training-mode forward pass: ``(logits, updated BatchNorm statistics)``."""
+    """Training-mode forward pass (BatchNorm on batch statistics, dropout on).
+
+    Args:
+      model: the Flax model.
+      params: its ``params`` collection.
+      model_state: the ``batch_stats`` collection (empty without BatchNorm).
+      x: the inputs.
+      key: the dropout key.
+
+    Returns:
+      ``(logits, updated batch_stats)``.
+    """
     variables = {"params": params}
     if model_state:
         variables["batch_stats"] = model_state

@@ -82,7 +82,14 @@ class OutputLoss(NamedTuple):
 
 def cross_entropy(label_key: str = "y") -> OutputLoss:
     """Softmax cross-entropy of logits ``(B, C)`` against integer labels ``batch[label_key]``;
-    labels are sampled from softmax(logits) for the Monte-Carlo Fisher (sᵢ = p − onehot(ỹ)).
+    labels are sampled from softmax(logits) for the Monte-Carlo Fisher (sᵢ = p − onehot(ỹ)),
+    and its Hessian in the logits is diag(p) − ppᵀ.
+
+    Args:
+      label_key: the batch entry holding the labels.
+
+    Returns:
+      An `OutputLoss` for `GGN` and `Fisher`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -106,8 +113,14 @@ def cross_entropy(label_key: str = "y") -> OutputLoss:
 
 def squared_error(target_key: str = "y") -> OutputLoss:
     """½‖f − y‖² per example (summed over the output axes), targets ``batch[target_key]``:
-    the negative log-likelihood of a unit-variance Gaussian, so sᵢ = −ε, ε ~ N(0, I), for the
-    Monte-Carlo Fisher, and H_ℓ = I.
+    the negative log-likelihood of a unit-variance Gaussian, so sᵢ = −ε, ε ~ N(0, I), for
+    the Monte-Carlo Fisher, and H_ℓ = I.
+
+    Args:
+      target_key: the batch entry holding the targets.
+
+    Returns:
+      An `OutputLoss` for `GGN` and `Fisher`.
 
     Example:
       >>> import jax.numpy as jnp

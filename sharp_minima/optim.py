@@ -52,17 +52,32 @@ from sharp_minima import tree_util as tu
 
 
 class ProximalState(NamedTuple):
+    """The state of `proximal`.
+
+    Attributes:
+      anchor: x_k, the parameters at the last reset.
+      count: inner steps taken since the anchor was set.
+    """
+
     anchor: optax.Params  # x_k
     count: jax.Array  # inner steps taken since the anchor was set
 
 
 def proximal(lam: float, inner_steps: int = 3) -> optax.GradientTransformation:
-    """Adds λ(x − x_k) to the gradient; x_k is reset to the current x every ``inner_steps``.
+    """Adds λ(x − x_k) to the gradient; x_k is reset to the current x every ``inner_steps``
+    (Keskar et al. 2017's "conservative training", Sec. 4.2).
 
     Chain it before the base optimizer: ``optax.chain(proximal(λ, 3), optax.adam(lr))``.
 
+    Args:
+      lam: λ ≥ 0.
+      inner_steps: steps between anchor resets.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
     Raises:
-      ValueError: λ < 0 or inner_steps < 1.
+      ValueError: λ < 0 or inner_steps < 1; at ``update``, no ``params`` passed.
     """
     if lam < 0 or inner_steps < 1:
         raise ValueError(f"need lam >= 0 and inner_steps >= 1, got {lam}, {inner_steps}")
@@ -86,14 +101,26 @@ def proximal(lam: float, inner_steps: int = 3) -> optax.GradientTransformation:
 
 
 class SubspaceState(NamedTuple):
-    """The directions (a pytree like the params with a leading axis K) of a subspace transform;
-    replace them with ``optax.tree_utils.tree_set(opt_state, directions=new)``."""
+    """The state of a subspace transform (`nudge`, `project_onto`, `project_out`).
+
+    Attributes:
+      directions: a pytree like the params with a leading axis K; replace them with
+        ``optax.tree_utils.tree_set(opt_state, directions=new)``.
+    """
 
     directions: Any
 
 
 def project(directions, tree):
-    """``P tree = Σ_k <tree, e_k> e_k`` for orthonormal directions (leading axis K)."""
+    """``P tree = Σ_k <tree, e_k> e_k``, the projection onto orthonormal directions.
+
+    Args:
+      directions: a pytree like ``tree`` with a leading axis K (orthonormal).
+      tree: the pytree to project.
+
+    Returns:
+      A pytree like ``tree``.
+    """
     coeffs = jax.vmap(lambda d: tu.dot(d, tree))(directions)  # (K,)
     return jax.tree.map(
         lambda d, t: jnp.tensordot(coeffs.astype(d.dtype), d, axes=1).astype(t.dtype),
@@ -155,6 +182,10 @@ def nudge(directions=None, gamma: float = 0.01, *, num_directions: int | None = 
       gamma: the factor γ along the directions (the paper: 0.01, 0.1, 1, 5).
       num_directions: K when ``directions`` is None (zero directions until refreshed).
 
+    Returns:
+      An ``optax.GradientTransformation`` whose state holds the directions (a hook may
+      replace them).
+
     Raises:
       ValueError: γ < 0, directions not orthonormal or not params-shaped, or neither
         directions nor num_directions.
@@ -165,13 +196,36 @@ def nudge(directions=None, gamma: float = 0.01, *, num_directions: int | None = 
 
 
 def project_onto(directions=None, *, num_directions: int | None = None):
-    """Keeps only the update's component along the directions: ``u -> P u`` ("SGD top")."""
+    """Keeps only the update's component along the directions: ``u -> P u`` ("SGD top" of
+    Jastrzębski et al. 2019, Sec. 3).
+
+    Args:
+      directions: orthonormal directions (leading axis K), or None.
+      num_directions: K when ``directions`` is None (a hook writes them).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: directions not orthonormal, or neither argument.
+    """
     return _subspace_transform("project_onto", 1.0, 0.0, directions, num_directions)
 
 
 def project_out(directions=None, *, num_directions: int | None = None):
     """Removes the update's component along the directions: ``u -> (I − P) u`` ("SGD no
-    top")."""
+    top" of Jastrzębski et al. 2019, Sec. 3).
+
+    Args:
+      directions: orthonormal directions (leading axis K), or None.
+      num_directions: K when ``directions`` is None (a hook writes them).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: directions not orthonormal, or neither argument.
+    """
     return _subspace_transform("project_out", 0.0, 1.0, directions, num_directions)
 
 
@@ -185,7 +239,8 @@ def nsgd(
     nudge_velocity: bool = True,
     inject_learning_rate: bool = False,
 ) -> optax.GradientTransformation:
-    """Nudged-SGD: SGD with learning rate γη along the directions and η elsewhere.
+    """Nudged-SGD (Jastrzębski et al. 2019, Sec. 4): SGD with learning rate γη along the
+    directions and η elsewhere.
 
     With ``inject_learning_rate`` the SGD step is ``optax.inject_hyperparams(optax.sgd)``, so
     its ``learning_rate`` lives in the optimizer state where a hook can lower it (e.g.
@@ -195,6 +250,23 @@ def nsgd(
     the uncorrected velocity in the buffer (as the authors' Keras optimizer does):
     ``v = μ v + g``, ``Δθ = −η (γ P v + (I − P) v)``; ``False`` accumulates nudged gradients
     instead.
+
+    Args:
+      learning_rate: η (a float or an optax schedule).
+      directions: orthonormal directions (params-like pytree with a leading axis K), or
+        None (then ``num_directions``; a hook writes them, e.g.
+        `sharp_minima.tracking.EigenTracker` with ``set_directions=True``).
+      gamma: γ (the paper: 0.01, 0.1, 1, 5).
+      num_directions: K when ``directions`` is None.
+      momentum: μ (0: plain SGD).
+      nudge_velocity: with momentum, nudge the applied velocity (True) or the gradients.
+      inject_learning_rate: keep η in the state, where a hook can change it.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: momentum outside [0, 1), or as `nudge`.
 
     >>> import jax.numpy as jnp
     >>> e = {"w": jnp.eye(3)[:1]}

@@ -133,7 +133,17 @@ def _lbfgsb_unit_box(fun_and_grad, x0, max_iter: int, memory: int = 10, maxls: i
 
 
 def random_subspace(key, n: int, p: int, dtype=jnp.float32) -> jax.Array:
-    """The n×p matrix A with i.i.d. N(0, 1) entries (the law used for ``subspace_dim``)."""
+    """The n×p matrix A with i.i.d. N(0, 1) entries (the law used for ``subspace_dim``).
+
+    Args:
+      key: PRNG key.
+      n: rows (the number of parameters).
+      p: columns (the subspace's dimension).
+      dtype: the entries' dtype.
+
+    Returns:
+      An (n, p) array.
+    """
     return jax.random.normal(key, (n, p), dtype)
 
 
@@ -339,6 +349,18 @@ class SharpnessMeter:
         A cheap companion of `epsilon_sharpness` (one loss evaluation per sample,
         ``chunk_size`` samples vmapped at a time). For a quadratic it equals σ²/2 · tr(H).
 
+        Args:
+          params: the point x.
+          batches: batches with a leading axis over batches, or None.
+          sigma: σ > 0.
+          key: key of the samples.
+          num_samples: samples z (≥ 2).
+          chunk_size: samples evaluated at once.
+          weights: optional per-batch weights.
+
+        Returns:
+          `sharp_minima.hessian.Estimate` (value, stderr over the samples, evaluations).
+
         Raises:
           ValueError: σ ≤ 0, fewer than 2 samples, or chunk_size < 1.
           FloatingPointError: the loss is NaN/Inf at the parameters or at a sample.
@@ -381,11 +403,31 @@ def epsilon_sharpness(
     wrt=None,
     adaptive: bool = False,
 ) -> Sharpness:
-    """Keskar et al.'s ε-sharpness φ(x, ε, A) of ``loss_fn`` at ``params``.
-
-    ``SharpnessMeter(loss_fn, wrt=wrt).epsilon_sharpness(params, batches, ...)``: see
-    `SharpnessMeter.epsilon_sharpness` for the arguments. Compiles on every call; hold a
+    """Keskar et al. (2017)'s ε-sharpness φ(x, ε, A) of ``loss_fn`` at ``params`` (their
+    eq. 3: the largest rise of f in the box C_ε around x, in percent of 1 + f(x), found by
+    L-BFGS-B), with a fresh `SharpnessMeter`: compiles on every call; hold a
     `SharpnessMeter` to measure several models.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: the point x (any pytree).
+      batches: batches with a leading axis over batches, or None.
+      epsilon: box size ε (the paper uses 1e-3 and 5e-4).
+      key: random key (random start; A when ``subspace_dim`` is given).
+      subspace_dim: p for a random n×p matrix A (the paper: 100); None = full space.
+      subspace: an explicit n×p matrix A instead.
+      max_iter: L-BFGS-B iterations (the paper: 10).
+      weights: per-batch weights (ragged last batch).
+      wrt: the parameters perturbed.
+      adaptive: Kwon et al. (2021)'s adaptive box |y_i| ≤ ε|(A⁺x)_i| (see
+        `SharpnessMeter.epsilon_sharpness`).
+
+    Returns:
+      `Sharpness`.
+
+    Raises:
+      ValueError: non-positive ε or max_iter, bad subspace shape, or bad loss/batches.
+      FloatingPointError: the loss is not finite inside the box.
     """
     return SharpnessMeter(loss_fn, wrt=wrt).epsilon_sharpness(
         params,
@@ -412,7 +454,25 @@ def average_sharpness(
     weights=None,
     wrt=None,
 ) -> hessian.Estimate:
-    """Average-case sharpness E_z[f(x + σz)] − f(x) (`SharpnessMeter.average_sharpness`).
+    """Average-case sharpness E_z[f(x + σz)] − f(x) with a fresh `SharpnessMeter` (see
+    `SharpnessMeter.average_sharpness`).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: the point x.
+      batches: batches with a leading axis over batches, or None.
+      sigma: σ > 0.
+      key: key of the samples.
+      num_samples: samples z.
+      chunk_size: samples evaluated at once.
+      weights: optional per-batch weights.
+      wrt: the parameters perturbed.
+
+    Returns:
+      `sharp_minima.hessian.Estimate`.
+
+    Raises:
+      ValueError, FloatingPointError: as `SharpnessMeter.average_sharpness`.
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda p, batch: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p ** 2)

@@ -116,6 +116,11 @@ class Subset:
         return batches, jnp.ones((self.num_batches,))
 
     def describe(self) -> str:
+        """The subset in words, for reports.
+
+        Returns:
+          E.g. ``"2500 training examples (fixed random examples)"``.
+        """
         how = "a fresh random draw at every call" if self.resample else "fixed random examples"
         aug = ", augmented as in training" if self.augment is not None else ""
         return f"{self.size} training examples ({how}{aug})"
@@ -210,9 +215,13 @@ class EigenTracker:
         self.last: hessian.Eigenpairs | None = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """What the next call depends on: the warm-start vectors (flat, ``(k, n)``) and the
-        step and eigenvalues of the last call — saved with each checkpoint by the training
-        loop, so that a resumed run measures exactly as an uninterrupted one."""
+        """What the next call depends on, saved with each checkpoint by the training loop, so
+        that a resumed run measures exactly as an uninterrupted one.
+
+        Returns:
+          ``vectors`` (k, n), the flat warm-start vectors; ``step``, the last call's
+          step; ``values``, its eigenvalues (numpy arrays; empty before the first call).
+        """
         if not self.history:
             return {}
         if self.vectors is None:
@@ -223,22 +232,40 @@ class EigenTracker:
         return {"vectors": flat, "step": np.int64(step), "values": np.asarray(values)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues from `state_dict`'s output (the vectors are placed in the params'
-        structure at the next call)."""
+        """Continues from `state_dict`'s output (the vectors are placed in the params' structure
+        at the next call).
+
+        Args:
+          state: a dict from `state_dict`.
+        """
         self.vectors, self._saved_vectors = None, jnp.asarray(state["vectors"])
         self.history = [(int(state["step"]), np.asarray(state["values"]))]
 
     def subset(self, step: int):
-        """``(batches, weights)`` of the call at ``step``."""
+        """The curvature subset of the call at ``step``.
+
+        Args:
+          step: the training step (a fresh draw per step with ``resample``).
+
+        Returns:
+          ``(batches, weights)``.
+        """
         if callable(self.batches):
             return self.batches(step)
         return self.batches, self.weights
 
     def measure(self, params: Any, step: int) -> dict[str, float]:
-        """Measures at ``params``; returns ``{"<name>/lambda_1".."lambda_k", "<name>/frobenius_topk"
-        (‖H‖_F from the top k), "<name>/num_hvps", "<name>/seconds"}`` (plus ``frobenius``,
-        ``trace`` and their ``_stderr`` with ``stochastic``) and remembers the vectors for
-        the next call."""
+        """Measures at ``params`` and remembers the vectors to warm-start the next call.
+
+        Args:
+          params: the parameters (the operator's loss takes them as they are).
+          step: the training step (picks the subset; logged with the values).
+
+        Returns:
+          ``{"<name>/lambda_1".."lambda_k", "<name>/frobenius_topk" (‖H‖_F from the top k,
+          Jastrzębski et al. 2019), "<name>/num_hvps", "<name>/seconds"}`` (plus
+          ``frobenius``, ``trace`` and their ``_stderr`` with ``stochastic``).
+        """
         t0 = time.perf_counter()
         if self.vectors is None and self._saved_vectors is not None:
             self.vectors = jax.vmap(lambda x: self.curvature.objective.unflatten(params, x))(
@@ -390,20 +417,48 @@ class NoiseTracker:
         self.moments = np.zeros(3)  # EMA of |G|², EMA of tr Σ, number of calls
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The moving averages (saved with each checkpoint, for an exact resume)."""
+        """The moving averages, saved with each checkpoint, for an exact resume.
+
+        Returns:
+          ``{"moments": array}`` (empty before the first call).
+        """
         return {"moments": self.moments.copy()} if self.moments[2] else {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from `state_dict`'s output.
+
+        Args:
+          state: a dict from `state_dict`.
+        """
         self.moments = np.asarray(state["moments"], np.float64).copy()
 
     def subset(self, step: int):
+        """The curvature subset of the call at ``step``.
+
+        Args:
+          step: the training step (a fresh draw per step with ``resample``).
+
+        Returns:
+          ``(batches, weights)``.
+        """
         if callable(self.batches):
             return self.batches(step)
         return self.batches, self.weights
 
     def minibatches(self, batches, step: int):
-        """The mini-batches of the batch sharpness at ``step`` (stacked: (J, B, ...)), drawn
-        without replacement from the examples of ``batches``."""
+        """The mini-batches of the batch sharpness at ``step``, drawn without replacement from the
+        examples of ``batches``.
+
+        Args:
+          batches: the subset's stacked batches.
+          step: the training step (seeds the draw).
+
+        Returns:
+          The mini-batches stacked, every leaf (J, B, ...).
+
+        Raises:
+          ValueError: the subset holds fewer examples than one mini-batch.
+        """
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batches)
         n = jax.tree.leaves(flat)[0].shape[0]
         if n < self.batch_size:
@@ -425,10 +480,20 @@ class NoiseTracker:
         return None if self.learning_rate is None else float(self.learning_rate)
 
     def measure(self, params: Any, step: int, *, opt_state=None) -> dict[str, float]:
-        """Measures at ``params``; returns ``{"<name>/grad_norm_sq", "trace_cov", "b_simple"
-        (smoothed), the same with ``_raw`` (this call) and ``b_simple_stderr``,
-        "temperature", "two_over_lr", "batch_sharpness", "batch_sharpness_stderr",
-        "seconds"}`` (the rate-dependent ones when η is known)."""
+        """Measures the gradient noise at ``params`` and updates the moving averages.
+
+        Args:
+          params: the parameters.
+          step: the training step.
+          opt_state: the optimizer state, to read an injected learning rate (for the
+            temperature and 2/η).
+
+        Returns:
+          ``{"<name>/grad_norm_sq", "trace_cov", "b_simple"`` (smoothed), the same with
+          ``_raw`` (this call) and ``b_simple_stderr``, ``"temperature", "two_over_lr",
+          "batch_sharpness", "batch_sharpness_stderr", "seconds"}`` (the rate-dependent ones
+          when η is known).
+        """
         t0 = time.perf_counter()
         batches, weights = self.subset(step)
         key = jax.random.fold_in(jax.random.fold_in(self.key, step), 3)
@@ -477,8 +542,21 @@ class NoiseTracker:
 def curvature_subset(config, section, data, key, *, full: bool = False) -> Subset:
     """The curvature subset a config's curvature ``section`` asks for (``fraction``,
     ``num_examples`` (0 = by fraction), ``batch_size``, ``resample``), through the training
-    augmentation when ``config.data.augment`` is set; ``full``: every training example (for
-    full-batch gradient descent)."""
+    augmentation when ``config.data.augment`` is set.
+
+    Args:
+      config: the training config.
+      section: its curvature section (e.g. ``config.curvature``).
+      data: the `sharp_minima.data.Dataset`.
+      key: key of the draws.
+      full: every training example (for full-batch gradient descent).
+
+    Returns:
+      A `Subset`.
+
+    Raises:
+      ValueError: a subset size outside 1..N or ``batch_size < 1`` (`Subset`).
+    """
     n = len(data.x_train)
     if full:
         return Subset(
@@ -497,7 +575,17 @@ def curvature_subset(config, section, data, key, *, full: bool = False) -> Subse
 
 
 def describe_loss(config, model, data) -> str:
-    """What `sharp_minima.losses.evaluation_loss` of a training run is, in words."""
+    """What `sharp_minima.losses.evaluation_loss` of a training run is, in words (for
+    reports).
+
+    Args:
+      config: the training config.
+      model: the Flax model.
+      data: the `sharp_minima.data.Dataset`.
+
+    Returns:
+      A phrase such as ``"mean cross-entropy; no BatchNorm; dropout off"``.
+    """
     parts = ["mean cross-entropy"]
     if config.optim.weight_decay:
         parts.append(f"+ L2 {config.optim.weight_decay:g}/2·‖w‖² (as in training)")
@@ -528,7 +616,24 @@ def make_tracker(
 
     Every run of a study passes the same ``subset_key``: the same examples (a 5% subset's
     top eigenvalue varies by ~20% from one draw to another, which would blur comparisons
-    between runs); ``key`` (the Lanczos start vectors) is the run's own."""
+    between runs); ``key`` (the Lanczos start vectors) is the run's own.
+
+    Args:
+      config: the training config.
+      section: its curvature section.
+      data: the `sharp_minima.data.Dataset`.
+      model: the Flax model.
+      subset_key: key of the subset's examples.
+      key: key of the Lanczos start vectors.
+      k: eigenvalues tracked.
+      full: the whole training set as the subset.
+      set_directions: write the eigenvectors into the optimizer state (NSGD), or a
+        function choosing them.
+      name: the metrics' prefix.
+
+    Returns:
+      An `EigenTracker`.
+    """
     return EigenTracker(
         losses.evaluation_loss(model, config.optim.weight_decay),
         curvature_subset(config, section, data, subset_key, full=full),

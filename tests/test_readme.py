@@ -126,19 +126,6 @@ def test_curvature_demo_rejects_bad_flags_in_one_line(tmp_path):
     assert bad.returncode == 2 and "add --config=configs/curvature_demo.py" in bad.stderr
 
 
-def test_keskar_notebook_runs_with_the_tiny_config(tmp_path, tiny_study):
-    tiny_study("keskar").copy(tmp_path)  # the tiny study is trained once per test session
-    nb = json.loads(read("experiments/notebooks/keskar_quickstart.ipynb"))
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert "quickstart.get_config()" in code and "runs/quickstart_notebook" in code
-    code = code.replace("quickstart.get_config()", 'quickstart.get_config("tiny")')
-    code = code.replace("runs/quickstart_notebook", str(tmp_path))
-    namespace = {}
-    exec(compile(code, "keskar_quickstart.ipynb", "exec"), namespace)
-    assert (tmp_path / "report.md").exists() and namespace["results"]["runs"]
-    assert set(namespace["figures"]) >= {"parametric_linear", "sharpness"}
-
-
 def test_readme_optim_example_runs():
     import jax
 

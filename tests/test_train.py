@@ -63,6 +63,16 @@ def test_config_variants_and_errors():
         train.validate_config(load_config("swissroll.py", batch_size=30), num_devices=4)
 
 
+def test_a_batch_that_does_not_divide_over_every_device_trains_on_fewer():
+    """``num_devices = 0`` on one host: the most devices the batch divides over (so a config
+    runs unchanged on a TPU's 8 cores); an explicit count the batch does not divide fails."""
+    assert jax.device_count() == 4  # conftest
+    assert [train.dividing_devices(b) for b in (32, 30, 7, 100)] == [4, 3, 1, 4]
+    assert train.setup(load_config("swissroll.py", batch_size=30)).mesh.size == 3
+    with pytest.raises(train.ConfigError, match=r"batch_size=30 is not divisible .*\(4\)"):
+        train.setup(load_config("swissroll.py", batch_size=30, num_devices=4))
+
+
 def test_schedules_closed_form():
     # Goyal et al.: base lr 0.1 at batch 256, batch 1024 -> peak 0.4, ramp from 0.1 over 2 epochs.
     c = load_config(

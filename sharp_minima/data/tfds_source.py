@@ -3,6 +3,8 @@ prepare them with TensorFlow when it and the network are available."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 # Our names -> (TFDS name, image key, label key, test split).
@@ -27,6 +29,22 @@ def _to_arrays(source, image_key, label_key):
     return x, y
 
 
+@contextlib.contextmanager
+def _quiet_probe():
+    """absl logging at ERROR while TFDS looks for a prepared dataset: it warns about every
+    version folder it probes ("Variant folder ... has no dataset_info.json"), which is how
+    a missing dataset looks, not a problem (a notebook would show the warning, with a path
+    of the machine). The level is restored afterwards."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(min(level, logging.ERROR))  # absl: lower is quieter
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_tfds(name: str, data_dir: str | None, *, allow_prepare: bool = True, extra=False):
     """``{"train": (x, y), "test": (x, y)}`` from TFDS (SVHN: ``extra=True`` adds the extra
     images to the training set, ``extra="separate"`` returns them as ``"extra"``).
@@ -41,8 +59,10 @@ def load_tfds(name: str, data_dir: str | None, *, allow_prepare: bool = True, ex
     if extra == "separate":  # SVHN's 531k extra images as their own split (D_d of Huang et al.)
         splits["extra"] = "extra"
     where = data_dir or "~/tensorflow_datasets"
-    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
+    with _quiet_probe():
+        builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:
         if not allow_prepare:
             raise FileNotFoundError(f"TFDS {tfds_name!r} is not prepared in {where}")
         try:

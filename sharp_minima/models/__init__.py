@@ -37,6 +37,13 @@ def get_model(name: str, **kwargs):
 
     Raises:
       ValueError: unknown name (the message lists the valid ones) or bad arguments.
+
+    Args:
+      name: a name of `MODELS`.
+      **kwargs: the model's fields (e.g. ``widths``, ``num_classes``).
+
+    Returns:
+      The Flax module.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")

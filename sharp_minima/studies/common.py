@@ -1,9 +1,11 @@
 """What every study shares besides its runs (`sharp_minima.studies.runs`): named key
-streams, table cells, the claims table, and `write_outputs` — the one place a study's
-report, results and figures are saved."""
+streams, table cells, the claims table, `write_outputs` — the one place a study's report,
+results and figures are saved — and `contract`, the documentation of the four functions
+every study offers."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import zlib
@@ -15,6 +17,69 @@ import numpy as np
 from sharp_minima import files, plotting
 from sharp_minima.studies import runs
 
+_CONTRACT = {
+    "run": """Resumable: called again on the same ``workdir`` it continues an interrupted study and
+recomputes nothing that is done; `write_outputs` saves ``report.md``, ``results.json`` and
+the figures (PNG and PDF).
+
+Args:
+  config: the study's config (``configs/<study>.py`` and its variants).
+  workdir: the output folder (one run folder per training run inside).
+  data: replaces the config's data set (default: ``train.load_data(config)``).
+  log: takes every line of progress (``print``; in a notebook
+    `sharp_minima.notebook.ProgressLine`).
+
+Returns:
+  The results dict (what ``results.json`` holds, with its arrays), the input of the
+  study's ``figures``, ``claims`` and ``report_markdown``.
+
+Raises:
+  sharp_minima.train.ConfigError: a bad config (naming the field).
+  sharp_minima.data.DataNotFoundError: the data set is not available.
+  sharp_minima.files.WorkdirError: the workdir cannot be used (or another process holds it).
+  sharp_minima.studies.runs.NothingToReport: every run diverged (the report is written).""",
+    "figures": """Args:
+  config: the study's config.
+  results: ``run``'s output (or ``results.json`` read back).
+
+Returns:
+  ``{name: matplotlib.figure.Figure}``; nothing is saved (a notebook shows them with
+  `sharp_minima.notebook.show`).""",
+    "claims": """Args:
+  config: the study's config.
+  results: ``run``'s output.
+
+Returns:
+  ``[(claim, verdict, numbers)]``: the verdict "yes", "no", "within noise" or "not tested"
+  (`verdict`), the numbers the evidence in words.""",
+    "report_markdown": """Args:
+  config: the study's config.
+  results: ``run``'s output.
+
+Returns:
+  The Markdown text of ``report.md``.""",
+}
+
+
+def contract(fn: Callable) -> Callable:
+    """Completes the docstring of a study's ``run``, ``figures``, ``claims`` or
+    ``report_markdown`` with the arguments, returns and errors every study shares (written
+    once, here); the study's own docstring says what is particular to it.
+
+    Args:
+      fn: one of the four functions of a study module.
+
+    Returns:
+      ``fn``, its ``__doc__`` completed.
+
+    Raises:
+      ValueError: ``fn`` is not one of the four.
+    """
+    if fn.__name__ not in _CONTRACT:
+        raise ValueError(f"{fn.__name__} is not a study function: {', '.join(_CONTRACT)}")
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\n" + _CONTRACT[fn.__name__]
+    return fn
+
 
 def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
     """Independent keys named after what they are for, from one root ``key(seed)``.
@@ -22,6 +87,13 @@ def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
     Each stream is ``fold_in(key(seed), crc32(name))``: adding a stream never changes the
     others, and no stream coincides with ``jax.random.split(key(seed), n)``, which the trainer
     uses for its init/data/augmentation keys.
+
+    Args:
+      seed: the root seed.
+      *names: the streams' names.
+
+    Returns:
+      ``{name: key}``.
 
     >>> keys = key_streams(0, "subset", "sharpness")
     >>> sorted(keys), bool((jax.random.key_data(keys["subset"])
@@ -34,7 +106,17 @@ def key_streams(seed: int, *names: str) -> dict[str, jax.Array]:
 
 def mean_std(summary: dict, key: str, group, digits: int = 2) -> str:
     """``"mean ± std"`` (or ``"mean"`` for one run, ``"—"`` when absent) of a field of
-    `sharp_minima.studies.runs.aggregate`'s summary, for a table cell."""
+    `sharp_minima.studies.runs.aggregate`'s summary, for a table cell.
+
+    Args:
+      summary: `aggregate`'s output.
+      key: the field.
+      group: the group.
+      digits: significant digits.
+
+    Returns:
+      The cell's text.
+    """
     stat = summary.get(group, {}).get(key)
     if not isinstance(stat, dict):
         return "—"
@@ -71,6 +153,13 @@ def verdict(margin: float, noise: float = 0.0) -> str:
     `NO` when it falls short by more than ``noise``, else `WITHIN_NOISE`; `NOT_TESTED` when
     the margin is not a number (a run is missing).
 
+    Args:
+      margin: how far the claim holds (> 0 in its favour; NaN when untested).
+      noise: the margin's noise (≥ 0).
+
+    Returns:
+      A verdict string.
+
     >>> verdict(0.5, 0.1), verdict(-0.5, 0.1), verdict(4e-8, 1.7e-4), verdict(float("nan"))
     ('yes', 'no', 'within noise', 'not tested')
     """
@@ -86,7 +175,14 @@ def verdict(margin: float, noise: float = 0.0) -> str:
 
 def all_of(verdicts) -> str:
     """The verdict of a claim made of parts: `NO` if any part fails, else `NOT_TESTED` if
-    any part lacks its runs, else `YES` if every part holds, else `WITHIN_NOISE`."""
+    any part lacks its runs, else `YES` if every part holds, else `WITHIN_NOISE`.
+
+    Args:
+      verdicts: the parts' verdicts (strings or bools, `as_verdict`).
+
+    Returns:
+      A verdict string.
+    """
     verdicts = [as_verdict(v) for v in verdicts]
     if not verdicts:
         return NOT_TESTED
@@ -99,7 +195,16 @@ def all_of(verdicts) -> str:
 def ordered(values, noises, *, decreasing: bool) -> str:
     """Whether ``values`` decrease (increase) step by step, each step by more than the noise
     of its pair (``noises[i] + noises[i + 1]``, e.g. solver tolerance and seed spread of each
-    value)."""
+    value).
+
+    Args:
+      values: the values in the claimed order.
+      noises: each value's noise.
+      decreasing: the claimed direction.
+
+    Returns:
+      A verdict (`all_of` the steps' `verdict`).
+    """
     sign = -1.0 if decreasing else 1.0
     return all_of(
         verdict(sign * (b - a), na + nb)
@@ -109,20 +214,45 @@ def ordered(values, noises, *, decreasing: bool) -> str:
 
 def seed_noise(stat: dict | None) -> float:
     """The standard error of a mean over seeds (`sharp_minima.studies.runs.aggregate`'s
-    ``{"mean", "std", "n"}``; 0 for one seed, whose spread is unknown)."""
+    ``{"mean", "std", "n"}``; 0 for one seed, whose spread is unknown).
+
+    Args:
+      stat: a field's statistics from `aggregate`, or None.
+
+    Returns:
+      std/√n (0 with one seed or none).
+    """
     if not isinstance(stat, dict) or stat.get("n", 1) < 2:
         return 0.0
     return float(stat["std"]) / float(np.sqrt(stat["n"]))
 
 
 def accuracy_noise(accuracy: float, num_examples: int) -> float:
-    """The sampling standard error of an accuracy measured on ``num_examples`` examples."""
+    """The sampling standard error of an accuracy measured on ``num_examples`` examples.
+
+    Args:
+      accuracy: a fraction in [0, 1].
+      num_examples: the test-set size n.
+
+    Returns:
+      √(a(1 − a)/n) as a fraction (at least √(1/n)/√n, for an accuracy of 0 or 1).
+    """
     p = min(max(float(accuracy), 0.0), 1.0)
     return float(np.sqrt(max(p * (1 - p), 1.0 / num_examples) / num_examples))
 
 
 def as_verdict(v) -> str:
-    """A verdict from a verdict string or a bool (True: `YES`, False: `NO`, None: `NOT_TESTED`)."""
+    """A verdict from a verdict string or a bool (True: `YES`, False: `NO`, None: `NOT_TESTED`).
+
+    Args:
+      v: a verdict string, a bool or None.
+
+    Returns:
+      A verdict string of `VERDICTS`.
+
+    Raises:
+      ValueError: an unknown verdict string.
+    """
     if v is None:
         return NOT_TESTED
     if isinstance(v, bool | np.bool_):
@@ -133,18 +263,40 @@ def as_verdict(v) -> str:
 
 
 def table_cell(value) -> str:
-    """``value`` as the text of one Markdown table cell: ``|`` escaped, no line breaks."""
+    """``value`` as the text of one Markdown table cell: ``|`` escaped, no line breaks.
+
+    Args:
+      value: anything printable.
+
+    Returns:
+      The cell's text.
+    """
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def markdown_table(header, rows) -> list[str]:
-    """The lines of a Markdown table; every cell goes through `table_cell`."""
+    """The lines of a Markdown table; every cell goes through `table_cell`.
+
+    Args:
+      header: the column titles.
+      rows: the rows' cells.
+
+    Returns:
+      The table's lines.
+    """
     line = lambda cells: "| " + " | ".join(table_cell(c) for c in cells) + " |"  # noqa: E731
     return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
 
 
 def count_verdicts(claims) -> str:
-    """``"3 yes, 1 within noise"``: how many claims got each verdict."""
+    """``"3 yes, 1 within noise"``: how many claims got each verdict.
+
+    Args:
+      claims: as for `claims_table`.
+
+    Returns:
+      The counts in words (``"no claims"`` when empty).
+    """
     found = [as_verdict(c["verdict"] if isinstance(c, dict) else c[1]) for c in claims]
     return ", ".join(f"{found.count(v)} {v}" for v in VERDICTS if v in found) or "no claims"
 
@@ -154,7 +306,14 @@ def claims_table(claims: list) -> list[str]:
     ``(claim, verdict, numbers)`` or as the dicts of ``results["claims"]``), and the count of
     each verdict. A claim holds ("yes") or fails ("no") only by more than its noise (solver
     tolerance, seed spread, test-set sampling), else it reads "within noise"; "not tested"
-    when its runs are missing (diverged)."""
+    when its runs are missing (diverged).
+
+    Args:
+      claims: ``[(claim, verdict, numbers)]`` or ``results["claims"]``.
+
+    Returns:
+      The section's Markdown lines.
+    """
     rows = []
     for c in claims:
         c = (c["claim"], c["verdict"], c["numbers"]) if isinstance(c, dict) else c
@@ -184,14 +343,24 @@ def write_outputs(
     """Saves a study's outputs, all in ``workdir``: ``report.md``, ``results.json`` (arrays of
     more than `INLINE_SIZE` numbers go to ``results.npz``, named by their path in the results,
     which ``results.json`` gives as ``"results.npz:<path>"``) and each figure as PNG and PDF,
-    on process 0, atomically; prints the claims. Returns ``results`` with its claims.
+    on process 0, atomically; prints the claims.
 
     Args:
-      config, results: the study's config and what its ``run`` measured.
+      config: the study's config.
+      results: what its ``run`` measured.
+      workdir: the output folder.
+      log: takes the claims' lines.
       claims: the study's ``claims(config, results) -> [(claim, verdict, numbers)]`` (a
         verdict of `VERDICTS`, or a bool).
       figures: ``figures(config, results) -> {name: Figure}`` (draws, saves nothing).
       report: ``report_markdown(config, results) -> str`` (sees ``results["claims"]``).
+
+    Returns:
+      ``results`` with ``"claims"`` (and ``"diverged"``) added.
+
+    Raises:
+      sharp_minima.studies.runs.NothingToReport: no claim could be tested because runs
+        diverged (after everything is written).
     """
     found = [(c, as_verdict(v), n) for c, v, n in claims(config, results)]
     diverged = runs.diverged_runs(workdir)
@@ -246,7 +415,14 @@ def _plural(n: int, word: str) -> str:
 
 def diverged_section(diverged: list[dict]) -> list[str]:
     """The report's ``## Diverged runs`` section: each run that diverged (NaN/Inf), where,
-    and its message (`sharp_minima.studies.runs.diverged_runs`)."""
+    and its message (`sharp_minima.studies.runs.diverged_runs`).
+
+    Args:
+      diverged: `sharp_minima.studies.runs.diverged_runs`'s records.
+
+    Returns:
+      The section's Markdown lines (none when no run diverged).
+    """
     rows = [(d["run"], "—" if d["step"] is None else d["step"], d["message"]) for d in diverged]
     return [
         "## Diverged runs",

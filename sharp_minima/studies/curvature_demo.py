@@ -22,7 +22,7 @@ import numpy as np
 from sharp_minima import data as data_lib
 from sharp_minima import files, losses, plotting, tracking, train
 from sharp_minima.studies import runs
-from sharp_minima.studies.common import key_streams, write_outputs
+from sharp_minima.studies.common import contract, key_streams, write_outputs
 
 
 def validate(config) -> None:
@@ -34,6 +34,7 @@ def validate(config) -> None:
         train.check_numbers(config, f"curvature.{name}", low=1, integer=True)
 
 
+@contract
 def run(config, workdir: str, *, data=None, log=print) -> dict:
     """Trains with the tracking hook, measures the final Hessian, writes results and figures."""
     validate(config)
@@ -138,14 +139,17 @@ def _run_locked(config, workdir, data, log) -> dict:
     )
 
 
+@contract
 def claims(config, results: dict) -> list:
     """None: the demo reproduces no paper's claim."""
     return []
 
 
+@contract
 def figures(config, results: dict) -> dict:
     """``tracking`` (the top eigenvalues along training) and ``spectrum`` (the final SLQ
-    density with the top eigenvalues marked)."""
+    density with the top eigenvalues marked).
+    """
     t = results["tracking"]
     return {
         "tracking": plotting.tracking_figure(
@@ -157,6 +161,7 @@ def figures(config, results: dict) -> dict:
     }
 
 
+@contract
 def report_markdown(config, results: dict) -> str:
     """``report.md``: the run, the curvature loss and the final Hessian's numbers."""
     tr, fro = results["hessian/trace"], results["hessian/frobenius_hutchinson"]

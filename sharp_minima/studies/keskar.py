@@ -38,6 +38,7 @@ from sharp_minima.studies import runs
 from sharp_minima.studies.common import (
     accuracy_noise,
     claims_table,
+    contract,
     key_streams,
     mean_std,
     seed_noise,
@@ -394,10 +395,12 @@ def _paper_cell(value) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+@contract
 def claims(config, results: dict) -> list[tuple[str, str, str]]:
     """The paper's two claims on this run: LB sharper than SB (full space, first ε), and SB
     generalizing better than LB; each holds only by more than the standard error over seeds
-    (plus, for accuracies, the test set's sampling error)."""
+    (plus, for accuracies, the test set's sampling error).
+    """
     summary = results["summary"]
     eps0 = f"{config.keskar.epsilons[0]:g}"
     stat = lambda r, key: summary.get(r, {}).get(key)  # noqa: E731
@@ -432,9 +435,11 @@ def claims(config, results: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+@contract
 def report_markdown(config, results: dict) -> str:
     """``report.md``: this run's Tables 2–4, 6, 7 beside the paper's (every cell of the
-    paper for F1–C4), the sweeps, and a verdict per claim."""
+    paper for F1–C4), the sweeps, and a verdict per claim.
+    """
     summary, num_train = results["summary"], results["data"]["num_train"]
     net = config.model.name
     paper = PAPER.get(net, {})
@@ -580,10 +585,12 @@ def _sweep_tables(config, summary, paper) -> list[str]:
     return lines
 
 
+@contract
 def figures(config, results: dict) -> dict:
     """``parametric_linear`` / ``parametric_curved`` (Figs. 3, 10), ``sharpness`` (SB vs
     LB) and, with a batch-size sweep, ``sharpness_vs_batch`` (Fig. 4) — Figures, nothing
-    saved."""
+    saved.
+    """
     out = {}
     for path, curve in results["parametric"].items():
         out[f"parametric_{path}"] = plotting.parametric_figure(
@@ -700,12 +707,9 @@ def validate(config, num_train: int | None = None, num_devices: int = 1) -> None
                 )
 
 
+@contract
 def run(config, workdir: str, *, data=None, log=print) -> dict:
-    """The whole study into ``workdir`` (resumable); returns the results dict.
-
-    Raises:
-      train.ConfigError: bad config. data.DataNotFoundError: the data set is not available.
-    """
+    """The whole study into ``workdir`` (resumable); returns the results dict."""
     validate(config)
     with files.workdir_lock(workdir, log=log):
         return _run_locked(config, workdir, data, log)

@@ -37,6 +37,7 @@ from sharp_minima.studies.common import (
     accuracy_noise,
     all_of,
     claims_table,
+    contract,
     key_streams,
     ordered,
     seed_noise,
@@ -269,11 +270,13 @@ def table_row(stats: dict) -> dict:
     return row
 
 
+@contract
 def claims(config, results: dict) -> list[tuple[str, str, str]]:
     """The claims of Sec. 4, tested on the aggregated table. A difference counts only beyond
     its noise: the eigensolver's tolerance (``tol`` × the value) and the standard error over
     seeds for λ_max and ‖H‖_F; the sampling error of the split and the standard error over
-    seeds for accuracies. A claim whose runs diverged reads "not tested"."""
+    seeds for accuracies. A claim whose runs diverged reads "not tested".
+    """
     table, data = results["runs"], results["data"]
     n, lr = config.nsgd, config.optim.learning_rate
     tol = n.curvature.tol
@@ -393,6 +396,7 @@ def _fmt(v, fmt):
     return "—" if v is None else format(v, fmt)
 
 
+@contract
 def report_markdown(config, results: dict) -> str:
     """``report.md``: the scale, the claims, this run's Table 1 columns, the paper's tables."""
     n = config.nsgd
@@ -453,9 +457,11 @@ def report_markdown(config, results: dict) -> str:
     return "\n".join(lines)
 
 
+@contract
 def figures(config, results: dict) -> dict:
     """``nsgd_curves`` (the γ sweep) and ``nsgd_k`` (the K sweep) against SGD: validation
-    accuracy, training loss, λ_max and ‖H‖_F by epoch (Figures, nothing saved)."""
+    accuracy, training loss, λ_max and ‖H‖_F by epoch (Figures, nothing saved).
+    """
 
     n, specs, curves = config.nsgd, plan(config), results["curves"]
     sgd = f"sgd_lr{config.optim.learning_rate:g}"
@@ -489,6 +495,7 @@ def figures(config, results: dict) -> dict:
     return out
 
 
+@contract
 def run(config, workdir: str, *, data=None, log=print) -> dict:
     """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures."""
     validate(config)

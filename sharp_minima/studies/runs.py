@@ -54,6 +54,14 @@ def derive(config, changes: dict[str, Any] | None = None, **fields) -> ml_collec
     """A locked copy of ``config`` with fields changed: ``changes`` by dotted path
     (``{"optim.learning_rate": 0.1}``), ``fields`` at the top level (``batch_size=32``).
 
+    Args:
+      config: the config.
+      changes: ``{dotted path: value}``.
+      **fields: top-level fields.
+
+    Returns:
+      A locked ``ml_collections.ConfigDict``.
+
     >>> import ml_collections
     >>> c = ml_collections.ConfigDict({"seed": 0, "optim": {"learning_rate": 0.1}})
     >>> d = derive(c, {"optim.learning_rate": 0.05}, seed=3)
@@ -83,7 +91,15 @@ def derive(config, changes: dict[str, Any] | None = None, **fields) -> ml_collec
 
 
 def run_dir(workdir: str, *parts) -> str:
-    """``<workdir>/runs/<part>/<part>...``: the folder of one run of a study."""
+    """``<workdir>/runs/<part>/<part>...``: the folder of one run of a study.
+
+    Args:
+      workdir: the study's folder.
+      *parts: the run's name, in parts (e.g. regime and seed).
+
+    Returns:
+      The folder's path.
+    """
     return os.path.join(workdir, "runs", *(str(p) for p in parts))
 
 
@@ -92,7 +108,12 @@ def run_dir(workdir: str, *parts) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Diverged:
-    """A run whose training loss became NaN/Inf: reported, never retried."""
+    """A run whose training loss became NaN/Inf: reported, never retried.
+
+    Attributes:
+      message: what happened (the trainer's message).
+      step: the step where the loss became non-finite, if known.
+    """
 
     message: str
     step: int | None = None
@@ -168,6 +189,9 @@ class Cache:
     write is atomic and happens as soon as a value is computed, so an interrupted study keeps
     what it measured. Only process 0 writes.
 
+    Args:
+      path: the JSON file (its folder is created when needed).
+
     >>> import tempfile
     >>> cache = Cache(os.path.join(tempfile.mkdtemp(), "measure.json"))
     >>> cache.get("phi", {"eps": 1e-3, "step": 8}, lambda: 2.5)
@@ -201,7 +225,16 @@ class Cache:
     def get(self, name: str, key, compute: Callable[[], Any]):
         """The value stored under ``name`` if it was computed under ``key``; else
         ``compute()``, stored (as JSON gives it back, so a first and a later call return
-        equal values)."""
+        equal values).
+
+        Args:
+          name: the value's name.
+          key: what it depends on (JSON data); another key recomputes it.
+          compute: ``() -> value`` (JSON data).
+
+        Returns:
+          The value.
+        """
         if self._hit(name, key):
             return self._entries[name]["value"]
         value = _plain(compute())
@@ -209,7 +242,16 @@ class Cache:
         return value
 
     def arrays(self, name: str, key, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
-        """Like `get` for a dict of arrays (stored as ``.npz``)."""
+        """Like `get` for a dict of arrays (stored as ``.npz``).
+
+        Args:
+          name: the arrays' name.
+          key: what they depend on (JSON data).
+          compute: ``() -> {name: array}``.
+
+        Returns:
+          ``{name: numpy array}``.
+        """
         path = self._array_path(name)
         if self._hit(name, key) and os.path.exists(path):
             with np.load(path) as z:
@@ -223,6 +265,11 @@ class Cache:
         return value
 
     def names(self) -> list[str]:
+        """The names stored so far.
+
+        Returns:
+          Sorted names.
+        """
         return sorted(self._entries)
 
 
@@ -236,10 +283,17 @@ def _number(v) -> bool:
 def aggregate(records: list[dict], by: str, *, exclude=("seed",)) -> dict:
     """Statistics over the records of each group (e.g. the seeds of one regime).
 
-    Returns ``{group: {"runs": n, "diverged": d, field: {"mean", "std", "min", "max",
-    "n"}}}`` for every numeric field of the records that did not diverge (``"diverged":
+    The statistics of every numeric field of the records that did not diverge (``"diverged":
     True`` in the record); None and non-finite values are left out of a field's statistics
     and ``n`` says how many counted. Groups keep the order they first appear in.
+
+    Args:
+      records: one dict per run (fields, and ``"diverged": True`` for a diverged run).
+      by: the field that names a run's group.
+      exclude: fields left out of the statistics.
+
+    Returns:
+      ``{group: {"runs": n, "diverged": d, field: {"mean", "std", "min", "max", "n"}}}``.
 
     >>> recs = [{"regime": "sb", "seed": 0, "acc": 1.0}, {"regime": "sb", "seed": 1, "acc": 3.0},
     ...         {"regime": "lb", "seed": 0, "diverged": True}]
@@ -276,7 +330,14 @@ def aggregate(records: list[dict], by: str, *, exclude=("seed",)) -> dict:
 
 
 def read_metrics(folder: str) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` (empty before the run has logged)."""
+    """The records of a run's ``metrics.jsonl`` (empty before the run has logged).
+
+    Args:
+      folder: the run's folder.
+
+    Returns:
+      A list of dicts.
+    """
     return train.MetricsLog(os.path.join(folder, "metrics.jsonl")).records()
 
 
@@ -284,6 +345,13 @@ def series(records: list[dict], prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of a logged series: ``values`` is (T,) for one key ``prefix``
     (``"train/loss"``), or (T, k) for numbered keys ``prefix1 .. prefixk``
     (``"hessian/lambda_"``), over the records that hold it, by step.
+
+    Args:
+      records: `read_metrics`'s records.
+      prefix: the key, or the prefix of numbered keys.
+
+    Returns:
+      ``(steps (T,), values (T,) or (T, k))``.
 
     >>> recs = [{"step": 4, "h/l_1": 3.0, "h/l_2": 1.0}, {"step": 0, "h/l_1": 2.0, "h/l_2": 0.5}]
     >>> series(recs, "h/l_")[1].tolist()
@@ -308,7 +376,15 @@ def series(records: list[dict], prefix: str) -> tuple[np.ndarray, np.ndarray]:
 
 def read_arrays(folder: str, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
     """``[(step, arrays), ...]`` written by a hook with ``ctx.save_arrays(name, ...)`` in a
-    run's folder, in step order."""
+    run's folder, in step order.
+
+    Args:
+      folder: the run's folder.
+      name: the arrays' name.
+
+    Returns:
+      ``[(step, {name: numpy array})]``.
+    """
     where = os.path.join(folder, "arrays", name)
     if not os.path.isdir(where):
         return []

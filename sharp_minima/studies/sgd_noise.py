@@ -67,6 +67,7 @@ from sharp_minima.studies.common import (
     all_of,
     as_verdict,
     claims_table,
+    contract,
     key_streams,
     markdown_table,
     ordered,
@@ -1719,6 +1720,7 @@ TITLES = {
 }
 
 
+@contract
 def claims(config, results: dict) -> list:
     """Every section's claims, each prefixed with its section number."""
     out = []
@@ -1731,9 +1733,11 @@ def claims(config, results: dict) -> list:
     return out
 
 
+@contract
 def run(config, workdir: str, *, data=None, log=print) -> dict:
     """Runs the configured sections (resuming), writes ``report.md``, ``results.json`` and the
-    figures."""
+    figures.
+    """
     validate(config)
     with files.workdir_lock(workdir, log=log):
         return _run_locked(config, workdir, data, log)
@@ -1808,7 +1812,9 @@ def _scale(config, results) -> str:
     )
 
 
+@contract
 def report_markdown(config, results: dict) -> str:
+    """``report.md``: the scale of this run, the sources' numbers beside ours, and the claims."""
     secs = results["sections"]
     lines = [
         f'# The lecture notes "Towards Understanding SGD" — {config.name}',
@@ -2145,6 +2151,7 @@ def _figure_names(secs) -> list[str]:
     return [n for s in SECTIONS if s in secs for n in _FIGURES.get(s, ())]
 
 
+@contract
 def figures(config, results: dict) -> dict:
     """One figure per section that has one (Figures, nothing saved)."""
     secs, out = results["sections"], {}

@@ -44,6 +44,7 @@ from sharp_minima.studies import runs
 from sharp_minima.studies.common import (
     all_of,
     claims_table,
+    contract,
     key_streams,
     ordered,
     verdict,
@@ -418,11 +419,13 @@ def _rel(d, loss):
     return 100.0 * d / loss if loss else float("nan")
 
 
+@contract
 def claims(config, results: dict) -> list[tuple[str, str, str]]:
     """``(claim, verdict, numbers)`` for each claim of Sec. 3 this study tests. Eigenvalues
     differ only beyond the eigensolver's tolerance (``curvature.tol`` × λ each); the probe's
     means only beyond their standard error over the probed steps. A claim whose runs
-    diverged (or are missing) reads "not tested"."""
+    diverged (or are missing) reads "not tested".
+    """
     summaries = results["runs"]
     s = config.sharpest
     tol = s.curvature.tol
@@ -621,9 +624,11 @@ def claims(config, results: dict) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------- figures
 
 
+@contract
 def figures(config, results: dict) -> dict:
     """The study's figures (`matplotlib.figure.Figure`, nothing saved): eigenvalues,
-    full_batch, step_vs_curvature, variants, schedule — each when its runs are there."""
+    full_batch, step_vs_curvature, variants, schedule — each when its runs are there.
+    """
     import matplotlib
 
     s = config.sharpest
@@ -769,6 +774,7 @@ def figures(config, results: dict) -> dict:
 # --------------------------------------------------------------------------------- report
 
 
+@contract
 def report_markdown(config, results: dict) -> str:
     """``report.md``: the scale, the claims, the paper's numbers beside ours, the runs."""
     s = config.sharpest
@@ -843,6 +849,7 @@ def report_markdown(config, results: dict) -> str:
 # ------------------------------------------------------------------------------------ run
 
 
+@contract
 def run(config, workdir: str, *, data=None, log=print) -> dict:
     """Runs the study (resuming finished and interrupted runs), writes the report."""
     validate(config)

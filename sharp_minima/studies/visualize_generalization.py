@@ -43,6 +43,7 @@ from sharp_minima.studies.common import (
     accuracy_noise,
     all_of,
     claims_table,
+    contract,
     key_streams,
     ordered,
     seed_noise,
@@ -825,11 +826,14 @@ def by_beta(records: list[dict], key: str) -> dict[float, dict]:
     return {b: v[key] for b, v in sorted(stats.items()) if key in v}
 
 
-def claims(config, out: dict) -> list[tuple[str, str, str]]:
+@contract
+def claims(config, results: dict) -> list[tuple[str, str, str]]:
     """A verdict per claim of the paper this run tests, with the numbers. Accuracies differ
     only beyond their noise (the standard error over seeds plus the test set's sampling
     error), log-volumes beyond their standard error over seeds; claims whose runs diverged
-    read "not tested"."""
+    read "not tested".
+    """
+    out = results
     cl = []
     if "swissroll" in out:
         every = out["swissroll"]
@@ -1041,9 +1045,11 @@ def claims(config, out: dict) -> list[tuple[str, str, str]]:
 # ---------------------------------------------------------------------------------- figures
 
 
+@contract
 def figures(config, results: dict) -> dict:
     """The study's figures (Figures, nothing saved): decision_boundaries, surfaces, volume
-    (swiss roll), tsne, rings — each when its section ran."""
+    (swiss roll), tsne, rings — each when its section ran.
+    """
     out, data = {}, results.get("figure_data", {})
     if "swissroll" in results:
         s = data["swissroll"]
@@ -1173,9 +1179,12 @@ def rings_figure(r):
 # ----------------------------------------------------------------------------------- report
 
 
-def report_markdown(config, out: dict) -> str:
+@contract
+def report_markdown(config, results: dict) -> str:
     """``report.md``: per section the setup, this run's table beside the paper's numbers,
-    then the claims."""
+    then the claims.
+    """
+    out = results
     lines = [f"# Huang et al. (2020) — {config.name}", ""]
     if "swissroll" in out:
         s = out["setup"]
@@ -1348,12 +1357,10 @@ def _mean(values, digits, scale=1.0):
 # --------------------------------------------------------------------------------- the study
 
 
+@contract
 def run(config, workdir: str, *, data=None, log=print) -> dict:
     """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures.
-
-    Args:
-      data: the swiss-roll (or SVHN) data with D_d in ``x_extra`` (default: `load_data`).
-    """
+    ``data``, when given, is the swiss-roll (or SVHN) data with D_d in ``x_extra``."""
     validate(config)
     with files.workdir_lock(workdir, log=log):
         return _run_locked(config, workdir, data, log)

@@ -7,20 +7,22 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
 
 - `config` — `validate_config`, `check_numbers`, `ConfigError`, `load_data`, `build_model`,
   `run_keys`, `setup` / `Setup` (a config validated once with its data and model built:
-  studies hand it to `train` so nothing is validated or built twice), `make_optimizer` and
-  `learning_rate_schedule` (sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad; constant,
-  step, cosine, warm-up with the linear scaling rule of Goyal et al. 2017, reduce-on-plateau).
+  studies hand it to `train` so nothing is validated or built twice).
+- `optimizer` — `make_optimizer`, `learning_rate_schedule` (sgd, momentum, nesterov, adam,
+  adamw, rmsprop, adagrad; constant, step, cosine, warm-up with the linear scaling rule of
+  Goyal et al. 2017, reduce-on-plateau) and `resolve_optimizer` (the config's or your own).
 - `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
   `classification_loss` (the default `TrainLoss`; any research loss
   ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
   `make_train_step`, `make_eval_step`, `Evaluator`, `init_state`, `initial_params`.
 - `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
   hook runs every N steps or epochs, may log scalars, replace the state (e.g. new
-  directions in the optimizer state), write arrays with ``ctx.save_arrays``; the stopping
-  rules `should_stop_early` (patience, or `targets_met`: training to a fit) and
+  directions in the optimizer state), write arrays with ``ctx.save_arrays``.
+- `stopping` — `should_stop_early` (patience, or `targets_met`: training to a fit),
   `parse_target`.
-- `console` — `Progress`, `MetricsBuffer`, `MetricsLog`, `MetricWriters` (metrics.jsonl,
-  and TensorBoard with ``config.tensorboard``), `NonFiniteError`.
+- `console` — `Progress` (the progress line), `plural`, `fmt_time`.
+- `metrics` — `MetricsBuffer` (per-step metrics, checked for NaN/Inf: `NonFiniteError`),
+  `MetricsLog`, `MetricWriters` (metrics.jsonl, and TensorBoard with ``config.tensorboard``).
 - `checkpoint` — `Checkpointer` (last + best), `restore_or_init`, `check_resumable`.
 - `loop` — `train`, `TrainResult`, `Interrupted`.
 
@@ -41,6 +43,7 @@ _MODULES = {
         "ConfigError",
         "Setup",
         "setup",
+        "dividing_devices",
         "validate_config",
         "check_numbers",
         "load_data",
@@ -49,10 +52,8 @@ _MODULES = {
         "config_dict",
         "MODELS",
         "get_model",
-        "learning_rate_schedule",
-        "make_optimizer",
-        "resolve_optimizer",
     ),
+    "optimizer": ("learning_rate_schedule", "make_optimizer", "resolve_optimizer"),
     "steps": (
         "make_mesh",
         "serialize_collectives",
@@ -78,20 +79,10 @@ _MODULES = {
         "save_arrays",
         "run_hooks",
         "conform",
-        "should_stop_early",
-        "parse_target",
-        "targets_met",
     ),
-    "console": (
-        "NonFiniteError",
-        "Progress",
-        "plural",
-        "MetricsBuffer",
-        "MetricsLog",
-        "MetricWriters",
-        "TensorBoardLog",
-        "fmt_time",
-    ),
+    "stopping": ("should_stop_early", "parse_target", "targets_met"),
+    "console": ("Progress", "plural", "fmt_time"),
+    "metrics": ("NonFiniteError", "MetricsBuffer", "MetricsLog", "MetricWriters", "TensorBoardLog"),
     "checkpoint": (
         "CheckpointError",
         "Checkpointer",

@@ -29,7 +29,14 @@ class CheckpointError(ValueError):
 
 def best_metric(config) -> str:
     """The metric that picks the best checkpoint (``"auto"``: val/accuracy if there is a
-    validation split, else train/accuracy — never the test set)."""
+    validation split, else train/accuracy — never the test set).
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      A metric name such as ``"val/accuracy"``.
+    """
     m = config.checkpoint.best_metric
     if m == "auto":
         return "val/accuracy" if config.data.validation_fraction > 0 else "train/accuracy"
@@ -38,7 +45,12 @@ def best_metric(config) -> str:
 
 class Checkpointer:
     """The last ``config.checkpoint.keep`` states (``checkpoints/``) and the best one by
-    `best_metric` (``checkpoint_best/``), saved synchronously with orbax."""
+    `best_metric` (``checkpoint_best/``), saved synchronously with orbax.
+
+    Args:
+      workdir: the run's folder.
+      config: the run's config (``checkpoint.keep``, ``checkpoint.best_metric``).
+    """
 
     def __init__(self, workdir: str, config):
         import orbax.checkpoint as ocp
@@ -71,6 +83,11 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The step of the newest checkpoint.
+
+        Returns:
+          The step, or None without a checkpoint.
+        """
         return self.last.latest_step()
 
     def restore_latest(self, target: TrainState, log=None) -> TrainState | None:
@@ -84,6 +101,13 @@ class Checkpointer:
         Raises:
           CheckpointError: checkpoints exist but none restores (each is named, with its
             error; nothing is moved).
+
+        Args:
+          target: a state of the run's structure, placed as the restored one should be.
+          log: takes a line per damaged checkpoint moved aside.
+
+        Returns:
+          The restored `TrainState`, or None.
         """
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
         damaged = []
@@ -131,7 +155,13 @@ class Checkpointer:
         loop needs to continue exactly: its hooks' state, `sharp_minima.train.hooks.hook_state`,
         and the steps not yet logged) goes to
         ``hook_state/<step>.npz``, written before the checkpoint it belongs to and kept as
-        long as that checkpoint (None: no file, for a run whose hooks keep no state)."""
+        long as that checkpoint (None: no file, for a run whose hooks keep no state).
+
+        Args:
+          state: the state to save.
+          metrics: the evaluation record of this step, if any.
+          hook_state: the loop's arrays to save beside it.
+        """
         s = int(state.step)
         if self.last.latest_step() != s:
             if hook_state is not None and jax.process_index() == 0:
@@ -158,7 +188,14 @@ class Checkpointer:
 
     def load_hook_state(self, step: int) -> dict | None:
         """The hook state saved with the checkpoint of ``step`` (None for a checkpoint saved
-        without one, e.g. by an older version)."""
+        without one, e.g. by an older version).
+
+        Args:
+          step: the checkpoint's step.
+
+        Returns:
+          ``{name: array}`` or None.
+        """
         path = self._hook_state_path(step)
         if not os.path.exists(path):
             return None
@@ -166,6 +203,7 @@ class Checkpointer:
             return {k: z[k] for k in z.files}
 
     def close(self) -> None:
+        """Closes both orbax managers (call when the run ends)."""
         self.last.close()
         self.best.close()
 
@@ -230,7 +268,16 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 def restore_checkpoint(directory: str, target: TrainState, step: int | None = None):
     """Restores a `TrainState` from an orbax folder (latest step unless ``step`` is given),
-    with the shardings of ``target``. Returns None when the folder has no checkpoint."""
+    with the shardings of ``target``. Returns None when the folder has no checkpoint.
+
+    Args:
+      directory: an orbax checkpoint folder (e.g. ``<workdir>/checkpoint_best``).
+      target: a state of the run's structure.
+      step: the step to restore (default: the latest).
+
+    Returns:
+      The `TrainState`, or None.
+    """
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
@@ -243,7 +290,20 @@ def restore_checkpoint(directory: str, target: TrainState, step: int | None = No
 
 def restore_or_init(checkpointer: Checkpointer, model, tx, sample_x, key, mesh: Mesh, log=None):
     """``(state, resumed_from)``: the newest checkpoint that restores if there is one (see
-    `Checkpointer.restore_latest`), else a fresh `init_state`; replicated over ``mesh``."""
+    `Checkpointer.restore_latest`), else a fresh `init_state`; replicated over ``mesh``.
+
+    Args:
+      checkpointer: the run's `Checkpointer`.
+      model: the Flax model.
+      tx: the optax transformation.
+      sample_x: a batch of inputs (for the shapes).
+      key: the initialisation key.
+      mesh: the data mesh (the state is replicated over it).
+      log: takes the lines about damaged checkpoints.
+
+    Returns:
+      ``(state, resumed_from)``: resumed_from is the restored step, 0 for a fresh state.
+    """
     state = init_state(model, tx, sample_x, key)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     restored = checkpointer.restore_latest(state, log=log)
@@ -259,6 +319,10 @@ def check_resumable(workdir: str, config) -> None:
 
     Raises:
       ConfigError: naming the fields that differ.
+
+    Args:
+      workdir: the run's folder.
+      config: the config about to resume it.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path) or not has_checkpoint(workdir):
@@ -275,5 +339,13 @@ def check_resumable(workdir: str, config) -> None:
 
 
 def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir/checkpoints`` holds a checkpoint.
+
+    Args:
+      workdir: the run's folder.
+
+    Returns:
+      True when there is at least one.
+    """
     folder = os.path.join(workdir, "checkpoints")
     return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))

@@ -1,11 +1,11 @@
-"""A training run's config: its checks, and the data, model and optimizer it names.
+"""A training run's config: its checks, and the data and model it names.
 
 `validate_config` fails early and clearly on bad names and impossible combinations (one
-`ConfigError` naming the field); `load_data`, `build_model` and `make_optimizer` read
-``config.data``, ``config.model`` and ``config.optim`` / ``config.schedule``; `setup` does the
-first three once and returns a `Setup` that `train` takes as it
-is, so a study that builds a run's data and model hands them over instead of having the
-trainer validate and build again.
+`ConfigError` naming the field); `load_data` and `build_model` read ``config.data`` and
+``config.model`` (`sharp_minima.train.optimizer` reads ``config.optim`` and
+``config.schedule``); `setup` does the checks and the first two once and returns a `Setup`
+that `train` takes as it is, so a study that builds a run's data and model hands them over
+instead of having the trainer validate and build again.
 """
 
 from __future__ import annotations
@@ -14,18 +14,14 @@ import dataclasses
 import importlib.util
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sharp_minima import data as data_lib
-from sharp_minima import optim
 from sharp_minima.models import MODELS, get_model
-from sharp_minima.train.hooks import parse_target
+from sharp_minima.train.stopping import parse_target
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
@@ -46,6 +42,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
 
     Raises:
       ConfigError: naming the offending field.
+
+    Args:
+      config: the run's config.
+      num_devices: the devices it will run on (checks that the batch divides), if known.
     """
     c = config
 
@@ -197,6 +197,20 @@ def check_numbers(
     Raises:
       ConfigError: one line naming ``config.<path>``, what it must be and what it got.
 
+    Args:
+      config: the config.
+      path: the dotted field.
+      low: the smallest allowed value (None: unbounded).
+      low_open: ``low`` itself not allowed.
+      high: the largest allowed value.
+      high_open: ``high`` itself not allowed.
+      integer: the values must be integers.
+      nonempty: a tuple must hold a value.
+      unique: no value twice.
+
+    Returns:
+      The values as a tuple.
+
     >>> import ml_collections
     >>> c = ml_collections.ConfigDict({"nsgd": {"gammas": (0.1, 0.1)}})
     >>> try:
@@ -242,7 +256,17 @@ def _is_metric(name, splits) -> bool:
 
 
 def load_data(config):
-    """``sharp_minima.data.load`` with the fields of ``config.data``."""
+    """``sharp_minima.data.load`` with the fields of ``config.data``.
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      A `sharp_minima.data.Dataset`.
+
+    Raises:
+      sharp_minima.data.DataNotFoundError: no source has the data set.
+    """
     d = config.data
     return data_lib.load(
         d.name,
@@ -257,104 +281,39 @@ def load_data(config):
 
 
 def build_model(config, data):
-    """The model of ``config.model`` sized for ``data`` (number of classes)."""
+    """The model of ``config.model`` sized for ``data`` (number of classes).
+
+    Args:
+      config: the run's config.
+      data: the `sharp_minima.data.Dataset` (its number of classes).
+
+    Returns:
+      The Flax module.
+    """
     return get_model(config.model.name, num_classes=data.num_classes, **dict(config.model.kwargs))
 
 
 def run_keys(config) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(init_key, data_key, aug_key)`` of a run: initialisation, shuffling, augmentation."""
+    """``(init_key, data_key, aug_key)`` of a run: initialisation, shuffling, augmentation.
+
+    Args:
+      config: the run's config (its ``seed``).
+
+    Returns:
+      Three keys.
+    """
     return tuple(jax.random.split(jax.random.key(config.seed), 3))
 
 
-# ------------------------------------------------------------------------ optimizer/schedule
-
-
-def learning_rate_schedule(config, steps_per_epoch: int) -> Callable[[Any], Any]:
-    """Step -> learning rate (before any reduce-on-plateau factor).
-
-    With ``schedule.base_batch_size > 0`` the linear scaling rule applies (Goyal et al. 2017):
-    the peak rate is ``lr · batch_size / base_batch_size``, reached by a linear warm-up from
-    ``lr`` over ``warmup_epochs``.
-    """
-    s, lr = config.schedule, config.optim.learning_rate
-    peak = lr * config.batch_size / s.base_batch_size if s.base_batch_size else lr
-    total = config.num_epochs * steps_per_epoch
-    warmup = int(round(s.warmup_epochs * steps_per_epoch))
-    if s.name == "step":
-        boundaries = {int(b * steps_per_epoch): s.decay_factor for b in s.boundaries_epochs}
-        main = optax.piecewise_constant_schedule(peak, boundaries)
-    elif s.name == "cosine":
-        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
-    else:  # constant, plateau (the plateau factor is applied by the optimizer chain)
-        main = optax.constant_schedule(peak)
-    if not warmup:
-        return main
-    start = lr if s.base_batch_size else 0.0
-    ramp = optax.linear_schedule(start, peak, warmup)
-    if s.name == "step":  # boundaries count from step 0, not from the end of the warm-up
-        return optax.join_schedules([ramp, lambda t: main(t + warmup)], [warmup])
-    return optax.join_schedules([ramp, main], [warmup])
-
-
-def make_optimizer(config, steps_per_epoch: int):
-    """Returns ``(tx, lr_fn)``: the optax transformation and ``lr_fn(step, opt_state)``."""
-    o = config.optim
-    sched = learning_rate_schedule(config, steps_per_epoch)
-    if o.name == "sgd":
-        base = optax.sgd(sched)
-    elif o.name in ("momentum", "nesterov"):
-        base = optax.sgd(sched, momentum=o.momentum, nesterov=o.name == "nesterov" or o.nesterov)
-    elif o.name == "adam":
-        base = optax.adam(sched, b1=o.b1, b2=o.b2, eps=o.eps)
-    elif o.name == "adamw":
-        base = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    elif o.name == "rmsprop":
-        base = optax.rmsprop(sched, eps=o.eps, momentum=o.momentum or None)
-    else:
-        base = optax.adagrad(sched, eps=o.eps)
-    parts = []
-    if o.proximal:  # Keskar et al.'s conservative training: proximal sub-problems
-        parts.append(optim.proximal(o.proximal, o.proximal_inner_steps))
-    if o.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-    parts.append(base)
-    if config.schedule.name == "plateau":
-        # Patience counts epochs: the per-step training loss is averaged over one epoch.
-        parts.append(
-            optax.contrib.reduce_on_plateau(
-                factor=config.schedule.plateau_factor,
-                patience=config.schedule.plateau_patience,
-                accumulation_size=steps_per_epoch,
-            )
-        )
-    tx = optax.chain(*parts)
-    plateau_index = len(parts) - 1 if config.schedule.name == "plateau" else None
-
-    def lr_fn(step, opt_state):
-        lr = sched(step)
-        if plateau_index is not None:
-            lr = lr * opt_state[plateau_index].scale
-        return lr
-
-    return tx, lr_fn
-
-
-def resolve_optimizer(config, steps_per_epoch: int, tx):
-    """``(tx, lr_fn)``: the config's optimizer, or the injected ``tx`` (whose learning rate is
-    logged when it carries an ``inject_hyperparams`` ``learning_rate``)."""
-    if tx is None:
-        return make_optimizer(config, steps_per_epoch)
-    try:
-        probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
-    except (ValueError, TypeError):  # a transform that needs the real params' shapes
-        return tx, None
-    if optax.tree_utils.tree_get(probe, "learning_rate") is None:
-        return tx, None
-    return tx, lambda step, opt_state: optax.tree_utils.tree_get(opt_state, "learning_rate")
-
-
 def config_dict(config) -> dict:
-    """The config as plain JSON data (what ``config.json`` holds)."""
+    """The config as plain JSON data (what ``config.json`` holds).
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      A dict of JSON data.
+    """
     return json.loads(config.to_json_best_effort())
 
 
@@ -365,6 +324,12 @@ class Setup:
     `train` takes it in place of a config (``train.train(setup, workdir)``) and neither
     validates nor builds again; a study builds one per run and shares the data (and a model
     whose config is unchanged) between its runs.
+
+    Attributes:
+      config: the validated config (locked).
+      data: the `sharp_minima.data.Dataset`.
+      model: the Flax module.
+      mesh: the data mesh over the devices the run uses.
     """
 
     config: Any
@@ -373,16 +338,43 @@ class Setup:
     mesh: Any
 
 
+def dividing_devices(batch_size: int) -> int:
+    """How many devices ``num_devices = 0`` trains on: all of them when the batch size divides
+    over them (e.g. 8 TPU cores and a batch of 128), else on one host the most that it
+    divides over (a batch of 100 on 8 cores: 4), so a config runs unchanged on any runtime.
+    Data parallelism averages the same global batch either way. Several hosts use every
+    device (and `validate_config` names a batch that does not divide).
+
+    Args:
+      batch_size: the global batch size.
+
+    Returns:
+      The number of devices.
+    """
+    n = jax.device_count()
+    if jax.process_count() > 1 or batch_size < 1:
+        return n
+    return max(d for d in range(1, n + 1) if batch_size % d == 0)
+
+
 def setup(config, *, data=None, model=None) -> Setup:
     """Validates ``config`` (with the device count and the data's size), loads the data and
     builds the model — each unless given.
 
     Raises:
       ConfigError: bad config (before any compilation). DataNotFoundError: no data.
+
+    Args:
+      config: the run's config.
+      data: a loaded data set to use instead of loading ``config.data``.
+      model: a built model to use instead of building ``config.model``.
+
+    Returns:
+      A `Setup`.
     """
     from sharp_minima.train.steps import make_mesh  # noqa: PLC0415 - steps import flax
 
-    mesh = make_mesh(config.num_devices)
+    mesh = make_mesh(config.num_devices or dividing_devices(config.batch_size))
     validate_config(config, mesh.size)
     data = load_data(config) if data is None else data
     n = len(data.x_train)

@@ -1,14 +1,11 @@
-"""What a run shows and logs, and how it takes Ctrl-C: the progress line, the epoch line's
-keys, `plural`, the deferred Ctrl-C of the loop, the per-step metrics buffer, and the metric
-writers (``metrics.jsonl`` always; TensorBoard event files when ``config.tensorboard`` is set,
-so λ_max and the losses can be watched live with ``tensorboard --logdir <workdir>``)."""
+"""What a run shows, and how it takes Ctrl-C: the progress line, the epoch line's keys,
+`plural`, `fmt_time`, and the deferred Ctrl-C of the loop. What a run logs is in
+`sharp_minima.train.metrics`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -16,21 +13,17 @@ import time
 from collections.abc import Callable
 
 import jax
-import numpy as np
-
-from sharp_minima import files
-
-
-class NonFiniteError(FloatingPointError):
-    """The training loss became NaN or Inf; the message names the step (``.step``)."""
-
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
 
 
 def fmt_time(seconds: float) -> str:
-    """``1h02m03s`` / ``2m03s`` / ``3s``."""
+    """``1h02m03s`` / ``2m03s`` / ``3s``.
+
+    Args:
+      seconds: a duration.
+
+    Returns:
+      The text.
+    """
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -45,6 +38,15 @@ class Progress:
     and `resume` after them. On a terminal the progress line is a tqdm bar updated in place
     (messages print above it); elsewhere (logs, captured output) it is printed at most every
     ``interval`` seconds.
+
+    Args:
+      total_steps: the run's steps.
+      step: the step it starts (or resumes) at.
+      label: a prefix of every line (e.g. the run's name).
+      enabled: show anything at all.
+      log: takes the lines instead of a stream (no bar).
+      stream: the output stream (default stdout).
+      interval: seconds between progress lines when not on a terminal.
     """
 
     def __init__(
@@ -68,10 +70,20 @@ class Progress:
         self._bar = None
 
     def resume(self, step: int) -> None:
-        """Starts (or restarts, dropping the running stretch) timing training at ``step``."""
+        """Starts (or restarts, dropping the running stretch) timing training at ``step``.
+
+        Args:
+          step: the step timing starts at.
+        """
         self._t, self._step = time.perf_counter(), step
 
     def pause(self, state, step: int) -> None:
+        """Stops timing once the steps dispatched so far have finished.
+
+        Args:
+          state: the state (waited on).
+          step: the current step.
+        """
         if self._t is None:
             return
         jax.block_until_ready(state.step)  # the steps dispatched so far have finished
@@ -81,7 +93,14 @@ class Progress:
 
     def current_rate(self, step: int) -> float:
         """Training steps per second so far, including the running stretch up to ``step``
-        (call after a fetch that waited for those steps)."""
+        (call after a fetch that waited for those steps).
+
+        Args:
+          step: the current step.
+
+        Returns:
+          Steps per second (nan before a timed step).
+        """
         steps, seconds = self.steps, self.seconds
         if self._t is not None:
             steps += step - self._step
@@ -93,6 +112,14 @@ class Progress:
         return self.steps / self.seconds if self.seconds > 0 else float("nan")
 
     def update(self, step: int, epoch: int, num_epochs: int, record: dict) -> None:
+        """Shows the progress line (at most every ``interval`` seconds off a terminal).
+
+        Args:
+          step: the current step.
+          epoch: the current epoch.
+          num_epochs: the run's epochs.
+          record: the last metrics (mini-batch loss and accuracy are shown).
+        """
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -127,7 +154,11 @@ class Progress:
         self._bar.set_description_str(text, refresh=True)
 
     def message(self, text: str) -> None:
-        """A line of its own (above the progress bar on a terminal)."""
+        """A line of its own (above the progress bar on a terminal).
+
+        Args:
+          text: the line.
+        """
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:
@@ -143,150 +174,18 @@ class Progress:
 def plural(n: int, word: str, words: str | None = None) -> str:
     """``"1 epoch"``, ``"2 epochs"``: a count with its noun (``words``: an irregular plural).
 
+    Args:
+      n: the count.
+      word: the noun.
+      words: its plural when not ``word + "s"``.
+
+    Returns:
+      The text.
+
     >>> plural(1, "run"), plural(3, "run"), plural(0, "batch", "batches")
     ('1 run', '3 runs', '0 batches')
     """
     return f"{n} {word if n == 1 else words or word + 's'}"
-
-
-class MetricsBuffer:
-    """Per-step metrics kept on device until a log step; then fetched, checked and averaged."""
-
-    def __init__(self, steps_per_epoch: int, log_every: int):
-        self.pending: list[tuple[int, dict]] = []
-        self.steps_per_epoch, self.log_every = steps_per_epoch, log_every
-
-    def add(self, step: int, metrics: dict) -> None:
-        self.pending.append((step, metrics))
-
-    PREFIX = "_loop/pending/"
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The steps not yet logged (a checkpoint between two log steps, e.g. at Ctrl-C), so
-        that the resumed run logs the same averages as an uninterrupted one."""
-        if not self.pending:
-            return {}
-        fetched = jax.device_get([m for _, m in self.pending])
-        out = {f"{self.PREFIX}step": np.asarray([s for s, _ in self.pending])}
-        for k in fetched[0]:
-            out[f"{self.PREFIX}{k}"] = np.asarray([m[k] for m in fetched])
-        return out
-
-    def load_state_dict(self, arrays: dict | None) -> None:
-        """Continues from `state_dict`'s output (nothing pending when it holds none)."""
-        steps = (arrays or {}).get(f"{self.PREFIX}step")
-        if steps is None:
-            return
-        keys = [k[len(self.PREFIX) :] for k in arrays if k.startswith(self.PREFIX)]
-        keys = [k for k in keys if k != "step"]
-        self.pending = [
-            (int(s), {k: arrays[f"{self.PREFIX}{k}"][i] for k in keys}) for i, s in enumerate(steps)
-        ]
-
-    def flush(self, step: int, epoch: int, last_checkpoint) -> dict | None:
-        """The averaged record of the pending steps (None if there are none).
-
-        Raises:
-          NonFiniteError: the objective of some step was NaN/Inf (naming the first such step).
-        """
-        if not self.pending:
-            return None
-        fetched = jax.device_get([m for _, m in self.pending])
-        for (s, _), mets in zip(self.pending, fetched):
-            value = float(mets["minibatch/objective"])
-            if not math.isfinite(value):
-                raise NonFiniteError(
-                    f"training loss became {value} at step {s} (epoch "
-                    f"{(s - 1) // self.steps_per_epoch + 1}); last checkpoint: "
-                    f"{'none yet' if last_checkpoint is None else f'step {last_checkpoint}'}. "
-                    "Lower the learning rate or check the data.",
-                    step=s,
-                )
-        avg = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        avg.pop("minibatch/grad_norm")  # measured on log steps only (see make_train_step)
-        if step % self.log_every == 0:
-            avg["minibatch/grad_norm"] = float(fetched[-1]["minibatch/grad_norm"])
-        self.pending.clear()
-        return {"step": step, "epoch": epoch, **avg}
-
-
-class MetricsLog:
-    """Appends one JSON record per line to ``metrics.jsonl``; truncates on resume."""
-
-    def __init__(self, path: str, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-
-    def records(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        out = []
-        with open(self.path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:  # a line cut by a kill: drop it
-                        pass
-        return out
-
-    def truncate_after(self, step: int) -> list[dict]:
-        """Drops records of steps after ``step`` (written after the last checkpoint)."""
-        keep = [r for r in self.records() if r.get("step", 0) <= step]
-        if self.enabled:
-            files.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-        return keep
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-
-
-class TensorBoardLog:
-    """Writes the numeric fields of each record as TensorBoard scalars (``tensorboardX``) to
-    ``<workdir>/tensorboard``. A resumed run writes the steps after its last checkpoint
-    again (TensorBoard shows the later values)."""
-
-    def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 - an optional dependency
-
-        self.writer = SummaryWriter(logdir=logdir, flush_secs=10)
-
-    def write(self, record: dict) -> None:
-        step = int(record.get("step", 0))
-        for key, value in record.items():
-            if "/" in key and isinstance(value, int | float) and not isinstance(value, bool):
-                self.writer.add_scalar(key, float(value), global_step=step)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class MetricWriters:
-    """The run's metric writers behind one interface: every record goes to ``metrics.jsonl``
-    (`MetricsLog`, which the loop also reads back on a resume) and to TensorBoard when asked."""
-
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = False):
-        self.jsonl = MetricsLog(os.path.join(workdir, "metrics.jsonl"), enabled=enabled)
-        self.others = (
-            [TensorBoardLog(os.path.join(workdir, "tensorboard"))]
-            if (enabled and tensorboard)
-            else []
-        )
-
-    def truncate_after(self, step: int) -> list[dict]:
-        return self.jsonl.truncate_after(step)
-
-    def write(self, record: dict) -> None:
-        self.jsonl.write(record)
-        for w in self.others:
-            w.write(record)
-
-    def close(self) -> None:
-        for w in self.others:
-            w.close()
 
 
 def on_console(key: str) -> bool:

@@ -29,7 +29,12 @@ class StopTraining(Exception):
 
 
 class HookResult(NamedTuple):
-    """What a hook may return: scalars to log and/or a replacement `TrainState`."""
+    """What a hook may return.
+
+    Attributes:
+      metrics: scalars to log, or None.
+      state: a replacement `TrainState`, or None.
+    """
 
     metrics: dict | None = None
     state: TrainState | None = None
@@ -62,6 +67,14 @@ class Hook:
     ``state_dict() -> {name: array}`` and ``load_state_dict({name: array})``. The loop saves
     that state with every checkpoint (``hook_state/<step>.npz``, under the hook's ``name``,
     which must then be unique) and loads it when the run resumes from that checkpoint.
+
+    Attributes:
+      fn: the function (or a callable object with ``state_dict``/``load_state_dict``).
+      every_steps: call after every that many steps (None: never by steps).
+      every_epochs: call after every that many epochs.
+      name: a unique name when ``fn`` keeps state.
+      until_step: no step calls after this step.
+      at_start: also call at step 0, before training.
     """
 
     fn: Callable[[LoopContext], Any]
@@ -72,6 +85,16 @@ class Hook:
     at_start: bool = False  # also before the first step of a fresh run (step 0)
 
     def due(self, when: str, step: int, epoch: int) -> bool:
+        """Whether the hook runs now.
+
+        Args:
+          when: ``"start"``, ``"step"`` or ``"epoch"``.
+          step: the current step.
+          epoch: the current epoch.
+
+        Returns:
+          True when due.
+        """
         if when == "start":
             return self.at_start
         if when == "step":
@@ -89,6 +112,11 @@ class ValidationPlateau:
     each call replays the rule over ``ctx.history`` (the evaluations so far, restored on a
     resume), so a resumed run drops at the same epochs. Use as
     ``Hook(ValidationPlateau(patience=5), every_epochs=1)``.
+
+    Args:
+      patience: evaluations without improvement before a drop.
+      factor: the learning rate's multiplier at a drop.
+      metric: the logged metric (lower is better).
     """
 
     def __init__(self, patience: int, factor: float = 0.1, metric: str = "val/loss"):
@@ -97,7 +125,14 @@ class ValidationPlateau:
         self.patience, self.factor, self.metric = patience, factor, metric
 
     def drops(self, history: list[dict]) -> list[int]:
-        """Indices of the evaluations in ``history`` after which the rate drops."""
+        """Indices of the evaluations in ``history`` after which the rate drops.
+
+        Args:
+          history: the evaluation records.
+
+        Returns:
+          The indices (among the records holding ``metric``).
+        """
         best, wait, out = float("inf"), 0, []
         for i, rec in enumerate(r for r in history if self.metric in r):
             if rec[self.metric] < best:
@@ -126,7 +161,19 @@ class ValidationPlateau:
 
 @dataclasses.dataclass
 class LoopContext:
-    """What a hook sees: the current state and where the loop is."""
+    """What a hook sees: the current state and where the loop is.
+
+    Attributes:
+      state: the current `TrainState`.
+      step: the steps taken.
+      epoch: the current epoch.
+      steps_per_epoch: steps in an epoch.
+      model: the Flax model.
+      data: the `sharp_minima.data.Dataset`.
+      config: the run's config.
+      workdir: the run's folder.
+      history: the evaluation records so far.
+    """
 
     state: TrainState
     step: int
@@ -140,12 +187,30 @@ class LoopContext:
 
     def save_arrays(self, name: str, **arrays) -> str:
         """Writes ``arrays`` (e.g. eigenvectors, tridiagonals, iterates) atomically to
-        ``workdir/arrays/<name>/<step>.npz`` (process 0 only); returns the path."""
+        ``workdir/arrays/<name>/<step>.npz`` (process 0 only).
+
+        Args:
+          name: the arrays' folder name.
+          **arrays: numpy or jax arrays.
+
+        Returns:
+          The file's path.
+        """
         return save_arrays(self.workdir, name, self.step, **arrays)
 
 
 def save_arrays(workdir: str, name: str, step: int, **arrays) -> str:
-    """``workdir/arrays/<name>/<step:08d>.npz``, written atomically (process 0 only)."""
+    """``workdir/arrays/<name>/<step:08d>.npz``, written atomically (process 0 only).
+
+    Args:
+      workdir: the run's folder.
+      name: the arrays' folder name.
+      step: the step (the file's name).
+      **arrays: numpy or jax arrays.
+
+    Returns:
+      The file's path.
+    """
     path = os.path.join(workdir, "arrays", name, f"{step:08d}.npz")
     if jax.process_index() == 0:
         buf = io.BytesIO()
@@ -197,8 +262,15 @@ def load_hook_state(hooks: Sequence[Hook], arrays: dict | None) -> list[str]:
 
 
 def run_hooks(hooks: Sequence[Hook], when: str, ctx: LoopContext) -> tuple[TrainState, dict]:
-    """Runs the hooks due at ``ctx.step`` / ``ctx.epoch``; returns the (possibly replaced)
-    state and the scalars they returned.
+    """Runs the hooks due at ``ctx.step`` / ``ctx.epoch``.
+
+    Args:
+      hooks: the run's hooks.
+      when: ``"start"``, ``"step"`` or ``"epoch"``.
+      ctx: the loop's `LoopContext`.
+
+    Returns:
+      ``(state, scalars)``: the (possibly replaced) state and the scalars the hooks returned.
 
     Raises:
       ValueError: a hook returned a state of another structure, or something else.
@@ -226,8 +298,19 @@ def run_hooks(hooks: Sequence[Hook], when: str, ctx: LoopContext) -> tuple[Train
 
 
 def conform(name: str, old: TrainState, new: TrainState) -> TrainState:
-    """``new`` with ``old``'s dtypes and shardings (so the jitted step does not recompile);
-    raises ValueError when the tree structure or a leaf shape differs."""
+    """``new`` with ``old``'s dtypes and shardings (so the jitted step does not recompile).
+
+    Args:
+      name: the hook's name (for the error).
+      old: the state before the hook.
+      new: the state the hook returned.
+
+    Returns:
+      The conformed `TrainState`.
+
+    Raises:
+      ValueError: the tree structure or a leaf shape differs.
+    """
     if jax.tree.structure(old) != jax.tree.structure(new) or any(
         jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
     ):
@@ -246,53 +329,3 @@ def conform(name: str, old: TrainState, new: TrainState) -> TrainState:
         return jax.device_put(n, sharding) if sharding is not None else n
 
     return jax.tree.map(like, new, old)
-
-
-# ------------------------------------------------------------------ stopping rules
-
-_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
-
-
-def parse_target(text: str):
-    """``"train/accuracy>=0.995"`` -> ``("train/accuracy", ">=", 0.995)``; None if malformed.
-
-    >>> parse_target("train/loss<0.1")
-    ('train/loss', '<', 0.1)
-    """
-    for op in (">=", "<=", ">", "<"):  # two-character operators first
-        name, found, value = str(text).partition(op)
-        if found:
-            try:
-                return name.strip(), op, float(value)
-            except ValueError:
-                return None
-    return None
-
-
-def targets_met(config, record: dict) -> bool:
-    """Whether an evaluation ``record`` meets every ``config.early_stop.targets`` (False when
-    there are none or a metric is missing)."""
-    targets = [parse_target(t) for t in config.early_stop.get("targets", ()) or ()]
-    if not targets:
-        return False
-    return all(
-        name in record and _OPS[op](float(record[name]), value) for name, op, value in targets
-    )
-
-
-def should_stop_early(config, history) -> bool:
-    """True when the last evaluation meets every ``early_stop.targets`` (training to a fit),
-    or when ``early_stop.metric`` has not improved by ``min_delta`` for ``patience``
-    evaluations (both computed from the logged history, so they survive a resume)."""
-    es = config.early_stop
-    if history and targets_met(config, history[-1]):
-        return True
-    if not es.patience:
-        return False
-    values = [r[es.metric] for r in history if es.metric in r]
-    if len(values) <= es.patience:
-        return False
-    sign = 1.0 if es.metric.endswith("loss") else -1.0  # minimise losses, maximise the rest
-    best_before = min(sign * v for v in values[: -es.patience])
-    recent = min(sign * v for v in values[-es.patience :])
-    return recent > best_before - es.min_delta

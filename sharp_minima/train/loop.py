@@ -23,21 +23,8 @@ from jax.sharding import Mesh
 from sharp_minima import data as data_lib
 from sharp_minima import files
 from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore_or_init
-from sharp_minima.train.config import (
-    Setup,
-    config_dict,
-    resolve_optimizer,
-    run_keys,
-    setup,
-)
-from sharp_minima.train.console import (
-    MetricsBuffer,
-    MetricWriters,
-    Progress,
-    deferred_interrupt,
-    on_console,
-    plural,
-)
+from sharp_minima.train.config import Setup, config_dict, run_keys, setup
+from sharp_minima.train.console import Progress, deferred_interrupt, on_console, plural
 from sharp_minima.train.hooks import (
     Hook,
     LoopContext,
@@ -47,9 +34,9 @@ from sharp_minima.train.hooks import (
     hook_state,
     load_hook_state,
     run_hooks,
-    should_stop_early,
-    targets_met,
 )
+from sharp_minima.train.metrics import MetricsBuffer, MetricWriters
+from sharp_minima.train.optimizer import resolve_optimizer
 from sharp_minima.train.steps import (
     Evaluator,
     TrainLoss,
@@ -62,6 +49,7 @@ from sharp_minima.train.steps import (
     replicate,
     serialize_collectives,
 )
+from sharp_minima.train.stopping import should_stop_early, targets_met
 
 
 class Interrupted(KeyboardInterrupt):
@@ -71,7 +59,17 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the final state, the model, the data and the evaluation history."""
+    """What `train` returns: the final state, the model, the data and the evaluation history.
+
+    Attributes:
+      state: the final `TrainState`.
+      model: the Flax model.
+      data: the `sharp_minima.data.Dataset`.
+      history: the evaluation records.
+      final: the last evaluation record.
+      resumed_from: the step the run resumed from (0: a fresh run).
+      stopped_early: the run stopped by its ``early_stop`` rules.
+    """
 
     state: TrainState
     model: Any
@@ -192,8 +190,9 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
         progress.message(
             f"{label}training {config.model.name} on {data.name} ({data.source}): "
             f"{plural(n, 'example')}, batch {config.batch_size}, {steps_per_epoch} steps/epoch "
-            f"x {plural(config.num_epochs, 'epoch')} on {plural(mesh.size, 'device')} "
-            f"[{jax.devices()[0].platform}]"
+            f"x {plural(config.num_epochs, 'epoch')} on {plural(mesh.size, 'device')}"
+            + (f" of {jax.device_count()}" if mesh.size < jax.device_count() else "")
+            + f" [{jax.devices()[0].platform}]"
         )
     loop = _Loop(
         config=config,

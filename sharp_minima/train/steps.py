@@ -40,7 +40,17 @@ TrainLoss = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D ``"data"`` mesh over the first ``num_devices`` devices (0 = all, every host)."""
+    """A 1-D ``"data"`` mesh over the first ``num_devices`` devices (0 = all, every host).
+
+    Args:
+      num_devices: how many devices (0: all).
+
+    Returns:
+      A ``jax.sharding.Mesh`` with axis ``"data"``.
+
+    Raises:
+      ConfigError: more devices asked for than there are.
+    """
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
@@ -59,6 +69,12 @@ def serialize_collectives(mesh: Mesh) -> Callable[[Any], Any]:
     can wait forever for a participant whose thread is busy with another (an abort after 40 s
     in ``rendezvous.cc``). Waiting for each step keeps one collective program in flight.
     GPUs and TPUs keep fully asynchronous dispatch.
+
+    Args:
+      mesh: the run's mesh.
+
+    Returns:
+      ``fn(x) -> x`` applied to every step's output.
     """
     if mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
         return jax.block_until_ready
@@ -66,7 +82,15 @@ def serialize_collectives(mesh: Mesh) -> Callable[[Any], Any]:
 
 
 def replicate(x, mesh: Mesh):
-    """A host array (the same on every host) as a global array replicated over ``mesh``."""
+    """A host array (the same on every host) as a global array replicated over ``mesh``.
+
+    Args:
+      x: a host array.
+      mesh: the mesh.
+
+    Returns:
+      A ``jax.Array`` replicated over ``mesh``.
+    """
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
 
@@ -94,7 +118,11 @@ class TrainState:
     key: jax.Array
 
     def variables(self):
-        """The ``variables`` dict for ``model.apply``."""
+        """The ``variables`` dict for ``model.apply``.
+
+        Returns:
+          ``{"params": ...}`` and ``"batch_stats"`` when the model has BatchNorm.
+        """
         if self.batch_stats:
             return {"params": self.params, "batch_stats": self.batch_stats}
         return {"params": self.params}
@@ -103,10 +131,17 @@ class TrainState:
 def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
     """The default training loss: mean cross-entropy (+ ``weight_decay · l2_penalty``).
 
-    Returns ``loss(params, model_state, batch, key) -> (objective, aux)``, the `TrainLoss`
-    protocol: the model runs in training mode (batch statistics, dropout from ``key``);
+    The model runs in training mode (batch statistics, dropout from ``key``);
     ``aux["model_state"]`` holds the updated BatchNorm statistics and the other entries of
-    ``aux`` (``loss``, ``accuracy``) are logged as ``train/<name>``.
+    ``aux`` (``loss``, ``accuracy``) are logged as ``minibatch/<name>``.
+
+    Args:
+      model: the Flax classifier.
+      weight_decay: the L2 coefficient λ.
+
+    Returns:
+      ``loss(params, model_state, batch, key) -> (objective, aux)``, the `TrainLoss`
+      protocol.
     """
 
     def loss(params, model_state, batch, key):
@@ -152,6 +187,9 @@ def make_train_step(
     mini-batch values prefixed ``minibatch/`` (``objective``, the scalars of the loss's aux
     such as ``loss`` and ``accuracy``, ``grad_norm``) — never ``train/``, which names the
     evaluation on the whole training set — and ``train/learning_rate``.
+
+    Returns:
+      The jitted ``train_step``.
     """
 
     tx = optax.with_extra_args_support(tx)  # a plain transform ignores value=
@@ -188,7 +226,16 @@ def make_train_step(
 
 def make_eval_step(model, mesh: Mesh, batch_size: int):
     """``eval_step(state, x, y, w, i)``: sums of loss, correct predictions and weights over
-    batch ``i`` of the padded, replicated eval arrays (``w`` masks the padding)."""
+    batch ``i`` of the padded, replicated eval arrays (``w`` masks the padding).
+
+    Args:
+      model: the Flax model.
+      mesh: the mesh (the arrays are replicated over it).
+      batch_size: examples per evaluation batch.
+
+    Returns:
+      The jitted ``eval_step``.
+    """
 
     def step(state: TrainState, x, y, w, i):
         def take(a):
@@ -211,7 +258,15 @@ def make_eval_step(model, mesh: Mesh, batch_size: int):
 
 def make_get_batch(mesh: Mesh, augment: bool):
     """``get_batch(x, y, perm, i, key, step)``: batch ``i`` of an epoch permutation, gathered
-    on device from the replicated training arrays, augmented, and sharded over ``"data"``."""
+    on device from the replicated training arrays, augmented, and sharded over ``"data"``.
+
+    Args:
+      mesh: the mesh (the batch is sharded over ``"data"``).
+      augment: random crops and flips (CIFAR-style) on the gathered batch.
+
+    Returns:
+      The jitted ``get_batch``.
+    """
 
     def get(x, y, perm, i, key, step):
         idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
@@ -224,7 +279,17 @@ def make_get_batch(mesh: Mesh, augment: bool):
 
 
 class Evaluator:
-    """Loss and accuracy of a state on a fixed example set, with one compiled step."""
+    """Loss and accuracy of a state on a fixed example set, with one compiled step.
+
+    Args:
+      eval_step: `make_eval_step`'s output.
+      x: the inputs (host array).
+      y: the labels.
+      batch_size: examples per evaluation batch.
+      mesh: the mesh the arrays are replicated over.
+
+    Calling it with a `TrainState` returns ``{"loss": ..., "accuracy": ...}``.
+    """
 
     def __init__(self, eval_step, x, y, batch_size: int, mesh: Mesh):
         n = len(x)
@@ -249,13 +314,32 @@ class Evaluator:
 
 
 def initial_params(config, model, sample_x):
-    """The parameters `train` starts ``config`` from (e.g. for the distance travelled)."""
+    """The parameters `train` starts ``config`` from (e.g. for the distance travelled).
+
+    Args:
+      config: the run's config (its ``seed``).
+      model: the Flax model.
+      sample_x: a batch of inputs.
+
+    Returns:
+      The ``params`` collection at initialisation.
+    """
     init_key, _ = jax.random.split(run_keys(config)[0])
     return model.init({"params": init_key, "dropout": init_key}, sample_x, train=False)["params"]
 
 
 def init_state(model, tx, sample_x, key) -> TrainState:
-    """Initial `TrainState` (on the host's default device; `train` replicates it)."""
+    """Initial `TrainState` (on the host's default device; `train` replicates it).
+
+    Args:
+      model: the Flax model.
+      tx: the optax transformation.
+      sample_x: a batch of inputs (for the shapes).
+      key: the run's initialisation key.
+
+    Returns:
+      A `TrainState` at step 0.
+    """
     init_key, loop_key = jax.random.split(key)
     variables = model.init({"params": init_key, "dropout": init_key}, sample_x, train=False)
     params = variables["params"]
@@ -272,7 +356,17 @@ def init_state(model, tx, sample_x, key) -> TrainState:
 
 def make_evaluators(config, model, data, mesh: Mesh) -> dict[str, Evaluator]:
     """Loss and accuracy on the training subset (``eval_train_examples``), the validation
-    split (if any) and the test set, in evaluation mode, each with one compiled step."""
+    split (if any) and the test set, in evaluation mode, each with one compiled step.
+
+    Args:
+      config: the run's config.
+      model: the Flax model.
+      data: the `sharp_minima.data.Dataset`.
+      mesh: the mesh.
+
+    Returns:
+      ``{"train": ..., "val": ... (with a validation split), "test": ...}``: an `Evaluator` each.
+    """
     ebs = config.eval_batch_size - config.eval_batch_size % mesh.size or mesh.size
     step = make_eval_step(model, mesh, ebs)
     m = config.eval_train_examples or len(data.x_train)
@@ -284,7 +378,16 @@ def make_evaluators(config, model, data, mesh: Mesh) -> dict[str, Evaluator]:
 
 
 def evaluate(evaluators: dict[str, Evaluator], state: TrainState, epoch: int) -> dict:
-    """One evaluation record ``{"step", "epoch", "<split>/loss", "<split>/accuracy", ...}``."""
+    """One evaluation record ``{"step", "epoch", "<split>/loss", "<split>/accuracy", ...}``.
+
+    Args:
+      evaluators: `make_evaluators`'s output.
+      state: the state to evaluate.
+      epoch: the epoch, for the record.
+
+    Returns:
+      The record (a dict of floats).
+    """
     rec = {"step": int(state.step), "epoch": epoch}
     for split, ev in evaluators.items():
         for k, v in ev(state).items():

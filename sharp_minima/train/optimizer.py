@@ -1,0 +1,128 @@
+"""The optimizer a training run's config names: the optax transformation of ``config.optim``
+(sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad; gradient clipping; Keskar et al.'s
+proximal sub-problems) and the learning-rate schedule of ``config.schedule`` (constant, step,
+cosine, warm-up with the linear scaling rule of Goyal et al. 2017, reduce-on-plateau), or a
+transformation of the caller's own (`resolve_optimizer`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sharp_minima import optim
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> Callable[[Any], Any]:
+    """Step -> learning rate (before any reduce-on-plateau factor).
+
+    With ``schedule.base_batch_size > 0`` the linear scaling rule applies (Goyal et al. 2017):
+    the peak rate is ``lr · batch_size / base_batch_size``, reached by a linear warm-up from
+    ``lr`` over ``warmup_epochs``.
+
+    Args:
+      config: the run's config (``optim.learning_rate``, ``batch_size``, ``num_epochs``,
+        ``schedule``).
+      steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+      An optax schedule ``step -> learning rate``.
+    """
+    s, lr = config.schedule, config.optim.learning_rate
+    peak = lr * config.batch_size / s.base_batch_size if s.base_batch_size else lr
+    total = config.num_epochs * steps_per_epoch
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    if s.name == "step":
+        boundaries = {int(b * steps_per_epoch): s.decay_factor for b in s.boundaries_epochs}
+        main = optax.piecewise_constant_schedule(peak, boundaries)
+    elif s.name == "cosine":
+        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+    else:  # constant, plateau (the plateau factor is applied by the optimizer chain)
+        main = optax.constant_schedule(peak)
+    if not warmup:
+        return main
+    start = lr if s.base_batch_size else 0.0
+    ramp = optax.linear_schedule(start, peak, warmup)
+    if s.name == "step":  # boundaries count from step 0, not from the end of the warm-up
+        return optax.join_schedules([ramp, lambda t: main(t + warmup)], [warmup])
+    return optax.join_schedules([ramp, main], [warmup])
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    """The optax transformation of ``config.optim`` with its schedule: the base optimizer,
+    preceded by Keskar et al.'s proximal term (``optim.proximal``) and gradient clipping
+    when asked, followed by reduce-on-plateau with ``schedule.name == "plateau"``.
+
+    Args:
+      config: the run's config.
+      steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+      ``(tx, lr_fn)``: the transformation and ``lr_fn(step, opt_state)``, the learning rate
+      in effect (plateau factor included), logged as ``train/learning_rate``.
+    """
+    o = config.optim
+    sched = learning_rate_schedule(config, steps_per_epoch)
+    if o.name == "sgd":
+        base = optax.sgd(sched)
+    elif o.name in ("momentum", "nesterov"):
+        base = optax.sgd(sched, momentum=o.momentum, nesterov=o.name == "nesterov" or o.nesterov)
+    elif o.name == "adam":
+        base = optax.adam(sched, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.name == "adamw":
+        base = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    elif o.name == "rmsprop":
+        base = optax.rmsprop(sched, eps=o.eps, momentum=o.momentum or None)
+    else:
+        base = optax.adagrad(sched, eps=o.eps)
+    parts = []
+    if o.proximal:  # Keskar et al.'s conservative training: proximal sub-problems
+        parts.append(optim.proximal(o.proximal, o.proximal_inner_steps))
+    if o.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    parts.append(base)
+    if config.schedule.name == "plateau":
+        # Patience counts epochs: the per-step training loss is averaged over one epoch.
+        parts.append(
+            optax.contrib.reduce_on_plateau(
+                factor=config.schedule.plateau_factor,
+                patience=config.schedule.plateau_patience,
+                accumulation_size=steps_per_epoch,
+            )
+        )
+    tx = optax.chain(*parts)
+    plateau_index = len(parts) - 1 if config.schedule.name == "plateau" else None
+
+    def lr_fn(step, opt_state):
+        lr = sched(step)
+        if plateau_index is not None:
+            lr = lr * opt_state[plateau_index].scale
+        return lr
+
+    return tx, lr_fn
+
+
+def resolve_optimizer(config, steps_per_epoch: int, tx):
+    """``(tx, lr_fn)``: the config's optimizer, or the injected ``tx`` (whose learning rate is
+    logged when it carries an ``inject_hyperparams`` ``learning_rate``).
+
+    Args:
+      config: the run's config.
+      steps_per_epoch: optimizer steps per epoch.
+      tx: the caller's transformation, or None.
+
+    Returns:
+      ``(tx, lr_fn)``; ``lr_fn`` is None when the rate cannot be read.
+    """
+    if tx is None:
+        return make_optimizer(config, steps_per_epoch)
+    try:
+        probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    except (ValueError, TypeError):  # a transform that needs the real params' shapes
+        return tx, None
+    if optax.tree_utils.tree_get(probe, "learning_rate") is None:
+        return tx, None
+    return tx, lambda step, opt_state: optax.tree_utils.tree_get(opt_state, "learning_rate")
