@@ -598,7 +598,9 @@ class GradientNoise:
           errors), the mean gradient and N.
 
         Raises:
-          ValueError: bad batches or weights, ``num_probes`` of 1, or no ``key`` with probes.
+          ValueError: no batches, bad weights, fewer than 2 examples, ``num_probes`` of 1,
+            or no ``key`` with probes.
+          FloatingPointError: NaN or Inf in the per-example gradients.
         """
         if batches is None:
             raise ValueError("gradient noise is a statistic of examples: batches must not be None")
