@@ -14,7 +14,8 @@ import nbformat
 import pytest
 from helpers import ROOT
 
-FOLDER = os.path.join(ROOT, "experiments", "notebooks")
+from experiments.execute_notebooks import FOLDER, names
+
 # notebook -> the studies it runs (each writes into workdir/<setup>/<study>)
 NOTEBOOKS = {
     "keskar": ("keskar",),
@@ -47,8 +48,7 @@ def tagged(nb, tag: str) -> list:
 
 
 def test_every_notebook_is_listed_here_and_linked_from_the_readme_with_its_badge():
-    found = sorted(f[: -len(".ipynb")] for f in os.listdir(FOLDER) if f.endswith(".ipynb"))
-    assert found == sorted(NOTEBOOKS)
+    assert names() == sorted(NOTEBOOKS)
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     for name in NOTEBOOKS:
