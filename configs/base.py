@@ -15,13 +15,14 @@ import ml_collections
 from ml_collections import config_dict
 
 
-def base() -> ml_collections.ConfigDict:
+def model_and_data() -> ml_collections.ConfigDict:
+    """The fields every study reads: name, seed, the model and where its data comes from
+    (`sharp_minima.train.load_data`, `sharp_minima.train.build_model`). A study that trains
+    with the trainer starts from `base`; one that trains its own way (the populations of
+    ``configs/sgd_noise.py``) starts here, so its config holds only fields it reads."""
     c = ml_collections.ConfigDict()
     c.name = "base"
     c.seed = 0
-    # 0 = every device (every host's after distributed init); on one host, the most devices
-    # the batch size divides over (train.dividing_devices: a batch of 100 on 8 TPU cores: 4).
-    c.num_devices = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"
@@ -38,8 +39,17 @@ def base() -> ml_collections.ConfigDict:
     c.data.max_train = config_dict.placeholder(int)
     c.data.seed = config_dict.placeholder(int)  # split seed; default: config.seed
     c.data.allow_download = True
-    c.data.augment = False  # random crop (pad 4) + horizontal flip, on device
     c.data.options = ml_collections.ConfigDict()
+    return c
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every field a training run reads (`sharp_minima.train.train`), with its default."""
+    c = model_and_data()
+    # 0 = every device (every host's after distributed init); on one host, the most devices
+    # the batch size divides over (train.dividing_devices: a batch of 100 on 8 TPU cores: 4).
+    c.num_devices = 0
+    c.data.augment = False  # random crop (pad 4) + horizontal flip, on device
 
     c.batch_size = 128
     c.eval_batch_size = 1000

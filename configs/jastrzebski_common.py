@@ -82,9 +82,10 @@ def nsgd(learning_rate: float) -> ml_collections.ConfigDict:
     ``config.optim.learning_rate``; ``learning_rate`` sets the SGD baselines around it."""
     n = ml_collections.ConfigDict()
     n.curvature = curvature()
-    n.curvature.every_steps = 0  # directions recomputed at the start of every epoch only
-    n.curvature.until_step = 0
-    del n.curvature.k  # K of each run (ks, k); frobenius_k for the norms
+    # Directions are recomputed at the start of every epoch (not by steps); K is each run's
+    # (ks, k), frobenius_k for the norms.
+    for unused in ("every_steps", "until_step", "k"):
+        del n.curvature[unused]
     n.ks = (1, 5, 10, 20)  # K swept at gamma = gammas[0]
     n.gammas = (0.01, 0.1, 1.0, 5.0)  # swept at K = k
     n.k = 5

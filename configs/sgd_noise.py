@@ -24,17 +24,16 @@ from configs import base
 
 
 def get_config(arg=None):
-    c = base.base()
+    c = base.model_and_data()  # the populations train their own way: no trainer fields
     c.name = "sgd_noise"
     c.model.name = "mlp"
     c.model.kwargs = ml_collections.ConfigDict({"widths": (64, 64)})
     c.data.name = "mnist1d"
-    c.optim.name = "sgd"
-    c.optim.learning_rate = 0.1
-    c.batch_size = 32
+    # By name, in any order (they run in the study's order); on the command line a comma
+    # list: --config.sections=toy,sde.
+    c.sections = ("rescaling", "toy", "scaling", "noise_scale", "factors", "sde", "critical")
 
     s = c.sgd_noise = ml_collections.ConfigDict()
-    s.sections = (0, 1, 2, 3, 4, 5, 6)
     s.seeds = 2
     s.curvature_examples = 1000  # training examples for λ_max, traces, φ, log det
     s.curvature_batch_size = 500
@@ -129,7 +128,6 @@ def get_config(arg=None):
         s.critical.max_steps = 100_000
 
     def tiny(c):
-        base.tiny(c)
         c.data.max_train = 256
         c.model.kwargs.widths = (16,)
         s = c.sgd_noise

@@ -30,6 +30,8 @@ from configs import base
 def get_config(arg=None):
     c = base.base()
     c.name = "visualize_generalization"
+    # By name (they run in this order); on the command line a comma list:
+    # --config.sections=swissroll,tsne.
     c.sections = ("swissroll", "tsne", "rings", "optimizers")
     c.model.name = "swissroll_mlp"
     c.model.kwargs = ml_collections.ConfigDict({"widths": (23, 16, 26, 32, 28, 31)})

@@ -1,8 +1,8 @@
 """Shared command-line plumbing for the absl entry points: bad input exits with status 2.
 
 The flags every study's entry point takes are defined here, once (``--config``,
-``--workdir``, ``--multihost``), so that every module of ``experiments/`` can be imported
-together in one process (a notebook, the tests).
+``--workdir``, ``--extend``, ``--multihost``), so that every module of ``experiments/`` can be
+imported together in one process (a notebook, the tests).
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<name>.py[:variants]).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Output folder (re-running the same command resumes).")
+flags.DEFINE_bool(
+    "extend",
+    False,
+    "Keep a workdir whose finished work was computed under another config: reuse what the "
+    "change leaves valid, compute the rest (without it such a workdir is refused).",
+)
 flags.DEFINE_bool(
     "multihost",
     False,
@@ -62,7 +68,7 @@ def parse_flags_or_exit(argv):
         culprits = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         if name is not None:
             culprits = [c for c in culprits if name in c] or culprits
-            msg = f"no config field {name!r}"
+            msg = f"no config field {name!r} (a study's config holds only the fields it reads)"
         else:
             msg = _one_line(e)
         print(f"{argv[0]}: error: bad config override {' '.join(culprits)}: {msg}", file=sys.stderr)

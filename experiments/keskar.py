@@ -20,7 +20,7 @@ def main(argv):
     from sharp_minima.studies import keskar
 
     with cli.user_errors_exit_2():
-        keskar.run(config, cli.FLAGS.workdir, log=cli.log)
+        keskar.run(config, cli.FLAGS.workdir, log=cli.log, extend=cli.FLAGS.extend)
     cli.log(open(os.path.join(cli.FLAGS.workdir, "report.md")).read())
 
 

@@ -20,7 +20,7 @@ def main(argv):
 
     config = cli.setup(argv, default_config=default.get_config)
     with cli.user_errors_exit_2():
-        nudged_sgd.run(config, cli.FLAGS.workdir, log=cli.log)
+        nudged_sgd.run(config, cli.FLAGS.workdir, log=cli.log, extend=cli.FLAGS.extend)
 
 
 if __name__ == "__main__":

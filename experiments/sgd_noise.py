@@ -8,7 +8,7 @@ factors, the SDE picture and the critical batch size.
 
 The study is `sharp_minima.studies.sgd_noise`; without ``--config`` it runs the CPU-sized
 ``configs/sgd_noise.py``. Re-running the same command resumes (sweep by sweep); choose
-sections with ``--config.sgd_noise.sections=0,5``.
+sections by name with ``--config.sections=toy,sde``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv):
 
     config = cli.setup(argv, default_config=default.get_config)
     with cli.user_errors_exit_2():
-        sgd_noise.run(config, cli.FLAGS.workdir, log=cli.log)
+        sgd_noise.run(config, cli.FLAGS.workdir, log=cli.log, extend=cli.FLAGS.extend)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def main(argv):
 
     config = cli.setup(argv, default_config=default.get_config)
     with cli.user_errors_exit_2():
-        sharpest_directions.run(config, cli.FLAGS.workdir, log=cli.log)
+        sharpest_directions.run(config, cli.FLAGS.workdir, log=cli.log, extend=cli.FLAGS.extend)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ def main(argv):
 
     config = cli.setup(argv, default_config=default.get_config)
     with cli.user_errors_exit_2():
-        visualize_generalization.run(config, cli.FLAGS.workdir, log=cli.log)
+        visualize_generalization.run(
+            config, cli.FLAGS.workdir, log=cli.log, extend=cli.FLAGS.extend
+        )
 
 
 if __name__ == "__main__":

@@ -119,6 +119,20 @@ def accuracy(logits, labels, weights=None):
     return _weighted_mean(correct, weights)
 
 
+def classification_metrics(logits, labels) -> dict:
+    """The mean cross-entropy and accuracy of ``logits`` against ``labels``: the metrics the
+    trainer logs, its evaluators report and the studies' populations and surfaces measure.
+
+    Args:
+      logits: (..., C).
+      labels: integer labels of the leading shape.
+
+    Returns:
+      ``{"loss": scalar, "accuracy": scalar}``.
+    """
+    return {"loss": cross_entropy(logits, labels), "accuracy": accuracy(logits, labels)}
+
+
 def is_decayed(path: str, leaf) -> bool:
     """Which parameters L2 weight decay applies to: kernels and embeddings, not biases or
     BatchNorm scales (the convention of the papers' Keras/Lasagne code).
@@ -172,6 +186,26 @@ def evaluation_model_fn(model):
         return model.apply(variables, batch["x"], train=False)
 
     return model_fn
+
+
+def evaluation_metrics(model):
+    """`classification_metrics` of a Flax classifier in evaluation mode (BatchNorm with the
+    running statistics in ``variables``, dropout off), e.g. for
+    `sharp_minima.landscape.Landscape` surfaces of loss and accuracy or a population's
+    evaluations.
+
+    Args:
+      model: a Flax Linen classifier taking ``train=``.
+
+    Returns:
+      ``metrics(variables, batch) -> {"loss", "accuracy"}``.
+    """
+    model_fn = evaluation_model_fn(model)
+
+    def metrics(variables, batch):
+        return classification_metrics(model_fn(variables, batch), batch["y"])
+
+    return metrics
 
 
 def evaluation_loss(model, weight_decay: float = 0.0):

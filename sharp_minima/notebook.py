@@ -123,9 +123,9 @@ def show_claims(claims: list) -> None:
     Args:
       claims: ``study.claims(config, results)`` (or ``results["claims"]``).
     """
-    from sharp_minima.studies import common  # noqa: PLC0415 - the library notebook needs no study
+    from sharp_minima.studies import claims as claims_lib  # noqa: PLC0415 - no study needed
 
-    text = "\n".join(common.claims_table(claims))
+    text = "\n".join(claims_lib.claims_table(claims))
     display = _ipython_display()
     if display is None:
         print(text)

@@ -6,7 +6,8 @@ covariance of `sharp_minima.operators`; its metric prefix follows it) — whose 
 Lanczos kernels are reused at every call, and the previous eigenvectors (each call is
 warm-started from them, as Jastrzębski et al. (2019) recompute theirs every epoch).
 `NoiseTracker` logs the gradient noise (|G|², tr Σ, B_simple, the SGD temperature) and the
-batch sharpness beside 2/η on the same time axis. Use them
+batch sharpness beside 2/η on the same time axis; `DistanceFromStart` the distance
+‖θ − θ₀‖ travelled from given parameters (Jastrzębski et al.'s "dist." column). Use them
 
 - as a hook of `sharp_minima.train.train`:
   ``train.Hook(tracker, every_steps=20, until_step=400, every_epochs=1)`` (often early in
@@ -42,6 +43,7 @@ import numpy as np
 import optax
 
 from sharp_minima import curvature, gradients, hessian, losses
+from sharp_minima import tree_util as tu
 from sharp_minima.data import pipeline
 from sharp_minima.train.hooks import HookResult
 
@@ -335,6 +337,40 @@ class EigenTracker:
         directions = self.set_directions(out.vectors)
         opt_state = optax.tree_utils.tree_set(ctx.state.opt_state, directions=directions)
         return HookResult(metrics, ctx.state.replace(opt_state=opt_state))
+
+
+class DistanceFromStart:
+    """A hook logging ``distance`` = ‖θ − θ₀‖ (all parameters, Euclidean) from ``params0``,
+    e.g. the initialisation (Jastrzębski et al. 2019, Table 1's "dist." column).
+
+    Args:
+      params0: the parameters to measure from (a pytree like ``ctx.state.params``).
+
+    >>> import jax.numpy as jnp
+    >>> hook = DistanceFromStart({"w": jnp.zeros(2)})
+    >>> hook.measure({"w": jnp.array([3.0, 4.0])})
+    5.0
+    """
+
+    name = "distance"
+
+    def __init__(self, params0):
+        self.params0 = params0
+        self._jit = jax.jit(lambda p, p0: tu.norm(tu.sub(p, p0)))
+
+    def measure(self, params) -> float:
+        """‖params − params0‖.
+
+        Args:
+          params: a pytree like ``params0``.
+
+        Returns:
+          The distance.
+        """
+        return float(self._jit(params, self.params0))
+
+    def __call__(self, ctx):
+        return {"distance": self.measure(ctx.state.params)}
 
 
 class NoiseTracker:

@@ -51,6 +51,7 @@ class TinyRun:
     workdir: str
     results: dict
     lines: list
+    unread: list  # the config's fields the run never read (helpers.config_reads)
 
     def copy(self, dst) -> str:
         """A copy of the run's workdir at ``dst`` (e.g. to extend or re-measure it)."""
@@ -61,18 +62,21 @@ class TinyRun:
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """``tiny_study(name) -> TinyRun``: the study's tiny config, run once per session."""
-    from helpers import load_config
+    from helpers import config_reads, load_config, unread_fields
 
     done = {}
 
     def get(name: str) -> TinyRun:
         if name not in done:
             module = importlib.import_module(f"sharp_minima.studies.{name}")
-            config = load_config(TINY[name], num_devices=1)  # (multi-device: test_train)
+            config = load_config(TINY[name])
+            if "num_devices" in config:  # one device (multi-device: test_train)
+                config = load_config(TINY[name], num_devices=1)
             workdir = str(tmp_path_factory.mktemp(name))
             lines = []
-            results = module.run(config, workdir, log=lines.append)
-            done[name] = TinyRun(config, workdir, results, lines)
+            with config_reads() as reads:
+                results = module.run(config, workdir, log=lines.append)
+            done[name] = TinyRun(config, workdir, results, lines, unread_fields(config, reads))
         return done[name]
 
     return get

@@ -1,5 +1,6 @@
 """Helpers shared by the tests (importable: pytest puts this folder on sys.path)."""
 
+import contextlib
 import importlib
 import json
 import os
@@ -66,3 +67,50 @@ def run_experiment(module, *args, timeout=300, env=None):
         timeout=timeout,
         env=None if env is None else dict(os.environ, **env),
     )
+
+
+@contextlib.contextmanager
+def config_reads():
+    """Records every field of an ``ml_collections.ConfigDict`` read inside the block, as
+    ``(the names of its node's fields, the field)``, so a read of a derived copy (the run
+    configs studies derive) counts for the field it copies. Saving or comparing a whole config
+    (``to_dict`` and the JSON dumps built on it) is not a read."""
+    from ml_collections import ConfigDict
+
+    reads, quiet = set(), [0]
+    getitem, to_dict = ConfigDict.__getitem__, ConfigDict.to_dict
+
+    def read(self, key):
+        if not quiet[0] and isinstance(key, str) and "." not in key:
+            reads.add((frozenset(self._fields), key))
+        return getitem(self, key)
+
+    def whole(self, *args, **kwargs):
+        quiet[0] += 1
+        try:
+            return to_dict(self, *args, **kwargs)
+        finally:
+            quiet[0] -= 1
+
+    ConfigDict.__getitem__, ConfigDict.to_dict = read, whole
+    try:
+        yield reads
+    finally:
+        ConfigDict.__getitem__, ConfigDict.to_dict = getitem, to_dict
+
+
+def unread_fields(config, reads) -> list[str]:
+    """The dotted paths of ``config``'s leaves that `config_reads` did not see read."""
+    from ml_collections import ConfigDict
+
+    out = []
+
+    def walk(node, prefix):
+        for key, value in node._fields.items():
+            if isinstance(value, ConfigDict) and value._fields:
+                walk(value, f"{prefix}{key}.")
+            elif (frozenset(node._fields), key) not in reads:
+                out.append(prefix + key)
+
+    walk(config, "")
+    return sorted(out)

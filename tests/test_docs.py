@@ -1,6 +1,7 @@
 """The API reference (Sphinx autodoc over the public modules) builds with warnings as errors,
 so a broken docstring or reference fails the suite."""
 
+import os
 import subprocess
 import sys
 
@@ -38,9 +39,16 @@ def test_api_reference_builds_without_warnings(tmp_path):
     dynamics = (tmp_path / "api" / "dynamics.html").read_text()
     assert 'id="sharp_minima.dynamics.PopulationTrainer"' in dynamics
     assert "Args" in page or "Parameters" in page  # Google-style sections rendered (napoleon)
+    # The guide: every page of docs/guide, built from its own Markdown.
+    guide = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "docs", "guide")))
+    assert len(guide) >= 15 and "12-studies" in guide
+    for name in guide:
+        assert (tmp_path / "guide" / f"{name}.html").exists(), name
+    assert "--config.sections" in (tmp_path / "guide" / "12-studies.html").read_text()
 
 
-DOCUMENTED = MODULES[:-2] + ("notebook", "plotting", "studies.runs", "studies.common")  # fmt: skip
+DOCUMENTED = MODULES[:-2] + ("notebook", "plotting", "studies.runs", "studies.common",
+                              "studies.claims", "studies.sections")  # fmt: skip
 STUDIES = ("keskar", "sharpest_directions", "nudged_sgd", "visualize_generalization",
            "sgd_noise", "curvature_demo")  # fmt: skip
 CONTRACT = ("run", "figures", "claims", "report_markdown")

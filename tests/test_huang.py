@@ -13,10 +13,10 @@ import pytest
 from helpers import load_config, run_experiment
 
 from sharp_minima import data as data_lib
-from sharp_minima import losses
+from sharp_minima import losses, train
 from sharp_minima.data import embedded
 from sharp_minima.models import get_model
-from sharp_minima.studies import common
+from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import visualize_generalization as vg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +134,12 @@ def test_study_tiny_end_to_end(tiny_study):
     assert "| claim | verdict | numbers |" in report and "Table 1" in report
     assert len(results["claims"]) == 8
     for claim in results["claims"]:
-        assert claim["verdict"] in common.VERDICTS and claim["numbers"]
-    recs = results["swissroll"]
+        assert claim["verdict"] in claims_lib.VERDICTS and claim["numbers"]
+    secs = results["sections"]
+    assert list(secs) == ["swissroll", "tsne", "rings", "optimizers"]
+    # one claim prefix per section, in order
+    assert [c["claim"][:3] for c in results["claims"]] == ["[0]"] * 5 + ["[1]", "[2]", "[3]"]
+    recs = secs["swissroll"]["records"]
     assert {r["beta"] for r in recs} == {0.0, 0.9}
     # Trained to a fit: the natural run stops at the first evaluation meeting the targets,
     # before the cap; the β = 0.9 run reaches the cap, is reported as not fitted and gets
@@ -148,7 +152,7 @@ def test_study_tiny_end_to_end(tiny_study):
     assert not poisoned["fitted"] and poisoned["epochs"] == run.config.num_epochs
     assert not any(k.startswith("log_volume") for k in poisoned)
     assert "Did not fit: β = 0.9" in report
-    fits = next(c for c in results["claims"] if c["claim"].startswith("every network"))
+    fits = next(c for c in results["claims"] if c["claim"].startswith("[0] every network"))
     assert fits["verdict"] == "no" and "β=0.9 seed 0" in fits["numbers"]
     for fig in ("decision_boundaries", "surfaces", "volume", "tsne", "rings"):
         for ext in ("png", "pdf"):
@@ -157,11 +161,11 @@ def test_study_tiny_end_to_end(tiny_study):
     # each search trained to a fit too (or reported as not fitted).
     its = os.listdir(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "arrays" / "iterates")
     assert len(its) == natural["epochs"] // run.config.tsne.every_epochs + 1
-    assert len(results["tsne"]["bad"]) == 2
-    assert all(isinstance(b["fitted"], bool) and b["epochs"] >= 1 for b in results["tsne"]["bad"])
+    assert len(secs["tsne"]["bad"]) == 2
+    assert all(isinstance(b["fitted"], bool) and b["epochs"] >= 1 for b in secs["tsne"]["bad"])
     surface = np.load(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "measure.surface.npz")
     assert surface["loss"].shape == (5, 5) and surface["accuracy"].max() <= 1
-    assert set(results["optimizers"]["rows"]) == {
+    assert set(secs["optimizers"]["rows"]) == {
         "sgd",
         "adam",
         "lbfgs",
@@ -204,8 +208,9 @@ def test_svhn_config_with_extra_split_under_mock_data(tmp_path):
         )
         assert ds.x_extra.shape == (10, 32, 32, 3) and ds.x_train.shape == (12, 32, 32, 3)
         results = vg.run(config, str(tmp_path / "run"), log=lambda s: None)
-    assert {r["beta"] for r in results["swissroll"]} == {0.0, 0.1}
-    assert all("log_volume_10" in r for r in results["swissroll"])
+    recs = results["sections"]["swissroll"]["records"]
+    assert {r["beta"] for r in recs} == {0.0, 0.1}
+    assert all("log_volume_10" in r for r in recs)
 
 
 @pytest.mark.parametrize(
@@ -226,15 +231,35 @@ def test_bad_config_exits_2(tmp_path, override, needle):
 def test_a_missing_image_data_set_stops_the_study_before_any_training(tmp_path, monkeypatch):
     """The optimizer table's data is loaded first: without Fashion-MNIST the study stops at
     once (exit 2 on the command line), not after the swiss-roll section has trained."""
-    real = vg.train.load_data
+    real = train.load_data
 
     def load(config):
         if config.data.name == "fashion_mnist":
             raise data_lib.DataNotFoundError("data set 'fashion_mnist' is not available")
         return real(config)
 
-    monkeypatch.setattr(vg.train, "load_data", load)
+    monkeypatch.setattr(train, "load_data", load)
     config = load_config("visualize_generalization.py:tiny", **{"optimizers.data": "fashion_mnist"})
     with pytest.raises(data_lib.DataNotFoundError, match="fashion_mnist"):
         vg.run(config, str(tmp_path), log=lambda s: None)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_changed_config_is_refused_and_the_workdir_left_alone(tiny_study, tmp_path):
+    run = tiny_study("visualize_generalization")
+    workdir = run.copy(tmp_path / "w")
+    before = {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(workdir)
+        for f in fs
+    }
+    config = load_config("visualize_generalization.py:tiny", **{"volume.num_directions": 32})
+    with pytest.raises(train.ConfigError) as e:
+        vg.run(config, workdir, log=lambda s: None)
+    assert "volume.num_directions: 16 → 32" in str(e.value) and "\n" not in str(e.value)
+    after = {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(workdir)
+        for f in fs
+    }
+    assert after == before

@@ -14,7 +14,8 @@ from helpers import load_config, read_jsonl, run_experiment
 from jax.flatten_util import ravel_pytree
 
 from sharp_minima import losses, optim, tracking, train
-from sharp_minima.studies import common, nudged_sgd, sharpest_directions
+from sharp_minima.studies import claims as claims_lib
+from sharp_minima.studies import nudged_sgd, sharpest_directions
 from sharp_minima.studies import runs as study_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def test_sharpest_directions_tiny_end_to_end(tiny_study):
     assert "| claim | verdict | numbers |" in report and "2/η" in report
     assert len(results["claims"]) >= 6
     for claim in results["claims"]:
-        assert claim["verdict"] in common.VERDICTS and claim["numbers"]
+        assert claim["verdict"] in claims_lib.VERDICTS and claim["numbers"]
     for fig in ("eigenvalues", "full_batch", "step_vs_curvature", "variants", "schedule"):
         for ext in ("png", "pdf"):
             assert (tmp_path / f"{fig}.{ext}").stat().st_size > 0

@@ -49,11 +49,15 @@ def tagged(nb, tag: str) -> list:
 
 def test_every_notebook_is_listed_here_and_linked_from_the_readme_with_its_badge():
     assert names() == sorted(NOTEBOOKS)
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    for name in NOTEBOOKS:
-        assert colab_link(name) in readme, name
-        assert f"experiments/notebooks/{name}.ipynb" in readme, name
+    for page in ("README.md", os.path.join("docs", "guide", "02-notebooks.md")):
+        with open(os.path.join(ROOT, page)) as f:
+            text = f.read()
+        for name in NOTEBOOKS:
+            assert colab_link(name) in text, (page, name)
+            assert f"experiments/notebooks/{name}.ipynb" in text, (page, name)
+        # every badge on the page points at the repository of pyproject.toml
+        for link in re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", text):
+            assert link.startswith(colab_link("x").rsplit("/", 1)[0] + "/"), link
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))

@@ -1,4 +1,5 @@
-"""The README's commands and example stay true."""
+"""The README (a front page) and the guide (``docs/guide/``): the two commands, the table of
+studies, and every Python example, run here."""
 
 import json
 import os
@@ -12,27 +13,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read(name):
-    with open(os.path.join(ROOT, name)) as f:
+    with open(name if os.path.isabs(name) else os.path.join(ROOT, name)) as f:
         return f.read()
+
+
+GUIDE = os.path.join(ROOT, "docs", "guide")
+
+
+def guide_blocks() -> list[str]:
+    """The Python code blocks of every guide page, in page order."""
+    blocks = []
+    for name in sorted(os.listdir(GUIDE)):
+        if name.endswith(".md"):
+            blocks += re.findall(r"```python\n(.*?)```", read(os.path.join(GUIDE, name)), re.S)
+    return blocks
+
+
+def guide_block(marker: str) -> str:
+    return next(b for b in guide_blocks() if marker in b)
 
 
 _HESSIAN_EXAMPLE = {}
 
 
 def hessian_example():
-    """The namespace of the README's first (hessian) example, run once per module."""
+    """The namespace of the guide's first (hessian) example, run once per module."""
     if not _HESSIAN_EXAMPLE:
-        blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-        exec(compile(blocks[0], "README.md", "exec"), _HESSIAN_EXAMPLE)
+        block = guide_block("hessian.eigenpairs(loss_fn, params, batches, k=5")
+        exec(compile(block, "docs/guide/03-hessian.md", "exec"), _HESSIAN_EXAMPLE)
     return _HESSIAN_EXAMPLE
 
 
 def run_after_hessian_example(marker):
-    """Runs the block containing ``marker`` after the README's first (hessian) example, in a
+    """Runs the block containing ``marker`` after the guide's first (hessian) example, in a
     copy of its namespace (later examples use its loss_fn, params and batches)."""
-    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
     namespace = dict(hessian_example())
-    exec(compile(next(b for b in blocks if marker in b), "README.md", "exec"), namespace)
+    exec(compile(guide_block(marker), "docs/guide", "exec"), namespace)
     return namespace
 
 
@@ -47,11 +63,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "python -m experiments.keskar --config=configs/quickstart.py" in commands[0]
 
 
-def test_readme_python_example_runs():
-    namespace = hessian_example()
-    top = namespace["top"]
-    assert top.values.shape == (5,) and top.converged.all()
-    assert namespace["tr"].stderr >= 0
+def test_readme_python_example_runs_and_agrees_with_the_guide():
+    block = re.search(r"```python\n(.*?)```", read("README.md"), re.S).group(1)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    top, tr = namespace["top"], namespace["tr"]
+    assert top.values.shape == (5,) and top.converged.all() and tr.stderr >= 0
+    guide = hessian_example()
+    np.testing.assert_allclose(top.values, guide["top"].values, rtol=1e-4)
+    assert guide["top"].converged.all() and guide["tr"].stderr >= 0
 
 
 def test_readme_curvature_object_example_runs():
@@ -60,10 +80,9 @@ def test_readme_curvature_object_example_runs():
 
 
 def test_readme_custom_loss_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-    block = next(b for b in blocks if "loss_fn=flooded_loss" in b)
+    block = guide_block("loss_fn=flooded_loss")
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/guide", "exec"), namespace)
     result = namespace["result"]
     assert int(result.state.step) > 0 and "train/loss" in result.history[-1]
 
@@ -74,11 +93,10 @@ def test_readme_sharpness_example_runs():
 
 
 def test_readme_training_example_runs():
-    readme = read("README.md")
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "train.Hook" in b)
+    block = guide_block("train.Hook")
     first, second = {}, {}
-    exec(compile(block, "README.md", "exec"), first)
-    exec(compile(block, "README.md", "exec"), second)  # a second run trains again
+    exec(compile(block, "docs/guide/07-training.md", "exec"), first)
+    exec(compile(block, "docs/guide/07-training.md", "exec"), second)  # a second run trains again
     for namespace in (first, second):
         result = namespace["result"]
         assert int(result.state.step) == result.final["step"] > 0 and result.resumed_from == 0
@@ -136,13 +154,9 @@ def test_readme_optim_example_runs():
 
 
 def test_readme_landscape_example_runs():
-    block = next(
-        b
-        for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-        if "basin_volume" in b
-    )
+    block = guide_block("basin_volume")
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/guide/10-landscape.md", "exec"), namespace)
     vol, surface = namespace["vol"], namespace["surface"]
     import numpy as np
 
@@ -152,16 +166,12 @@ def test_readme_landscape_example_runs():
 
 
 def test_readme_study_contract_example_runs(tmp_path, tiny_study):
-    block = next(
-        b
-        for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-        if "keskar.figures(config, results)" in b
-    )
+    block = guide_block("keskar.figures(config, results)")
     workdir = tiny_study("keskar").copy(tmp_path / "w")  # trained once per session
     assert '"runs/keskar_tiny"' in block
     namespace = {}
     exec(
-        compile(block.replace('"runs/keskar_tiny"', repr(workdir)), "README.md", "exec"), namespace
+        compile(block.replace('"runs/keskar_tiny"', repr(workdir)), "docs/guide", "exec"), namespace
     )
     assert namespace["results"]["runs"] and "sharpness" in namespace["figures"]
 
@@ -195,3 +205,75 @@ def test_readme_noisy_quadratic_example_runs():
     assert abs(fit.b_crit - 193) < 2 and fit.residual < 0.07  # the numbers the README quotes
     steps = ns["steps"]
     assert steps[0] / steps[1] > 1.9 and steps[-2] / steps[-1] < 1.05  # the two regimes
+
+
+def test_the_guide_tracking_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it writes runs/tracked
+    namespace = {}
+    exec(
+        compile(guide_block("tracking.EigenTracker("), "docs/guide/08-tracking.md", "exec"),
+        namespace,
+    )
+    steps = [step for step, *_ in namespace["tracker"].history]
+    assert steps[0] == 0 and len(steps) >= 2
+    logged = open(tmp_path / "runs" / "tracked" / "metrics.jsonl").read()
+    assert "hessian/lambda_1" in logged
+
+
+def test_the_guide_models_and_data_example_runs():
+    namespace = {}
+    block = guide_block("get_model(")
+    exec(compile(block, "docs/guide/06-models-and-data.md", "exec"), namespace)
+    ds = namespace["ds"]
+    assert ds.num_classes == 10 and ds.x_train.shape[1:] == (40, 1) and len(ds.x_val) > 0
+    assert namespace["model"].__class__.__name__ == "MLP"  # f1: Keskar's MNIST network
+
+
+# Every Python block of the guide is run by one of the tests above: the marker each finds it by.
+MARKERS = (
+    "hessian.eigenpairs(loss_fn, params, batches, k=5",
+    "hessian.Curvature(",
+    "loss_fn=flooded_loss",
+    "sharpness.epsilon_sharpness(",
+    "train.Hook(param_norm",
+    "optim.nsgd(",
+    "basin_volume",
+    "keskar.figures(config, results)",
+    "operators.GGN(",
+    "dynamics.double_well(",
+    "dynamics.noisy_quadratic(",
+    "tracking.EigenTracker(",
+    "get_model(",
+)
+
+
+def test_every_python_block_of_the_guide_is_run_by_a_test():
+    for block in guide_blocks():
+        found = [m for m in MARKERS if m in block]
+        assert found, f"no test runs this guide block:\n{block[:300]}"
+
+
+def test_the_readme_is_a_front_page_whose_verdicts_are_the_notebooks():
+    import nbformat
+
+    readme = read("README.md")
+    assert len(readme.splitlines()) <= 250
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| ") and "experiments." in line:
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            module = re.search(r"experiments\.(\w+)", cells[1]).group(1)
+            rows[module] = cells[-1]
+    notebook_of = {"nudged_sgd": "sharpest_directions"}
+    for module, verdicts in rows.items():
+        nb = nbformat.read(
+            os.path.join(
+                ROOT, "experiments", "notebooks", f"{notebook_of.get(module, module)}.ipynb"
+            ),
+            as_version=4,
+        )
+        text = json.dumps(nb.dict(), ensure_ascii=False)
+        found = list(dict.fromkeys(re.findall(r"Verdicts: ([^.]*)\.", text)))  # in order, once
+        # Sec. 3 and Sec. 4 share one notebook: its first table is Sec. 3's, its second Sec. 4's.
+        index = 1 if module == "nudged_sgd" else 0
+        assert found and found[index] == verdicts, (module, found, verdicts)

@@ -55,8 +55,10 @@ def test_a_finished_study_takes_more_seeds_and_epsilons_measuring_only_what_is_n
     config.keskar.seeds = 2
     config.keskar.epsilons = (1e-3, 5e-4, 2e-3)
     config.lock()
+    with pytest.raises(train.ConfigError, match=r"keskar.seeds: 1 → 2.*--extend"):
+        keskar.run(config, str(tmp_path), log=lambda s: None)  # finished work: refused
     more = []
-    out = keskar.run(config, str(tmp_path), log=more.append)
+    out = keskar.run(config, str(tmp_path), log=more.append, extend=True)
     measured = [line for line in more if line.strip().startswith("sharpness ")]
     # seed 0 (sb, lb): only ε = 2e-3, full and subspace; seed 1 (sb, lb): all 3 ε x 2 spaces.
     assert len(measured) == 2 * 2 + 2 * 6
@@ -234,7 +236,7 @@ def test_bad_study_values_are_refused_naming_the_field(study, field, value, mess
         section = section[part]
     section[leaf] = value
     with pytest.raises(train.ConfigError, match=re.escape(message)):
-        module.validate(config)
+        module.STUDY.check(config)
 
 
 # 6. ----------------------------------------------------------------- Ctrl-C

@@ -62,22 +62,23 @@ def test_sgd_noise_tiny_end_to_end(tiny_study):
     steps = [r["steps"] for r in secs["critical"]["per_batch"]]
     assert np.isfinite(steps).all() and steps[0] > steps[-1]
     report = open(os.path.join(run.workdir, "report.md")).read()
-    for title in sgd_noise.TITLES.values():
-        assert title in report
+    for i, section in enumerate(sgd_noise.STUDY.sections):
+        assert f"## {i}. {section.title}" in report
     assert "23.74" in report and "T = (η/B)(1 − B/N)" in report
 
 
-def test_warmup_rates_by_hand():
-    # k = 4, η₀ = 0.1, 2 warm-up epochs.
-    assert sgd_noise.warmup_rate("none", 4, 0.1, 2, 0.0) == pytest.approx(0.4)
-    assert sgd_noise.warmup_rate("constant", 4, 0.1, 2, 1.9) == pytest.approx(0.1)
-    assert sgd_noise.warmup_rate("constant", 4, 0.1, 2, 2.0) == pytest.approx(0.4)
-    assert sgd_noise.warmup_rate("gradual", 4, 0.1, 2, 0.0) == pytest.approx(0.1)
-    assert sgd_noise.warmup_rate("gradual", 4, 0.1, 2, 1.0) == pytest.approx(0.25)
-    assert sgd_noise.warmup_rate("gradual", 4, 0.1, 2, 5.0) == pytest.approx(0.4)
-    assert sgd_noise.warmup_rate("gradual", 1, 0.1, 2, 0.0) == pytest.approx(0.1)
+def test_warmup_schedules_by_hand():
+    # k = 4, η₀ = 0.1, 2 warm-up epochs (Goyal et al.'s arms, by epoch).
+    rate = lambda arm, k, epoch: sgd_noise.warmup_schedule(arm, k, 0.1, 2)(epoch)  # noqa: E731
+    assert rate("none", 4, 0.0) == pytest.approx(0.4)
+    assert rate("constant", 4, 1.9) == pytest.approx(0.1)
+    assert rate("constant", 4, 2.0) == pytest.approx(0.4)
+    assert rate("gradual", 4, 0.0) == pytest.approx(0.1)
+    assert rate("gradual", 4, 1.0) == pytest.approx(0.25)
+    assert rate("gradual", 4, 5.0) == pytest.approx(0.4)
+    assert rate("gradual", 1, 0.0) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="unknown warm-up"):
-        sgd_noise.warmup_rate("linear", 2, 0.1, 2, 0.0)
+        sgd_noise.warmup_schedule("linear", 2, 0.1, 2)
 
 
 def test_temperature_bookkeeping_by_hand():
@@ -110,7 +111,7 @@ def test_steps_to_target_and_best_batch():
 
 @pytest.mark.parametrize("spec", ["sgd_noise.py", "sgd_noise.py:fashion", "sgd_noise.py:paper"])
 def test_configs_validate(spec):
-    sgd_noise.validate(load_config(spec))
+    assert sgd_noise.STUDY.check(load_config(spec)) == sgd_noise.STUDY.sections
 
 
 def test_bad_config_exits_2(tmp_path):
@@ -122,3 +123,65 @@ def test_bad_config_exits_2(tmp_path):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "ks must include 1" in out.stderr
+
+
+def _snapshot(folder):
+    return {
+        os.path.join(d, f): (
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+            os.path.getsize(os.path.join(d, f)),
+        )
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
+
+
+def test_the_report_names_only_the_figures_drawn(tiny_study):
+    run = tiny_study("sgd_noise")
+    config, results = run.config, run.results
+    assert "critical_batch" in sgd_noise.figures(config, results)
+    # Too few batch sizes reached the target: no fit, no figure, and the report names none.
+    critical = {**results["sections"]["critical"], "fit": None}
+    nofit = {**results, "sections": {**results["sections"], "critical": critical}}
+    drawn = sgd_noise.figures(config, nofit)
+    assert "critical_batch" not in drawn
+    report = sgd_noise.report_markdown(config, nofit)
+    assert report.rstrip().endswith(f"Figures (PNG and PDF): {', '.join(drawn)}.")
+    assert "critical_batch" not in report.splitlines()[-1]
+
+
+def test_a_changed_config_is_refused_in_one_line_and_the_workdir_left_alone(tiny_study, tmp_path):
+    workdir = tiny_study("sgd_noise").copy(tmp_path / "w")
+    before = _snapshot(workdir)
+    out = run_experiment(
+        "sgd_noise",
+        "--config=configs/sgd_noise.py:tiny",
+        "--config.sgd_noise.sde.runs=300",
+        f"--workdir={workdir}",
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()
+    assert "sgd_noise.sde.runs: 200 → 300" in line and "--extend" in line
+    assert _snapshot(workdir) == before
+    # A field the study does not read is not in its config.
+    out = run_experiment(
+        "sgd_noise",
+        "--config=configs/sgd_noise.py:tiny",
+        "--config.optim.learning_rate=1",
+        f"--workdir={tmp_path / 'x'}",
+    )
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "no config field 'optim'" in out.stderr
+
+
+def test_sections_by_name_from_the_command_line_reuse_the_finished_work(tiny_study, tmp_path):
+    workdir = tiny_study("sgd_noise").copy(tmp_path / "w")
+    out = run_experiment(
+        "sgd_noise", "--config=configs/sgd_noise.py:tiny", "--config.sections=sde,toy",
+        f"--workdir={workdir}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "measuring" not in out.stdout  # both sections read back from the cache
+    assert "== section 1. Toy sharpness" in out.stdout and "== section 5. The SDE" in out.stdout
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "## 1. Toy" in report and "## 5. The SDE" in report and "## 6." not in report

@@ -16,6 +16,7 @@ from helpers import load_config, read_jsonl
 from matplotlib.figure import Figure
 
 from sharp_minima import files, gradients, train
+from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import common, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,14 +109,14 @@ def test_write_outputs_saves_everything_in_one_place_with_large_arrays_beside(tm
         lines.append,
         claims=lambda c, r: [("a | b", True, "1 vs 2")],
         figures=figures,
-        report=lambda c, r: f"{len(r['claims'])} claim\n",
+        report=lambda c, r, names: f"{len(r['claims'])} claim, figures {names}\n",
     )
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["curve"] == "results.npz:curve" and saved["small"] == [0.0, 1.0, 2.0]
     assert np.load(tmp_path / "results.npz")["curve"].shape == (1000,)
     claim = {"claim": "a | b", "verdict": "yes", "numbers": "1 vs 2"}
     assert out["claims"] == saved["claims"] == [claim] and saved["diverged"] == []
-    assert (tmp_path / "report.md").read_text() == "1 claim\n"
+    assert (tmp_path / "report.md").read_text() == "1 claim, figures ['curve']\n"
     assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "curve.pdf").exists()
     assert lines[0].startswith("[yes") and "] a | b: 1 vs 2" in lines[0]
     assert lines[1] == "verdicts: 1 yes"
@@ -134,29 +135,31 @@ def _parse_markdown_table(lines):
 def test_a_claim_holds_only_beyond_its_noise_and_renders_as_one_row():
     # Issue 17: two eigenvalues equal to 1e-7, from an eigensolver accurate to 1e-4, tie.
     a, b, tol = 1.7460952161952408, 1.7460951744849194, 1e-4
-    assert common.verdict(a - b, tol * (a + b)) == common.WITHIN_NOISE
-    assert common.verdict(a - b) == common.YES  # what a strict ">" said
-    assert common.ordered([1.41, 1.41 + 1e-6, 2.0], [1e-4] * 3, decreasing=False) == (
-        common.WITHIN_NOISE
+    assert claims_lib.verdict(a - b, tol * (a + b)) == claims_lib.WITHIN_NOISE
+    assert claims_lib.verdict(a - b) == claims_lib.YES  # what a strict ">" said
+    assert claims_lib.ordered([1.41, 1.41 + 1e-6, 2.0], [1e-4] * 3, decreasing=False) == (
+        claims_lib.WITHIN_NOISE
     )
-    assert common.ordered([3.0, 2.0, 1.0], [0.1] * 3, decreasing=True) == common.YES
-    assert common.ordered([3.0, 2.0, 2.5], [0.1] * 3, decreasing=True) == common.NO
-    assert common.ordered([3.0, float("nan")], [0.1] * 2, decreasing=True) == common.NOT_TESTED
-    assert common.all_of([common.YES, common.WITHIN_NOISE]) == common.WITHIN_NOISE
-    assert common.all_of([common.WITHIN_NOISE, common.NO]) == common.NO
-    assert common.all_of([]) == common.NOT_TESTED
+    assert claims_lib.ordered([3.0, 2.0, 1.0], [0.1] * 3, decreasing=True) == claims_lib.YES
+    assert claims_lib.ordered([3.0, 2.0, 2.5], [0.1] * 3, decreasing=True) == claims_lib.NO
+    assert (
+        claims_lib.ordered([3.0, float("nan")], [0.1] * 2, decreasing=True) == claims_lib.NOT_TESTED
+    )
+    assert claims_lib.all_of([claims_lib.YES, claims_lib.WITHIN_NOISE]) == claims_lib.WITHIN_NOISE
+    assert claims_lib.all_of([claims_lib.WITHIN_NOISE, claims_lib.NO]) == claims_lib.NO
+    assert claims_lib.all_of([]) == claims_lib.NOT_TESTED
     # seed spread: a 2-point gap with a 3-point standard error is no evidence
-    se = common.seed_noise({"mean": 70.0, "std": 6.0, "n": 4})
-    assert se == pytest.approx(3.0) and common.verdict(2.0, se) == common.WITHIN_NOISE
-    assert common.seed_noise({"mean": 70.0, "std": 0.0, "n": 1}) == 0.0
-    assert common.accuracy_noise(0.5, 100) == pytest.approx(0.05)
+    se = claims_lib.seed_noise({"mean": 70.0, "std": 6.0, "n": 4})
+    assert se == pytest.approx(3.0) and claims_lib.verdict(2.0, se) == claims_lib.WITHIN_NOISE
+    assert claims_lib.seed_noise({"mean": 70.0, "std": 0.0, "n": 1}) == 0.0
+    assert claims_lib.accuracy_noise(0.5, 100) == pytest.approx(0.05)
 
     claims = [
-        ("mean |cos| with top 5 ≥ 5× random", common.YES, "0.2 | 0.01"),
-        ("K grows", common.verdict(a - b, tol * (a + b)), "K=1: 1.75, K=2: 1.75"),
+        ("mean |cos| with top 5 ≥ 5× random", claims_lib.YES, "0.2 | 0.01"),
+        ("K grows", claims_lib.verdict(a - b, tol * (a + b)), "K=1: 1.75, K=2: 1.75"),
         ("lost", None, "not tested: run x diverged"),
     ]
-    lines = common.claims_table(claims)
+    lines = claims_lib.claims_table(claims)
     rows = _parse_markdown_table(lines)
     assert rows[0] == ["claim", "verdict", "numbers"]
     assert rows[1] == ["mean |cos| with top 5 ≥ 5× random", "yes", "0.2 | 0.01"]
@@ -174,7 +177,7 @@ def test_a_study_whose_runs_all_diverged_names_them_and_has_nothing_to_report(tm
     drawn, lines = [], []
     kwargs = dict(
         figures=lambda c, r: drawn.append(1) or {},
-        report=lambda c, r: "# report\n",
+        report=lambda c, r, names: "# report\n",
     )
     with pytest.raises(runs.NothingToReport, match=r"2 runs diverged \(a/seed0 at step 3, b/"):
         common.write_outputs(

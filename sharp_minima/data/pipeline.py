@@ -14,6 +14,13 @@ def epoch_permutation(key, num_examples: int, batch_size: int):
     return perm[: num_batches * batch_size].reshape(num_batches, batch_size)
 
 
+def random_minibatches(key, num_examples: int, batch_size: int, num_batches: int):
+    """Indices (num_batches, batch_size) of independent mini-batches, each drawn without
+    replacement (as SGD would see them, not one epoch's partition)."""
+    keys = jax.random.split(key, num_batches)
+    return jax.vmap(lambda k: jax.random.permutation(k, num_examples)[:batch_size])(keys)
+
+
 def random_crop_flip(key, images, *, padding: int = 4, flip: bool = True):
     """Random crop after zero padding and random horizontal flip, per image (NHWC)."""
     n, h, w, _ = images.shape

@@ -1,7 +1,7 @@
-"""What every study shares besides its runs (`sharp_minima.studies.runs`): named key
-streams, table cells, the claims table, `write_outputs` — the one place a study's report,
-results and figures are saved — and `contract`, the documentation of the four functions
-every study offers."""
+"""What every study shares besides its runs (`sharp_minima.studies.runs`) and its claims
+(`sharp_minima.studies.claims`): named key streams, table cells, `write_outputs` — the one
+place a study's report, results and figures are saved — and `contract`, the documentation of
+the four functions every study offers."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from sharp_minima import files, plotting
+from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import runs
 
 _CONTRACT = {
@@ -28,13 +29,17 @@ Args:
   data: replaces the config's data set (default: ``train.load_data(config)``).
   log: takes every line of progress (``print``; in a notebook
     `sharp_minima.notebook.ProgressLine`).
+  extend: keep a workdir whose finished work was computed under another config, reusing
+    what the change leaves valid (`sharp_minima.studies.sections.check_config`; without
+    it such a workdir is refused).
 
 Returns:
   The results dict (what ``results.json`` holds, with its arrays), the input of the
   study's ``figures``, ``claims`` and ``report_markdown``.
 
 Raises:
-  sharp_minima.train.ConfigError: a bad config (naming the field).
+  sharp_minima.train.ConfigError: a bad config (naming the field), or a workdir whose
+    finished work was computed under another config (naming what differs).
   sharp_minima.data.DataNotFoundError: the data set is not available.
   sharp_minima.files.WorkdirError: the workdir cannot be used (or another process holds it).
   sharp_minima.studies.runs.NothingToReport: every run diverged (the report is written).""",
@@ -51,10 +56,11 @@ Returns:
 
 Returns:
   ``[(claim, verdict, numbers)]``: the verdict "yes", "no", "within noise" or "not tested"
-  (`verdict`), the numbers the evidence in words.""",
+  (`sharp_minima.studies.claims.verdict`), the numbers the evidence in words.""",
     "report_markdown": """Args:
   config: the study's config.
   results: ``run``'s output.
+  figure_names: the figures the report lists (default: those ``figures`` draws).
 
 Returns:
   The Markdown text of ``report.md``.""",
@@ -141,127 +147,6 @@ def _move_arrays(obj, path: str, arrays: dict):
     return obj
 
 
-# ------------------------------------------------------------------------------- verdicts
-
-YES, NO, WITHIN_NOISE, NOT_TESTED = "yes", "no", "within noise", "not tested"
-VERDICTS = (YES, NO, WITHIN_NOISE, NOT_TESTED)
-Claim = tuple[str, str, str]  # (the paper's claim, its verdict here, the numbers behind it)
-
-
-def verdict(margin: float, noise: float = 0.0) -> str:
-    """`YES` when ``margin`` (how far the claim holds: > 0 in its favour) exceeds ``noise``,
-    `NO` when it falls short by more than ``noise``, else `WITHIN_NOISE`; `NOT_TESTED` when
-    the margin is not a number (a run is missing).
-
-    Args:
-      margin: how far the claim holds (> 0 in its favour; NaN when untested).
-      noise: the margin's noise (≥ 0).
-
-    Returns:
-      A verdict string.
-
-    >>> verdict(0.5, 0.1), verdict(-0.5, 0.1), verdict(4e-8, 1.7e-4), verdict(float("nan"))
-    ('yes', 'no', 'within noise', 'not tested')
-    """
-    margin, noise = float(margin), abs(float(noise))
-    if not np.isfinite(margin):
-        return NOT_TESTED
-    if margin > noise:
-        return YES
-    if margin < -noise:
-        return NO
-    return WITHIN_NOISE
-
-
-def all_of(verdicts) -> str:
-    """The verdict of a claim made of parts: `NO` if any part fails, else `NOT_TESTED` if
-    any part lacks its runs, else `YES` if every part holds, else `WITHIN_NOISE`.
-
-    Args:
-      verdicts: the parts' verdicts (strings or bools, `as_verdict`).
-
-    Returns:
-      A verdict string.
-    """
-    verdicts = [as_verdict(v) for v in verdicts]
-    if not verdicts:
-        return NOT_TESTED
-    for v in (NO, NOT_TESTED):
-        if v in verdicts:
-            return v
-    return YES if all(v == YES for v in verdicts) else WITHIN_NOISE
-
-
-def ordered(values, noises, *, decreasing: bool) -> str:
-    """Whether ``values`` decrease (increase) step by step, each step by more than the noise
-    of its pair (``noises[i] + noises[i + 1]``, e.g. solver tolerance and seed spread of each
-    value).
-
-    Args:
-      values: the values in the claimed order.
-      noises: each value's noise.
-      decreasing: the claimed direction.
-
-    Returns:
-      A verdict (`all_of` the steps' `verdict`).
-    """
-    sign = -1.0 if decreasing else 1.0
-    return all_of(
-        verdict(sign * (b - a), na + nb)
-        for a, b, na, nb in zip(values, values[1:], noises, noises[1:])
-    )
-
-
-def seed_noise(stat: dict | None) -> float:
-    """The standard error of a mean over seeds (`sharp_minima.studies.runs.aggregate`'s
-    ``{"mean", "std", "n"}``; 0 for one seed, whose spread is unknown).
-
-    Args:
-      stat: a field's statistics from `aggregate`, or None.
-
-    Returns:
-      std/√n (0 with one seed or none).
-    """
-    if not isinstance(stat, dict) or stat.get("n", 1) < 2:
-        return 0.0
-    return float(stat["std"]) / float(np.sqrt(stat["n"]))
-
-
-def accuracy_noise(accuracy: float, num_examples: int) -> float:
-    """The sampling standard error of an accuracy measured on ``num_examples`` examples.
-
-    Args:
-      accuracy: a fraction in [0, 1].
-      num_examples: the test-set size n.
-
-    Returns:
-      √(a(1 − a)/n) as a fraction (at least √(1/n)/√n, for an accuracy of 0 or 1).
-    """
-    p = min(max(float(accuracy), 0.0), 1.0)
-    return float(np.sqrt(max(p * (1 - p), 1.0 / num_examples) / num_examples))
-
-
-def as_verdict(v) -> str:
-    """A verdict from a verdict string or a bool (True: `YES`, False: `NO`, None: `NOT_TESTED`).
-
-    Args:
-      v: a verdict string, a bool or None.
-
-    Returns:
-      A verdict string of `VERDICTS`.
-
-    Raises:
-      ValueError: an unknown verdict string.
-    """
-    if v is None:
-        return NOT_TESTED
-    if isinstance(v, bool | np.bool_):
-        return YES if v else NO
-    if v not in VERDICTS:
-        raise ValueError(f"a claim's verdict must be one of {VERDICTS}, got {v!r}")
-    return v
-
-
 def table_cell(value) -> str:
     """``value`` as the text of one Markdown table cell: ``|`` escaped, no line breaks.
 
@@ -288,48 +173,6 @@ def markdown_table(header, rows) -> list[str]:
     return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
 
 
-def count_verdicts(claims) -> str:
-    """``"3 yes, 1 within noise"``: how many claims got each verdict.
-
-    Args:
-      claims: as for `claims_table`.
-
-    Returns:
-      The counts in words (``"no claims"`` when empty).
-    """
-    found = [as_verdict(c["verdict"] if isinstance(c, dict) else c[1]) for c in claims]
-    return ", ".join(f"{found.count(v)} {v}" for v in VERDICTS if v in found) or "no claims"
-
-
-def claims_table(claims: list) -> list[str]:
-    """The report's ``## Claims`` section: a verdict per claim with its numbers (claims as
-    ``(claim, verdict, numbers)`` or as the dicts of ``results["claims"]``), and the count of
-    each verdict. A claim holds ("yes") or fails ("no") only by more than its noise (solver
-    tolerance, seed spread, test-set sampling), else it reads "within noise"; "not tested"
-    when its runs are missing (diverged).
-
-    Args:
-      claims: ``[(claim, verdict, numbers)]`` or ``results["claims"]``.
-
-    Returns:
-      The section's Markdown lines.
-    """
-    rows = []
-    for c in claims:
-        c = (c["claim"], c["verdict"], c["numbers"]) if isinstance(c, dict) else c
-        rows.append((c[0], as_verdict(c[1]), c[2]))
-    return [
-        "## Claims",
-        "",
-        f"Verdicts: {count_verdicts(claims)}. A claim holds or fails only by more than its "
-        "noise (eigensolver tolerance, standard error over seeds, test-set sampling); "
-        "otherwise it reads *within noise*. With one seed the spread over seeds is unknown "
-        "and not counted: such a verdict is weaker than its margin suggests.",
-        "",
-        *markdown_table(("claim", "verdict", "numbers"), rows),
-    ]
-
-
 def write_outputs(
     config,
     results: dict,
@@ -351,9 +194,11 @@ def write_outputs(
       workdir: the output folder.
       log: takes the claims' lines.
       claims: the study's ``claims(config, results) -> [(claim, verdict, numbers)]`` (a
-        verdict of `VERDICTS`, or a bool).
+        verdict of `sharp_minima.studies.claims.VERDICTS`, or a bool).
       figures: ``figures(config, results) -> {name: Figure}`` (draws, saves nothing).
-      report: ``report_markdown(config, results) -> str`` (sees ``results["claims"]``).
+      report: ``report(config, results, figure_names) -> str``, the text of ``report.md``
+        (sees ``results["claims"]``; ``figure_names``: the figures drawn and saved, so the
+        report names only figures that exist).
 
     Returns:
       ``results`` with ``"claims"`` (and ``"diverged"``) added.
@@ -362,7 +207,7 @@ def write_outputs(
       sharp_minima.studies.runs.NothingToReport: no claim could be tested because runs
         diverged (after everything is written).
     """
-    found = [(c, as_verdict(v), n) for c, v, n in claims(config, results)]
+    found = [(c, claims_lib.as_verdict(v), n) for c, v, n in claims(config, results)]
     diverged = runs.diverged_runs(workdir)
     results = {
         **results,
@@ -370,7 +215,7 @@ def write_outputs(
         "diverged": diverged,
     }
     # Nothing to report: runs diverged and no claim could be tested (figures would be empty).
-    nothing = bool(diverged) and all(v == NOT_TESTED for _, v, _ in found)
+    nothing = bool(diverged) and all(v == claims_lib.NOT_TESTED for _, v, _ in found)
     names = []
     if jax.process_index() == 0:
         arrays: dict[str, np.ndarray] = {}
@@ -380,20 +225,20 @@ def write_outputs(
             buf = io.BytesIO()
             np.savez(buf, **arrays)
             files.write_atomic(os.path.join(workdir, "results.npz"), buf.getvalue())
-        text = report(config, results).rstrip("\n") + "\n"
-        if diverged:
-            text += "\n" + "\n".join(diverged_section(diverged)) + "\n"
-        files.write_atomic(os.path.join(workdir, "report.md"), text)
         for name, fig in ({} if nothing else figures(config, results)).items():
             plotting.save(fig, workdir, name)
             names.append(name)
+        text = report(config, results, names).rstrip("\n") + "\n"
+        if diverged:
+            text += "\n" + "\n".join(diverged_section(diverged)) + "\n"
+        files.write_atomic(os.path.join(workdir, "report.md"), text)
     for d in diverged:
         log(f"diverged: run {d['run']}{_at_step(d)} (not retried; see report.md)")
-    width = max(map(len, VERDICTS))
+    width = max(map(len, claims_lib.VERDICTS))
     for claim, v, nums in found:
         log(f"[{v:<{width}}] {claim}: {nums}")
     if found:
-        log(f"verdicts: {count_verdicts(found)}")
+        log(f"verdicts: {claims_lib.count_verdicts(found)}")
     if nothing:
         raise runs.NothingToReport(
             f"nothing to report: {_plural(len(diverged), 'run')} diverged ("

@@ -20,9 +20,10 @@ import jax
 import numpy as np
 
 from sharp_minima import data as data_lib
-from sharp_minima import files, losses, plotting, tracking, train
+from sharp_minima import losses, plotting, tracking, train
 from sharp_minima.studies import runs
-from sharp_minima.studies.common import contract, key_streams, write_outputs
+from sharp_minima.studies.common import key_streams
+from sharp_minima.studies.sections import Section, Study, contract_functions
 
 
 def validate(config) -> None:
@@ -34,16 +35,9 @@ def validate(config) -> None:
         train.check_numbers(config, f"curvature.{name}", low=1, integer=True)
 
 
-@contract
-def run(config, workdir: str, *, data=None, log=print) -> dict:
-    """Trains with the tracking hook, measures the final Hessian, writes results and figures."""
-    validate(config)
-    with files.workdir_lock(workdir, log=log):
-        return _run_locked(config, workdir, data, log)
-
-
-def _run_locked(config, workdir, data, log) -> dict:
-    data = train.load_data(config) if data is None else data
+def section_run(ctx) -> dict:
+    """Trains with the tracking hook, then measures the final Hessian."""
+    config, workdir, data, log = ctx.config, ctx.workdir, ctx.data, ctx.log
     c = config.curvature
     if c.examples > len(data.x_train):
         raise train.ConfigError(
@@ -134,22 +128,11 @@ def _run_locked(config, workdir, data, log) -> dict:
         f"trace {tr['value']:.3f} ± {tr['stderr']:.3f}   ||H||_F {fro['value']:.3f} ± "
         f"{fro['stderr']:.3f} (top-20: {results['hessian/frobenius_top20']['value']:.3f})"
     )
-    return write_outputs(
-        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
-    )
+    return results
 
 
-@contract
-def claims(config, results: dict) -> list:
-    """None: the demo reproduces no paper's claim."""
-    return []
-
-
-@contract
-def figures(config, results: dict) -> dict:
-    """``tracking`` (the top eigenvalues along training) and ``spectrum`` (the final SLQ
-    density with the top eigenvalues marked).
-    """
+def section_figures(config, results: dict) -> dict:
+    """``tracking`` and ``spectrum``."""
     t = results["tracking"]
     return {
         "tracking": plotting.tracking_figure(
@@ -161,31 +144,52 @@ def figures(config, results: dict) -> dict:
     }
 
 
-@contract
-def report_markdown(config, results: dict) -> str:
-    """``report.md``: the run, the curvature loss and the final Hessian's numbers."""
+def report(config, results: dict) -> list[str]:
+    """The run, the curvature loss and the final Hessian's numbers."""
     tr, fro = results["hessian/trace"], results["hessian/frobenius_hutchinson"]
     top = ", ".join(f"{v:.4g}" for v in results["hessian/top_eigenvalues"])
     bottom = ", ".join(f"{v:.3g}" for v in results["hessian/bottom_eigenvalues"])
-    return "\n".join(
-        [
-            f"# Curvature demo — {config.name}",
-            "",
-            f"{config.model.name} {dict(config.model.kwargs)} ({results['num_params']} "
-            f"parameters) on {config.data.name}, {train.plural(config.num_epochs, 'epoch')}: "
-            "train accuracy "
-            f"{100 * results['train/accuracy']:.2f}%, test {100 * results['test/accuracy']:.2f}%. "
-            f"Curvature loss: {results['curvature_loss']}.",
-            "",
-            "| quantity | value |",
-            "| --- | --- |",
-            f"| top eigenvalues | {top} |",
-            f"| bottom eigenvalues | {bottom} |",
-            f"| trace (Hutch++) | {tr['value']:.4g} ± {tr['stderr']:.2g} |",
-            f"| ‖H‖_F (Hutchinson) | {fro['value']:.4g} ± {fro['stderr']:.2g} |",
-            f"| ‖H‖_F (top 20) | {results['hessian/frobenius_top20']['value']:.4g} |",
-            "",
-            "Figures: tracking, spectrum (.png/.pdf).",
-            "",
-        ]
-    )
+    return [
+        f"{config.model.name} {dict(config.model.kwargs)} ({results['num_params']} "
+        f"parameters) on {config.data.name}, {train.plural(config.num_epochs, 'epoch')}: "
+        "train accuracy "
+        f"{100 * results['train/accuracy']:.2f}%, test {100 * results['test/accuracy']:.2f}%. "
+        f"Curvature loss: {results['curvature_loss']}.",
+        "",
+        "| quantity | value |",
+        "| --- | --- |",
+        f"| top eigenvalues | {top} |",
+        f"| bottom eigenvalues | {bottom} |",
+        f"| trace (Hutch++) | {tr['value']:.4g} ± {tr['stderr']:.2g} |",
+        f"| ‖H‖_F (Hutchinson) | {fro['value']:.4g} ± {fro['stderr']:.2g} |",
+        f"| ‖H‖_F (top 20) | {results['hessian/frobenius_top20']['value']:.4g} |",
+    ]
+
+
+STUDY = Study(
+    name="curvature_demo",
+    title=lambda config: f"Curvature demo — {config.name}",
+    sections=(
+        Section(
+            name="curvature_demo",
+            title="The Hessian along training",
+            run=section_run,
+            report=report,
+            figures=section_figures,
+        ),
+    ),
+    validate=validate,
+)
+
+
+run, claims, figures, report_markdown = contract_functions(
+    STUDY,
+    __name__,
+    run="""Trains with the tracking hook, measures the final Hessian, writes results and
+    figures.""",
+    claims="""None: the demo reproduces no paper's claim.""",
+    figures="""``tracking`` (the top eigenvalues along training) and ``spectrum`` (the final SLQ
+    density with the top eigenvalues marked).""",
+    report_markdown="""``report.md``: the run, the curvature loss and the final Hessian's
+    numbers.""",
+)

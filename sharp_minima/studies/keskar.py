@@ -33,18 +33,11 @@ import jax
 import numpy as np
 
 from sharp_minima import data as data_lib
-from sharp_minima import files, landscape, losses, plotting, sharpness, train
+from sharp_minima import landscape, losses, plotting, sharpness, train
 from sharp_minima.studies import runs
-from sharp_minima.studies.common import (
-    accuracy_noise,
-    claims_table,
-    contract,
-    key_streams,
-    mean_std,
-    seed_noise,
-    verdict,
-    write_outputs,
-)
+from sharp_minima.studies.claims import accuracy_noise, seed_noise, verdict
+from sharp_minima.studies.common import key_streams, mean_std
+from sharp_minima.studies.sections import Section, Study, contract_functions
 
 # Keskar et al. (2017), mean and std over 5 seeds, as (SB, LB) pairs of (mean, std): Table 2
 # (accuracy %), Table 3 (full space) and Table 4 (random 100-d subspace) at ε = 1e-3 and 5e-4;
@@ -395,8 +388,7 @@ def _paper_cell(value) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-@contract
-def claims(config, results: dict) -> list[tuple[str, str, str]]:
+def section_claims(config, results: dict) -> list[tuple[str, str, str]]:
     """The paper's two claims on this run: LB sharper than SB (full space, first ε), and SB
     generalizing better than LB; each holds only by more than the standard error over seeds
     (plus, for accuracies, the test set's sampling error).
@@ -435,20 +427,11 @@ def claims(config, results: dict) -> list[tuple[str, str, str]]:
     ]
 
 
-@contract
-def report_markdown(config, results: dict) -> str:
-    """``report.md``: this run's Tables 2–4, 6, 7 beside the paper's (every cell of the
-    paper for F1–C4), the sweeps, and a verdict per claim.
-    """
-    summary, num_train = results["summary"], results["data"]["num_train"]
-    net = config.model.name
-    paper = PAPER.get(net, {})
-    pp = lambda key, i: _paper_cell(paper[key][i]) if key in paper else "—"  # noqa: E731
-    ms = lambda key, regime: mean_std(summary, key, regime)  # noqa: E731
-    k = config.keskar
+def header(config, results: dict) -> list[str]:
+    """The scale of this run and how f is measured (and a note when the data set is not
+    the paper's)."""
+    num_train, net, k = results["data"]["num_train"], config.model.name, config.keskar
     lines = [
-        f"# Keskar et al. (2017) — {config.name}: {net} on {config.data.name}",
-        "",
         f"SB = batch {k.small_batch}, LB = batch "
         f"{int(round(k.large_batch_fraction * num_train))} ({100 * k.large_batch_fraction:g}% "
         f"of {num_train} training examples); ADAM lr {config.optim.learning_rate:g}; mean ± std "
@@ -457,16 +440,26 @@ def report_markdown(config, results: dict) -> str:
         f"(running statistics, not perturbed), dropout off; {k.max_iter} L-BFGS-B iterations; "
         f"subspace A: random n×{k.subspace_dim} with N(0, 1) entries. Paper: mean ± std over "
         "5 seeds (— : no paper number for this network).",
-        "",
     ]
     paper_data = PAPER_DATA.get(net)
-    if paper and paper_data != config.data.name:
+    if PAPER.get(net) and paper_data != config.data.name:
         lines += [
+            "",
             f"Note: the paper's numbers are for {net} on {paper_data}; this run uses "
             f"{config.data.name}, so compare the SB/LB pattern, not the values.",
-            "",
         ]
-    lines += [
+    return lines
+
+
+def report(config, results: dict) -> list[str]:
+    """This run's Tables 2–4, 6, 7 beside the paper's (every cell of the paper for F1–C4),
+    the sweeps and the average sharpness."""
+    summary = results["summary"]
+    paper = PAPER.get(config.model.name, {})
+    pp = lambda key, i: _paper_cell(paper[key][i]) if key in paper else "—"  # noqa: E731
+    ms = lambda key, regime: mean_std(summary, key, regime)  # noqa: E731
+    k = config.keskar
+    lines = [
         "## Table 2 — accuracy (%)",
         "",
         "| | train | test | paper train | paper test |",
@@ -508,19 +501,12 @@ def report_markdown(config, results: dict) -> str:
             f"{mean_std(summary, 'average_sharpness', 'lb', 4)} |",
             "",
         ]
-    lines += claims_table(results["claims"])
-    lines += [
-        "",
-        "Figures: parametric_linear, parametric_curved, sharpness (and sharpness_vs_batch), "
-        "PNG and PDF.",
-    ]
     if any(isinstance(v, dict) and None in v.values() for v in paper.values()):
         lines += [
-            "",
             "¹ not legible in the text extract of the paper this project works from "
             "(`papers/000_…`: Table 6's ε = 5·10⁻⁴ column and C4's ε = 10⁻³ cell).",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _sweep_tables(config, summary, paper) -> list[str]:
@@ -585,12 +571,9 @@ def _sweep_tables(config, summary, paper) -> list[str]:
     return lines
 
 
-@contract
-def figures(config, results: dict) -> dict:
+def section_figures(config, results: dict) -> dict:
     """``parametric_linear`` / ``parametric_curved`` (Figs. 3, 10), ``sharpness`` (SB vs
-    LB) and, with a batch-size sweep, ``sharpness_vs_batch`` (Fig. 4) — Figures, nothing
-    saved.
-    """
+    LB) and, with a batch-size sweep, ``sharpness_vs_batch`` (Fig. 4)."""
     out = {}
     for path, curve in results["parametric"].items():
         out[f"parametric_{path}"] = plotting.parametric_figure(
@@ -707,16 +690,9 @@ def validate(config, num_train: int | None = None, num_devices: int = 1) -> None
                 )
 
 
-@contract
-def run(config, workdir: str, *, data=None, log=print) -> dict:
-    """The whole study into ``workdir`` (resumable); returns the results dict."""
-    validate(config)
-    with files.workdir_lock(workdir, log=log):
-        return _run_locked(config, workdir, data, log)
-
-
-def _run_locked(config, workdir, data, log) -> dict:
-    data = train.load_data(config) if data is None else data
+def section_run(ctx) -> dict:
+    """Trains and measures every (regime, seed), then the parametric plots."""
+    config, workdir, data, log = ctx.config, ctx.workdir, ctx.data, ctx.log
     num_train = len(data.x_train)
     num_devices = train.make_mesh(config.num_devices).size
     validate(config, num_train, num_devices)
@@ -767,6 +743,38 @@ def _run_locked(config, workdir, data, log) -> dict:
         "parametric": curves,
         "paper": PAPER.get(config.model.name, {}),
     }
-    return write_outputs(
-        config, out, workdir, log, claims=claims, figures=figures, report=report_markdown
-    )
+    return out
+
+
+STUDY = Study(
+    name="keskar",
+    title=lambda c: f"Keskar et al. (2017) — {c.name}: {c.model.name} on {c.data.name}",
+    sections=(
+        Section(
+            name="keskar",
+            title="SB against LB",
+            run=section_run,
+            report=report,
+            claims=section_claims,
+            figures=section_figures,
+        ),
+    ),
+    validate=validate,
+    header=header,
+)
+
+
+run, claims, figures, report_markdown = contract_functions(
+    STUDY,
+    __name__,
+    run="""The whole study into ``workdir`` (resumable); returns the results dict.""",
+    claims="""The paper's two claims on this run: LB sharper than SB (full space, first ε), and SB
+    generalizing better than LB; each holds only by more than the standard error over seeds
+    (plus, for accuracies, the test set's sampling error).""",
+    figures="""``parametric_linear`` / ``parametric_curved`` (Figs. 3, 10), ``sharpness`` (SB vs
+    LB) and, with a batch-size sweep, ``sharpness_vs_batch`` (Fig. 4) — Figures, nothing
+    saved.""",
+    report_markdown="""``report.md``: the scale, the claims, this run's Tables 2–4, 6, 7
+    beside the paper's
+    (every cell of the paper for F1–C4) and the sweeps.""",
+)

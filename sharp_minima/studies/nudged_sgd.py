@@ -30,20 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sharp_minima import files, optim, plotting, tracking, train
-from sharp_minima import tree_util as tu
+from sharp_minima import optim, plotting, tracking, train
 from sharp_minima.studies import runs
-from sharp_minima.studies.common import (
-    accuracy_noise,
-    all_of,
-    claims_table,
-    contract,
-    key_streams,
-    ordered,
-    seed_noise,
-    verdict,
-    write_outputs,
-)
+from sharp_minima.studies.claims import accuracy_noise, all_of, ordered, seed_noise, verdict
+from sharp_minima.studies.common import key_streams
+from sharp_minima.studies.sections import Section, Study, contract_functions
 
 # The paper's tables (App. C): name -> rows (‖H‖_F best/final, test acc., val acc. (50),
 # final loss, distance). ResNet-32 uses K = 5 for the γ rows? The paper does not say which K
@@ -172,17 +163,6 @@ def make_tx(spec: RunSpec, momentum: float) -> optax.GradientTransformation:
     return optax.chain(optax.trace(momentum), sgd) if momentum else optax.chain(sgd)
 
 
-class Distance:
-    """An epoch hook: ‖θ − θ₀‖ from the initialisation (recomputed from the config's seed)."""
-
-    def __init__(self, params0):
-        self.params0 = params0
-        self._jit = jax.jit(lambda p, p0: tu.norm(tu.sub(p, p0)))
-
-    def __call__(self, ctx):
-        return {"distance": float(self._jit(ctx.state.params, self.params0))}
-
-
 def _run_one(spec, config, seed, workdir, data, model, log, keys):
     """Trains one (run, seed); returns its `train.TrainResult` or `runs.Diverged`, and the
     curvature loss in words."""
@@ -203,7 +183,7 @@ def _run_one(spec, config, seed, workdir, data, model, log, keys):
         # Recomputed at the start of every epoch: at step 0, then after each epoch.
         hooks.insert(0, train.Hook(directions, every_epochs=1, at_start=True, name="directions"))
     params0 = train.initial_params(cfg, model, jnp.asarray(data.x_train[:1]))
-    hooks.append(train.Hook(Distance(params0), every_epochs=1, name="distance"))
+    hooks.append(train.Hook(tracking.DistanceFromStart(params0), every_epochs=1, name="distance"))
     hooks.append(
         train.Hook(train.ValidationPlateau(n.plateau_patience), every_epochs=1, name="plateau")
     )
@@ -270,8 +250,7 @@ def table_row(stats: dict) -> dict:
     return row
 
 
-@contract
-def claims(config, results: dict) -> list[tuple[str, str, str]]:
+def section_claims(config, results: dict) -> list[tuple[str, str, str]]:
     """The claims of Sec. 4, tested on the aggregated table. A difference counts only beyond
     its noise: the eigensolver's tolerance (``tol`` × the value) and the standard error over
     seeds for λ_max and ‖H‖_F; the sampling error of the split and the standard error over
@@ -396,15 +375,11 @@ def _fmt(v, fmt):
     return "—" if v is None else format(v, fmt)
 
 
-@contract
-def report_markdown(config, results: dict) -> str:
-    """``report.md``: the scale, the claims, this run's Table 1 columns, the paper's tables."""
-    n = config.nsgd
-    specs, table, data = plan(config), results["runs"], results["data"]
+def header(config, results: dict) -> list[str]:
+    """The scale of this run and the paper's."""
+    n, data = config.nsgd, results["data"]
     mom = f", momentum {n.momentum:g} (velocity nudged when applied)" if n.momentum else ""
-    lines = [
-        f"# Jastrzębski et al. (2019), Sec. 4: Nudged-SGD — {config.name}",
-        "",
+    return [
         f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {data['num_train']} "
         f"{data['name']} training examples ({data['source']}), {data['num_val']} for "
         "validation; base "
@@ -417,11 +392,14 @@ def report_markdown(config, results: dict) -> str:
         f"{results['curvature_loss']}. The paper: "
         "ResNet-32 / SimpleCNN on CIFAR-10 (Fashion-MNIST, CIFAR-100), η = 0.01, 200+ epochs, "
         "plateau patience 100 epochs, top-50 ‖H‖_F, 2 seeds.",
-        "",
     ]
-    lines += claims_table(results["claims"])
-    lines += [
-        "",
+
+
+def report(config, results: dict) -> list[str]:
+    """This run's Table 1 columns and the paper's tables."""
+    n = config.nsgd
+    specs, table = plan(config), results["runs"]
+    lines = [
         f"## Table 1 columns (here; mean over {train.plural(n.seeds, 'seed')})",
         "",
         f"| run | ‖H‖_F best/final | test acc. (best val.) | val. acc. ({n.val_epoch}) | loss | "
@@ -453,16 +431,11 @@ def report_markdown(config, results: dict) -> str:
             "|" + " --- |" * (len(_COLUMNS) + 1),
         ]
         lines += [f"| {row} | " + " | ".join(cells) + " |" for row, cells in rows.items()]
-    lines += ["", "Figures: nsgd_curves, nsgd_k (.png/.pdf).", ""]
-    return "\n".join(lines)
+    return lines
 
 
-@contract
-def figures(config, results: dict) -> dict:
-    """``nsgd_curves`` (the γ sweep) and ``nsgd_k`` (the K sweep) against SGD: validation
-    accuracy, training loss, λ_max and ‖H‖_F by epoch (Figures, nothing saved).
-    """
-
+def section_figures(config, results: dict) -> dict:
+    """``nsgd_curves`` and ``nsgd_k``."""
     n, specs, curves = config.nsgd, plan(config), results["curves"]
     sgd = f"sgd_lr{config.optim.learning_rate:g}"
     groups = [
@@ -495,16 +468,9 @@ def figures(config, results: dict) -> dict:
     return out
 
 
-@contract
-def run(config, workdir: str, *, data=None, log=print) -> dict:
-    """Runs the study (resuming), writes ``report.md``, ``results.json`` and figures."""
-    validate(config)
-    with files.workdir_lock(workdir, log=log):
-        return _run_locked(config, workdir, data, log)
-
-
-def _run_locked(config, workdir, data, log) -> dict:
-    data = train.load_data(config) if data is None else data
+def section_run(ctx) -> dict:
+    """Trains every run and seed; the Table 1 columns from their metrics."""
+    config, workdir, data, log = ctx.config, ctx.workdir, ctx.data, ctx.log
     if config.batch_size > len(data.x_train):
         raise train.ConfigError(
             f"config.batch_size={config.batch_size} exceeds the {len(data.x_train)} training "
@@ -540,6 +506,37 @@ def _run_locked(config, workdir, data, log) -> dict:
         "runs": table,
         "curves": curves,
     }
-    return write_outputs(
-        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
-    )
+    return results
+
+
+STUDY = Study(
+    name="nudged_sgd",
+    title=lambda config: f"Jastrzębski et al. (2019), Sec. 4: Nudged-SGD — {config.name}",
+    sections=(
+        Section(
+            name="nudged_sgd",
+            title="Nudged-SGD against SGD",
+            run=section_run,
+            report=report,
+            claims=section_claims,
+            figures=section_figures,
+        ),
+    ),
+    validate=validate,
+    header=header,
+)
+
+
+run, claims, figures, report_markdown = contract_functions(
+    STUDY,
+    __name__,
+    run="""Runs the study (resuming), writes ``report.md``, ``results.json`` and figures.""",
+    claims="""The claims of Sec. 4, tested on the aggregated table. A difference counts only beyond
+    its noise: the eigensolver's tolerance (``tol`` × the value) and the standard error over
+    seeds for λ_max and ‖H‖_F; the sampling error of the split and the standard error over
+    seeds for accuracies. A claim whose runs diverged reads "not tested".""",
+    figures="""``nsgd_curves`` (the γ sweep) and ``nsgd_k`` (the K sweep) against SGD: validation
+    accuracy, training loss, λ_max and ‖H‖_F by epoch (Figures, nothing saved).""",
+    report_markdown="""``report.md``: the scale, the claims, this run's Table 1 columns, the
+    paper's tables.""",
+)

@@ -38,18 +38,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from sharp_minima import files, gradients, optim, plotting, tracking, train
+from sharp_minima import gradients, optim, plotting, tracking, train
 from sharp_minima import tree_util as tu
+from sharp_minima.data import pipeline
 from sharp_minima.studies import runs
-from sharp_minima.studies.common import (
-    all_of,
-    claims_table,
-    contract,
-    key_streams,
-    ordered,
-    verdict,
-    write_outputs,
-)
+from sharp_minima.studies.claims import all_of, ordered, verdict
+from sharp_minima.studies.common import key_streams
+from sharp_minima.studies.sections import Section, Study, contract_functions
 
 # The paper's numbers (Sec. 3.2, Figs. 4-7): what each report puts beside ours.
 PAPER = {
@@ -219,9 +214,7 @@ class StepProbe:
         key = jax.random.fold_in(self.key, ctx.step)
         k_idx, k_rand = jax.random.split(key)
         n = len(self.examples["y"])
-        grad_idx = jax.vmap(lambda k: jax.random.permutation(k, n)[: self.batch_size])(
-            jax.random.split(k_idx, self.num_grads)
-        )
+        grad_idx = pipeline.random_minibatches(k_idx, n, self.batch_size, self.num_grads)
         subset, weights = tr.subset(ctx.step)
         out = self.probe(
             ctx.state.variables(),
@@ -419,74 +412,94 @@ def _rel(d, loss):
     return 100.0 * d / loss if loss else float("nan")
 
 
-@contract
-def claims(config, results: dict) -> list[tuple[str, str, str]]:
+def section_claims(config, results: dict) -> list[tuple[str, str, str]]:
     """``(claim, verdict, numbers)`` for each claim of Sec. 3 this study tests. Eigenvalues
     differ only beyond the eigensolver's tolerance (``curvature.tol`` × λ each); the probe's
     means only beyond their standard error over the probed steps. A claim whose runs
     diverged (or are missing) reads "not tested".
     """
-    summaries = results["runs"]
-    s = config.sharpest
-    tol = s.curvature.tol
-    lr0, bs0 = config.optim.learning_rate, config.batch_size
-    nan = float("nan")
-    out = []
+    c = _Evidence(config, results)
+    return (
+        _evolution_claims(c)
+        + _order_claims(c)
+        + _full_batch_claims(c)
+        + _probe_claims(c)
+        + _variant_claims(c)
+    )
 
-    def get(lr, bs, mom):
-        return summaries.get(run_name(lr, bs, mom), {})
 
-    def val(v, key):
+class _Evidence:
+    """The runs' summaries and the comparisons every claim of Sec. 3 makes."""
+
+    def __init__(self, config, results):
+        self.config, self.results, self.s = config, results, config.sharpest
+        self.summaries = results["runs"]
+        self.tol = self.s.curvature.tol
+        self.lr0, self.bs0 = config.optim.learning_rate, config.batch_size
+
+    def get(self, lr, bs, mom) -> dict:
+        return self.summaries.get(run_name(lr, bs, mom), {})
+
+    @staticmethod
+    def val(v, key) -> float:
         x = v.get(key)
-        return nan if x is None else float(x)
+        return float("nan") if x is None else float(x)
 
-    def missing(names):
-        gone = [n for n in names if "lambda_peak" not in summaries.get(n, {})]
+    def missing(self, names) -> str:
+        gone = [n for n in names if "lambda_peak" not in self.summaries.get(n, {})]
         return f"; not tested: {', '.join(gone)} diverged or did not run" if gone else ""
 
-    def at_least(x, bound):  # x ≥ bound, beyond the solver's tolerance on both
-        return verdict(x - bound, tol * (abs(x) + abs(bound)))
+    def at_least(self, x, bound) -> str:
+        """x ≥ bound, beyond the solver's tolerance on both."""
+        return verdict(x - bound, self.tol * (abs(x) + abs(bound)))
 
-    evo = [(n, v) for n, v in summaries.items() if n.startswith("lr")]
-    if evo:
-        parts = []
-        for _, v in evo:
-            if "lambda_peak" not in v:
-                parts.append(None)
-                continue
-            parts.append(at_least(v["lambda_peak"], 1.5 * v["lambda_first"]))
-            if v["peak_step"] >= 0.75 * v["last_step"]:  # a late peak must be a plateau
-                drift = abs(v["lambda_last_quarter"] - v["lambda_peak"])
-                parts.append(at_least(0.15 * v["lambda_peak"], drift))
-        nums = "; ".join(
-            f"{n}: {v['lambda_first']:.3g} → peak {v['lambda_peak']:.3g} at step "
-            f"{v['peak_step']} → {v['lambda_final']:.3g} at {v['last_step']}"
-            for n, v in evo
-            if "lambda_peak" in v
+
+def _evolution_claims(c) -> list:
+    evo = [(n, v) for n, v in c.summaries.items() if n.startswith("lr")]
+    if not evo:
+        return []
+    parts = []
+    for _, v in evo:
+        if "lambda_peak" not in v:
+            parts.append(None)
+            continue
+        parts.append(c.at_least(v["lambda_peak"], 1.5 * v["lambda_first"]))
+        if v["peak_step"] >= 0.75 * v["last_step"]:  # a late peak must be a plateau
+            drift = abs(v["lambda_last_quarter"] - v["lambda_peak"])
+            parts.append(c.at_least(0.15 * v["lambda_peak"], drift))
+    nums = "; ".join(
+        f"{n}: {v['lambda_first']:.3g} → peak {v['lambda_peak']:.3g} at step "
+        f"{v['peak_step']} → {v['lambda_final']:.3g} at {v['last_step']}"
+        for n, v in evo
+        if "lambda_peak" in v
+    )
+    return [
+        (
+            "λ_max grows early in training (peak ≥ 1.5× the first value), then peaks or stabilises",
+            all_of(parts),
+            nums + c.missing([n for n, _ in evo]),
         )
-        out.append(
-            (
-                "λ_max grows early in training (peak ≥ 1.5× the first value), then peaks or "
-                "stabilises",
-                all_of(parts),
-                nums + missing([n for n, _ in evo]),
-            )
-        )
+    ]
+
+
+def _order_claims(c) -> list:
+    out = []
 
     def ordered_claim(name, labels, names, decreasing):
         if len(names) < 2:
             return
-        values = [val(summaries.get(n, {}), "lambda_peak") for n in names]
+        values = [c.val(c.summaries.get(n, {}), "lambda_peak") for n in names]
         out.append(
             (
                 name,
-                ordered(values, [tol * abs(x) for x in values], decreasing=decreasing),
+                ordered(values, [c.tol * abs(x) for x in values], decreasing=decreasing),
                 ", ".join(f"{k}: {x:.4g}" for k, x in zip(labels, values) if np.isfinite(x))
-                + f" (solver tolerance ±{tol:g}×λ)"
-                + missing(names),
+                + f" (solver tolerance ±{c.tol:g}×λ)"
+                + c.missing(names),
             )
         )
 
+    s, lr0, bs0 = c.s, c.lr0, c.bs0
     lrs = sorted(s.learning_rates)
     ordered_claim(
         "the λ_max peak is lower for a larger η (S fixed)",
@@ -510,26 +523,30 @@ def claims(config, results: dict) -> list[tuple[str, str, str]]:
     )
     if len(moms) >= 2:
         # Not part of the verdict: the median over the run, for the reader of a "no".
-        med = ", ".join(f"μ={m:g}: {val(get(lr0, bs0, m), 'lambda_median'):.3g}" for m in moms)
+        med = ", ".join(f"μ={m:g}: {c.val(c.get(lr0, bs0, m), 'lambda_median'):.3g}" for m in moms)
         out[-1] = (out[-1][0], out[-1][1], f"{out[-1][2]} (median λ_max over the run: {med})")
+    return out
 
-    for lr in s.gd_learning_rates:
+
+def _full_batch_claims(c) -> list:
+    out = []
+    for lr in c.s.gd_learning_rates:
         name = f"gd_lr{lr:g}"
-        v = summaries.get(name, {})
+        v = c.summaries.get(name, {})
         edge = 2.0 / lr
         claim = (
             f"full-batch GD (η={lr:g}): λ_max climbs to about 2/η = {edge:.3g} and stays near it"
         )
         if "lambda_peak" not in v:
-            out.append((claim, None, missing([name]).lstrip("; ")))
+            out.append((claim, None, c.missing([name]).lstrip("; ")))
             continue
         out.append(
             (
                 claim,
                 all_of(
                     [
-                        at_least(v["lambda_peak"], 0.8 * edge),
-                        at_least(1.3 * edge, v["lambda_last_quarter"]),
+                        c.at_least(v["lambda_peak"], 0.8 * edge),
+                        c.at_least(1.3 * edge, v["lambda_last_quarter"]),
                     ]
                 ),
                 f"first {v['lambda_first']:.3g}, peak {v['lambda_peak']:.3g} "
@@ -537,108 +554,109 @@ def claims(config, results: dict) -> list[tuple[str, str, str]]:
                 f"median of the last quarter {v['lambda_last_quarter']:.3g}",
             )
         )
-
-    probed = summaries.get(run_name(s.probe_learning_rate, bs0, 0.0), {})
-    probe = results.get("probe", {}).get("records", [])
-    if probe and "steps_per_epoch" in probed:
-        spe = probed["steps_per_epoch"]
-        early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
-
-        def mean_se(xs):
-            xs = np.asarray(xs, np.float64)
-            se = xs.std(ddof=1) / np.sqrt(len(xs)) if len(xs) > 1 else 0.0
-            return float(xs.mean()), float(se)
-
-        rel = {
-            a: mean_se([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
-            for a in s.alphas
-        }
-        parts = [verdict(m, se) for a, (m, se) in rel.items() if a > 1]
-        parts += [verdict(-m, se) for a, (m, se) in rel.items() if a < 1]
-        out.append(
-            (
-                f"early in training (first {train.plural(s.early_epochs, 'epoch')}, "
-                f"η={s.probe_learning_rate:g}), "
-                "a step αη g̃₁ along e₁ raises the loss for α > 1 and lowers it for α < 1",
-                all_of(parts),
-                ", ".join(f"α={a:g}: {m:+.2f}% ± {se:.2f}" for a, (m, se) in rel.items())
-                + f" (mean ± standard error over {len(early)} probed steps)",
-            )
-        )
-        cos, cos_se = mean_se([r["probe/cos_top5"] for r in probe])
-        rnd, rnd_se = mean_se([r["probe/cos_random"] for r in probe])
-        out.append(
-            (
-                "the mini-batch gradient is far better aligned with the top 5 eigenvectors than "
-                "with random directions (mean |cos| ≥ 5× random)",
-                verdict(cos - 5 * rnd, cos_se + 5 * rnd_se),
-                f"mean |cos| with top 5: {cos:.3f} ± {cos_se:.3f} (max "
-                f"{max(r['probe/cos_top5'] for r in probe):.3f}); random: {rnd:.4f} ± "
-                f"{rnd_se:.4f}",
-            )
-        )
-
-    names = {v: f"variants/{v}" for v in ("sgd", "top", "constant_top", "no_top")}
-    if any(n in summaries for n in names.values()) or s.variants_epochs:
-        var = {v: summaries.get(n, {}) for v, n in names.items()}
-        ready = all("lambda_final" in v and v.get("train_loss") is not None for v in var.values())
-        gone = missing([n for v, n in names.items() if "lambda_final" not in var[v]])
-        base, top, no_top = var["sgd"], var["top"], var["no_top"]
-        nums = (
-            "; ".join(
-                f"{n}: λ_max {v['lambda_final']:.3g}, train loss {v['train_loss']:.4f}"
-                for n, v in var.items()
-            )
-            if ready
-            else gone.lstrip("; ")
-        )
-        loss_gap = lambda v: v["train_loss"] - base["train_loss"]  # noqa: E731
-        out.append(
-            (
-                '"SGD top" ends flatter (lower λ_max) with a higher loss than SGD',
-                all_of(
-                    [at_least(base["lambda_final"], top["lambda_final"]), verdict(loss_gap(top))]
-                )
-                if ready
-                else None,
-                nums,
-            )
-        )
-        out.append(
-            (
-                '"SGD no top" ends sharper (higher λ_max) at a similar loss (within 25% of SGD\'s)',
-                all_of(
-                    [
-                        at_least(no_top["lambda_final"], base["lambda_final"]),
-                        verdict(0.25 * base["train_loss"] - abs(loss_gap(no_top))),
-                    ]
-                )
-                if ready
-                else None,
-                nums,
-            )
-        )
     return out
+
+
+def _mean_se(xs) -> tuple[float, float]:
+    xs = np.asarray(xs, np.float64)
+    se = xs.std(ddof=1) / np.sqrt(len(xs)) if len(xs) > 1 else 0.0
+    return float(xs.mean()), float(se)
+
+
+def _probe_claims(c) -> list:
+    s = c.s
+    probed = c.summaries.get(run_name(s.probe_learning_rate, c.bs0, 0.0), {})
+    probe = c.results.get("probe", {}).get("records", [])
+    if not (probe and "steps_per_epoch" in probed):
+        return []
+    spe = probed["steps_per_epoch"]
+    early = [r for r in probe if r["step"] <= s.early_epochs * spe] or probe
+    rel = {
+        a: _mean_se([_rel(r[f"probe/delta_alpha{a:g}"], r["probe/loss"]) for r in early])
+        for a in s.alphas
+    }
+    parts = [verdict(m, se) for a, (m, se) in rel.items() if a > 1]
+    parts += [verdict(-m, se) for a, (m, se) in rel.items() if a < 1]
+    cos, cos_se = _mean_se([r["probe/cos_top5"] for r in probe])
+    rnd, rnd_se = _mean_se([r["probe/cos_random"] for r in probe])
+    return [
+        (
+            f"early in training (first {train.plural(s.early_epochs, 'epoch')}, "
+            f"η={s.probe_learning_rate:g}), "
+            "a step αη g̃₁ along e₁ raises the loss for α > 1 and lowers it for α < 1",
+            all_of(parts),
+            ", ".join(f"α={a:g}: {m:+.2f}% ± {se:.2f}" for a, (m, se) in rel.items())
+            + f" (mean ± standard error over {len(early)} probed steps)",
+        ),
+        (
+            "the mini-batch gradient is far better aligned with the top 5 eigenvectors than "
+            "with random directions (mean |cos| ≥ 5× random)",
+            verdict(cos - 5 * rnd, cos_se + 5 * rnd_se),
+            f"mean |cos| with top 5: {cos:.3f} ± {cos_se:.3f} (max "
+            f"{max(r['probe/cos_top5'] for r in probe):.3f}); random: {rnd:.4f} ± "
+            f"{rnd_se:.4f}",
+        ),
+    ]
+
+
+def _variant_claims(c) -> list:
+    names = {v: f"variants/{v}" for v in ("sgd", "top", "constant_top", "no_top")}
+    if not (any(n in c.summaries for n in names.values()) or c.s.variants_epochs):
+        return []
+    var = {v: c.summaries.get(n, {}) for v, n in names.items()}
+    ready = all("lambda_final" in v and v.get("train_loss") is not None for v in var.values())
+    gone = c.missing([n for v, n in names.items() if "lambda_final" not in var[v]])
+    base, top, no_top = var["sgd"], var["top"], var["no_top"]
+    nums = (
+        "; ".join(
+            f"{n}: λ_max {v['lambda_final']:.3g}, train loss {v['train_loss']:.4f}"
+            for n, v in var.items()
+        )
+        if ready
+        else gone.lstrip("; ")
+    )
+    flatter = sharper = None  # not tested unless every variant finished
+    if ready:
+        loss_gap = lambda v: v["train_loss"] - base["train_loss"]  # noqa: E731
+        flatter = all_of(
+            [c.at_least(base["lambda_final"], top["lambda_final"]), verdict(loss_gap(top))]
+        )
+        sharper = all_of(
+            [
+                c.at_least(no_top["lambda_final"], base["lambda_final"]),
+                verdict(0.25 * base["train_loss"] - abs(loss_gap(no_top))),
+            ]
+        )
+    return [
+        ('"SGD top" ends flatter (lower λ_max) with a higher loss than SGD', flatter, nums),
+        (
+            '"SGD no top" ends sharper (higher λ_max) at a similar loss (within 25% of SGD\'s)',
+            sharper,
+            nums,
+        ),
+    ]
 
 
 # ------------------------------------------------------------------------------- figures
 
 
-@contract
-def figures(config, results: dict) -> dict:
+def section_figures(config, results: dict) -> dict:
     """The study's figures (`matplotlib.figure.Figure`, nothing saved): eigenvalues,
     full_batch, step_vs_curvature, variants, schedule — each when its runs are there.
     """
-    import matplotlib
+    out = {}
+    for draw in (_eigenvalue_figure, _full_batch_figure, _probe_figure, _variants_figure,
+                 _schedule_figure):  # fmt: skip
+        draw(config, results, out)
+    return out
 
+
+def _eigenvalue_figure(config, results: dict, out: dict) -> None:
+    """λ₁ and λ₂ along SGD against η, S and μ (Figs. 2, 4, 13)."""
     s = config.sharpest
     lr0, bs0 = config.optim.learning_rate, config.batch_size
     summaries, data = results["runs"], results["curves"]
-    out = {}
-
-    def spe(name):
-        return summaries[name]["steps_per_epoch"]
-
+    spe = lambda name: summaries[name]["steps_per_epoch"]  # noqa: E731
     groups = [
         ("η", [(f"η={lr:g}", run_name(lr, bs0, 0.0), lr) for lr in sorted(s.learning_rates)]),
         ("S", [(f"S={b}", run_name(lr0, b, 0.0), lr0) for b in sorted(s.batch_sizes)]),
@@ -664,6 +682,11 @@ def figures(config, results: dict) -> dict:
         ax.legend(fontsize=8)
     out["eigenvalues"] = fig
 
+
+def _full_batch_figure(config, results: dict, out: dict) -> None:
+    """Full-batch GD against 2/η (Fig. 3)."""
+    s = config.sharpest
+    data = results["curves"]
     gd = [lr for lr in s.gd_learning_rates if f"gd_lr{lr:g}" in data]
     if gd:
         fig = plotting.figure((6 * len(gd), 4))
@@ -688,6 +711,15 @@ def figures(config, results: dict) -> dict:
             ax.set_title(f"full-batch GD, η={lr:g}, {s.gd_examples} examples")
             ax.legend(fontsize=8)
         out["full_batch"] = fig
+
+
+def _probe_figure(config, results: dict, out: dict) -> None:
+    """The step against the sharpest direction (Figs. 5, 6)."""
+    s = config.sharpest
+    bs0 = config.batch_size
+    summaries, data = results["runs"], results["curves"]
+    spe = lambda name: summaries[name]["steps_per_epoch"]  # noqa: E731
+    import matplotlib
 
     probed = run_name(s.probe_learning_rate, bs0, 0.0)
     probe = results.get("probe", {})
@@ -727,6 +759,10 @@ def figures(config, results: dict) -> dict:
             ax.set_title("loss along e₁ per measurement (blue→red: λ₁)")
         out["step_vs_curvature"] = fig
 
+
+def _variants_figure(config, results: dict, out: dict) -> None:
+    """SGD, SGD top, constant top, no top (Fig. 7)."""
+    data = results["curves"]
     var = [v for v in ("sgd", "top", "constant_top", "no_top") if f"variants/{v}" in data]
     if var:
         fig = plotting.figure((10, 4))
@@ -745,6 +781,12 @@ def figures(config, results: dict) -> dict:
         ax1.legend(fontsize=8)
         out["variants"] = fig
 
+
+def _schedule_figure(config, results: dict, out: dict) -> None:
+    """The learning-rate drop after L epochs (Fig. 12)."""
+    s = config.sharpest
+    summaries, data = results["runs"], results["curves"]
+    spe = lambda name: summaries[name]["steps_per_epoch"]  # noqa: E731
     sched = [L for L in sorted(s.schedule_first_epochs) if f"schedule_L{L}" in data]
     if sched:
         fig = plotting.figure((10, 4))
@@ -768,21 +810,17 @@ def figures(config, results: dict) -> dict:
         ax2.set_title("test accuracy (Fig. 12)")
         ax1.legend(fontsize=8)
         out["schedule"] = fig
-    return out
 
 
 # --------------------------------------------------------------------------------- report
 
 
-@contract
-def report_markdown(config, results: dict) -> str:
-    """``report.md``: the scale, the claims, the paper's numbers beside ours, the runs."""
+def header(config, results: dict) -> list[str]:
+    """The scale of this run and the paper's."""
     s = config.sharpest
-    summaries, data, description = results["runs"], results["data"], results["curvature_loss"]
+    data, description = results["data"], results["curvature_loss"]
     n = data["num_train"]
-    lines = [
-        f"# Jastrzębski et al. (2019), Sec. 3 — {config.name}",
-        "",
+    return [
         f"**Scale.** {config.model.name} {dict(config.model.kwargs)} on {n} {data['name']} "
         f"training examples ({data['source']}); plain SGD, base η = "
         f"{config.optim.learning_rate:g}, S = {config.batch_size}, "
@@ -793,11 +831,13 @@ def report_markdown(config, results: dict) -> str:
         f"{s.curvature.until_step}, then every epoch. The paper: SimpleCNN / ResNet-32 / VGG-11 "
         "on CIFAR-10 (and an LSTM on PTB), top 10 eigenvalues by ARPACK on ~2,500 training "
         "examples, 200+ epochs.",
-        "",
     ]
-    lines += claims_table(results["claims"])
-    lines += [
-        "",
+
+
+def report(config, results: dict) -> list[str]:
+    """The paper's numbers beside ours, and every run's λ_max."""
+    s, summaries = config.sharpest, results["runs"]
+    lines = [
         "## The paper's numbers",
         "",
         "| quantity | paper | here |",
@@ -838,27 +878,15 @@ def report_markdown(config, results: dict) -> str:
             f"| {v['lambda_final']:.3g} | {2 / lr:.3g} | {acc('train_accuracy')} | "
             f"{acc('test_accuracy')} |"
         )
-    lines += [
-        "",
-        "Figures: eigenvalues, full_batch, step_vs_curvature, variants, schedule (.png/.pdf).",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 # ------------------------------------------------------------------------------------ run
 
 
-@contract
-def run(config, workdir: str, *, data=None, log=print) -> dict:
-    """Runs the study (resuming finished and interrupted runs), writes the report."""
-    validate(config)
-    with files.workdir_lock(workdir, log=log):
-        return _run_locked(config, workdir, data, log)
-
-
-def _run_locked(config, workdir, data, log) -> dict:
-    data = train.load_data(config) if data is None else data
+def section_run(ctx) -> dict:
+    """Trains every run of `plan` (resuming), with its trackers and probes."""
+    config, workdir, data, log = ctx.config, ctx.workdir, ctx.data, ctx.log
     s = config.sharpest
     n = len(data.x_train)
     for b in [*s.batch_sizes, config.batch_size]:
@@ -918,6 +946,37 @@ def _run_locked(config, workdir, data, log) -> dict:
         "curves": data_curves,
         "probe": probe,
     }
-    return write_outputs(
-        config, results, workdir, log, claims=claims, figures=figures, report=report_markdown
-    )
+    return results
+
+
+STUDY = Study(
+    name="sharpest_directions",
+    title=lambda config: f"Jastrzębski et al. (2019), Sec. 3 — {config.name}",
+    sections=(
+        Section(
+            name="sharpest_directions",
+            title="The sharpest directions along SGD",
+            run=section_run,
+            report=report,
+            claims=section_claims,
+            figures=section_figures,
+        ),
+    ),
+    validate=validate,
+    header=header,
+)
+
+
+run, claims, figures, report_markdown = contract_functions(
+    STUDY,
+    __name__,
+    run="""Runs the study (resuming finished and interrupted runs), writes the report.""",
+    claims="""``(claim, verdict, numbers)`` for each claim of Sec. 3 this study tests. Eigenvalues
+    differ only beyond the eigensolver's tolerance (``curvature.tol`` × λ each); the probe's
+    means only beyond their standard error over the probed steps. A claim whose runs
+    diverged (or are missing) reads "not tested".""",
+    figures="""The study's figures (`matplotlib.figure.Figure`, nothing saved): eigenvalues,
+    full_batch, step_vs_curvature, variants, schedule — each when its runs are there.""",
+    report_markdown="""``report.md``: the scale, the claims, the paper's numbers beside ours,
+    the runs.""",
+)

@@ -10,7 +10,8 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
   studies hand it to `train` so nothing is validated or built twice).
 - `optimizer` — `make_optimizer`, `learning_rate_schedule` (sgd, momentum, nesterov, adam,
   adamw, rmsprop, adagrad; constant, step, cosine, warm-up with the linear scaling rule of
-  Goyal et al. 2017, reduce-on-plateau) and `resolve_optimizer` (the config's or your own).
+  Goyal et al. 2017, reduce-on-plateau), `resolve_optimizer` (the config's or your own) and
+  `epoch_schedule` (a population member's rate or batch size by epoch).
 - `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
   `classification_loss` (the default `TrainLoss`; any research loss
   ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
@@ -25,6 +26,9 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
   `MetricsLog`, `MetricWriters` (metrics.jsonl, and TensorBoard with ``config.tensorboard``).
 - `checkpoint` — `Checkpointer` (last + best), `restore_or_init`, `check_resumable`.
 - `loop` — `train`, `TrainResult`, `Interrupted`.
+- `population` — `Population`: many small copies of one classifier trained at once
+  (`sharp_minima.dynamics.PopulationTrainer`), each member with its seed and its
+  `epoch_schedule`; evaluations per epoch, a stop at a target loss, a progress line.
 
 Weight decay is the L2 term ``λ/2 ‖w‖²`` added to the loss (kernels and embeddings only), as in
 Keskar et al. (2017) and Jastrzębski et al. (2019).
@@ -53,7 +57,12 @@ _MODULES = {
         "MODELS",
         "get_model",
     ),
-    "optimizer": ("learning_rate_schedule", "make_optimizer", "resolve_optimizer"),
+    "optimizer": (
+        "learning_rate_schedule",
+        "epoch_schedule",
+        "make_optimizer",
+        "resolve_optimizer",
+    ),
     "steps": (
         "make_mesh",
         "serialize_collectives",
@@ -93,6 +102,7 @@ _MODULES = {
         "has_checkpoint",
     ),
     "loop": ("train", "TrainResult", "Interrupted"),
+    "population": ("Population",),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -272,6 +272,7 @@ def load_data(config):
         d.name,
         data_dir=d.data_dir,
         idx_dir=d.idx_dir,
+        manual_dir=d.manual_dir,
         validation_fraction=d.validation_fraction,
         seed=d.seed if d.seed is not None else config.seed,
         allow_download=d.allow_download,

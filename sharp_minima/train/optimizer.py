@@ -2,7 +2,8 @@
 (sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad; gradient clipping; Keskar et al.'s
 proximal sub-problems) and the learning-rate schedule of ``config.schedule`` (constant, step,
 cosine, warm-up with the linear scaling rule of Goyal et al. 2017, reduce-on-plateau), or a
-transformation of the caller's own (`resolve_optimizer`)."""
+transformation of the caller's own (`resolve_optimizer`); and the schedules by epoch of a
+population's members (`epoch_schedule`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,63 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> Callable[[Any], Any]
     if s.name == "step":  # boundaries count from step 0, not from the end of the warm-up
         return optax.join_schedules([ramp, lambda t: main(t + warmup)], [warmup])
     return optax.join_schedules([ramp, main], [warmup])
+
+
+def epoch_schedule(
+    value: float,
+    *,
+    boundaries_epochs=(),
+    factor: float = 1.0,
+    warmup_epochs: float = 0.0,
+    warmup_from: float | None = None,
+    warmup: str = "linear",
+) -> Callable[[float], float]:
+    """``epoch -> value`` of a learning rate (or batch size) that changes between chunks of
+    training, by epochs (examples seen / N): what `sharp_minima.train.Population` reads for
+    each member, where a batch size that grows makes steps the wrong clock.
+
+    Step changes: ``value × factor^c`` after the c-th of ``boundaries_epochs`` (a decay with
+    ``factor < 1``, Smith et al. 2018's growing batch with ``factor > 1``). Warm-up over
+    ``warmup_epochs`` from ``warmup_from`` (Goyal et al. 2017): ``"linear"`` (gradual) or
+    ``"constant"`` (held at ``warmup_from``, then ``value``).
+
+    Args:
+      value: the value after any warm-up and before the first boundary.
+      boundaries_epochs: the epochs at which ``factor`` applies once more (increasing).
+      factor: the step factor.
+      warmup_epochs: the warm-up's length (0: none).
+      warmup_from: where the warm-up starts (default: ``value``).
+      warmup: ``"linear"`` or ``"constant"``.
+
+    Returns:
+      ``schedule(epoch) -> value``.
+
+    Raises:
+      ValueError: an unknown warm-up, or boundaries that do not increase.
+
+    >>> gradual = epoch_schedule(0.4, warmup_epochs=2, warmup_from=0.1)
+    >>> [round(gradual(e), 3) for e in (0, 1, 2, 5)]
+    [0.1, 0.25, 0.4, 0.4]
+    >>> decay = epoch_schedule(0.2, boundaries_epochs=(10, 20), factor=0.25)
+    >>> [decay(e) for e in (0, 10, 25)]
+    [0.2, 0.05, 0.0125]
+    """
+    if warmup not in ("linear", "constant"):
+        raise ValueError(f"warmup must be 'linear' or 'constant', got {warmup!r}")
+    bounds = tuple(float(b) for b in boundaries_epochs)
+    if list(bounds) != sorted(bounds):
+        raise ValueError(f"boundaries_epochs must increase, got {bounds}")
+    start = value if warmup_from is None else warmup_from
+
+    def schedule(epoch: float):
+        if epoch < warmup_epochs:
+            if warmup == "constant":
+                return start
+            return start + (value - start) * (epoch / warmup_epochs)
+        passed = sum(epoch >= b - 1e-9 for b in bounds)  # tolerant of float epochs
+        return value * factor**passed if passed else value
+
+    return schedule
 
 
 def make_optimizer(config, steps_per_epoch: int):

@@ -146,16 +146,11 @@ def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
 
     def loss(params, model_state, batch, key):
         logits, model_state = losses.train_forward(model, params, model_state, batch["x"], key)
-        data_loss = losses.cross_entropy(logits, batch["y"])
-        objective = data_loss
+        metrics = losses.classification_metrics(logits, batch["y"])
+        objective = metrics["loss"]
         if weight_decay:
             objective = objective + weight_decay * losses.l2_penalty(params)
-        aux = {
-            "model_state": model_state,
-            "loss": data_loss,
-            "accuracy": losses.accuracy(logits, batch["y"]),
-        }
-        return objective, aux
+        return objective, {"model_state": model_state, **metrics}
 
     return loss
 

@@ -1,0 +1,426 @@
+"""0. The swiss roll (Huang et al. 2020, Figs. 3, 5, 6): the authors' data and MLP, trained
+naturally (β = 0) and with the anti-generalization loss (eq. 3) or label-flip poisoning for
+several β, each run to a fit; per run the train/test accuracy, the basin radii along unit
+directions and the log-volume below the loss cutoff, the gen-viz grid radius; the decision
+boundaries, the filter-normalised surfaces around the good and the worst minimum, and the
+radii and log-volume against β."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import jax
+import numpy as np
+
+from sharp_minima import data as data_lib
+from sharp_minima import plotting, train
+from sharp_minima.studies import runs
+from sharp_minima.studies.claims import accuracy_noise, all_of, ordered, seed_noise, verdict
+from sharp_minima.studies.common import key_streams
+from sharp_minima.studies.sections import Section, section_names
+from sharp_minima.studies.visualize_generalization import training
+
+# The paper's numbers (Huang et al. 2020).
+PAPER = {
+    "swissroll_good_test": 98.5,  # Fig. 1: the final SGD iterate
+    "swissroll_bad_test_below": 53.0,  # Fig. 1: every bad minimum near the SGD path
+    "svhn_good_test": 97.1,  # Sec. 4, ResNet-18
+    "svhn_bad_test": 28.2,
+    "svhn_volume_orders": 10_000,  # "at least 10,000 orders of magnitude" (Sec. 5)
+    "cifar_linear_test": 49.0,  # Sec. 2: linear model on pixels + pairwise products
+    "cifar_resnet_test": 92.0,
+}
+# A natural minimum "generalizes": the paper's 98.5 %, with room for our smaller data.
+GOOD_TEST = 0.95
+# Pearson r differs from 0 beyond about 2 of its standard errors (≈ 1/√n when r = 0).
+CORRELATION_SE = 2.0
+MIN_RUNS_FOR_CORRELATION = 4
+
+
+def run(ctx) -> dict:
+    """Natural and poisoned minima for every β and seed: accuracies, radii, log-volumes;
+    surfaces around the good and the worst minimum; decision boundaries."""
+    config, data = ctx.config, ctx.data
+    p = config.poison
+    model = train.build_model(config, data)
+    geometry = training.Geometry(model, config)
+    keys = key_streams(config.seed, "huang/volume", "huang/surface")
+    batches, weights = data_lib.all_batches(data.x_train, data.y_train)
+    records, boundaries, surfaces = [], {}, {}
+    for beta in p.betas:
+        for seed in range(config.seed, config.seed + p.seeds):
+            result, record = _fit_one(ctx, model, beta, seed)
+            records.append(record)
+            if result is None:
+                continue
+            variables = result.state.variables()
+            name = f"beta{beta:g}/seed{seed}"
+            key = jax.random.fold_in(keys["huang/volume"], zlib.crc32(name.encode()))
+            cache = runs.Cache(
+                os.path.join(runs.run_dir(ctx.workdir, "swissroll", name), "measure.json")
+            )
+
+            def measure(variables=variables, key=key, beta=beta, seed=seed, acc=record):
+                ctx.log(
+                    f"[swissroll {beta=:g} {seed=}] basin radii along "
+                    f"{config.volume.num_directions} directions"
+                )
+                return {**acc, **geometry.measure(variables, batches, weights, config, key)}
+
+            if record["fitted"]:  # the did-not-fit record stays as it is, with no volume
+                records[-1] = cache.get("measure", training.measure_key(config, result), measure)
+            if seed == config.seed and config.data.name in ("swissroll", "rings"):
+                boundaries[beta] = training.decision_grid(
+                    model,
+                    variables,
+                    np.concatenate([data.x_train, data.x_test]),
+                    config.surface.boundary_points,
+                )
+            if seed == config.seed and beta in (0.0, max(p.betas)):
+                surfaces[beta] = cache.arrays(
+                    "surface",
+                    training.measure_key(config, result),
+                    lambda v=variables: geometry.surface(
+                        v, batches, weights, config, keys["huang/surface"]
+                    ),
+                )
+    dims = [r["dim"] for r in records if "dim" in r]
+    setup = {
+        "data_note": f"{data.name} ({data.source}), {len(data.x_train)} train / "
+        f"{len(data.x_test)} test",
+        "dim": dims[0] if dims else "?",
+        "num_test": len(data.x_test),
+    }
+    return {
+        "records": records,
+        "setup": setup,
+        "boundaries": boundaries,
+        "surfaces": surfaces,
+        "data": (data.x_train, data.y_train),
+    }
+
+
+def _fit_one(ctx, model, beta: float, seed: int):
+    """One run trained to a fit: ``(result, or None if it diverged; its record)``."""
+    config, data, p = ctx.config, ctx.data, ctx.config.poison
+    name = f"beta{beta:g}/seed{seed}"
+    run_data = (
+        data if beta == 0 or p.kind == "label_flip" else training.poisoned(data, p.num_points)
+    )
+    cfg = training.run_config(config, seed, n_train=len(run_data.x_train), to_fit=True)
+    tsne = "tsne" in section_names(config.sections)
+    hooks = [training.iterates_hook(config)] if beta == 0 and seed == config.seed and tsne else []
+    result = training.fit(
+        cfg,
+        runs.run_dir(ctx.workdir, "swissroll", name),
+        run_data,
+        beta=beta,
+        kind=p.kind,
+        num_points=p.num_points,
+        hooks=hooks,
+        log=ctx.log,
+        label=f"[swissroll {name}] ",
+        n_t=len(data.x_train),
+        model=model,
+    )
+    if isinstance(result, runs.Diverged):
+        return None, {"beta": beta, "seed": seed, "diverged": True, "message": result.message}
+    record = {
+        "beta": beta,
+        "seed": seed,
+        "fitted": training.fitted(cfg, result),
+        "epochs": training.epochs_trained(cfg, result, len(run_data.x_train)),
+        "train_accuracy": float(result.final["train/accuracy"]),
+        "train_loss": float(result.final["train/loss"]),
+        "test_accuracy": float(result.final["test/accuracy"]),
+        "test_loss": float(result.final["test/loss"]),
+    }
+    if not record["fitted"]:  # reported as "did not fit", kept out of the volumes
+        ctx.log(
+            f"[swissroll {name}] did not fit in {config.num_epochs} epochs: train "
+            f"accuracy {100 * record['train_accuracy']:.1f} %, loss {record['train_loss']:.3g}"
+        )
+    return result, record
+
+
+def by_beta(records: list[dict], key: str) -> dict[float, dict]:
+    """``{β: {"mean", "std", "min", "max", "n"}}`` of ``key`` over the runs of each β that
+    have it (`runs.aggregate`), by increasing β."""
+    stats = runs.aggregate(records, "beta")
+    return {b: v[key] for b, v in sorted(stats.items()) if key in v}
+
+
+def claims(config, res) -> list:
+    """Accuracies differ only beyond their noise (the standard error over seeds plus the test
+    set's sampling error), log-volumes beyond their standard error over seeds."""
+    every = res["records"]
+    unfit = [r for r in every if not r.get("fitted", True) and "test_accuracy" in r]
+    fit_runs = [r for r in every if "test_accuracy" in r]
+    did_not = "; did not fit: " + ", ".join(
+        f"β={r['beta']:g} seed {r['seed']} (train {100 * r['train_accuracy']:.1f} %, loss "
+        f"{r['train_loss']:.3g})"
+        for r in unfit
+    )
+    out = [
+        (
+            f"every network, natural and poisoned, fits the training set (≥ "
+            f"{100 * config.fit.accuracy:g} % train accuracy, loss < "
+            f"{config.volume.cutoffs[0]:g}; trained to a fit, capped at "
+            f"{config.num_epochs} epochs)",
+            bool(fit_runs) and not unfit if fit_runs else None,
+            f"{len(fit_runs) - len(unfit)}/{len(fit_runs)} runs fitted"
+            + (did_not if unfit else ""),
+        )
+    ]
+    return out + _accuracy_claims(config, res) + _volume_claims(config, res)
+
+
+def _accuracies(config, res):
+    """Test and train accuracy by β over the fitted runs, their noise, and the note on
+    diverged β."""
+    recs = [r for r in res["records"] if r.get("fitted", True)]  # volumes exist only for these
+    num_test = res["setup"].get("num_test") or 0
+    test_stats = by_beta(recs, "test_accuracy")
+    noise = {
+        b: seed_noise(v) + (accuracy_noise(v["mean"], num_test) if num_test else 0.0)
+        for b, v in test_stats.items()
+    }
+    betas = sorted(float(b) for b in config.poison.betas)
+    gone = [b for b in betas if b not in test_stats]
+    missing = f" — not tested: every run of β = {gone} diverged" if gone else ""
+    return recs, test_stats, noise, betas, missing
+
+
+def _accuracy_claims(config, res) -> list:
+    recs, test_stats, noise, betas, missing = _accuracies(config, res)
+    test = {b: v["mean"] for b, v in test_stats.items()}
+    tr = {b: v["mean"] for b, v in by_beta(recs, "train_accuracy").items()}
+    nan = float("nan")
+    good_stats = test_stats.get(0.0, {"mean": nan, "min": nan, "n": 0})
+    good = good_stats["mean"]
+    bad = [b for b in betas if b > 0]
+    parts = []
+    for b in bad:
+        fits = tr.get(b, nan) < 1
+        parts.append(verdict(tr.get(b, nan) - config.fit.accuracy, 0.0) if fits else "yes")
+        parts.append(verdict(good - test.get(b, nan), noise.get(0.0, 0) + noise.get(b, 0)))
+    seen = [b for b in betas if b in test]
+    return [
+        (
+            "a natural (β = 0) swiss-roll minimum generalizes: ≥ 95 % test accuracy",
+            verdict(good_stats["min"] - GOOD_TEST, noise.get(0.0, 0.0)),
+            f"test accuracy {100 * good:.1f} % (min {100 * good_stats['min']:.1f} %, "
+            f"{train.plural(good_stats['n'], 'run')}; paper 98.5 %)" + missing,
+        ),
+        (
+            f"poisoned minima fit the training set (≥ {100 * config.fit.accuracy:g} % train "
+            "accuracy) and generalize worse",
+            all_of(parts),
+            "; ".join(
+                f"β={b:g}: train {100 * tr[b]:.1f} %, test {100 * test[b]:.1f} %"
+                for b in bad
+                if b in test
+            )
+            + missing,
+        ),
+        (
+            "test accuracy decreases as β grows",
+            ordered(
+                [test.get(b, nan) for b in betas],
+                [noise.get(b, 0.0) for b in betas],
+                decreasing=True,
+            ),
+            ", ".join(f"{100 * test[b]:.1f} %" for b in seen)
+            + f" for β = {seen} (noise ±"
+            + ", ".join(f"{100 * noise[b]:.1f}" for b in seen)
+            + " points)"
+            + missing,
+        ),
+    ]
+
+
+def _volume_claims(config, res) -> list:
+    recs, _, _, betas, missing = _accuracies(config, res)
+    c = config.volume.cutoffs[0]
+    logv_stats = by_beta(recs, f"log_volume_{c:g}")
+    lv = [logv_stats[b]["mean"] if b in logv_stats else float("nan") for b in betas]
+    out = [
+        (
+            f"log-volume of the basin (loss < {c:g}) is smaller for poisoned minima and "
+            "decreases as β grows",
+            ordered(lv, [seed_noise(logv_stats.get(b)) for b in betas], decreasing=True),
+            ", ".join(f"{v:.1f}" for v in lv)
+            + f" for β = {betas} (natural log; mean over seeds)"
+            + missing,
+        )
+    ]
+    pairs = [(r["test_accuracy"], r[f"log_volume_{c:g}"]) for r in recs if f"log_volume_{c:g}" in r]
+    if len(pairs) >= MIN_RUNS_FOR_CORRELATION:
+        acc, vol = np.asarray(pairs).T
+        corr = float(np.corrcoef(acc, vol)[0, 1])
+        noise = CORRELATION_SE / math.sqrt(len(pairs))
+        out.append(
+            (
+                "log-volume falls as the test accuracy falls (positive correlation over the "
+                "fitted runs)",
+                verdict(corr, noise),
+                f"Pearson r = {corr:.2f} over {len(pairs)} runs (noise ±{noise:.2f})",
+            )
+        )
+    return out
+
+
+def _mean(values, digits, scale=1.0):
+    return f"{scale * np.mean(values):.{digits}f}" if values else "—"
+
+
+def report(config, res) -> list:
+    s, records = res["setup"], res["records"]
+    c, v = config.volume.cutoffs[0], config.volume
+    lines = [
+        f"Data: {s['data_note']}. Model {config.model.name} {dict(config.model.kwargs)}, "
+        f"{config.optim.name} lr {config.optim.learning_rate:g}, gradient clipping "
+        f"{config.optim.grad_clip_norm:g}, trained to a fit (training accuracy ≥ "
+        f"{100 * config.fit.accuracy:g} % and loss < {c:g} at an evaluation every "
+        f"{train.plural(config.eval_every_epochs, 'epoch')}; cap "
+        f"{config.num_epochs} epochs), poisoning "
+        f"{config.poison.kind} with |D_d| = {config.poison.num_points}, "
+        f"{train.plural(config.poison.seeds, 'run')} per β. Basin: training loss "
+        f"(evaluation mode) below {c:g} along {v.num_directions} unit directions in all "
+        f"{s['dim']} parameters; radii by bisection to rtol {v.rtol:g}. Grid radius: the "
+        f"authors' gen-viz radius (cross-entropy {v.grid_cutoff:g} on a power-5 grid of "
+        f"{v.grid_points} points up to {v.grid_max:g}, filter-normalised directions). A run "
+        "that reaches the cap without fitting is counted under *did not fit* and has no volume.",
+        "",
+        "| β | fitted | epochs to fit | train acc % | test acc % | log V (min–max) | "
+        "± runs (std) | ± bootstrap | ± delta | mean radius | grid radius |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in sorted({r["beta"] for r in records if "test_accuracy" in r}):
+        every = [r for r in records if r["beta"] == b and "test_accuracy" in r]
+        rs = [r for r in every if r.get("fitted", True)]
+        f = lambda k, rs=rs: [r[k] for r in rs if k in r]  # noqa: E731
+        lv = f(f"log_volume_{c:g}")
+        ep = [r["epochs"] for r in rs if "epochs" in r]
+        lines.append(
+            f"| {b:g} | {len(rs)}/{len(every)} | "
+            + (f"{min(ep)}–{max(ep)}" if ep else "—")
+            + f" | {_mean(f('train_accuracy'), 1, 100)} | {_mean(f('test_accuracy'), 1, 100)} | "
+            + (f"{np.mean(lv):.1f} ({min(lv):.1f}–{max(lv):.1f})" if lv else "—")
+            + (f" | {np.std(lv, ddof=1):.0f}" if len(lv) > 1 else " | —")
+            + f" | {_mean(f(f'log_volume_bootstrap_{c:g}'), 0)} | "
+            f"{_mean(f(f'log_volume_stderr_{c:g}'), 2)} | "
+            f"{_mean(f(f'radius_mean_{c:g}'), 3)} | {_mean(f('grid_radius_mean'), 3)} |"
+        )
+    for r in [r for r in records if not r.get("fitted", True) and "test_accuracy" in r]:
+        lines.append(
+            f"\nDid not fit: β = {r['beta']:g}, seed {r['seed']}: train "
+            f"{100 * r['train_accuracy']:.1f} %, loss {r['train_loss']:.3g}, test "
+            f"{100 * r['test_accuracy']:.1f} % after {r.get('epochs', '?')} epochs."
+        )
+    eff = [r.get(f"effective_directions_{c:g}") for r in records]
+    eff = [e for e in eff if e is not None]
+    return lines + [
+        "",
+        "**Error bars of log V.** log V = log ω_n + log mean rⁿ with n in the hundreds or "
+        "thousands, so the largest radius decides the mean: the effective number of "
+        f"directions 1/Σw² (w ∝ rⁿ) is {_mean(eff, 2)} here. The delta method then reads "
+        "≈ ±1 whatever the data, because it assumes many directions share the weight; it "
+        "does not apply. The spread over runs is the error bar that means something for a "
+        "comparison between β; the bootstrap over directions (resampling the radii) says "
+        "how much the estimate of one run hangs on its single largest radius.",
+        "",
+        "Paper: natural 98.5 % test (Fig. 1); bad minima below 53 %; SVHN "
+        "ResNet-18 97.1 % vs 28.2 % with basins ≥ 10,000 orders of magnitude apart.",
+    ]
+
+
+def figures(config, res) -> dict:
+    out = {}
+    if res["boundaries"]:
+        out["decision_boundaries"] = boundary_figure(
+            res["boundaries"], res["records"], res["data"], seed=config.seed
+        )
+    if res["surfaces"]:
+        out["surfaces"] = surface_figure(res["surfaces"])
+    out["volume"] = volume_figure(res["records"], config)
+    return out
+
+
+def boundary_figure(boundaries, records, data, seed: int = 0):
+    """Fig. 6: decision boundaries, one panel per β (the run of ``seed``), titled with its
+    generalization gap."""
+    fig = plotting.figure((3.2 * len(boundaries), 3.2))
+    first = {r["beta"]: r for r in records if r["seed"] == seed and "test_accuracy" in r}
+    for i, (beta, (gx, gy, prob)) in enumerate(sorted(boundaries.items())):
+        ax = fig.add_subplot(1, len(boundaries), i + 1)
+        ax.contourf(gx, gy, prob, levels=[0, 0.5, 1], colors=["#9ecae1", "#fcae91"], alpha=0.8)
+        x, y = data
+        ax.scatter(x[y == 0, 0], x[y == 0, 1], s=4, c="C0")
+        ax.scatter(x[y == 1, 0], x[y == 1, 1], s=4, c="C3")
+        r = first.get(beta)
+        gap = 100 * (r["train_accuracy"] - r["test_accuracy"]) if r else float("nan")
+        ax.set_title(f"β = {beta:g}: gap {gap:.1f} %", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def surface_figure(surfaces):
+    """Fig. 3 (bottom): filter-normalised 2-D loss surfaces on one colour scale — log₁₀ of the
+    training loss (from 10⁻³), one colourbar, clipped at the 95th percentile of all surfaces —
+    so that the basins compare; white contours at loss 0.1 and 1."""
+    fig = plotting.figure((4.2 * len(surfaces) + 0.8, 3.6))
+    logs = {b: np.log10(np.maximum(np.asarray(s["loss"]), 1e-3)) for b, s in surfaces.items()}
+    vmax = max(float(np.percentile(z, 95)) for z in logs.values())
+    vmin = min(float(z.min()) for z in logs.values())
+    levels = np.linspace(vmin, max(vmax, vmin + 1e-6), 21)
+    axes = []
+    for i, (beta, s) in enumerate(sorted(surfaces.items())):
+        ax = fig.add_subplot(1, len(surfaces), i + 1)
+        axes.append(ax)
+        g = s["grid"]
+        cs = ax.contourf(g, g, np.minimum(logs[beta], levels[-1]).T, levels=levels)
+        ax.contour(g, g, np.asarray(s["loss"]).T, levels=[0.1, 1.0], colors="w", linewidths=0.8)
+        ax.set_title(("good" if beta == 0 else "bad") + f" minimum (β = {beta:g})", fontsize=9)
+        ax.set_xlabel("filter-normalised direction 1")
+        if i == 0:
+            ax.set_ylabel("filter-normalised direction 2")
+    fig.colorbar(cs, ax=axes, label="log₁₀ training loss (one scale)")
+    return fig
+
+
+def volume_figure(records, config):
+    """Fig. 5: test accuracy, mean radius and log-volume against β; dashed lines the mean,
+    bands min/max over runs."""
+    c = config.volume.cutoffs[0]
+    panels = [
+        ("test_accuracy", "test accuracy"),
+        (f"radius_mean_{c:g}", f"mean radius (loss < {c:g})"),
+        (f"log_volume_{c:g}", "log-volume (nats)"),
+    ]
+    fig = plotting.figure((11, 3.2))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        vals = by_beta(records, key)
+        if not vals:
+            continue
+        b = np.asarray(list(vals))
+        ax.plot(b, [v["mean"] for v in vals.values()], "k--o", ms=3)
+        lo, hi = [v["min"] for v in vals.values()], [v["max"] for v in vals.values()]
+        ax.fill_between(b, lo, hi, alpha=0.3)
+        ax.set_xlabel("β (anti-generalization)")
+        ax.set_ylabel(label)
+    return fig
+
+
+SECTION = Section(
+    name="swissroll",
+    title="Swiss roll: natural vs poisoned minima (Figs. 3, 5, 6)",
+    run=run,
+    report=report,
+    claims=claims,
+    figures=figures,
+)
