@@ -2,28 +2,31 @@
 
 **The study contract.** Every study module offers
 
-- ``run(config, workdir, *, data=None, log=print) -> results``: the whole study into
-  ``workdir``, resumable — calling it again on the same workdir continues an interrupted
-  study and recomputes nothing that is done (runs resume from their checkpoints,
-  measurements are read from their caches); ``data`` replaces the config's data set (e.g. one
-  loaded in a notebook); ``log`` takes every line of progress.
+- ``run(config, workdir, *, data=None, log=print, extend=False) -> results``: the whole
+  study into ``workdir``, resumable — calling it again on the same workdir continues an
+  interrupted study and recomputes nothing that is done (runs resume from their checkpoints,
+  measurements are read from their caches); ``data`` replaces the config's data set (e.g.
+  one loaded in a notebook); ``log`` takes every line of progress; a workdir whose finished
+  work was computed under another config is refused unless ``extend``.
 - ``figures(config, results) -> dict[str, matplotlib.figure.Figure]``: draws from
   ``results`` alone and saves nothing, so a notebook shows
   ``study.figures(config, results)["name"]`` inline.
-- ``report_markdown(config, results) -> str``: ``report.md`` (the scale, the paper's numbers
-  beside this run's, the claims).
+- ``report_markdown(config, results) -> str``: ``report.md`` (the scale, the claims, the
+  paper's numbers beside this run's, the figures drawn).
 - ``claims(config, results) -> [(claim, verdict, numbers)]``: a verdict per claim of the
-  paper this run tests ("yes" / "no" only by more than the numbers' noise, else "within
-  noise"; "not tested" when its runs diverged — `common.verdict`, `common.ordered`,
-  `common.all_of`), with the numbers behind it.
+  paper this run tests (`claims`: "yes" / "no" only by more than the numbers' noise, else
+  "within noise"; "not tested" when its runs diverged), with the numbers behind it.
 
-``run`` ends with `common.write_outputs`, the one place a study's ``report.md``,
-``results.json`` (+ ``results.npz`` for large arrays) and figures (PNG + PDF) are saved, the
-diverged runs are named, and a study with nothing to report stops (`runs.NothingToReport`).
-Every figure is made by `sharp_minima.plotting.figure` (constrained layout).
-Studies are built from `runs` (derived run configs, run folders, training that records a
-diverged run, measurement caches, aggregation over seeds, logged series) and the library's
-measurements; they add no numerical kernels and never import one another.
+Every study is a `sections.Study`: a tuple of `sections.Section` (one file each in the
+packages ``sgd_noise`` and ``visualize_generalization``; one section in a small study), run
+by the one driver, which ends with `common.write_outputs`, the one place a study's
+``report.md``, ``results.json`` (+ ``results.npz`` for large arrays) and figures (PNG + PDF)
+are saved, the diverged runs are named, and a study with nothing to report stops
+(`runs.NothingToReport`). `sections.contract_functions` makes the four functions above.
+Every figure is made by `sharp_minima.plotting.figure` (constrained layout). Studies are
+built from `runs` (derived run configs, run folders, training that records a diverged run,
+measurement caches, aggregation over seeds, logged series) and the library's measurements;
+they add no numerical kernels or training loops and never import one another.
 ``experiments/<study>.py`` only parses flags and calls ``run``.
 
 Figures: a figure that belongs to one study is drawn in that study's module; figures of

@@ -47,12 +47,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
       config: the run's config.
       num_devices: the devices it will run on (checks that the batch divides), if known.
     """
-    c = config
-
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
-
+    c, need = config, _need
     need(
         c.model.name in MODELS,
         f"config.model.name: unknown model {c.model.name!r}; valid names: "
@@ -122,6 +117,18 @@ def validate_config(config, num_devices: int | None = None) -> None:
         not str(bm).startswith("val/") or c.data.validation_fraction > 0,
         "config.checkpoint.best_metric uses val/ but config.data.validation_fraction is 0",
     )
+    _validate_optimizer_and_stopping(c, num_devices)
+
+
+def _need(cond, msg) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _validate_optimizer_and_stopping(c, num_devices) -> None:
+    """`validate_config`'s second half: the optimizer's and schedule's numbers, early
+    stopping and its targets, TensorBoard, the batch against the devices."""
+    need = _need
     o = c.optim
     need(0 <= o.momentum < 1, f"config.optim.momentum must be in [0, 1), got {o.momentum}")
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "config.optim.b1 and b2 must be in [0, 1)")
