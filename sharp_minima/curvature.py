@@ -633,6 +633,7 @@ class Operator:
         self.num_traces = 0
         self._matvec_jit = jax.jit(self._matvec_kernel)
         self._matmat_jit = jax.jit(self._matmat_kernel, static_argnames="chunk")
+        self._drawn_matmat_jit = jax.jit(self._drawn_matmat_kernel, static_argnames="chunk")
         self._lanczos_jit = jax.jit(
             self._lanczos_kernel,
             donate_argnums=(4, 5, 6),
@@ -671,6 +672,20 @@ class Operator:
         """
         return None
 
+    def operand_draws(self, count: int) -> PyTree | None:
+        """``count`` independent draws of `operands`, stacked on a leading axis, for an
+        operator that is itself a random draw (the Monte-Carlo Fisher's labels): `trace`
+        gives each probe its own draw, so its error covers the draw's variance. None (the
+        default): the operator is not random.
+
+        Args:
+          count: how many draws.
+
+        Returns:
+          A pytree with a leading axis of ``count``, or None.
+        """
+        return None
+
     # -- kernels (traced once per input shape) ------------------------------------------
 
     def _matvec_kernel(self, params, batches, weights, operands, tangent):
@@ -683,6 +698,16 @@ class Operator:
         self.num_traces += 1
         _, matvec = self.flat_matvec(params, batches, weights, operands)
         return lax.map(matvec, vectors, batch_size=chunk)
+
+    def _drawn_matmat_kernel(self, params, batches, weights, draws, vectors, *, chunk):
+        """``vectors (p, n) -> [M_j @ vectors_j]``: each product with its own draw of the
+        operands (``draws``, leading axis p)."""
+        self.num_traces += 1
+
+        def one(vd):
+            return self.flat_matvec(params, batches, weights, vd[1])[1](vd[0])
+
+        return lax.map(one, (vectors, draws), batch_size=chunk)
 
     def _lanczos_kernel(
         self,
@@ -1257,6 +1282,10 @@ class Operator:
         (Q = qr(H S)), whose trace is taken exactly, and the rest runs Hutchinson on the
         deflated remainder (Meyer et al. 2021); far lower variance when a few eigenvalues
         dominate, as in neural networks. The standard error is that of the Hutchinson part.
+        For an operator that is itself a random draw (`operand_draws`: the Monte-Carlo
+        Fisher) each probe gets its own draw, so the mean estimates the trace of the
+        expected operator and the error covers the draws' variance (label sampling) as well
+        as the probes'; one draw's sketch cannot, so ``"hutch++"`` runs as Hutchinson there.
 
         Args:
           params, batches, weights: the operator (see `eigenpairs`).
@@ -1274,11 +1303,17 @@ class Operator:
             raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
         prep = self._prepare(params, batches, weights)
         n, dtype = prep.dim, prep.dtype
-        if method == "hutchinson":
+        draws = self.operand_draws(max(num_matvecs, 1))
+        if method == "hutchinson" or draws is not None:
             if num_matvecs < 1:
                 raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
             z = rademacher_probes(key, num_matvecs, n, dtype)
-            hz = self._matmat(prep, batches, z)
+            if draws is None:
+                hz = self._matmat(prep, batches, z)
+            else:
+                hz = self._drawn_matmat_jit(
+                    prep.params, batches, prep.weights, draws, z, chunk=self.chunk
+                )
             samples = np.einsum("pn,pn->p", np.asarray(z, np.float64), np.asarray(hz, np.float64))
             objective.check_finite(f"{self.products} (trace)", samples)
             return Estimate(*_mean_and_stderr(samples), num_matvecs)

@@ -18,9 +18,10 @@ explicit:
 
 A mean-loss SGD step with batch size B has gradient noise of covariance Σ/B (times the
 finite-N factor (N − B)/(N − 1) without replacement): `isotropic_noise(σ/√B)` models it with
-Σ = σ²I, and its temperature is T = ησ²/(2B) (the lecture's eq. 25; `gradients.temperature`
-is η(1 − B/N)/(B(1 − μ)), the scale of Σ). Each run records its final position and the first
-step at which ``escaped(x)`` holds (−1 if never), for escape-time statistics.
+Σ = σ²I, and its temperature is T = ησ²/(2B) (the lecture's eq. 25; `gradients.temperature`,
+which is `gradients.noise_scale` η(1 − B/N)/(B(1 − μ)) times σ²/2). Each run records its final
+position and the first step at which ``escaped(x)`` holds (−1 if never), for escape-time
+statistics.
 
 **Potentials**: `quadratic`, `double_well` (two minima of chosen depths and curvatures,
 with `Potential.minima` and `Potential.curvatures` for the Laplace prediction), and

@@ -31,10 +31,12 @@ Conventions that trip users:
 - **Mean, not summed, loss.** Every statistic here is of the *mean* loss, so gᵢ is one
   example's gradient. With a summed loss every gradient is N times larger and tr Σ N² times.
 - **Finite N.** Batches drawn without replacement from N examples have covariance
-  Σ/B·(1 − B/N)·N/(N−1); the SGD temperature of the SDE picture is T = η(1 − B/N)/B for a
-  mean loss (the lecture notes' g = η(N/B − 1) = N·T for a summed loss).
-- **Momentum** μ scales the effective step, and the temperature, by 1/(1 − μ):
-  T = η(1 − B/N)/(B(1 − μ)) (`temperature`).
+  Σ/B·(1 − B/N)·N/(N−1). Two quantities, two names: the **noise scale** η(1 − B/N)/B of a
+  mean loss (`noise_scale`; the lecture notes' g = η(N/B − 1) is N times it, for a summed
+  loss) and the **temperature** T = ησ²(1 − B/N)/(2B) of the SDE picture (`temperature`,
+  for isotropic per-example variance σ²), the T of exp(−L/T).
+- **Momentum** μ scales the effective step, the noise scale and the temperature by
+  1/(1 − μ).
 
 `DirectionProbe` measures what Jastrzębski et al. (2019, Sec. 3.2, Figs. 5 and 6) measure
 along the training trajectory: ``J`` mini-batch gradients g_j of a loss, their mean |cos|
@@ -76,6 +78,7 @@ __all__ = [
     "NoiseEstimate",
     "NoiseScale",
     "two_batch_grad",
+    "noise_scale",
     "temperature",
     "two_batch",
 ]
@@ -235,25 +238,51 @@ class NoiseScale(NamedTuple):
     num_examples: int
 
 
-def temperature(learning_rate, batch_size, num_examples=None, momentum=0.0) -> float:
-    """The SGD temperature T = η(1 − B/N) / (B(1 − μ)) of a mean loss: the scale of the noise
-    of the SDE picture, with the finite-N correction of sampling without replacement and
-    momentum's 1/(1 − μ).
+def noise_scale(learning_rate, batch_size, num_examples=None, momentum=0.0) -> float:
+    """The SGD noise scale η(1 − B/N)/(B(1 − μ)) of a mean loss: how strongly a step's
+    gradient noise is felt, per unit of gradient variance (Smith & Le 2018's g = η(N/B − 1)
+    is N times it, for a summed loss). It is not a temperature: `temperature` multiplies it
+    by σ²/2.
+
+    Args:
+      learning_rate: η.
+      batch_size: B.
+      num_examples: N (``None``: N → ∞), for sampling without replacement.
+      momentum: μ (heavy ball).
+
+    Returns:
+      The noise scale as a float.
+
+    >>> round(noise_scale(0.1, 100, 1000, momentum=0.9), 6)
+    0.009
+    """
+    finite = 1.0 if num_examples is None else 1.0 - batch_size / num_examples
+    return float(learning_rate) * finite / (batch_size * (1.0 - momentum))
+
+
+def temperature(
+    learning_rate, batch_size, num_examples=None, momentum=0.0, *, gradient_variance
+) -> float:
+    """The SGD temperature T = ησ²(1 − B/N)/(2B(1 − μ)) of a mean loss whose per-example
+    gradients have isotropic variance σ² per coordinate (unbiased, over the N examples): the
+    stationary density of the SDE picture is ∝ exp(−L/T), and `sharp_minima.dynamics.
+    langevin_noise` simulates at T. `noise_scale` × σ²/2.
 
     Args:
       learning_rate: η.
       batch_size: B.
       num_examples: N (``None``: N → ∞).
       momentum: μ (heavy ball).
+      gradient_variance: σ², the per-example gradient variance per coordinate (keyword).
 
     Returns:
       T as a float.
 
-    >>> round(temperature(0.1, 100, 1000, momentum=0.9), 6)
+    >>> round(temperature(0.1, 100, 1000, momentum=0.9, gradient_variance=2.0), 6)
     0.009
     """
-    finite = 1.0 if num_examples is None else 1.0 - batch_size / num_examples
-    return float(learning_rate) * finite / (batch_size * (1.0 - momentum))
+    noise = noise_scale(learning_rate, batch_size, num_examples, momentum)
+    return noise * float(gradient_variance) / 2.0
 
 
 class CriticalBatch(NamedTuple):

@@ -361,9 +361,18 @@ class BasinVolume(NamedTuple):
 
     log V = log ω_n + log E_φ[r(φ)ⁿ] (Huang et al. 2020, Sec. 5), ω_n = π^{n/2}/Γ(1 + n/2).
 
+    With n in the thousands the largest radius decides E[rⁿ]: the effective number of
+    directions 1/Σw² (w ∝ rⁿ) is about 1, and no error estimate means anything (the delta
+    method saturates at exactly 1; the bootstrap over directions is bimodal, on whether a
+    resample holds the largest radius). Below `MIN_EFFECTIVE_DIRECTIONS` the error is NaN and
+    the volume prints as "undetermined (one direction dominates)". The estimator is also
+    biased low: E[rⁿ] lives in the tail of directions longer than any sampled, so log V is,
+    in expectation, below the true log-volume (Jensen's inequality adds to it).
+
     Attributes:
       log_volume: natural log of V.
-      stderr: standard error of ``log_volume`` (delta method or bootstrap).
+      stderr: standard error of ``log_volume`` (delta method or bootstrap); NaN when
+        ``effective_samples`` < `MIN_EFFECTIVE_DIRECTIONS` (undetermined).
       log_unit_ball: log ω_n.
       log_mean_rn: log E[rⁿ] (logsumexp of n·log r minus log N).
       effective_samples: 1/Σw², w ∝ rⁿ: how many directions carry the estimate (with n in the
@@ -388,6 +397,49 @@ class BasinVolume(NamedTuple):
     threshold: float
     loss0: float
     dim: int
+
+    @property
+    def determined(self) -> bool:
+        """Whether enough directions carry the estimate for an error bar."""
+        return bool(self.effective_samples >= MIN_EFFECTIVE_DIRECTIONS)
+
+    def __str__(self) -> str:
+        return format_log_volume(self.log_volume, self.stderr, self.effective_samples, self.dim)
+
+    def __repr__(self) -> str:
+        return f"BasinVolume({self})"
+
+
+# Fewer effective directions than this: the log-volume's error is undetermined.
+MIN_EFFECTIVE_DIRECTIONS = 10.0
+UNDETERMINED = "undetermined (one direction dominates)"
+
+
+def format_log_volume(log_volume, stderr, effective_samples, dim=None, spec=".1f") -> str:
+    """``"log V = −123.4 ± 0.5 (42 effective directions)"``, or with too few effective
+    directions ``"log V = −16759.0, error undetermined (one direction dominates: 1.00
+    effective directions)"``.
+
+    Args:
+      log_volume: log V.
+      stderr: its error (NaN: undetermined).
+      effective_samples: 1/Σw².
+      dim: n, named when given.
+      spec: the numbers' format.
+
+    Returns:
+      The text.
+    """
+    where = f" in {dim:,} dimensions" if dim else ""
+    if effective_samples < MIN_EFFECTIVE_DIRECTIONS or not np.isfinite(stderr):
+        return (
+            f"log V = {log_volume:{spec}}{where}, error undetermined (one direction "
+            f"dominates: {effective_samples:.2f} effective directions)"
+        )
+    return (
+        f"log V = {log_volume:{spec}} ± {stderr:{spec}}{where} "
+        f"({effective_samples:.0f} effective directions)"
+    )
 
 
 def log_unit_ball(n: int) -> float:
@@ -419,7 +471,8 @@ def log_volume(
       num_bootstrap: resamples for ``"bootstrap"``.
 
     Returns:
-      ``(log V, stderr, log E[rⁿ], effective samples 1/Σw²)``.
+      ``(log V, stderr, log E[rⁿ], effective samples 1/Σw²)``; the stderr is NaN when the
+      effective samples are fewer than `MIN_EFFECTIVE_DIRECTIONS` (undetermined).
 
     Raises:
       ValueError: unknown ``error``, or no ``key`` for the bootstrap.
@@ -447,6 +500,8 @@ def log_volume(
         se = float(np.std(boot, ddof=1))
     else:
         raise ValueError(f'error must be "delta" or "bootstrap", got {error!r}')
+    if 1.0 / sum_w2 < MIN_EFFECTIVE_DIRECTIONS:
+        se = float("nan")  # no error estimate means anything: undetermined
     return log_unit_ball(n) + log_mean, se, log_mean, 1.0 / sum_w2
 
 

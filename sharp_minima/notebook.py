@@ -10,7 +10,7 @@ IPython is imported only when a function is called, never at import.
 
     # study: any module of sharp_minima.studies
     results = study.run(config, workdir, log=notebook.ProgressLine())
-    notebook.show_claims(study.claims(config, results))
+    notebook.show_claims(study.claims(config, results), config)
     notebook.show(study.figures(config, results))
 """
 
@@ -116,16 +116,19 @@ def show(figures: Figure | Mapping[str, Figure], dpi: int = 80) -> None:
         display({"image/png": data, "text/plain": f"<figure {name}>"}, raw=True)
 
 
-def show_claims(claims: list) -> None:
-    """A study's claims as the report's table (a verdict per claim, with its numbers),
-    rendered as Markdown (printed outside IPython).
+def show_claims(claims: list, config=None) -> None:
+    """A study's claims as the report's table (a verdict per claim, with its source and its
+    numbers), rendered as Markdown (printed outside IPython).
 
     Args:
       claims: ``study.claims(config, results)`` (or ``results["claims"]``).
+      config: the study's config (a tiny config's run is a smoke test: no verdict counts).
     """
     from sharp_minima.studies import claims as claims_lib  # noqa: PLC0415 - no study needed
 
-    text = "\n".join(claims_lib.claims_table(claims))
+    text = "\n".join(
+        claims_lib.claims_table(claims, smoke_test=bool(config and config.get("smoke_test")))
+    )
     display = _ipython_display()
     if display is None:
         print(text)

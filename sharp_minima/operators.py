@@ -297,6 +297,13 @@ class Fisher(Operator):
     def operands(self) -> PyTree:
         return self.key
 
+    def operand_draws(self, count: int) -> PyTree | None:
+        """For ``kind="mc"``: ``count`` fresh label keys (none equal to ``key``), so a trace's
+        probes each see their own labels and its error covers the label sampling."""
+        if self.kind != "mc":
+            return None
+        return jax.random.split(jax.random.fold_in(self.key, 0x5EED), count)
+
     def _prepare(self, params, batches, weights):
         _check_batches(batches, "the Fisher")
         return super()._prepare(params, batches, weights)

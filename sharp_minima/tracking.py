@@ -411,7 +411,7 @@ class NoiseTracker:
       >>> tracker = NoiseTracker(loss, batches, key=jax.random.key(1), batch_size=8,
       ...                        learning_rate=0.1, num_examples=64)
       >>> m = tracker.measure(jnp.ones(3), 0)
-      >>> round(m["noise/temperature"], 5), m["noise/two_over_lr"]
+      >>> round(m["noise/noise_scale"], 5), m["noise/two_over_lr"]
       (0.01094, 20.0)
       >>> 0.5 < m["noise/batch_sharpness"] < 2.0  # H_B ≈ I: about 1
       True
@@ -526,9 +526,9 @@ class NoiseTracker:
 
         Returns:
           ``{"<name>/grad_norm_sq", "trace_cov", "b_simple"`` (smoothed), the same with
-          ``_raw`` (this call) and ``b_simple_stderr``, ``"temperature", "two_over_lr",
-          "batch_sharpness", "batch_sharpness_stderr", "seconds"}`` (the rate-dependent ones
-          when η is known).
+          ``_raw`` (this call) and ``b_simple_stderr``, ``"noise_scale"``
+          (`sharp_minima.gradients.noise_scale`), ``"two_over_lr", "batch_sharpness",
+          "batch_sharpness_stderr", "seconds"}`` (the rate-dependent ones when η is known).
         """
         t0 = time.perf_counter()
         batches, weights = self.subset(step)
@@ -555,7 +555,7 @@ class NoiseTracker:
         }
         eta = self._eta(step, opt_state)
         if eta is not None:
-            metrics[f"{p}/temperature"] = gradients.temperature(
+            metrics[f"{p}/noise_scale"] = gradients.noise_scale(
                 eta, self.batch_size, self.num_examples, self.momentum
             )
             metrics[f"{p}/two_over_lr"] = 2.0 / eta

@@ -157,6 +157,31 @@ def test_mc_fisher_approaches_the_ggn_within_its_standard_error(refs):
         assert np.sum((r["ef"] - r["ggn"]) ** 2) / np.sum(se**2) > 10
 
 
+def test_mc_fisher_trace_error_covers_the_label_sampling(refs):
+    """Issue 29: one label draw's trace carried only the probes' error (4.014 ± 0.00018
+    while label keys spread it by 0.69). Each probe now draws its own labels: the reported
+    error matches the spread of the estimates over label keys, and the mean is tr(GGN)."""
+    r = refs["cross_entropy"]
+    with jax.enable_x64(True):
+        fisher = operators.Fisher(model_fn, r["loss"], kind="mc", key=jax.random.key(0))
+        est = []
+        for seed in range(12):  # new label keys and probes, the same compiled kernel
+            fisher.key = jax.random.key(100 + seed)
+            est.append(
+                fisher.trace(r["params"], r["batches"], key=jax.random.key(seed), num_matvecs=48)
+            )
+        values = np.array([e.value for e in est])
+        reported = np.sqrt(np.mean([e.stderr**2 for e in est]))
+        assert 0.5 < values.std(ddof=1) / reported < 2.0, (values.std(ddof=1), reported)
+        exact = np.trace(r["ggn"])  # E over labels of the MC Fisher
+        assert abs(values.mean() - exact) < 4 * reported / np.sqrt(len(values))
+        # The empirical Fisher is not random: its trace keeps the probes' error only.
+        ef = operators.Fisher(model_fn, r["loss"]).trace(
+            r["params"], r["batches"], key=jax.random.key(0), num_matvecs=48
+        )
+        assert abs(ef.value - np.trace(r["ef"])) < 4 * ef.stderr + 1e-9
+
+
 @pytest.mark.parametrize("which", ["ggn", "ef", "cov"])
 def test_solvers_on_each_operator_match_numpy_eigh(refs, which):
     r = refs["cross_entropy"]

@@ -64,10 +64,36 @@ def test_log_volume_in_log_space_for_huge_n():
     logv, se, log_mean, ess = L.log_volume([1.0, 2.0], 10**6)
     assert log_mean == pytest.approx(10**6 * np.log(2) - np.log(2))
     assert ess == pytest.approx(1.0) and np.isfinite(logv)
+    assert np.isnan(se)  # one direction carries it: undetermined
     boot = L.log_volume(np.linspace(1, 1.001, 50), 100, error="bootstrap", key=jax.random.key(0))
     assert 0 < boot[1] < 0.1
     with pytest.raises(ValueError, match="bootstrap"):
         L.log_volume([1.0], 3, error="bootstrap")
+
+
+def test_a_log_volume_in_high_dimension_is_undetermined_and_in_low_dimension_covers_the_exact():
+    """Exact ellipsoid radii r(φ) = (Σ φᵢ²/aᵢ²)^(−1/2) along uniform directions: in 4
+    dimensions many directions share the weight and the bar covers the exact log-volume; in
+    400 with spread axes one direction carries it, and the error is undetermined (the delta
+    method's ±1 would not cover the exact value, which lies hundreds of nats above)."""
+    rng = np.random.default_rng(0)
+
+    def ellipsoid(axes, num):
+        phi = rng.standard_normal((num, axes.size))
+        phi /= np.linalg.norm(phi, axis=1, keepdims=True)
+        radii = 1 / np.sqrt(np.sum(phi**2 / axes**2, axis=1))
+        return radii, L.log_unit_ball(axes.size) + float(np.sum(np.log(axes)))
+
+    radii, exact = ellipsoid(np.array([0.5, 1.0, 2.0, 3.0]), 4000)
+    logv, se, _, ess = L.log_volume(radii, 4)
+    assert ess > L.MIN_EFFECTIVE_DIRECTIONS and abs(logv - exact) < 3 * se
+    radii, exact = ellipsoid(np.exp(rng.normal(0.0, 0.5, 400)), 3000)
+    logv, se, _, ess = L.log_volume(radii, 400)
+    assert ess < L.MIN_EFFECTIVE_DIRECTIONS and np.isnan(se)
+    assert exact - logv > 10  # biased low, far beyond the ±1 the delta method would print
+    vol = L.BasinVolume(logv, se, 0.0, 0.0, ess, radii, radii, radii > 0, 0.1, 0.0, 400)
+    assert not vol.determined and L.UNDETERMINED.split(" (")[0] in repr(vol)
+    assert "±" not in str(vol) and "400 dimensions" in str(vol)
 
 
 def test_radii_count_evaluations_and_reject_a_point_above_the_cutoff():

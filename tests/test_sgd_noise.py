@@ -3,11 +3,13 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import load_config, run_experiment
 
-from sharp_minima import gradients
+from sharp_minima import dynamics, gradients
 from sharp_minima.studies import sgd_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,13 +60,20 @@ def test_sgd_noise_tiny_end_to_end(tiny_study):
     # 5: the simulations' closed-form checks hold even at the tiny scale.
     assert claims[next(c for c in claims if c.startswith("[5] the stationary spread"))] == "yes"
     assert claims[next(c for c in claims if c.startswith("[5] the noisy quadratic"))] == "yes"
+    # The spread's closed form is 2T/(2 − ηh) (h = 1) with T the temperature ησ²(1 − B/N)/(2B)
+    # of σ² = N/(N − 1) (unbiased, for cᵢ of ddof-0 variance 1); issue 29 found an extra
+    # N/(N − 1) in it, which 4,000 runs hid.
+    for r in secs["sde"]["spread"]:
+        eta = r["learning_rate"]
+        assert r["expected"] == pytest.approx(2 * r["temperature"] / (2 - eta), rel=1e-12)
+        assert r["temperature"] == pytest.approx(r["noise_scale"] * 64 / 63 / 2, rel=1e-12)
     # 6: steps to the target fall with B.
     steps = [r["steps"] for r in secs["critical"]["per_batch"]]
     assert np.isfinite(steps).all() and steps[0] > steps[-1]
     report = open(os.path.join(run.workdir, "report.md")).read()
     for i, section in enumerate(sgd_noise.STUDY.sections):
         assert f"## {i}. {section.title}" in report
-    assert "23.74" in report and "T = (η/B)(1 − B/N)" in report
+    assert "23.74" in report and "T = ησ²(1 − B/N)/(2B)" in report
 
 
 def test_warmup_schedules_by_hand():
@@ -81,17 +90,41 @@ def test_warmup_schedules_by_hand():
         sgd_noise.warmup_schedule("linear", 2, 0.1, 2)
 
 
-def test_temperature_bookkeeping_by_hand():
-    # T = η(1 − B/N)/(B(1 − μ)): η = 0.2, B = 50, N = 1000 → 0.2·0.95/50 = 0.0038.
-    assert gradients.temperature(0.2, 50, 1000) == pytest.approx(0.0038)
-    # With momentum 0.9 the temperature is ten times larger.
-    assert gradients.temperature(0.2, 50, 1000, momentum=0.9) == pytest.approx(0.038)
+def test_noise_scale_and_temperature_bookkeeping_by_hand():
+    # noise scale η(1 − B/N)/(B(1 − μ)): η = 0.2, B = 50, N = 1000 → 0.2·0.95/50 = 0.0038.
+    assert gradients.noise_scale(0.2, 50, 1000) == pytest.approx(0.0038)
+    # With momentum 0.9 it is ten times larger.
+    assert gradients.noise_scale(0.2, 50, 1000, momentum=0.9) == pytest.approx(0.038)
     # N → ∞: η/B. B = N: no noise at all.
-    assert gradients.temperature(0.2, 50) == pytest.approx(0.004)
-    assert gradients.temperature(0.2, 1000, 1000) == 0.0
-    # The lecture sums the loss over N: its g = η(N/B − 1) is N·T of the mean loss.
+    assert gradients.noise_scale(0.2, 50) == pytest.approx(0.004)
+    assert gradients.noise_scale(0.2, 1000, 1000) == 0.0
+    # The lecture sums the loss over N: its g = η(N/B − 1) is N times the noise scale.
     eta, b, n = 0.2, 50, 1000
-    assert eta * (n / b - 1) == pytest.approx(n * gradients.temperature(eta, b, n))
+    assert eta * (n / b - 1) == pytest.approx(n * gradients.noise_scale(eta, b, n))
+    # The temperature is the noise scale × σ²/2 (the T of exp(−L/T)); σ² is required.
+    t = gradients.temperature(eta, b, n, gradient_variance=3.0)
+    assert t == pytest.approx(0.0038 * 3.0 / 2)
+    with pytest.raises(TypeError, match="gradient_variance"):
+        gradients.temperature(eta, b, n)  # the old call, which returned the noise scale
+
+
+def test_sgd_at_the_temperature_samples_exp_of_minus_loss_over_t():
+    """A mean-loss SGD step with isotropic per-example variance σ² and the Langevin SDE at
+    `gradients.temperature` have the same stationary spread T/h on a quadratic (small η):
+    the noise scale, half as large per unit σ², would simulate at the wrong T."""
+    h, eta, b, sigma2, runs = 1.0, 0.01, 4, 4.0, 4000
+    pot = dynamics.quadratic([h])
+    sgd = dynamics.Simulator(pot, dynamics.isotropic_noise(np.sqrt(sigma2 / b)))
+    x = sgd.run(jnp.zeros((runs, 1)), key=jax.random.key(0), learning_rate=eta, num_steps=800)
+    temp = gradients.temperature(eta, b, gradient_variance=sigma2)
+    lang = dynamics.Simulator(pot, dynamics.langevin_noise(temp, eta))
+    y = lang.run(jnp.zeros((runs, 1)), key=jax.random.key(1), learning_rate=eta, num_steps=800)
+    exact = temp / (h * (1 - eta * h / 2))  # both discrete chains have this variance
+    se = exact * np.sqrt(2 / runs)
+    for v in (float(x.final.var()), float(y.final.var())):
+        assert abs(v - exact) < 4 * se
+    wrong = gradients.noise_scale(eta, b) / (h * (1 - eta * h / 2))  # 2/σ² × too small
+    assert abs(float(x.final.var()) - wrong) > 10 * se
 
 
 def test_steps_to_target_and_best_batch():

@@ -10,10 +10,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from helpers import load_config, read_jsonl
 from matplotlib.figure import Figure
+from scipy import stats
 
 from sharp_minima import files, gradients, train
 from sharp_minima.studies import claims as claims_lib
@@ -114,7 +116,7 @@ def test_write_outputs_saves_everything_in_one_place_with_large_arrays_beside(tm
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["curve"] == "results.npz:curve" and saved["small"] == [0.0, 1.0, 2.0]
     assert np.load(tmp_path / "results.npz")["curve"].shape == (1000,)
-    claim = {"claim": "a | b", "verdict": "yes", "numbers": "1 vs 2"}
+    claim = {"claim": "a | b", "verdict": "yes", "numbers": "1 vs 2", "source": ""}
     assert out["claims"] == saved["claims"] == [claim] and saved["diverged"] == []
     assert (tmp_path / "report.md").read_text() == "1 claim, figures ['curve']\n"
     assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "curve.pdf").exists()
@@ -132,11 +134,15 @@ def _parse_markdown_table(lines):
     return rows
 
 
-def test_a_claim_holds_only_beyond_its_noise_and_renders_as_one_row():
+def test_a_claim_holds_only_beyond_two_noise_units_and_renders_as_one_row():
     # Issue 17: two eigenvalues equal to 1e-7, from an eigensolver accurate to 1e-4, tie.
     a, b, tol = 1.7460952161952408, 1.7460951744849194, 1e-4
     assert claims_lib.verdict(a - b, tol * (a + b)) == claims_lib.WITHIN_NOISE
     assert claims_lib.verdict(a - b) == claims_lib.YES  # what a strict ">" said
+    # Issue 29: one rule, 2 noise units (1 unit was a one-sided p of 0.16)
+    assert claims_lib.verdict(1.9, 1.0) == claims_lib.verdict(-1.9, 1.0) == claims_lib.WITHIN_NOISE
+    assert (claims_lib.verdict(2.1, 1.0), claims_lib.verdict(-2.1, 1.0)) == ("yes", "no")
+    assert claims_lib.verdict(1.0, float("nan")) == claims_lib.NOT_TESTED  # unknown noise
     assert claims_lib.ordered([1.41, 1.41 + 1e-6, 2.0], [1e-4] * 3, decreasing=False) == (
         claims_lib.WITHIN_NOISE
     )
@@ -147,25 +153,107 @@ def test_a_claim_holds_only_beyond_its_noise_and_renders_as_one_row():
     )
     assert claims_lib.all_of([claims_lib.YES, claims_lib.WITHIN_NOISE]) == claims_lib.WITHIN_NOISE
     assert claims_lib.all_of([claims_lib.WITHIN_NOISE, claims_lib.NO]) == claims_lib.NO
+    # half of a compound claim missing: not tested, whatever the other half says
+    assert claims_lib.all_of([claims_lib.NO, None]) == claims_lib.NOT_TESTED
     assert claims_lib.all_of([]) == claims_lib.NOT_TESTED
-    # seed spread: a 2-point gap with a 3-point standard error is no evidence
+    # seed spread, widened by the t-quantile: 4 seeds, std 6 → SE 3, t₃(0.977)/2 = 1.65 per unit
     se = claims_lib.seed_noise({"mean": 70.0, "std": 6.0, "n": 4})
-    assert se == pytest.approx(3.0) and claims_lib.verdict(2.0, se) == claims_lib.WITHIN_NOISE
-    assert claims_lib.seed_noise({"mean": 70.0, "std": 0.0, "n": 1}) == 0.0
+    assert se == pytest.approx(3.0 * stats.t.ppf(stats.norm.cdf(2.0), 3) / 2)
+    assert claims_lib.verdict(9.0, se) == claims_lib.WITHIN_NOISE  # 3 SE, short of t's 9.9
+    assert np.isnan(claims_lib.seed_noise({"mean": 70.0, "std": 0.0, "n": 1}))
+    assert claims_lib.verdict(5.0, claims_lib.seed_noise({"n": 1})) == claims_lib.NOT_TESTED
     assert claims_lib.accuracy_noise(0.5, 100) == pytest.approx(0.05)
 
     claims = [
-        ("mean |cos| with top 5 ≥ 5× random", claims_lib.YES, "0.2 | 0.01"),
+        ("mean |cos| with top 5 ≥ 5× random", claims_lib.YES, "0.2 | 0.01", "Jastrzębski §4"),
         ("K grows", claims_lib.verdict(a - b, tol * (a + b)), "K=1: 1.75, K=2: 1.75"),
         ("lost", None, "not tested: run x diverged"),
     ]
     lines = claims_lib.claims_table(claims)
     rows = _parse_markdown_table(lines)
-    assert rows[0] == ["claim", "verdict", "numbers"]
-    assert rows[1] == ["mean |cos| with top 5 ≥ 5× random", "yes", "0.2 | 0.01"]
-    assert [r[1] for r in rows[1:]] == ["yes", "within noise", "not tested"]
-    assert all(len(r) == 3 for r in rows)
-    assert "Verdicts: 1 yes, 1 within noise, 1 not tested" in "\n".join(lines)
+    assert rows[0] == ["claim", "source", "verdict", "numbers"]
+    assert rows[1] == ["mean |cos| with top 5 ≥ 5× random", "Jastrzębski §4", "yes", "0.2 | 0.01"]
+    assert [r[2] for r in rows[1:]] == ["yes", "within noise", "not tested"]
+    assert all(len(r) == 4 for r in rows)
+    text = "\n".join(lines)
+    assert "Verdicts: 1 yes, 1 within noise, 1 not tested" in text and "2 noise units" in text
+    smoke = "\n".join(claims_lib.claims_table(claims, smoke_test=True))
+    assert "Smoke test" in smoke and "Verdicts:" not in smoke and "1 yes" not in smoke
+
+
+def _claim(**kw):
+    return claims_lib.Claim(
+        **{
+            "statement": "LB sharper than SB",
+            "source": "Keskar et al. 2017, Table 3",
+            "quantity": "φ(LB) − φ(SB) > 0",
+            "noise": claims_lib.SEEDS,
+            "min_seeds": 3,
+            **kw,
+        }
+    )
+
+
+def test_a_declared_claim_reads_no_against_the_sources_direction_and_needs_its_seeds():
+    claim = _claim()
+    # synthetic results: LB flatter than SB by 4 SE — against the source
+    lb, sb = {"mean": 10.0, "std": 0.5, "n": 5}, {"mean": 12.0, "std": 0.5, "n": 5}
+    noise = claims_lib.combined(claims_lib.seed_noise(lb), claims_lib.seed_noise(sb))
+    found = claim.test(lb["mean"] - sb["mean"], noise, "10 vs 12", seeds=5)
+    assert found == ("LB sharper than SB", "no", "10 vs 12", "Keskar et al. 2017, Table 3")
+    assert claim.test(2.0, noise, "12 vs 10", seeds=5).verdict == "yes"
+    short = claim.test(2.0, noise, "12 vs 10", seeds=2)
+    assert short.verdict == "not tested" and "needs ≥ 3 seeds" in short.numbers
+    assert claim.untested("run lb diverged").verdict == "not tested"
+    with pytest.raises(ValueError, match="noise model"):
+        _claim(noise="a hunch")
+    with pytest.raises(ValueError, match="origin"):
+        _claim(threshold="keskar.ratio")
+    config = ml_collections.ConfigDict({"keskar": {"ratio": 1.5, "same": 0.02}})
+    assert _claim(threshold="keskar.ratio", origin="Table 3").threshold_of(config) == 1.5
+    assert _claim().threshold_of(config) == 0.0
+
+
+def test_an_equivalence_claim_is_a_tost_within_its_declared_margin():
+    claim = _claim(statement="c does not differ from 0", equivalence="keskar.same")
+    config = ml_collections.ConfigDict({"keskar": {"same": 0.5}})
+    margin = claim.margin_of(config)
+    assert claim.same(0.1, 0.1, margin, "c = 0.1 ± 0.1").verdict == "yes"  # 0.1 + 2·0.1 < 0.5
+    assert claim.same(-0.9, 0.1, margin, "c = −0.9").verdict == "no"  # beyond the margin
+    # not significant is not the same: a 0.3 ± 0.3 difference reads within noise
+    assert claim.same(0.3, 0.3, margin, "c = 0.3 ± 0.3").verdict == "within noise"
+    with pytest.raises(ValueError, match="equivalence"):
+        _claim().margin_of(config)
+
+
+def test_the_paired_accuracy_test_against_a_hand_computation():
+    # 10 examples: both right on 5, a alone on 3, b alone on 1, both wrong on 1
+    a = np.array([1] * 5 + [1, 1, 1] + [0] + [0], bool)
+    b = np.array([1] * 5 + [0, 0, 0] + [1] + [0], bool)
+    d, se = claims_lib.paired_accuracy(a, b)
+    # d = (3 − 1)/10; Var(dᵢ) = (3 + 1)/10 − 0.2² = 0.36; SE = √(0.36/10)
+    assert d == pytest.approx(0.2) and se == pytest.approx(0.6 / np.sqrt(10))
+    # McNemar's z is (n₁₀ − n₀₁)/√(n₁₀ + n₀₁) = 1; the paired SE gives nearly the same
+    assert d / se == pytest.approx(2 / np.sqrt(4), rel=0.1)
+    # the unpaired binomial SE counts the shared examples' noise: larger
+    unpaired = np.hypot(claims_lib.accuracy_noise(0.8, 10), claims_lib.accuracy_noise(0.6, 10))
+    assert unpaired > se
+    with pytest.raises(ValueError, match="same examples"):
+        claims_lib.paired_accuracy(a, b[:5])
+
+
+def test_bootstraps_widen_the_error_of_correlated_samples():
+    rng = np.random.default_rng(0)
+    walk = np.cumsum(rng.normal(size=400)) * 0.1 + rng.normal(size=400)  # autocorrelated
+    naive = walk.std(ddof=1) / np.sqrt(walk.size)
+    assert claims_lib.block_bootstrap_se(walk, 40) > 2 * naive
+    white = rng.normal(size=400)
+    assert claims_lib.block_bootstrap_se(white, 1) == pytest.approx(1 / 20, rel=0.2)
+    # 16 runs in 4 clusters of identical values: the clusters, not the runs, are the samples
+    values = np.repeat([0.0, 1.0, 2.0, 3.0], 4)
+    per_cluster = claims_lib.cluster_bootstrap(lambda i: values[i].mean(), np.repeat(range(4), 4))
+    assert per_cluster == pytest.approx(values[::4].std() / np.sqrt(4), rel=0.2)
+    assert per_cluster > values.std(ddof=1) / np.sqrt(16)
 
 
 def test_a_study_whose_runs_all_diverged_names_them_and_has_nothing_to_report(tmp_path):

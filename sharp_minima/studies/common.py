@@ -173,6 +173,11 @@ def markdown_table(header, rows) -> list[str]:
     return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
 
 
+def smoke_test(config) -> bool:
+    """Whether ``config`` is a smoke test (a ``tiny`` variant): its report gives no verdicts."""
+    return bool(config is not None and config.get("smoke_test", False))
+
+
 def write_outputs(
     config,
     results: dict,
@@ -207,15 +212,15 @@ def write_outputs(
       sharp_minima.studies.runs.NothingToReport: no claim could be tested because runs
         diverged (after everything is written).
     """
-    found = [(c, claims_lib.as_verdict(v), n) for c, v, n in claims(config, results)]
+    found = claims_lib.findings(claims(config, results))
     diverged = runs.diverged_runs(workdir)
     results = {
         **results,
-        "claims": [{"claim": c, "verdict": v, "numbers": n} for c, v, n in found],
+        "claims": [f._asdict() for f in found],
         "diverged": diverged,
     }
     # Nothing to report: runs diverged and no claim could be tested (figures would be empty).
-    nothing = bool(diverged) and all(v == claims_lib.NOT_TESTED for _, v, _ in found)
+    nothing = bool(diverged) and all(f.verdict == claims_lib.NOT_TESTED for f in found)
     names = []
     if jax.process_index() == 0:
         arrays: dict[str, np.ndarray] = {}
@@ -235,9 +240,11 @@ def write_outputs(
     for d in diverged:
         log(f"diverged: run {d['run']}{_at_step(d)} (not retried; see report.md)")
     width = max(map(len, claims_lib.VERDICTS))
-    for claim, v, nums in found:
-        log(f"[{v:<{width}}] {claim}: {nums}")
-    if found:
+    for f in found:
+        log(f"[{f.verdict:<{width}}] {f.claim}: {f.numbers}")
+    if found and smoke_test(config):
+        log("smoke test (tiny config): the verdicts say nothing about the sources' claims")
+    elif found:
         log(f"verdicts: {claims_lib.count_verdicts(found)}")
     if nothing:
         raise runs.NothingToReport(

@@ -47,6 +47,7 @@ NOT_COMPARED = (
     "sections",
     "num_devices",
     "progress",
+    "smoke_test",
     "tensorboard",
     "data.data_dir",
     "data.idx_dir",
@@ -425,19 +426,22 @@ class Study:
                 yield s, results["sections"][s.name]
 
     def claims(self, config, results: dict) -> list:
-        """Every section's claims, ``[i]``-prefixed in a study of several sections.
+        r"""Every section's claims, ``[i]``-prefixed in a study of several sections.
 
         Args:
           config: the study's config.
           results: the study's results.
 
         Returns:
-          ``[(claim, verdict, numbers)]``.
+          `sharp_minima.studies.claims.Finding`\ s.
         """
         out = []
         for s, res in self._parts(results):
             prefix = f"[{self._number(s)}] " if self.several else ""
-            out += [(prefix + c, v, n) for c, v, n in s.claims(config, res)]
+            out += [
+                f._replace(claim=prefix + f.claim)
+                for f in claims_lib.findings(s.claims(config, res))
+            ]
         return out
 
     def figures(self, config, results: dict) -> dict:
@@ -479,7 +483,8 @@ class Study:
         if self.header is not None:
             lines += [*self.header(config, results), ""]
         if results.get("claims"):
-            lines += [*claims_lib.claims_table(results["claims"]), ""]
+            smoke = common.smoke_test(config)
+            lines += [*claims_lib.claims_table(results["claims"], smoke_test=smoke), ""]
         for s, res in self._parts(results):
             if self.several:
                 lines += [f"## {self._number(s)}. {s.title}", ""]

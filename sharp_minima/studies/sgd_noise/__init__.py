@@ -23,9 +23,9 @@ by sweep and measurement by measurement. One file per section:
 
 Conventions (stated in the report): the lecture sums the loss over N (its eq. 6), so its
 noise scale g = η(N/B − 1) carries a factor N; with the mean loss used here the SDE
-temperature is T = (η/B)(1 − B/N) (× 1/(1 − μ) with momentum μ; `gradients.temperature`).
-Its eq. (26) drops the factor 2 of eq. (25): P ∝ exp(−2L/(ησ²/B)) = exp(−L/T) with
-T = ησ²/(2B).
+noise scale is (η/B)(1 − B/N) (× 1/(1 − μ) with momentum μ; `gradients.noise_scale`) and the
+temperature T = ησ²(1 − B/N)/(2B) (`gradients.temperature`), the T of exp(−L/T); the lecture's
+eq. (26) drops the factor 2 of its eq. (25).
 """
 
 from __future__ import annotations
@@ -90,9 +90,11 @@ def header(config, results) -> list:
         "",
         "**Conventions.** The lecture sums the loss over the N examples (its eq. 6), so its "
         "noise scale g = η(N/B − 1) carries a factor N; with the mean loss used here the SDE "
-        "temperature is T = (η/B)(1 − B/N), × 1/(1 − μ) with momentum μ "
-        "(`gradients.temperature`). Its eq. (26) drops the factor 2 of eq. (25): the "
-        "stationary density is ∝ exp(−L/T) with T = ησ²/(2B).",
+        "noise scale is (η/B)(1 − B/N), × 1/(1 − μ) with momentum μ "
+        "(`gradients.noise_scale`), and the temperature, the T of the stationary density "
+        "∝ exp(−L/T), is T = ησ²(1 − B/N)/(2B) for per-example gradient variance σ² "
+        "(`gradients.temperature`): the noise scale × σ²/2. The lecture's eq. (26) drops the "
+        "factor 2 of its eq. (25).",
     ]
 
 

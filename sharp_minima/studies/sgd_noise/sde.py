@@ -103,8 +103,9 @@ def _spread(config, key, log) -> list:
             x0 = jnp.zeros((d.runs, 1))
             fin = sim.run(x0, key=key, learning_rate=lr, num_steps=steps).final
             var = float(fin.var())
-            # Var = η s² (N − B) / (B (N − 1)) / (h (2 − ηh)), h = 1, s² = 1 (ddof 0)
-            expect = lr * num / (num - 1) * (num - b) / (b * (num - 1)) / (2 - lr)
+            # Var ξ = s₀² (N − B)/(B (N − 1)) with s₀² = 1 the ddof-0 variance of the cᵢ;
+            # x ← x − η(hx + ξ) is stationary at Var x = η Var ξ / (h (2 − ηh)), h = 1
+            expect = lr * (num - b) / (b * (num - 1)) / (2 - lr)
             rows.append(
                 {
                     "B": b,
@@ -113,7 +114,11 @@ def _spread(config, key, log) -> list:
                     "var": var,
                     "var_se": var * math.sqrt(2 / d.runs),
                     "expected": expect,
-                    "temperature": gradients.temperature(lr, b, num),
+                    "noise_scale": gradients.noise_scale(lr, b, num),
+                    # σ² = N/(N − 1): the unbiased per-example variance of the cᵢ
+                    "temperature": gradients.temperature(
+                        lr, b, num, gradient_variance=num / (num - 1)
+                    ),
                 }
             )
     return rows
@@ -264,7 +269,8 @@ def claims(config, res) -> list:
     out.append(
         (
             "the stationary spread of mini-batch SGD grows with η/B and matches the discrete "
-            "closed form ηs²(N − B)/(B(N − 1)(2 − η)) (the (1 − B/N) factor included)",
+            "closed form ηs₀²(N − B)/(B(N − 1)(2 − η)) (s₀² the ddof-0 variance; the "
+            "(1 − B/N) factor included)",
             all_of(parts + [as_verdict(z < Z_MATCH)]),
             f"largest deviation from the closed form {z:.2f} standard errors over {len(sp)} "
             "(η, B) pairs; "
@@ -342,7 +348,8 @@ def _escape_claim(config, res):
 
 def report(config, res) -> list:
     d = config.sgd_noise.sde
-    sp = [(r["B"], f"{r['ratio']:g}", f"{r['learning_rate']:g}", f"{r['temperature']:.4g}",
+    sp = [(r["B"], f"{r['ratio']:g}", f"{r['learning_rate']:g}",
+           kit.fmt(r.get("noise_scale"), ".4g"), f"{r['temperature']:.4g}",
            f"{r['var']:.4g} ± {r['var_se']:.2g}", f"{r['expected']:.4g}")
           for r in res["spread"]]  # fmt: skip
     oc = [(r["temperature"], f"{r['p_a']:.3f} ± {r['p_a_se']:.3f}",
@@ -364,7 +371,18 @@ def report(config, res) -> list:
         "**Stationary spread** of SGD with true mini-batch sampling on N = 64 examples, "
         "ℓᵢ = ½(x − cᵢ)², against the discrete closed form:",
         "",
-        *markdown_table(("B", "η/B", "η", "T = η(1 − B/N)/B", "Var x", "closed form"), sp),
+        *markdown_table(
+            (
+                "B",
+                "η/B",
+                "η",
+                "noise scale η(1 − B/N)/B",
+                "T = ησ²(1 − B/N)/(2B)",
+                "Var x",
+                "closed form η Var ξ/(2 − η)",
+            ),
+            sp,
+        ),  # fmt: skip
         "",
         "**Double-well occupation** (Euler–Maruyama, dt = "
         f"{d.dt:g}; L_A = −1, H_A = 8, L_B = −0.8, H_B = 2; half the runs start in each well):",

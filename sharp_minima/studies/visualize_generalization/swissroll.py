@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from sharp_minima import data as data_lib
-from sharp_minima import plotting, train
+from sharp_minima import landscape, plotting, train
 from sharp_minima.studies import runs
 from sharp_minima.studies.claims import accuracy_noise, all_of, ordered, seed_noise, verdict
 from sharp_minima.studies.common import key_streams
@@ -276,6 +276,13 @@ def _mean(values, digits, scale=1.0):
     return f"{scale * np.mean(values):.{digits}f}" if values else "—"
 
 
+def _one_run_error(stderrs, effective) -> str:
+    """One run's error of log V, or "undetermined" when too few directions carry it."""
+    if not effective or np.mean(effective) < landscape.MIN_EFFECTIVE_DIRECTIONS:
+        return landscape.UNDETERMINED if effective else "—"
+    return f"± {np.nanmean(stderrs):.2f}"
+
+
 def report(config, res) -> list:
     s, records = res["setup"], res["records"]
     c, v = config.volume.cutoffs[0], config.volume
@@ -295,7 +302,7 @@ def report(config, res) -> list:
         "that reaches the cap without fitting is counted under *did not fit* and has no volume.",
         "",
         "| β | fitted | epochs to fit | train acc % | test acc % | log V (min–max) | "
-        "± runs (std) | ± bootstrap | ± delta | mean radius | grid radius |",
+        "± runs (std) | error of one run | effective directions | mean radius | grid radius |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b in sorted({r["beta"] for r in records if "test_accuracy" in r}):
@@ -303,6 +310,7 @@ def report(config, res) -> list:
         rs = [r for r in every if r.get("fitted", True)]
         f = lambda k, rs=rs: [r[k] for r in rs if k in r]  # noqa: E731
         lv = f(f"log_volume_{c:g}")
+        eff_b = f(f"effective_directions_{c:g}")
         ep = [r["epochs"] for r in rs if "epochs" in r]
         lines.append(
             f"| {b:g} | {len(rs)}/{len(every)} | "
@@ -310,8 +318,8 @@ def report(config, res) -> list:
             + f" | {_mean(f('train_accuracy'), 1, 100)} | {_mean(f('test_accuracy'), 1, 100)} | "
             + (f"{np.mean(lv):.1f} ({min(lv):.1f}–{max(lv):.1f})" if lv else "—")
             + (f" | {np.std(lv, ddof=1):.0f}" if len(lv) > 1 else " | —")
-            + f" | {_mean(f(f'log_volume_bootstrap_{c:g}'), 0)} | "
-            f"{_mean(f(f'log_volume_stderr_{c:g}'), 2)} | "
+            + f" | {_one_run_error(f(f'log_volume_stderr_{c:g}'), eff_b)}"
+            f" | {_mean(eff_b, 2)} | "
             f"{_mean(f(f'radius_mean_{c:g}'), 3)} | {_mean(f('grid_radius_mean'), 3)} |"
         )
     for r in [r for r in records if not r.get("fitted", True) and "test_accuracy" in r]:
@@ -326,11 +334,13 @@ def report(config, res) -> list:
         "",
         "**Error bars of log V.** log V = log ω_n + log mean rⁿ with n in the hundreds or "
         "thousands, so the largest radius decides the mean: the effective number of "
-        f"directions 1/Σw² (w ∝ rⁿ) is {_mean(eff, 2)} here. The delta method then reads "
-        "≈ ±1 whatever the data, because it assumes many directions share the weight; it "
-        "does not apply. The spread over runs is the error bar that means something for a "
-        "comparison between β; the bootstrap over directions (resampling the radii) says "
-        "how much the estimate of one run hangs on its single largest radius.",
+        f"directions 1/Σw² (w ∝ rⁿ) is {_mean(eff, 2)} here. Below "
+        f"{landscape.MIN_EFFECTIVE_DIRECTIONS:g} effective directions one run's error is "
+        f"*{landscape.UNDETERMINED}*: the delta method would read ±1 whatever the data, and "
+        "the bootstrap over directions is bimodal (on whether a resample holds the largest "
+        "radius), so neither is a standard error. The spread over runs is the error bar that "
+        "means something for a comparison between β. The estimator is also biased low: "
+        "E[rⁿ] lives in directions longer than any sampled.",
         "",
         "Paper: natural 98.5 % test (Fig. 1); bad minima below 53 %; SVHN "
         "ResNet-18 97.1 % vs 28.2 % with basins ≥ 10,000 orders of magnitude apart.",
