@@ -74,6 +74,13 @@ def sharpest(learning_rate: float, batch_size: int) -> ml_collections.ConfigDict
     # Fig. 12: eta = lr for L epochs, then lr / 10.
     s.schedule_first_epochs = (10, 20, 40, 80)
     s.seeds = 1
+    # The claims' thresholds, fixed before the run (each with its origin in the study's Claim).
+    s.claims = ml_collections.ConfigDict()
+    s.claims.peak_growth = 1.5  # λ_max peak ≥ 1.5× its first value (Fig. 2)
+    s.claims.late_plateau = 0.15  # a late peak: the last quarter within 15 % of it
+    s.claims.edge_band = (0.8, 1.2)  # full-batch GD: λ_max within 0.8–1.2× 2/η (Cohen et al.)
+    s.claims.alignment_ratio = 5.0  # top-5 |cos| ≥ 5× random (Fig. 5: about 10×)
+    s.claims.similar_loss = 0.25  # "similar loss": within 25 % of SGD's (Fig. 7)
     return s
 
 

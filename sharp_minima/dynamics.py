@@ -25,7 +25,8 @@ statistics.
 
 **Potentials**: `quadratic`, `double_well` (two minima of chosen depths and curvatures,
 with `Potential.minima` and `Potential.curvatures` for the Laplace prediction), and
-`laplace_ratio` (P_A/P_B → √(H_B/H_A)·exp(−(L_A − L_B)/T) as T → 0).
+`laplace_ratio` (P_A/P_B → √(H_B/H_A)·exp(−(L_A − L_B)/T) as T → 0), and
+`mean_first_passage_time` (the exact escape time of which Kramers' law is the limit).
 
 **Populations** (`PopulationTrainer`): one training step ``vmap``ped over P members' parameters,
 optimizer states (learning rates travel in the state, `optax.inject_hyperparams`) and data
@@ -65,6 +66,9 @@ __all__ = [
     "isotropic_noise",
     "langevin_noise",
     "laplace_ratio",
+    "mean_first_passage_time",
+    "escape_time_slope",
+    "first_passage_slope",
     "minibatch_noise",
     "noisy_quadratic",
     "quadratic",
@@ -226,6 +230,96 @@ def boltzmann_ratio(potential: Potential, temperature: float, *, lim: float = 6.
     f = np.exp(-(values - values.min()) / temperature)
     left, right = x <= 0, x >= 0
     return float(np.trapezoid(f[left], x[left]) / np.trapezoid(f[right], x[right]))
+
+
+def mean_first_passage_time(potential: Potential, temperature: float, start: float, *,
+                            barrier: float = 0.0, lim: float = 6.0,
+                            num_points: int = 240_001) -> float:  # fmt: skip
+    """The exact mean first-passage time of the Langevin SDE dx = −L′(x)dt + √(2T)dW from
+    ``start`` to ``barrier`` (reflected at ±``lim`` on the far side), by quadrature in
+    float64:
+
+        τ = (1/T) ∫_{start}^{barrier} e^{L(y)/T} ∫_{−lim}^{y} e^{−L(z)/T} dz dy
+
+    (mirrored for ``start > barrier``). Kramers' formula, τ ∝ exp(ΔL/T), is its T → 0
+    limit; away from it, slopes of log τ against 1/T are not ΔL.
+
+    Args:
+      potential: a 1-D `Potential`.
+      temperature: T.
+      start: the starting point.
+      barrier: where the passage ends.
+      lim: the reflecting wall's distance from 0.
+      num_points: quadrature points.
+
+    Returns:
+      τ in units of time (steps × dt for `Simulator`).
+
+    Raises:
+      ValueError: a potential of dimension other than 1, or ``start`` outside (−lim, lim).
+
+    >>> t = mean_first_passage_time(quadratic([0.0]), 0.5, -1.0)  # free diffusion
+    >>> round(t, 3)  # ((0 + 6)² − (−1 + 6)²)/(2T)
+    11.0
+    """
+    if potential.dim != 1:
+        raise ValueError(f"the first-passage time needs a 1-D potential, got {potential.dim}")
+    if not -lim < start < lim:
+        raise ValueError(f"start={start} must lie inside (−{lim}, {lim})")
+    sign = 1.0 if start <= barrier else -1.0  # mirror x → −x for a passage leftwards
+    with jax.enable_x64(True):
+        x = np.linspace(-lim, lim, num_points)
+        values = np.asarray(jax.vmap(potential.value)(jnp.asarray(sign * x)[:, None]))
+    a, b = sign * start, sign * barrier
+    shift = values.min()  # both exponentials shifted by it: their product cancels it
+    inner = np.exp(-(values - shift) / temperature)  # ≤ 1
+    cum = np.concatenate([[0.0], np.cumsum(0.5 * (inner[1:] + inner[:-1]) * np.diff(x))])
+    keep = (x >= a) & (x <= b)  # only the path's values enter e^{+L/T}
+    outer = np.exp((values[keep] - shift) / temperature) * cum[keep]
+    return float(np.trapezoid(outer, x[keep]) / temperature)
+
+
+def escape_time_slope(xs, median_times, num_escaped) -> tuple[float, float]:
+    """The least-squares slope of log(median escape time) against ``xs`` (e.g. B/η) and its
+    standard error: the median of n first-passage times (exponential law) has a relative
+    error ≈ 1.44/√n, propagated through the fit.
+
+    Args:
+      xs: the abscissae.
+      median_times: the median escape time at each.
+      num_escaped: how many runs escaped at each (the medians' n).
+
+    Returns:
+      ``(slope, standard error)``.
+
+    >>> s, se = escape_time_slope([1.0, 2.0], [np.e, np.e**3], [10_000, 10_000])
+    >>> round(s, 6), round(se, 4)
+    (2.0, 0.0204)
+    """
+    x = np.asarray(xs, np.float64)
+    y = np.log(np.asarray(median_times, np.float64))
+    se_y = 1.44 / np.sqrt(np.maximum(np.asarray(num_escaped, np.float64), 1.0))
+    dx = x - x.mean()
+    se = float(np.sqrt(np.sum((dx / np.sum(dx**2)) ** 2 * se_y**2)))
+    return float(np.polyfit(x, y, 1)[0]), se
+
+
+def first_passage_slope(potential: Potential, start: float, xs, temperatures) -> float:
+    """The exact slope of log τ against ``xs`` when each x sets the temperature
+    ``temperatures[i]``: τ from `mean_first_passage_time` (escape across 0), the prediction
+    that `escape_time_slope` measures. Kramers' ΔL·d(1/T)/dx is its low-temperature limit.
+
+    Args:
+      potential: a 1-D `Potential` with its barrier at 0.
+      start: the starting point (a minimum).
+      xs: the abscissae.
+      temperatures: T at each.
+
+    Returns:
+      The slope.
+    """
+    taus = [mean_first_passage_time(potential, float(t), start) for t in temperatures]
+    return float(np.polyfit(np.asarray(xs, np.float64), np.log(taus), 1)[0])
 
 
 # ----------------------------------------------------------------------------------- noise

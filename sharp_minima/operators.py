@@ -298,8 +298,15 @@ class Fisher(Operator):
         return self.key
 
     def operand_draws(self, count: int) -> PyTree | None:
-        """For ``kind="mc"``: ``count`` fresh label keys (none equal to ``key``), so a trace's
-        probes each see their own labels and its error covers the label sampling."""
+        """For ``kind="mc"``: fresh label keys (none equal to ``key``), so a trace's probes
+        each see their own labels and its error covers the label sampling.
+
+        Args:
+          count: how many draws.
+
+        Returns:
+          ``count`` keys stacked, or None for the empirical Fisher.
+        """
         if self.kind != "mc":
             return None
         return jax.random.split(jax.random.fold_in(self.key, 0x5EED), count)

@@ -136,7 +136,9 @@ def parametric_figure(curve, title="Parametric plot"):
     for x in (0.0, 1.0):
         ax.axvline(x, color="0.7", lw=0.8)
     lines = ax.get_lines()[:2] + ax2.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center left")
+    # below the axes: inside, a legend covers the curves it names
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, ncol=4,
+              loc="upper center", bbox_to_anchor=(0.5, -0.16))  # fmt: skip
     ax.set_title(title, fontsize=10)
     return fig
 

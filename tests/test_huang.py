@@ -131,7 +131,7 @@ def test_study_tiny_end_to_end(tiny_study):
     run = tiny_study("visualize_generalization")
     results, tmp_path = run.results, Path(run.workdir)
     report = (tmp_path / "report.md").read_text()
-    assert "| claim | verdict | numbers |" in report and "Table 1" in report
+    assert "| claim | source | verdict | numbers |" in report and "Table 1" in report
     assert len(results["claims"]) == 8
     for claim in results["claims"]:
         assert claim["verdict"] in claims_lib.VERDICTS and claim["numbers"]

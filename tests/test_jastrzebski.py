@@ -44,7 +44,7 @@ def test_sharpest_directions_tiny_end_to_end(tiny_study):
     # one direction per refresh; here simply: it ends with a different loss than SGD.
     assert runs["variants/top"]["train_loss"] != runs["variants/sgd"]["train_loss"]
     report = (tmp_path / "report.md").read_text()
-    assert "| claim | verdict | numbers |" in report and "2/η" in report
+    assert "| claim | source | verdict | numbers |" in report and "2/η" in report
     assert len(results["claims"]) >= 6
     for claim in results["claims"]:
         assert claim["verdict"] in claims_lib.VERDICTS and claim["numbers"]

@@ -157,4 +157,4 @@ def test_notebook_helpers_print_outside_ipython(capsys):
     notebook.show({"surface": fig})
     assert "figure 'surface'" in capsys.readouterr().out
     notebook.show_claims([("a | b", True, "1 vs 2")])
-    assert "| a \\| b | yes | 1 vs 2 |" in capsys.readouterr().out
+    assert "| a \\| b |  | yes | 1 vs 2 |" in capsys.readouterr().out

@@ -58,8 +58,9 @@ def test_sgd_noise_tiny_end_to_end(tiny_study):
         by_ratio.setdefault(p["ratio"], set()).add(round(p["sde_time"], 6))
     assert all(len(v) == 1 for v in by_ratio.values())
     # 5: the simulations' closed-form checks hold even at the tiny scale.
-    assert claims[next(c for c in claims if c.startswith("[5] the stationary spread"))] == "yes"
-    assert claims[next(c for c in claims if c.startswith("[5] the noisy quadratic"))] == "yes"
+    # (200 runs cannot show a 5 % equivalence: the tiny scale can only fail to contradict)
+    for head in ("[5] the stationary spread", "[5] the noisy quadratic"):
+        assert claims[next(c for c in claims if c.startswith(head))] in ("yes", "within noise")
     # The spread's closed form is 2T/(2 − ηh) (h = 1) with T the temperature ησ²(1 − B/N)/(2B)
     # of σ² = N/(N − 1) (unbiased, for cᵢ of ddof-0 variance 1); issue 29 found an extra
     # N/(N − 1) in it, which 4,000 runs hid.

@@ -48,6 +48,11 @@ def test_figures_are_returned_not_saved_and_a_second_run_recomputes_nothing(
             assert os.path.getsize(os.path.join(run.workdir, f"{fig}.{ext}")) > 0
     report = study.report_markdown(run.config, run.results)
     assert report == open(os.path.join(run.workdir, "report.md")).read()
+    # Issue 29: every claim names its source; a tiny run is a smoke test without counts.
+    claims = run.results["claims"]
+    assert all(c["source"] for c in claims) or not claims, [c for c in claims if not c["source"]]
+    if claims:
+        assert "Smoke test" in report and "Verdicts:" not in report
 
     again = []
     results = study.run(run.config, run.workdir, log=again.append)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -52,7 +53,14 @@ _Z = 0.5 * (1.0 + math.erf(UNITS / math.sqrt(2.0)))  # the normal's quantile at 
 
 
 class Finding(NamedTuple):
-    """A tested claim: what it says, its verdict, the numbers behind it, and its source."""
+    """A tested claim: what it says, its verdict, the numbers behind it, and its source.
+
+    Args:
+      claim: the claim in words.
+      verdict: one of `VERDICTS`.
+      numbers: the evidence in words.
+      source: where the claim is (paper, section / figure / equation).
+    """
 
     claim: str
     verdict: str
@@ -92,11 +100,24 @@ class Claim:
             raise ValueError(f"claim {self.statement!r}: its threshold needs an origin")
 
     def threshold_of(self, config) -> float:
-        """The threshold's value in ``config`` (0 without a threshold)."""
+        """The threshold's value in ``config``.
+
+        Args:
+          config: the study's config.
+
+        Returns:
+          The value of the declared field (0 without a threshold).
+        """
         return float(_field(config, self.threshold)) if self.threshold else 0.0
 
     def margin_of(self, config) -> float:
         """The equivalence margin's value in ``config``.
+
+        Args:
+          config: the study's config.
+
+        Returns:
+          The value of the declared field.
 
         Raises:
           ValueError: the claim declares no equivalence margin.
@@ -124,13 +145,46 @@ class Claim:
             v = verdict(margin, noise)
         return Finding(self.statement, v, numbers, self.source)
 
+    def given(self, verdict_: str, numbers: str, *, seeds: int | None = None) -> Finding:
+        """The finding of a compound claim from its parts' verdict (`all_of`, `ordered`:
+        each part already judged by the rule), with the seeds check of `test`.
+
+        Args:
+          verdict_: the parts' joint verdict (a string or a bool).
+          numbers: the evidence in words.
+          seeds: how many seeds the numbers rest on.
+
+        Returns:
+          A `Finding`.
+        """
+        margin = {YES: 1.0, NO: -1.0, WITHIN_NOISE: 0.0}.get(as_verdict(verdict_), math.nan)
+        return self.test(margin, 0.0, numbers, seeds=seeds)
+
     def same(self, difference, noise, margin: float, numbers: str, **kw) -> Finding:
         """The finding of a "the same" claim: `equivalence` of ``difference`` within
-        ``margin`` (the declared equivalence margin's value)."""
+        ``margin`` (the declared equivalence margin's value).
+
+        Args:
+          difference: the measured difference (the source predicts 0).
+          noise: its noise unit.
+          margin: the equivalence margin's value (`margin_of`).
+          numbers: the evidence in words.
+          **kw: as for `test` (``seeds``).
+
+        Returns:
+          A `Finding`.
+        """
         return self.test(float(margin) - abs(float(difference)), noise, numbers, **kw)
 
     def untested(self, why: str) -> Finding:
-        """The finding when the claim could not be tested, saying why."""
+        """The finding when the claim could not be tested, saying why.
+
+        Args:
+          why: the reason, in words.
+
+        Returns:
+          A `Finding` reading *not tested*.
+        """
         return Finding(self.statement, NOT_TESTED, why, self.source)
 
 
@@ -168,6 +222,14 @@ def verdict(margin: float, noise: float = 0.0) -> str:
 def equivalence(difference: float, noise: float, margin: float) -> str:
     """A "the same" claim by two one-sided tests: `YES` when ``|difference|`` is below the
     equivalence ``margin`` by more than 2 noise units, `NO` when it exceeds it by more.
+
+    Args:
+      difference: the measured difference.
+      noise: its noise unit.
+      margin: the equivalence margin (fixed before the run).
+
+    Returns:
+      A verdict string.
 
     >>> equivalence(0.1, 0.1, 0.5), equivalence(0.9, 0.1, 0.5), equivalence(0.1, 0.3, 0.5)
     ('yes', 'no', 'within noise')
@@ -240,13 +302,26 @@ def seed_noise(stat: dict | None) -> float:
 
 
 def t_factor(dof: int) -> float:
-    """How much wider a t-distributed unit is than a normal one with ``dof`` degrees of
-    freedom (the t-quantile over the normal quantile at 2σ)."""
+    """How much wider a t-distributed unit is than a normal one.
+
+    Args:
+      dof: degrees of freedom.
+
+    Returns:
+      The t-quantile over the normal quantile at 2σ.
+    """
     return float(stats.t.ppf(_Z, dof)) / UNITS
 
 
 def combined(*noises: float) -> float:
-    """The noise unit of a sum or difference of independent estimates (in quadrature)."""
+    """The noise unit of a sum or difference of independent estimates.
+
+    Args:
+      *noises: the estimates' noise units.
+
+    Returns:
+      Their root sum of squares (NaN if any is NaN).
+    """
     return float(math.sqrt(sum(float(n) ** 2 for n in noises)))
 
 
@@ -337,9 +412,11 @@ def cluster_bootstrap(stat, clusters, *, num_resamples: int = 2000, seed: int = 
         return float("nan")
     rng = np.random.default_rng(seed)
     values = []
-    for _ in range(num_resamples):
-        pick = rng.integers(0, len(groups), len(groups))
-        values.append(stat(np.concatenate([groups[i] for i in pick])))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample of one cluster: NaN
+        for _ in range(num_resamples):
+            pick = rng.integers(0, len(groups), len(groups))
+            values.append(stat(np.concatenate([groups[i] for i in pick])))
     values = np.asarray(values, float)
     return float(np.nanstd(values, ddof=1))
 
@@ -372,8 +449,15 @@ def _finding(c) -> Finding:
 
 
 def findings(claims) -> list[Finding]:
-    """Claims as `Finding`s (from ``(claim, verdict, numbers[, source])`` tuples or the
-    dicts of ``results["claims"]``; a bool verdict becomes yes / no)."""
+    """Claims as `Finding` tuples.
+
+    Args:
+      claims: ``(claim, verdict, numbers[, source])`` tuples or the dicts of
+        ``results["claims"]`` (a bool verdict becomes yes / no).
+
+    Returns:
+      A list of `Finding`.
+    """
     return [_finding(c) for c in claims]
 
 

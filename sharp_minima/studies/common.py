@@ -174,7 +174,14 @@ def markdown_table(header, rows) -> list[str]:
 
 
 def smoke_test(config) -> bool:
-    """Whether ``config`` is a smoke test (a ``tiny`` variant): its report gives no verdicts."""
+    """Whether ``config`` is a smoke test (a ``tiny`` variant): its report gives no verdicts.
+
+    Args:
+      config: a study's config (or None).
+
+    Returns:
+      ``config.smoke_test`` (False when absent).
+    """
     return bool(config is not None and config.get("smoke_test", False))
 
 

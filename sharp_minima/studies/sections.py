@@ -42,7 +42,8 @@ from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import common, runs
 
 RECORD = "study.json"  # the study, the config of its finished work, the finished sections
-# Fields that do not change what a study computes: changing them never refuses a workdir.
+# Fields that do not change what a study computes: changing them never refuses a workdir
+# (nor do a study's claim thresholds, ``<study>.claims.*``: they judge the results).
 NOT_COMPARED = (
     "sections",
     "num_devices",
@@ -188,6 +189,7 @@ def compared_fields(config) -> dict[str, Any]:
         k: v
         for k, v in _leaves(plain).items()
         if not any(k == n or k.startswith(n + ".") for n in NOT_COMPARED)
+        and ".claims." not in f".{k}"  # thresholds judge results, they change no run
     }
 
 
@@ -482,8 +484,8 @@ class Study:
         lines = [f"# {self.title(config)}", ""]
         if self.header is not None:
             lines += [*self.header(config, results), ""]
+        smoke = common.smoke_test(config)  # read even without claims: a report's kind
         if results.get("claims"):
-            smoke = common.smoke_test(config)
             lines += [*claims_lib.claims_table(results["claims"], smoke_test=smoke), ""]
         for s, res in self._parts(results):
             if self.several:

@@ -10,7 +10,18 @@ import numpy as np
 from matplotlib import ticker
 
 from sharp_minima import gradients, hessian, plotting, sharpness, train
-from sharp_minima.studies.claims import ordered
+from sharp_minima.studies import claims as claims_lib
+from sharp_minima.studies.claims import (
+    NO,
+    NOT_TESTED,
+    WITHIN_NOISE,
+    YES,
+    Claim,
+    all_of,
+    ordered,
+    seed_noise,
+    verdict,
+)
 from sharp_minima.studies.common import key_streams, markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
@@ -21,12 +32,27 @@ MEASURES = {
     "batch_sharpness": "batch sharpness",
     "log_det": "log det H₊",
 }
-# A coefficient of the fit differs from 0 beyond 2 of its standard errors.
-FIT_SE = 2.0
-# Near chance (below 1.5/C test accuracy) a run is broken: past the corner.
-BROKEN_ACCURACY = 1.5
-# Gradient descent is unstable beyond λ_max = 2/η (the edge of stability).
-EDGE = 2.0
+J17 = "Jastrzębski et al. 2017 (Three factors), Sec. 3–4; lecture notes, Sec. 4"
+DEPENDS_ON_RATIO = {
+    m: Claim(
+        statement=f"{name} at the end depends on η/B — lower for a larger η/B (more noise, "
+        "flatter) — and not on η or B alone",
+        source=J17,
+        quantity=f"in log {name} = a + b·log(η/B) + c·log B: −b > 0, and |c| within the "
+        "equivalence margin",
+        noise=claims_lib.SEEDS,
+        min_seeds=3,
+        equivalence="sgd_noise.factors.claims.c_margin",
+    )
+    for m, name in MEASURES.items()
+}
+FLATTER = Claim(
+    statement="a larger η/B ends in a flatter region (λ_max falls as η/B grows)",
+    source=J17,
+    quantity="geometric mean λ_max per η/B line, predicted decreasing",
+    noise=claims_lib.SEEDS,
+    min_seeds=3,
+)
 
 
 def validate(config) -> None:
@@ -42,6 +68,8 @@ def validate(config) -> None:
             ("sgd_noise.factors.num_minibatches", dict(low=2, integer=True)),
             ("sgd_noise.factors.slq_probes", dict(low=2, integer=True)),
             ("sgd_noise.factors.slq_steps", dict(low=2, integer=True)),
+            ("sgd_noise.factors.claims.max_learning_rate", pos),
+            ("sgd_noise.factors.claims.c_margin", pos),
         ),
     )
     if len(config.sgd_noise.factors.ratios) < 2:
@@ -143,41 +171,27 @@ def _measurer(config, pop, log):
     return measure
 
 
-def _broken(point, num_classes) -> bool:
-    """A run past the corner where η is too large or B too small: diverged, or near chance."""
-    return (
-        not np.isfinite(point["train_loss"])
-        or point["test_accuracy"] < BROKEN_ACCURACY / num_classes
-    )
+def corner(config, res) -> set:
+    """The runs past the corner where η is too large, fixed by the config before the run
+    (η > ``factors.claims.max_learning_rate``), never by a measured quantity."""
+    top = config.sgd_noise.factors.claims.max_learning_rate
+    return {
+        (p["ratio"], p["batch_size"], p["seed"]) for p in res["points"] if p["learning_rate"] > top
+    }
 
 
-def corner(res) -> set:
-    """The runs past the corner where η is too large or B too small, decided before looking at
-    the measure under test: broken runs, and runs whose η exceeds 2/λ_max of the run with the
-    smallest η on their line (same seed) — the sharpness that line reaches where the SDE
-    picture holds is unstable at that step size (λ_max ≤ 2/η for gradient descent)."""
-    out = set()
-    for p in res["points"]:
-        if _broken(p, res["num_classes"]):
-            out.add((p["ratio"], p["batch_size"], p["seed"]))
-            continue
-        line = [q for q in res["points"] if q["ratio"] == p["ratio"] and q["seed"] == p["seed"]]
-        ref = min(line, key=lambda q: q["learning_rate"])
-        if "lambda_max" in ref and p["learning_rate"] * ref["lambda_max"] > EDGE:
-            out.add((p["ratio"], p["batch_size"], p["seed"]))
-    return out
-
-
-def factor_fit(res, measure) -> dict | None:
+def factor_fit(config, res, measure) -> dict | None:
     """Least squares y = a + b·log(η/B) + c·log B over the runs outside the corner (y = log of
     the measure, or log det itself): b is how the measure follows the noise scale η/B, c how
     it follows B (equivalently η) along a line of constant η/B; standard errors from the
-    residuals (the seeds are the replicates)."""
-    out_ = corner(res)
+    residuals (the seeds are the replicates), with their degrees of freedom."""
+    out_ = corner(config, res)
     pts = [
         p
         for p in res["points"]
-        if (p["ratio"], p["batch_size"], p["seed"]) not in out_ and measure in p
+        if (p["ratio"], p["batch_size"], p["seed"]) not in out_
+        and measure in p
+        and np.isfinite(p[measure])
     ]
     if (
         len(pts) < 4
@@ -199,54 +213,83 @@ def factor_fit(res, measure) -> dict | None:
         "b_se": float(se[1]),
         "c": float(coef[2]),
         "c_se": float(se[2]),
+        "dof": dof,
         "runs": len(pts),
     }
 
 
 def claims(config, res) -> list:
-    left_out = sorted(corner(res))
+    """`DEPENDS_ON_RATIO` per measure (the source's direction: more noise, flatter, so b < 0;
+    c equivalent to 0 within ``c_margin``, a TOST) and `FLATTER`; noise units are the fit's
+    standard errors × the t-quantile of its degrees of freedom, or over seeds."""
+    f = config.sgd_noise.factors
+    left_out = sorted(corner(config, res))
+    seeds = config.sgd_noise.seeds
     lrs = {(p["ratio"], p["batch_size"]): p["learning_rate"] for p in res["points"]}
     where = (
-        "; the corner (left out): "
+        f"; the corner (η > {f.claims.max_learning_rate:g}, fixed before the run; left out): "
         + ", ".join(f"η/B={r:.3g} B={b} (η={lrs[(r, b)]:g}) seed {sd}" for r, b, sd in left_out)
         if left_out
         else "; no run in the corner"
     )
+    steps = sorted({p["sde_time"] for p in res["points"]})
+    progress = (
+        f"; η·steps differs {steps[-1] / steps[0]:.3g}× between the lines, so b also holds how "
+        "far training got"
+        if len(steps) > 1 and steps[0] > 0
+        else ""
+    )
     out = []
-    for m, name in MEASURES.items():
-        fit = factor_fit(res, m)
+    for m, claim in DEPENDS_ON_RATIO.items():
+        fit = factor_fit(config, res, m)
         if fit is None:
-            out.append((f"{name} depends on η/B, not on η or B alone", "not tested", where))
+            out.append(claim.untested("fewer than 4 runs on 2 lines and 2 batch sizes" + where))
             continue
-        if abs(fit["c"]) > FIT_SE * fit["c_se"]:
-            v = "no"
-        elif abs(fit["b"]) > FIT_SE * fit["b_se"]:
-            v = "yes"
-        else:
-            v = "within noise"
-        unit = "log det" if m == "log_det" else f"log {name}"
+        unit = claims_lib.t_factor(fit["dof"])
+        falls = verdict(-fit["b"], fit["b_se"] * unit)
+        same = claims_lib.equivalence(fit["c"], fit["c_se"] * unit, f.claims.c_margin)
+        v = all_of([falls, same])
         out.append(
-            (
-                f"{name} at the end depends on η/B and not on η or B alone: in {unit} = a + "
-                "b·log(η/B) + c·log B (outside the corner where η is too large or B too "
-                "small), b differs from 0 and c does not (by 2 standard errors)",
-                v,
-                f"b = {fit['b']:.3g} ± {fit['b_se']:.2g}, c = {fit['c']:.3g} ± {fit['c_se']:.2g} "
-                f"over {fit['runs']} runs" + where,
+            claim.test(
+                {YES: 1.0, NO: -1.0, WITHIN_NOISE: 0.0}.get(v, float("nan")),
+                0.0,
+                f"b = {fit['b']:.3g} ± {fit['b_se']:.2g} (predicted < 0: {falls}), c = "
+                f"{fit['c']:.3g} ± {fit['c_se']:.2g} (|c| < {f.claims.c_margin:g}: {same}) "
+                f"over {fit['runs']} runs" + where + progress,
+                seeds=seeds,
             )
         )
     keep = set(left_out)
-    rows = [p for p in res["points"] if (p["ratio"], p["batch_size"], p["seed"]) not in keep]
-    ratios = sorted({p["ratio"] for p in rows})
-    means = [
-        float(np.mean([math.log(p["lambda_max"]) for p in rows if p["ratio"] == r])) for r in ratios
+    rows = [
+        p
+        for p in res["points"]
+        if (p["ratio"], p["batch_size"], p["seed"]) not in keep and np.isfinite(p["lambda_max"])
     ]
+    ratios = sorted({p["ratio"] for p in rows})
+    logs = {r: [math.log(p["lambda_max"]) for p in rows if p["ratio"] == r] for r in ratios}
+    stats = {
+        r: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)), "n": len(v)}
+        if len(v) > 1
+        else {"mean": float(np.mean(v)), "std": 0.0, "n": 1}
+        for r, v in logs.items()
+    }
+    v = (
+        ordered(
+            [stats[r]["mean"] for r in ratios],
+            [seed_noise(stats[r]) for r in ratios],
+            decreasing=True,
+        )
+        if len(ratios) > 1
+        else NOT_TESTED
+    )
     out.append(
-        (
-            "a larger η/B ends in a flatter region (λ_max falls as η/B grows)",
-            ordered(means, [0.0] * len(means), decreasing=True) if len(means) > 1 else "not tested",
-            ", ".join(f"η/B={r:.3g}: {math.exp(mu):.4g}" for r, mu in zip(ratios, means))
-            + " (geometric means outside the corner)",
+        FLATTER.test(
+            {YES: 1.0, NO: -1.0, WITHIN_NOISE: 0.0}.get(v, float("nan")),
+            0.0,
+            ", ".join(f"η/B={r:.3g}: {math.exp(stats[r]['mean']):.4g}" for r in ratios)
+            + " (geometric means over B and seeds outside the corner; noise: their spread)"
+            + progress,
+            seeds=seeds,
         )
     )
     return out
@@ -285,7 +328,7 @@ def figures(config, res) -> dict:
     axes = [fig.add_subplot(1, 4, i + 1) for i in range(4)]
     bs = sorted({p["batch_size"] for p in res["points"]})
     marks = "osD^v"
-    left_out = corner(res)
+    left_out = corner(config, res)
     for ax, (m, name) in zip(axes, MEASURES.items()):
         for j, b in enumerate(bs):
             pts = [p for p in res["points"] if p["batch_size"] == b and m in p]
@@ -303,6 +346,7 @@ def figures(config, res) -> dict:
         if m != "log_det":
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            kit.log_span_ticks(ax, "y", [p[m] for p in res["points"] if m in p])
     axes[0].legend(fontsize=8, title="open: in the corner")
     return {"three_factors": fig}
 

@@ -71,6 +71,14 @@ def mean_se(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
+def unit(se: float, seeds: int) -> float:
+    """One noise unit of a mean over ``seeds`` with standard error ``se``: widened by the
+    t-quantile (`sharp_minima.studies.claims.t_factor`); NaN below two seeds."""
+    from sharp_minima.studies import claims as claims_lib  # noqa: PLC0415 - no cycle at import
+
+    return float(se) * claims_lib.t_factor(seeds - 1) if seeds >= 2 else float("nan")
+
+
 def fmt(v, spec=".3g") -> str:
     """A table cell: ``v`` formatted, "—" when missing or not finite."""
     return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
@@ -80,6 +88,20 @@ def fingerprint(out) -> float:
     """A fingerprint of a trained population (its final parameters), so measurements are
     redone when the training they measure was."""
     return float(np.round(np.nansum(np.abs(out["params"])), 3))
+
+
+def log_span_ticks(ax, axis: str, values, num: int = 4) -> None:
+    """Labelled major ticks of a log axis over the data's span (``num`` values evenly spaced
+    in log, to 2 significant digits): a span of less than a decade otherwise gets no major
+    tick, hence no label at all."""
+    v = np.asarray([x for x in values if np.isfinite(x) and x > 0], float)
+    if len(v) == 0:
+        return
+    lo, hi = v.min(), v.max()
+    if hi / lo >= 10:  # matplotlib's own decades label it
+        return
+    ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, num)})
+    log_ticks(ax, axis, ticks)
 
 
 def log_ticks(ax, axis: str, values) -> None:

@@ -8,16 +8,43 @@ import numpy as np
 from matplotlib import ticker
 
 from sharp_minima import plotting, train
-from sharp_minima.studies.claims import accuracy_noise, all_of, as_verdict, verdict
+from sharp_minima.studies import claims as claims_lib
+from sharp_minima.studies.claims import (
+    NO,
+    YES,
+    Claim,
+    accuracy_noise,
+    all_of,
+    seed_noise,
+)
 from sharp_minima.studies.common import markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
 
-# A slope of log B_opt differs from 0 beyond 2 standard errors (Smith & Le: slope 1).
-SLOPE_SE = 2.0
-# The schedules "reach the same accuracy": within 2 noise units of decaying η.
-SAME_SE = 2.0
 ARMS = ("decay", "grow", "hybrid")
+SMITH_LE = "Smith & Le 2018, Sec. 4–5 (B_opt ∝ ηN); lecture notes, Sec. 4"
+B_OPT_GROWS = {
+    what: Claim(
+        statement=f"at a constant rate the best batch size grows with the {name} (the "
+        f"lecture: B_opt ∝ {what})",
+        source=SMITH_LE,
+        quantity=f"slope of log B_opt on log {what}, predicted > 0 (Smith & Le: 1)",
+        noise=claims_lib.SEEDS,
+        min_seeds=3,
+    )
+    for what, name in (("η", "learning rate"), ("N", "training-set size"))
+}
+GROW_B = Claim(
+    statement="growing B by the factors η would decay by (and the hybrid) reaches the test "
+    "accuracy of decaying η, with fewer updates",
+    source="Smith et al. 2018 (Don't decay the learning rate, increase the batch size), "
+    "Sec. 5, Fig. 2",
+    quantity="|accuracy(arm) − accuracy(decay)| within the margin (TOST); updates(grow) < "
+    "updates(decay)",
+    noise=claims_lib.SEEDS,
+    min_seeds=3,
+    equivalence="sgd_noise.noise_scale.claims.accuracy_margin",
+)
 
 
 def validate(config) -> None:
@@ -35,6 +62,7 @@ def validate(config) -> None:
             ("sgd_noise.noise_scale.schedule_learning_rate", pos),
             ("sgd_noise.noise_scale.schedule_factor", dict(low=2, integer=True)),
             ("sgd_noise.noise_scale.schedule_epochs", count),
+            ("sgd_noise.noise_scale.claims.accuracy_margin", dict(low=0, low_open=True)),
             ("sgd_noise.noise_scale.schedule_num_epochs", count),
         ),
     )
@@ -220,42 +248,58 @@ def _schedule(ctx, arm: str, seeds) -> dict:
 
 
 def claims(config, res) -> list:
+    """`B_OPT_GROWS` (noise unit: the per-seed slopes' standard error, t-quantile) and
+    `GROW_B` (an equivalence within ``noise_scale.claims.accuracy_margin``)."""
+    seeds = config.sgd_noise.seeds
     out = []
-    for what, fit, opts, xs, name in (
-        ("η", res["lr_fit"], res["by_lr"], res["learning_rates"], "learning rate"),
-        ("N", res["size_fit"], res["by_size"], res["train_sizes"], "training-set size"),
+    for what, fit, opts, xs in (
+        ("η", res["lr_fit"], res["by_lr"], res["learning_rates"]),
+        ("N", res["size_fit"], res["by_size"], res["train_sizes"]),
     ):
         edges = sum(o["edge"] for o in opts)
         b = ", ".join(f"{x:g}: {o['b_opt']:.3g}" for x, o in zip(xs, opts))
+        per = np.asarray(fit["seed_slopes"], float)
+        stat = (
+            {"mean": float(per.mean()), "std": float(per.std(ddof=1)), "n": len(per)}
+            if len(per) > 1
+            else None
+        )
         out.append(
-            (
-                f"at a constant rate the best batch size grows with the {name} (log-log slope "
-                f"> 0; the lecture: B_opt ∝ {what})",
-                verdict(fit["slope"], SLOPE_SE * fit["stderr"]),
-                f"slope {fit['slope']:.2f} ± {fit['stderr']:.2f} (per seed "
+            B_OPT_GROWS[what].test(
+                fit["slope"],
+                seed_noise(stat),
+                f"slope {fit['slope']:.2f} (per seed "
                 + ", ".join(f"{s:.2f}" for s in fit["seed_slopes"])
-                + f"); B_opt at {what} = {b}"
+                + f"; Smith & Le: 1); B_opt at {what} = {b}"
                 + (f"; {edges} optimum(s) at the edge of the B grid" if edges else ""),
+                seeds=len(per),
             )
         )
     sch = res["schedules"]
     d = sch["decay"]
+    margin = config.sgd_noise.noise_scale.claims.accuracy_margin
     parts, nums = [], []
     for arm in ("grow", "hybrid"):
         a = sch[arm]
         diff = a["final"][0] - d["final"][0]
-        noise = a["final"][1] + d["final"][1] + accuracy_noise(d["final"][0], res["num_test"])
-        parts.append(as_verdict(abs(diff) <= SAME_SE * noise))
-        nums.append(
-            f"{arm}: {100 * a['final'][0]:.2f}% in {a['updates']} updates ({100 * diff:+.2f} ± "
-            f"{200 * noise:.2f} pts)"
+        noise = claims_lib.combined(
+            kit.unit(a["final"][1], seeds),
+            kit.unit(d["final"][1], seeds),
+            accuracy_noise(d["final"][0], res["num_test"]),
         )
+        parts.append(claims_lib.equivalence(diff, noise, margin))
+        nums.append(
+            f"{arm}: {100 * a['final'][0]:.2f}% in {a['updates']} updates ({100 * diff:+.2f}, "
+            f"noise unit {100 * noise:.2f} pts)"
+        )
+    fewer = YES if sch["grow"]["updates"] < d["updates"] else NO
     out.append(
-        (
-            "growing B by the factors η would decay by (and the hybrid) reaches the test "
-            "accuracy of decaying η, with fewer updates",
-            all_of(parts + [as_verdict(sch["grow"]["updates"] < d["updates"])]),
-            f"decay: {100 * d['final'][0]:.2f}% in {d['updates']} updates; " + "; ".join(nums),
+        GROW_B.given(
+            all_of(parts + [fewer]),
+            f"decay: {100 * d['final'][0]:.2f}% in {d['updates']} updates; "
+            + "; ".join(nums)
+            + f" (equivalence margin {100 * margin:g} points)",
+            seeds=seeds,
         )
     )
     return out
@@ -347,13 +391,13 @@ def _schedules_figure(res):
         ax.plot(x["epochs"], 100 * np.asarray(x["test_accuracy"]), color=f"C{i}", label=arm)
         label = f"{arm} ({x['updates']} updates)"
         ax2.plot(x["steps"], x["train_loss"], color=f"C{i}", label=label)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="against epochs: the arms match")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy against epochs")
     ax.legend(fontsize=8)
     ax2.set(
         xlabel="updates (steps)",
         ylabel="training loss",
         yscale="log",
-        title="against updates: growing B needs fewer",
+        title="test accuracy against parameter updates",
     )
     ax2.legend(fontsize=8)
     return fig

@@ -15,7 +15,8 @@ import numpy as np
 
 from sharp_minima import hessian, landscape, plotting, sharpness, train
 from sharp_minima.models import mlp
-from sharp_minima.studies.claims import all_of, as_verdict, verdict
+from sharp_minima.studies import claims as claims_lib
+from sharp_minima.studies.claims import Claim, all_of, verdict
 from sharp_minima.studies.common import key_streams, markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
@@ -27,16 +28,41 @@ MEASURES = {
     "slice_rise": "filter-normalised slice rise",
     "adaptive": "adaptive sharpness",
 }
-# The same function: test accuracy within one test example, training loss within float32's
-# rounding of a rescaled network (relative).
+# The same function: the training loss within float32's rounding of a rescaled network
+# (relative) — a numerical tolerance, the noise of the check.
 SAME_LOSS = 1e-4
-# Dinh et al.: the Hessian's measures move "arbitrarily"; over α ∈ [0.1, 10] we ask ≥ 10×.
-ORDERS_OF_MAGNITUDE = 1.0
-# Keskar's box ε(|x| + 1) is only partly scale-aware: φ must still move beyond 1.5× (float64
-# L-BFGS-B runs from one start agree to far better than that).
-PHI_SPREAD = 1.5
-# Scale-invariant measures (filter-normalised slice; adaptive sharpness) stay within 1 %.
-INVARIANT_SPREAD = 0.01
+DINH = "Dinh et al. 2017, Sec. 4 (reparametrization); lecture notes, Sec. 2"
+SAME_FUNCTION = Claim(
+    statement="rescaling layer 1 by α and layer 2 by 1/α keeps the function: the same test "
+    "accuracy and training loss",
+    source=DINH,
+    quantity="test accuracy within one example; |training loss ratio − 1| below float32 rounding",
+    noise=claims_lib.SOLVER,
+)
+HESSIAN_MOVES = Claim(
+    statement="λ_max and the trace of the Hessian change with α by orders of magnitude",
+    source=DINH + " (the Hessian's measures can be made arbitrarily large)",
+    quantity="log10(max/min over α) − orders",
+    noise=claims_lib.SOLVER,
+    threshold="sgd_noise.rescaling.claims.orders",
+    origin="Dinh et al.: 'arbitrarily'; over α ∈ [0.1, 10] we ask ≥ 10×",
+)
+PHI_MOVES = Claim(
+    statement="Keskar's φ changes with α",
+    source=DINH + " (Keskar's box ε(|x| + 1) is only partly scale-aware)",
+    quantity="max/min of φ over α − phi_spread",
+    noise=claims_lib.SOLVER,
+    threshold="sgd_noise.rescaling.claims.phi_spread",
+    origin="far above the float64 L-BFGS-B optimiser's run-to-run noise",
+)
+INVARIANT = Claim(
+    statement="the filter-normalised slice and adaptive sharpness stay put",
+    source="Li et al. 2018 (filter normalisation); Kwon et al. 2021 (adaptive sharpness)",
+    quantity="invariant_spread − (max/min − 1)",
+    noise=claims_lib.SOLVER,
+    threshold="sgd_noise.rescaling.claims.invariant_spread",
+    origin="scale-invariant by construction: within 1 %",
+)
 
 
 def validate(config) -> None:
@@ -54,6 +80,9 @@ def validate(config) -> None:
             ("sgd_noise.rescaling.slice_radius", pos),
             ("sgd_noise.rescaling.slice_points", dict(low=3, integer=True)),
             ("sgd_noise.rescaling.trace_matvecs", dict(low=3, integer=True)),
+            ("sgd_noise.rescaling.claims.orders", pos),
+            ("sgd_noise.rescaling.claims.phi_spread", dict(low=1)),
+            ("sgd_noise.rescaling.claims.invariant_spread", pos),
         ),
     )
     if 1.0 not in tuple(config.sgd_noise.rescaling.alphas):
@@ -104,7 +133,12 @@ def run(ctx) -> dict:
     for a, acc, loss in zip(alphas, test["accuracy"], trn["loss"]):
         m = cache.get(
             f"rescaling/alpha{a:g}",
-            {**key, "alpha": a, "r": dict(r), "float64_phi": 2},
+            {
+                **key,
+                "alpha": a,
+                "r": {k: v for k, v in r.items() if k != "claims"},  # not the thresholds
+                "float64_phi": 2,
+            },
             lambda a=a: measure(a),
         )
         sl = np.asarray(m["slice"])
@@ -171,6 +205,7 @@ def _spread(values) -> float:
 
 
 def claims(config, res) -> list:
+    t = config.sgd_noise.rescaling.claims
     rows = [res["rows"][f"{a:g}"] for a in res["alphas"]]
     ref = res["rows"]["1"]
     acc = max(abs(x["test_accuracy"] - ref["test_accuracy"]) for x in rows)
@@ -180,30 +215,27 @@ def claims(config, res) -> list:
     lo, hi = min(res["alphas"]), max(res["alphas"])
     nums = lambda ms: "; ".join(f"{MEASURES[m]} max/min {spreads[m]:.4g}" for m in ms)  # noqa
     return [
-        (
-            f"rescaling layer 1 by α and layer 2 by 1/α (α ∈ [{lo:g}, {hi:g}]) keeps the "
-            "function: the same test accuracy and training loss",
-            as_verdict(acc <= 1.0 / res["num_test"] and loss < SAME_LOSS),
-            f"largest change: test accuracy {acc:.2g}, training loss {loss:.2g} (relative)",
-        ),
-        (
-            "λ_max and the trace of the Hessian change with α by orders of magnitude (≥ 10×)",
+        SAME_FUNCTION.given(
             all_of(
-                verdict(math.log10(spreads[m]) - ORDERS_OF_MAGNITUDE, 0.0)
-                for m in ("lambda_max", "trace")
+                [
+                    verdict(1.0 / res["num_test"] - acc, 0.5 / res["num_test"]),
+                    verdict(SAME_LOSS - loss, SAME_LOSS / 2),
+                ]
             ),
-            nums(("lambda_max", "trace")),
+            f"α ∈ [{lo:g}, {hi:g}]; largest change: test accuracy {acc:.2g}, training loss "
+            f"{loss:.2g} (relative; float32 rounding {SAME_LOSS:g})",
         ),
-        (
-            "Keskar's φ changes with α (max/min beyond 1.5, far above the optimiser's "
-            "float64 noise)",
-            verdict(spreads["phi"] - PHI_SPREAD, 0.0),
-            nums(("phi",)),
+        HESSIAN_MOVES.given(
+            all_of(verdict(math.log10(spreads[m]) - t.orders) for m in ("lambda_max", "trace")),
+            nums(("lambda_max", "trace")) + f" (threshold 10^{t.orders:g}×)",
         ),
-        (
-            "the filter-normalised slice and adaptive sharpness stay put (max/min within 1%)",
-            all_of(verdict(INVARIANT_SPREAD - (spreads[m] - 1.0), 0.0) for m in fixed),
-            nums(fixed),
+        PHI_MOVES.given(
+            verdict(spreads["phi"] - t.phi_spread),
+            nums(("phi",)) + f" (threshold {t.phi_spread:g}×)",
+        ),
+        INVARIANT.given(
+            all_of(verdict(t.invariant_spread - (spreads[m] - 1.0)) for m in fixed),
+            nums(fixed) + f" (within {100 * t.invariant_spread:g} %)",
         ),
     ]
 
@@ -266,7 +298,7 @@ def figures(config, res) -> dict:
     ax2.set(
         xlabel="t (filter-normalised direction)",
         ylabel="training loss",
-        title="filter-normalised 1-D slices (they coincide)",
+        title="filter-normalised 1-D slices, one per α",
     )
     ax2.legend(fontsize=8)
     return {"rescaling": fig}

@@ -11,20 +11,67 @@ import jax.numpy as jnp
 import numpy as np
 
 from sharp_minima import dynamics, gradients, plotting
-from sharp_minima.studies.claims import all_of, as_verdict, ordered
+from sharp_minima.studies import claims as claims_lib
+from sharp_minima.studies.claims import Claim, all_of, ordered, verdict
 from sharp_minima.studies.common import key_streams, markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
 
-# A simulated value matches its closed form within 4 simulation standard errors.
-Z_MATCH = 4.0
-# Escape slopes: "the same" under isotropic noise within [2/3, 3/2]; the flat well's slope
-# beyond 2× the sharp one's under Σ ∝ H (predicted ×4 in the Kramers limit).
-SAME_SLOPE = (2 / 3, 1.5)
-CURVATURE_RATIO = 2.0
+LECTURE = "lecture notes 'Towards Understanding SGD', Sec. 5"
+KRAMERS = "Kramers 1940; Gardiner, Handbook of Stochastic Methods, Sec. 5.2.7"
+
+
+def _sim(statement, source, quantity, margin=None) -> Claim:
+    """A claim on a simulation (noise: its standard error), ``margin`` its equivalence."""
+    field = f"sgd_noise.sde.claims.{margin}" if margin else None
+    return Claim(statement, source, quantity, claims_lib.SIMULATION, equivalence=field)
+
+
+SPREAD = _sim(
+    "the stationary spread of mini-batch SGD grows with η/B and matches the discrete "
+    "closed form ηs₀²(N − B)/(B(N − 1)(2 − η)) (s₀² the ddof-0 variance; the (1 − B/N) factor "
+    "included)",
+    f"{LECTURE} (eq. 25); Mandt et al. 2017",
+    "Var x increasing in η/B; |Var x / closed form − 1| within the margin",
+    "match_margin",
+)
+BOLTZMANN = _sim(
+    "double-well occupation follows exp(−L/T) at every temperature, and the "
+    "curvature prefactor √(H_B/H_A) matters (depths alone mispredict it)",
+    f"{LECTURE} (eq. 26)",
+    "|P_A − Boltzmann| within the margin; |P_A − depth-only| > 0",
+    "occupation_margin",
+)
+LAPLACE = _sim(
+    "the occupation ratio matches the Laplace prediction √(H_B/H_A)·exp(−(L_A − "
+    "L_B)/T), whose error vanishes as T → 0",
+    f"{LECTURE} (eq. 26)",
+    "|P_A − Laplace| within the margin; |exact/Laplace − 1| falling with T",
+    "occupation_margin",
+)
+ESCAPE_ISOTROPIC = _sim(
+    "under isotropic noise curvature enters only the prefactor: a sharp and "
+    "a flat well of one depth have the same slope of log τ against B/η",
+    f"{KRAMERS}; {LECTURE}",
+    "|log(slope ratio flat/sharp)| within log(1 + margin)",
+    "slope_margin",
+)
+ESCAPE_CURVATURE = _sim(
+    "under Σ ∝ H the flat well's slope is larger: flat minima are exponentially preferred",
+    f"Xie et al. 2021, Sec. 3; {LECTURE}",
+    "slope ratio flat/sharp − 1, predicted > 0",
+)
+ESCAPE_EXACT = _sim(
+    "the Σ ∝ H slope ratio is the exact first-passage prediction for the "
+    "simulated barriers (Kramers' ×4 holds only as ΔL/T → ∞)",
+    KRAMERS,
+    "|measured / exact slope ratio − 1| within the margin",
+    "slope_margin",
+)
+NQM = _sim("the noisy quadratic model's simulated mean loss equals its closed form",
+    "Zhang et al. 2019; McCandlish et al. 2018, App. A",
+    "|simulated / closed form − 1| within the margin at every step", "match_margin")  # fmt: skip
 SIGMA2 = 10.0  # gradient-noise variance per example at the flat minimum
-# The noisy quadratic model: sampling tolerance 4·√(2/runs) on a mean loss, plus 1 %.
-NQM_SE, NQM_FLOOR = 4.0, 0.01
 LAPLACE_TEMPERATURES = (0.2, 0.1, 0.05, 0.025)  # below the simulated ones: quadrature only
 DOUBLE_WELL = dict(depth_a=1.0, depth_b=0.8, curv_a=8.0, curv_b=2.0)
 
@@ -44,6 +91,9 @@ def validate(config) -> None:
             ("sgd_noise.sde.escape_ratios", pos),
             ("sgd_noise.sde.escape_steps", count),
             ("sgd_noise.sde.nqm_dim", count),
+            ("sgd_noise.sde.claims.match_margin", pos),
+            ("sgd_noise.sde.claims.occupation_margin", pos),
+            ("sgd_noise.sde.claims.slope_margin", pos),
         ),
     )
 
@@ -237,88 +287,95 @@ def _nqm(config, key, log) -> dict:
     }
 
 
-def _escape_slopes(rows, noise) -> dict:
-    """Slope of log(median escape time) against B/η for each well."""
+def _slopes(config, rows, noise) -> dict:
+    """Measured (slope, SE) and exact slope of log τ against B/η per well (T = var/(2·B/η),
+    var = σ² isotropic or σ²·h/2 for Σ ∝ H)."""
+    d = config.sgd_noise.sde
+    well = dynamics.double_well(d.escape_depth, d.escape_depth, 8.0, 2.0)
     out = {}
-    for side in ("sharp", "flat"):
-        pts = [
-            r
-            for r in rows
-            if r["noise"] == noise
-            and r["well"] == side
-            and r["escaped"] > 0.5
-            and np.isfinite(r["median_time"])
-        ]
+    for i, side in enumerate(("sharp", "flat")):
+        pts = [r for r in rows if r["noise"] == noise and r["well"] == side
+               and r["escaped"] > 0.5 and np.isfinite(r["median_time"])]  # fmt: skip
+        var = SIGMA2 if noise == "isotropic" else SIGMA2 * float(well.curvatures[i]) / 2.0
+        temps = [var / (2 * r) for r in d.escape_ratios]
+        exact = dynamics.first_passage_slope(well, float(well.minima[i, 0]), d.escape_ratios, temps)
         if len(pts) >= 2:
-            x = np.array([p["ratio"] for p in pts])
-            y = np.log([p["median_time"] for p in pts])
-            out[side] = float(np.polyfit(x, y, 1)[0])
+            xs, times = [p["ratio"] for p in pts], [p["median_time"] for p in pts]
+            counts = [p["escaped"] * d.runs // 4 for p in pts]
+            measured = dynamics.escape_time_slope(xs, times, counts)
+            out[side] = (*measured, exact)
     return out
 
 
+def _ratio(slopes) -> tuple[float, float, float]:
+    """flat/sharp: measured slope ratio, its standard error (delta method), exact ratio."""
+    (f, sf, ef), (s_, ss, es) = slopes["flat"], slopes["sharp"]
+    r = f / s_
+    return r, abs(r) * math.hypot(sf / f, ss / s_), ef / es
+
+
 def claims(config, res) -> list:
-    out = []
+    """Every claim of the SDE section, each declared above; "matches" claims are TOST
+    equivalences within ``sgd_noise.sde.claims`` margins, noise units the simulations'
+    standard errors."""
+    t = config.sgd_noise.sde.claims
     sp = res["spread"]
-    z = max(abs(r["var"] - r["expected"]) / r["var_se"] for r in sp)
     parts = []
     for b in sorted({r["B"] for r in sp}):
         rows = sorted((r for r in sp if r["B"] == b), key=lambda r: r["ratio"])
         parts.append(
-            ordered([r["var"] for r in rows], [2 * r["var_se"] for r in rows], decreasing=False)
+            ordered([r["var"] for r in rows], [r["var_se"] for r in rows], decreasing=False)
         )
-    out.append(
-        (
-            "the stationary spread of mini-batch SGD grows with η/B and matches the discrete "
-            "closed form ηs₀²(N − B)/(B(N − 1)(2 − η)) (s₀² the ddof-0 variance; the "
-            "(1 − B/N) factor included)",
-            all_of(parts + [as_verdict(z < Z_MATCH)]),
-            f"largest deviation from the closed form {z:.2f} standard errors over {len(sp)} "
-            "(η, B) pairs; "
+    rel = [(r["var"] / r["expected"] - 1, r["var_se"] / r["expected"]) for r in sp]
+    parts += [claims_lib.equivalence(d, se, t.match_margin) for d, se in rel]
+    worst = max(rel, key=lambda x: abs(x[0]))
+    out = [
+        SPREAD.given(
+            all_of(parts),
+            f"largest relative deviation from the closed form {worst[0]:+.3f} ± {worst[1]:.3f} "
+            f"(margin {t.match_margin:g}) over {len(sp)} (η, B) pairs; "
             + ", ".join(f"B={r['B']} η/B={r['ratio']:g}: {r['var']:.4g}" for r in sp[:4]),
         )
-    )
-    out += _occupation_claims(res)
-    out.append(_escape_claim(config, res))
+    ]
+    out += _occupation_claims(config, res)
+    out += _escape_claims(config, res)
     q = res["nqm"]
-    rel = max(abs(s / c - 1) for s, c in zip(q["simulated"], q["closed_form"]))
-    tol = NQM_SE * math.sqrt(2 / q["runs"]) + NQM_FLOOR
+    se = math.sqrt(2 / q["runs"])  # relative error of a mean of squares over the runs
+    rels = [s_ / c - 1 for s_, c in zip(q["simulated"], q["closed_form"])]
     out.append(
-        (
-            "the noisy quadratic model's simulated mean loss equals its closed form",
-            as_verdict(rel < tol),
-            f"largest relative difference {rel:.3g} (sampling tolerance {tol:.3g}) at steps "
-            + ", ".join(map(str, q["steps"])),
+        NQM.given(
+            all_of([claims_lib.equivalence(x, se, t.match_margin) for x in rels]),
+            f"largest relative difference {max(map(abs, rels)):.3g} (noise unit {se:.2g}, "
+            f"margin {t.match_margin:g}) at steps " + ", ".join(map(str, q["steps"])),
         )
     )
     return out
 
 
-def _occupation_claims(res) -> list:
+def _occupation_claims(config, res) -> list:
+    t = config.sgd_noise.sde.claims
     occ = res["occupation"]
-    zs, zl, zd = [], [], []
+    frac = lambda r: r / (1 + r)  # noqa: E731 - P_A from P_A/P_B
+    boltz, lap, depth = [], [], []
     for r in occ:
-        p, se = r["p_a"], max(r["p_a_se"], 1e-12)
-        zs.append(abs(p - r["boltzmann"] / (1 + r["boltzmann"])) / se)
-        zl.append(abs(p - r["laplace"] / (1 + r["laplace"])) / se)
-        zd.append(abs(p - r["depth_only"] / (1 + r["depth_only"])) / se)
-    errs = [abs(e["error"]) for e in res["laplace_error"]]
+        p, se = r["p_a"], r["p_a_se"]
+        boltz.append(claims_lib.equivalence(p - frac(r["boltzmann"]), se, t.occupation_margin))
+        lap.append(claims_lib.equivalence(p - frac(r["laplace"]), se, t.occupation_margin))
+        depth.append(verdict(abs(p - frac(r["depth_only"])), se))
+    errs = [abs(e["error"]) for e in res["laplace_error"]]  # quadrature: no noise
+    dev = lambda key: max(abs(r["p_a"] - frac(r[key])) for r in occ)  # noqa: E731
+    least_depth = min(abs(r["p_a"] - frac(r["depth_only"])) for r in occ)
     return [
-        (
-            "double-well occupation follows exp(−L/T) at every temperature, and the "
-            "curvature prefactor √(H_B/H_A) of eq. (26) matters (depths alone mispredict it)",
-            as_verdict(max(zs) < Z_MATCH and min(zd) > Z_MATCH),
-            f"largest deviation from the exact Boltzmann ratio {max(zs):.2f} standard errors; "
-            f"smallest deviation from the depth-only prediction {min(zd):.1f}; P_A at T = "
-            + ", ".join(f"{r['temperature']:g}: {r['p_a']:.3f}" for r in occ),
+        BOLTZMANN.given(
+            all_of(boltz + depth),
+            f"largest |P_A − Boltzmann| {dev('boltzmann'):.3f} (margin {t.occupation_margin:g}"
+            f"); smallest |P_A − depth-only| {least_depth:.3f}; P_A ± SE at T = "
+            + ", ".join(f"{r['temperature']:g}: {r['p_a']:.3f} ± {r['p_a_se']:.3f}" for r in occ),
         ),
-        (
-            "the occupation ratio P_A/P_B matches the Laplace prediction √(H_B/H_A)·"
-            "exp(−(L_A − L_B)/T), whose error vanishes as T → 0",
-            all_of(
-                [as_verdict(max(zl) < Z_MATCH), ordered(errs, [0.0] * len(errs), decreasing=True)]
-            ),
-            f"measured vs Laplace: largest deviation {max(zl):.2f} standard errors; |exact/Laplace "
-            "− 1| (quadrature) at T = "
+        LAPLACE.given(
+            all_of([*lap, ordered(errs, [0.0] * len(errs), decreasing=True)]),
+            f"largest |P_A − Laplace| {dev('laplace'):.3f} (margin {t.occupation_margin:g}); "
+            "|exact/Laplace − 1| (quadrature) at T = "
             + ", ".join(
                 f"{e['temperature']:g}: {abs(e['error']):.2g}" for e in res["laplace_error"]
             ),
@@ -326,24 +383,26 @@ def _occupation_claims(res) -> list:
     ]
 
 
-def _escape_claim(config, res):
-    iso = _escape_slopes(res["escape"], "isotropic")
-    cur = _escape_slopes(res["escape"], "curvature")
+def _escape_claims(config, res) -> list:
+    t, d = config.sgd_noise.sde.claims, config.sgd_noise.sde
+    iso, cur = (_slopes(config, res["escape"], n) for n in ("isotropic", "curvature"))
     if not (len(iso) == 2 and len(cur) == 2):
-        return ("escape-time slopes", "not tested", "fewer than half the runs escaped")
-    r_iso, r_cur = iso["flat"] / iso["sharp"], cur["flat"] / cur["sharp"]
-    kramers = 2 * config.sgd_noise.sde.escape_depth / res["escape_sigma2"]
-    return (
-        "escape times: under isotropic noise curvature enters only the prefactor (the "
-        "same slope of log τ against B/η for a sharp and a flat well, ratio within "
-        "[2/3, 3/2]); under Σ ∝ H the flat well's slope is larger (predicted ×4), so "
-        "flat minima are exponentially preferred",
-        as_verdict(SAME_SLOPE[0] <= r_iso <= SAME_SLOPE[1] and r_cur > CURVATURE_RATIO),
-        f"Kramers: slope 2ΔL/σ² = {kramers:.3g} (isotropic); slopes (sharp, flat): "
-        f"isotropic {iso['sharp']:.3f}, {iso['flat']:.3f} "
-        f"(ratio {r_iso:.2f}); Σ ∝ H {cur['sharp']:.3f}, {cur['flat']:.3f} "
-        f"(ratio {r_cur:.2f})",
-    )
+        why = "fewer than half the runs escaped at two B/η"
+        return [c.untested(why) for c in (ESCAPE_ISOTROPIC, ESCAPE_CURVATURE, ESCAPE_EXACT)]
+    (r_iso, se_iso, e_iso), (r_cur, se_cur, e_cur) = _ratio(iso), _ratio(cur)
+    kramers = 2 * d.escape_depth / res["escape_sigma2"]
+    dl_t = ", ".join(f"{d.escape_depth * r / (2 * SIGMA2):.2g}" for r in d.escape_ratios)
+    slopes = lambda s: f"slopes (sharp, flat) {s['sharp'][0]:.3f}, {s['flat'][0]:.3f}"  # noqa
+    return [
+        ESCAPE_ISOTROPIC.same(math.log(r_iso), se_iso / r_iso, math.log1p(t.slope_margin),
+            f"{slopes(iso)}: ratio {r_iso:.2f} ± {se_iso:.2f} (exact first passage {e_iso:.2f}"
+            f"; Kramers: 1, slope 2ΔL/σ² = {kramers:.3g}; margin ×{1 + t.slope_margin:g})"),
+        ESCAPE_CURVATURE.test(r_cur - 1.0, se_cur, f"Σ ∝ H {slopes(cur)}: ratio {r_cur:.2f} ± "
+            f"{se_cur:.2f} (exact first passage {e_cur:.2f}; Kramers limit 4)"),
+        ESCAPE_EXACT.same(r_cur / e_cur - 1.0, se_cur / e_cur, t.slope_margin,
+            f"measured {r_cur:.2f} ± {se_cur:.2f} vs exact {e_cur:.2f} at ΔL/T = {dl_t} (sharp "
+            f"well; margin {t.slope_margin:g} relative; Kramers' ×4 is the ΔL/T → ∞ limit)"),
+    ]  # fmt: skip
 
 
 def report(config, res) -> list:
@@ -420,7 +479,7 @@ def figures(config, res) -> dict:
         yscale="log",
         xlabel="η/B",
         ylabel="stationary Var x",
-        title="mini-batch SGD: spread ∝ η/B (lines: closed form)",
+        title="mini-batch SGD: stationary spread against η/B (lines: closed form)",
     )
     kit.log_ticks(axes[0], "x", sorted({r["ratio"] for r in res["spread"]}))
     axes[0].legend(fontsize=8)

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 
 from sharp_minima import train
+from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import runs
-from sharp_minima.studies.claims import accuracy_noise, verdict
+from sharp_minima.studies.claims import Claim, paired_accuracy
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.visualize_generalization import training
 
@@ -54,9 +55,14 @@ OPTIMIZERS = {
     # Wolfe; the paper: Armijo), on each mini-batch's objective: no learning rate to tune.
     "lbfgs": (None, lambda lr: optax.lbfgs(memory_size=5)),
 }
-# "Every optimizer generalizes far better than the linear model": the paper's gap is 40
-# points (≥ 90.4 % vs 49 %); we ask ≥ 5.
-FAR_BETTER = 0.05
+FAR_BETTER = Claim(
+    statement="every optimizer generalizes far better than the linear model",
+    source="Huang et al. 2020, Sec. 2 and Table 1 (≥ 90.4 % vs 49 % on CIFAR-10)",
+    quantity="worst optimizer − linear model test accuracy − far_better, paired on one test set",
+    noise=claims_lib.PAIRED,
+    threshold="optimizers.claims.far_better",
+    origin="the paper's gap is 41 points; we ask far_better of it",
+)
 LINEAR_ROWS = (
     (True, "linear (inputs + pairwise products)", "linear"),
     (False, "linear (inputs only)", "linear_inputs"),
@@ -132,19 +138,30 @@ def _best_on_validation(tried: dict) -> dict:
     if not ok:
         return {**next(iter(tried.values())), "tried": {}}
     best = max(ok, key=lambda k: ok[k].get("val_accuracy", -1.0))
+    rates = [r.get("learning_rate") for r in tried.values()]
+    edge = None  # the choice sits at an end of the grid: its accuracy is a lower bound
+    if None not in rates and len(rates) > 1:
+        lr = ok[best]["learning_rate"]
+        edge = "top" if lr == max(rates) else "bottom" if lr == min(rates) else None
     return {
         **ok[best],
+        "grid_edge": edge,
         "tried": {
             k: (None if r.get("diverged") else r.get("val_accuracy")) for k, r in tried.items()
         },
     }
 
 
-def _row(res, lr):
+def _row(res, lr, data=None):
     if isinstance(res, runs.Diverged):
         return {"diverged": True, "learning_rate": lr, "message": res.message}
     f = res.final
+    correct = {}
+    if data is not None:  # per test example, for the paired comparison
+        logits = res.model.apply(res.state.variables(), jnp.asarray(data.x_test), train=False)
+        correct = {"correct": np.asarray(jnp.argmax(logits, -1)) == np.asarray(data.y_test)}
     return {
+        **correct,
         "val_accuracy": float(f["val/accuracy"]) if "val/accuracy" in f else None,
         "train_loss": float(f["train/loss"]),
         "test_loss": float(f["test/loss"]),
@@ -172,7 +189,7 @@ def _tune(ctx, cfg, data, model, folder: str, transforms) -> dict:
             label=f"[optimizers {folder} {_lr_name(lr)}] ",
             model=model,
         )
-        tried[_lr_name(lr)] = _row(res, lr)
+        tried[_lr_name(lr)] = _row(res, lr, data)
     return _best_on_validation(tried)
 
 
@@ -213,26 +230,35 @@ def run(ctx) -> dict:
 
 
 def claims(config, res) -> list:
-    rows = res["rows"]
-    lin = rows["linear (inputs + pairwise products)"].get("test_accuracy", np.nan)
+    """`FAR_BETTER`: the worst optimizer against the linear model on the same test examples
+    (a paired difference: the examples both get right or wrong carry no noise)."""
+    rows, far = res["rows"], config.optimizers.claims.far_better
+    lin_row = rows["linear (inputs + pairwise products)"]
+    lin = lin_row.get("test_accuracy", np.nan)
     nets = {
         k: v["test_accuracy"]
         for k, v in rows.items()
         if not k.startswith("linear") and "test_accuracy" in v
     }
-    claim = "every optimizer generalizes far better (≥ 5 points) than the linear model"
     if not nets:
-        return [(claim, None, "not tested: no optimizer run finished")]
-    num = res.get("num_test") or 0
+        return [FAR_BETTER.untested("no optimizer run finished")]
     worst = min(nets, key=nets.get)
-    noise = accuracy_noise(nets[worst], num) + accuracy_noise(lin, num) if num else 0.0
+    if "correct" in rows[worst] and "correct" in lin_row:
+        diff, se = paired_accuracy(rows[worst]["correct"], lin_row["correct"])
+    else:  # results of an older run: no per-example predictions
+        diff, se = nets[worst] - lin, float("nan")
+    edge = [k for k in nets if rows[k].get("grid_edge")]
+    unfit = [k for k in nets if rows[k].get("train_accuracy", 1.0) < config.fit.accuracy]
     return [
-        (
-            claim,
-            verdict(nets[worst] - lin - FAR_BETTER, noise),
+        FAR_BETTER.test(
+            diff - far,
+            se,
             f"worst optimizer {worst} {100 * nets[worst]:.1f} %, best "
-            f"{100 * max(nets.values()):.1f} % vs linear {100 * lin:.1f} % test accuracy "
-            f"(paper: ≥ 90.4 % vs 49 %)",
+            f"{100 * max(nets.values()):.1f} % vs linear {100 * lin:.1f} % test accuracy: "
+            f"{100 * diff:+.1f} ± {100 * se:.1f} points paired (threshold {100 * far:g}); "
+            f"{len(edge)} of {len(nets)} optimizers chose an end of their rate grid (their "
+            f"accuracy a bound), {len(unfit)} did not fit the training set; paper: ≥ 90.4 % "
+            "vs 49 %, a 41-point gap — not reproduced at this scale if the verdict is not yes",
         )
     ]
 
@@ -266,11 +292,18 @@ def report(config, res) -> list:
         if r.get("diverged"):
             lines.append(f"| {name} | {lr} | {tried} | diverged | | | | {pp} |")
             continue
+        if r.get("grid_edge"):  # the best rate is an end of the grid: a bound, not a choice
+            lr = ("≥ " if r["grid_edge"] == "top" else "≤ ") + lr
         lines.append(
             f"| {name} | {lr} | {tried} | {r['train_loss']:.3f} | {r['test_loss']:.3f} | "
             f"{100 * r['train_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | {pp} |"
         )
-    return lines + ["", "Paper, linear model: 49 % test (ResNet-18: 92 %)."]
+    return lines + [
+        "",
+        "A chosen rate marked ≥ (≤) is the top (bottom) of its grid: a wider grid might do "
+        "better, so that row's accuracy is a bound. Paper, linear model: 49 % test "
+        "(ResNet-18: 92 %).",
+    ]
 
 
 SECTION = Section(
