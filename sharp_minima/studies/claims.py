@@ -279,6 +279,20 @@ def ordered(values, noises, *, decreasing: bool) -> str:
     )
 
 
+def seed_stat(values) -> dict | None:
+    """The ``{"mean", "std", "n"}`` of the finite ``values`` (one per seed; std with
+    ddof = 1), as `seed_noise` takes it; None when no value is finite.
+
+    >>> seed_stat([1.0, 2.0, float("nan"), 3.0])
+    {'mean': 2.0, 'std': 1.0, 'n': 3}
+    """
+    v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+    if not len(v):
+        return None
+    std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "std": std, "n": len(v)}
+
+
 def seed_noise(stat: dict | None) -> float:
     """One noise unit of a mean over seeds (`sharp_minima.studies.runs.aggregate`'s
     ``{"mean", "std", "n"}``): the standard error std/√n widened by the t-quantile, so that

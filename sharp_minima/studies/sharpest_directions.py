@@ -43,15 +43,7 @@ from sharp_minima import tree_util as tu
 from sharp_minima.data import pipeline
 from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import runs
-from sharp_minima.studies.claims import (
-    NO,
-    WITHIN_NOISE,
-    YES,
-    Claim,
-    all_of,
-    ordered,
-    verdict,
-)
+from sharp_minima.studies.claims import NOT_TESTED, Claim, all_of, ordered, verdict
 from sharp_minima.studies.common import key_streams
 from sharp_minima.studies.sections import Section, Study, contract_functions
 
@@ -546,11 +538,6 @@ class _Evidence:
         """x ≥ bound, beyond 2 units of the solver's tolerance on both."""
         return verdict(x - bound, self.tol * (abs(x) + abs(bound)))
 
-    def margin(self, parts) -> float:
-        """A compound verdict as a margin for `Claim.test`: +1 yes, −1 no, 0 within noise,
-        NaN not tested (the parts' noise is already in their verdicts)."""
-        return {YES: 1.0, NO: -1.0, WITHIN_NOISE: 0.0}.get(all_of(parts), float("nan"))
-
 
 def _evolution_claims(c) -> list:
     evo = [(n, v) for n, v in c.summaries.items() if n.startswith("lr")]
@@ -572,7 +559,7 @@ def _evolution_claims(c) -> list:
         if "lambda_peak" in v
     )
     nums += f" (growth ≥ {c.t.peak_growth:g}×; paper, Fig. 2: several-fold in the first epochs)"
-    return [GROWS.test(c.margin(parts), 0.0, nums + c.missing([n for n, _ in evo]), seeds=c.seeds)]
+    return [GROWS.given(all_of(parts), nums + c.missing([n for n, _ in evo]), seeds=c.seeds)]
 
 
 def _order_claims(c) -> list:
@@ -584,9 +571,8 @@ def _order_claims(c) -> list:
         values = [c.val(c.summaries.get(n, {}), "lambda_peak") for n in names]
         v = ordered(values, [c.tol * abs(x) for x in values], decreasing=decreasing)
         out.append(
-            claim.test(
-                c.margin([v]),
-                0.0,
+            claim.given(
+                v,
                 ", ".join(f"{k}: {x:.4g}" for k, x in zip(labels, values) if np.isfinite(x))
                 + f" (solver tolerance ±{c.tol:g}×λ){extra}"
                 + c.missing(names),
@@ -637,9 +623,8 @@ def _full_batch_claims(c) -> list:
             c.at_least(high * edge, v["lambda_last_quarter"]),
         ]
         out.append(
-            EDGE.test(
-                c.margin(parts),
-                0.0,
+            EDGE.given(
+                all_of(parts),
                 f"η={lr:g}, 2/η = {edge:.3g} (band {low:g}–{high:g}× 2/η): first "
                 f"{v['lambda_first']:.3g}, peak {v['lambda_peak']:.3g} (step {v['peak_step']}), "
                 f"median of the last quarter {v['lambda_last_quarter']:.3g}",
@@ -676,9 +661,8 @@ def _probe_claims(c) -> list:
     rnd, rnd_se = _mean_se([r["probe/cos_random"] for r in probe], block(probe))
     ratio = c.t.alignment_ratio
     return [
-        STEP_TOO_LONG.test(
-            c.margin(parts),
-            0.0,
+        STEP_TOO_LONG.given(
+            all_of(parts),
             f"first {train.plural(s.early_epochs, 'epoch')}, η={s.probe_learning_rate:g}: "
             + ", ".join(f"α={a:g}: {m:+.2f}% ± {se:.2f}" for a, (m, se) in rel.items())
             + f" (mean ± block-bootstrap error over {len(early)} probed steps; paper, Fig. 6: "
@@ -710,23 +694,22 @@ def _variant_claims(c) -> list:
         if ready
         else gone.lstrip("; ")
     )
-    flatter = sharper = float("nan")  # not tested unless every variant finished
+    flatter = sharper = NOT_TESTED  # unless every variant finished
     if ready:
         loss_gap = lambda v: v["train_loss"] - base["train_loss"]  # noqa: E731
-        flatter = c.margin(
+        flatter = all_of(
             [c.at_least(base["lambda_final"], top["lambda_final"]), verdict(loss_gap(top))]
         )
-        sharper = c.margin(
+        sharper = all_of(
             [
                 c.at_least(no_top["lambda_final"], base["lambda_final"]),
                 verdict(c.t.similar_loss * base["train_loss"] - abs(loss_gap(no_top))),
             ]
         )
     return [
-        TOP_FLATTER.test(flatter, 0.0, nums, seeds=c.seeds),
-        NO_TOP_SHARPER.test(
+        TOP_FLATTER.given(flatter, nums, seeds=c.seeds),
+        NO_TOP_SHARPER.given(
             sharper,
-            0.0,
             nums + f" (similar: within {c.t.similar_loss:g}× SGD's loss)",
             seeds=c.seeds,
         ),

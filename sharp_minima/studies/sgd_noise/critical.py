@@ -10,7 +10,7 @@ import numpy as np
 
 from sharp_minima import dynamics, gradients, plotting, train
 from sharp_minima.studies import claims as claims_lib
-from sharp_minima.studies.claims import Claim, all_of, seed_noise, verdict
+from sharp_minima.studies.claims import Claim, all_of, seed_noise, seed_stat, verdict
 from sharp_minima.studies.common import markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
@@ -187,13 +187,6 @@ def _batch(ctx, b: int, seeds, noise) -> dict:
     return row
 
 
-def _stat(values) -> dict | None:
-    v = np.asarray([x for x in values if np.isfinite(x)], float)
-    return (
-        {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": len(v)} if len(v) > 1 else None
-    )
-
-
 def claims(config, res) -> list:
     """`B_CRIT`: the noise of log(B_crit/B_simple) is the spread of the per-seed fits'
     log B_crit and of log B_simple over the batch sizes it was measured at (each a standard
@@ -207,8 +200,8 @@ def claims(config, res) -> list:
         bs_simple = [r["b_simple"] for r in per_b if "b_simple" in r]
         b_simple = float(np.exp(np.mean(np.log(bs_simple)))) if bs_simple else float("nan")
         noise = claims_lib.combined(
-            seed_noise(_stat(np.log(res["fit_seeds"]))),
-            seed_noise(_stat(np.log(bs_simple))),
+            seed_noise(seed_stat(np.log(res["fit_seeds"]))),
+            seed_noise(seed_stat(np.log(bs_simple))),
         )
         ratio = fit["b_crit"] / b_simple
         out = [
@@ -248,8 +241,8 @@ def _regimes(config, per_b, fit) -> list:
     def local(i, j):
         return np.log(per_seed[j] / per_seed[i]) / math.log(b[j] / b[i])
 
-    first, last = _stat(local(0, 1)), _stat(local(-2, -1))
-    if first is None or last is None:
+    first, last = seed_stat(local(0, 1)), seed_stat(local(-2, -1))
+    if first is None or last is None or min(first["n"], last["n"]) < 2:
         return [REGIMES.untested("fewer than 2 seeds reached the target at every B")]
     parts = [
         verdict(t.perfect_slope - first["mean"], seed_noise(first)),

@@ -20,6 +20,7 @@ from sharp_minima.studies.claims import (
     all_of,
     ordered,
     seed_noise,
+    seed_stat,
     verdict,
 )
 from sharp_minima.studies.common import key_streams, markdown_table
@@ -267,12 +268,7 @@ def claims(config, res) -> list:
     ]
     ratios = sorted({p["ratio"] for p in rows})
     logs = {r: [math.log(p["lambda_max"]) for p in rows if p["ratio"] == r] for r in ratios}
-    stats = {
-        r: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)), "n": len(v)}
-        if len(v) > 1
-        else {"mean": float(np.mean(v)), "std": 0.0, "n": 1}
-        for r, v in logs.items()
-    }
+    stats = {r: seed_stat(v) for r, v in logs.items()}
     v = (
         ordered(
             [stats[r]["mean"] for r in ratios],

@@ -16,6 +16,7 @@ from sharp_minima.studies.claims import (
     accuracy_noise,
     all_of,
     seed_noise,
+    seed_stat,
 )
 from sharp_minima.studies.common import markdown_table
 from sharp_minima.studies.sections import Section
@@ -259,11 +260,7 @@ def claims(config, res) -> list:
         edges = sum(o["edge"] for o in opts)
         b = ", ".join(f"{x:g}: {o['b_opt']:.3g}" for x, o in zip(xs, opts))
         per = np.asarray(fit["seed_slopes"], float)
-        stat = (
-            {"mean": float(per.mean()), "std": float(per.std(ddof=1)), "n": len(per)}
-            if len(per) > 1
-            else None
-        )
+        stat = seed_stat(per)
         out.append(
             B_OPT_GROWS[what].test(
                 fit["slope"],

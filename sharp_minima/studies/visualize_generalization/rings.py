@@ -18,6 +18,7 @@ from sharp_minima.studies.claims import (
     accuracy_noise,
     all_of,
     seed_noise,
+    seed_stat,
     verdict,
 )
 from sharp_minima.studies.sections import Section
@@ -124,8 +125,7 @@ def claims(config, res) -> list:
 
     def noise(rs):
         xs = [r["inner_recall"] for r in rs]
-        stat = {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1
-                else 0.0, "n": len(xs)}  # fmt: skip
+        stat = seed_stat(xs)
         inner = int(np.mean([r.get("num_inner", 0) for r in rs])) or None
         sampling = accuracy_noise(stat["mean"], inner * len(xs)) if inner else float("nan")
         return claims_lib.combined(seed_noise(stat), sampling)

@@ -19,9 +19,6 @@ from sharp_minima import landscape, plotting, train
 from sharp_minima.studies import claims as claims_lib
 from sharp_minima.studies import runs
 from sharp_minima.studies.claims import (
-    NO,
-    WITHIN_NOISE,
-    YES,
     Claim,
     accuracy_noise,
     all_of,
@@ -203,10 +200,6 @@ def by_beta(records: list[dict], key: str) -> dict[float, dict]:
     return {b: v[key] for b, v in sorted(stats.items()) if key in v}
 
 
-def _as_margin(v: str) -> float:
-    return {YES: 1.0, NO: -1.0, WITHIN_NOISE: 0.0}.get(v, float("nan"))
-
-
 def claims(config, res) -> list:
     """Accuracies differ only beyond 2 noise units (the standard error over seeds with the
     t-quantile, with the test set's sampling error), log-volumes beyond 2 units over seeds;
@@ -276,9 +269,8 @@ def _accuracy_claims(config, res) -> list:
             "98.5 %)" + missing,
             seeds=good_stats["n"],
         ),
-        POISONED_WORSE.test(
-            _as_margin(all_of(parts)),
-            0.0,
+        POISONED_WORSE.given(
+            all_of(parts),
             "; ".join(
                 f"β={b:g}: train {100 * tr[b]:.1f} %, test {100 * test[b]:.1f} %"
                 for b in bad
@@ -288,15 +280,12 @@ def _accuracy_claims(config, res) -> list:
             + missing,
             seeds=seeds,
         ),
-        TEST_FALLS.test(
-            _as_margin(
-                ordered(
-                    [test.get(b, nan) for b in betas],
-                    [noise.get(b, nan) for b in betas],
-                    decreasing=True,
-                )
+        TEST_FALLS.given(
+            ordered(
+                [test.get(b, nan) for b in betas],
+                [noise.get(b, nan) for b in betas],
+                decreasing=True,
             ),
-            0.0,
             ", ".join(f"{100 * test[b]:.1f} %" for b in seen)
             + f" for β = {seen} (noise unit "
             + ", ".join(f"{100 * noise[b]:.1f}" for b in seen)
@@ -314,11 +303,8 @@ def _volume_claims(config, res) -> list:
     lv = [logv_stats[b]["mean"] if b in logv_stats else float("nan") for b in betas]
     seeds = min((v["n"] for v in logv_stats.values()), default=0) if not missing else 0
     out = [
-        VOLUME_FALLS.test(
-            _as_margin(
-                ordered(lv, [seed_noise(logv_stats.get(b)) for b in betas], decreasing=True)
-            ),
-            0.0,
+        VOLUME_FALLS.given(
+            ordered(lv, [seed_noise(logv_stats.get(b)) for b in betas], decreasing=True),
             ", ".join(f"{v:.1f}" for v in lv)
             + f" for β = {betas} (loss < {c:g}; natural log; mean over seeds; paper: SVHN "
             "volumes ≥ 10,000 orders of magnitude apart)" + missing,
