@@ -82,9 +82,37 @@ def tiny_study(tmp_path_factory):
     return get
 
 
+# Under pytest-xdist (``-n``) the tests of one tiny study run in one worker (``--dist
+# loadgroup``), so each study still runs once per test run while the studies spread over the
+# workers. Studies that share tests share a group.
+GROUPS = {
+    "keskar": "keskar",
+    "curvature_demo": "keskar",  # test_readme reads both
+    "sharpest_directions": "jastrzebski",
+    "nudged_sgd": "jastrzebski",  # one notebook runs both
+    "visualize_generalization": "huang",
+    "sgd_noise": "sgd_noise",
+}
+MODULE_STUDY = {  # the study a test module reads, when its tests are not parametrised by it
+    "test_huang": "visualize_generalization",
+    "test_jastrzebski": "sharpest_directions",
+    "test_keskar": "keskar",
+    "test_readme": "keskar",
+    "test_runs": "keskar",
+    "test_sgd_noise": "sgd_noise",
+    "test_notebooks": "keskar",
+}
+
+
+def _study_of(item) -> str:
+    name = getattr(getattr(item, "callspec", None), "params", {}).get("name")
+    if name in TINY:  # a study, or the notebook named after it
+        return name
+    return MODULE_STUDY.get(item.module.__name__.rsplit(".", 1)[-1], "keskar")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n``), every test that reads a tiny study runs in one worker
-    (``--dist loadgroup``), so each study is still run once per test run."""
+    """Every test that reads a tiny study joins its study's xdist group (`GROUPS`)."""
     for item in items:
         if "tiny_study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny_studies"))
+            item.add_marker(pytest.mark.xdist_group(f"tiny_{GROUPS[_study_of(item)]}"))

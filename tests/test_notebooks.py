@@ -14,16 +14,10 @@ import nbformat
 import pytest
 from helpers import ROOT
 
-from experiments.execute_notebooks import FOLDER, names
+from experiments.execute_notebooks import FOLDER, STUDIES, names
 
 # notebook -> the studies it runs (each writes into workdir/<setup>/<study>)
-NOTEBOOKS = {
-    "keskar": ("keskar",),
-    "sharpest_directions": ("sharpest_directions", "nudged_sgd"),
-    "visualize_generalization": ("visualize_generalization",),
-    "sgd_noise": ("sgd_noise",),
-    "your_model": (),
-}
+NOTEBOOKS = STUDIES
 MAX_BYTES = 2_000_000
 MACHINE_PATHS = re.compile(r"(/tmp/|/work/|/home/|/root/|/Users/|C:\\\\)")
 

@@ -277,3 +277,65 @@ def test_the_readme_is_a_front_page_whose_verdicts_are_the_notebooks():
         # Sec. 3 and Sec. 4 share one notebook: its first table is Sec. 3's, its second Sec. 4's.
         index = 1 if module == "nudged_sgd" else 0
         assert found and found[index] == verdicts, (module, found, verdicts)
+
+
+QUOTES = re.compile(r"<!-- quotes (\S+) -->(.*?)<!-- /quotes -->", re.S)
+# A number worth checking: a decimal or at least three digits (small counts such as "3
+# seeds" or "K = 5" are the config's, and the config is the run's).
+NUMBER = re.compile(r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def _normal(text: str) -> str:
+    return text.replace("−", "-").replace("\u2009", "").replace("\u202f", "")
+
+
+def quoted_numbers(text: str) -> list[tuple[str, str]]:
+    """``(results file, number)`` for every number in the ``<!-- quotes docs/results/x.md
+    -->`` … ``<!-- /quotes -->`` blocks of a page."""
+    return [
+        (path, n)
+        for path, block in QUOTES.findall(text)
+        for n in NUMBER.findall(_normal(block))
+        if "." in n or sum(c.isdigit() for c in n) >= 3
+    ]
+
+
+def test_numbers_quoted_in_the_readme_and_the_guide_are_the_stored_results():
+    """Every number the README or the guide quotes from a study's default run (inside a
+    quotes block) is in that run's report, stored in docs/results by
+    `experiments.execute_notebooks`; and those reports are the notebooks' runs (the same
+    verdict lines)."""
+    import nbformat
+
+    from experiments.execute_notebooks import STUDIES
+
+    pages = {"README.md": read("README.md")}
+    pages.update({f: read(os.path.join("docs", "guide", f)) for f in os.listdir(GUIDE)})
+    quoted = {page: quoted_numbers(text) for page, text in pages.items()}
+    assert sum(map(len, quoted.values())) >= 40  # the study pages quote their runs
+    for page, numbers in quoted.items():
+        for path, n in numbers:
+            stored = _normal(read(path))
+            assert re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", stored), (page, path, n)
+    for notebook, studies in STUDIES.items():
+        nb = nbformat.read(
+            os.path.join(ROOT, "experiments", "notebooks", f"{notebook}.ipynb"), as_version=4
+        )
+        text = json.dumps(nb.dict(), ensure_ascii=False)
+        shown = list(dict.fromkeys(re.findall(r"Verdicts: ([^.]*)\.", text)))
+        stored = [
+            re.findall(r"Verdicts: ([^.]*)\.", read(os.path.join("docs", "results", f"{s}.md")))
+            for s in studies
+        ]
+        assert [v[0] for v in stored] == shown, (notebook, stored, shown)
+
+
+def test_quoted_numbers_are_found_in_their_blocks():
+    text = "a 1.5 b <!-- quotes r.md -->φ 6.53, −3,475 and 98.1 %; 3 seeds, K = 20, 1,000"
+    text += "<!-- /quotes --> 7.25"
+    assert quoted_numbers(text) == [
+        ("r.md", "6.53"),
+        ("r.md", "3,475"),
+        ("r.md", "98.1"),
+        ("r.md", "1,000"),
+    ]
