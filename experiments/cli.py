@@ -28,10 +28,21 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "multihost",
     False,
-    "Call jax.distributed.initialize() first (several hosts; coordinator/process ids come "
-    "from the environment: TPU pods, SLURM, ...).",
+    "Start JAX's multi-controller runtime first (jax.distributed.initialize): one process per "
+    "host. TPU pod slices, SLURM and Open MPI are detected; elsewhere give the three flags "
+    "below (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).",
 )
+flags.DEFINE_string(
+    "coordinator_address", None, "With --multihost: host:port of process 0's coordinator."
+)
+flags.DEFINE_integer("num_processes", None, "With --multihost: how many processes in all.")
+flags.DEFINE_integer("process_id", None, "With --multihost: this process's id, 0 … n − 1.")
 FLAGS = flags.FLAGS
+MANUAL = (  # (flag, environment variable) of a manual launch
+    ("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+    ("num_processes", "JAX_NUM_PROCESSES"),
+    ("process_id", "JAX_PROCESS_ID"),
+)
 
 
 def _one_line(error: BaseException) -> str:
@@ -123,10 +134,67 @@ def setup(argv, default_config=None):
     except files.WorkdirError as e:
         usage_error(str(e))
     if FLAGS.multihost:
-        import jax
-
-        jax.distributed.initialize()
+        start_multihost()
+    elif any(getattr(FLAGS, f) is not None for f, _ in MANUAL):
+        usage_error("--coordinator_address, --num_processes and --process_id need --multihost")
     return config
+
+
+def multihost_arguments(values: dict, environ) -> dict:
+    """The keyword arguments of ``jax.distributed.initialize`` for a manual launch: each of
+    ``coordinator_address``, ``num_processes``, ``process_id`` from ``values`` (the flags) or
+    else the environment (`MANUAL`); ``{}`` when none is set (cluster auto-detection).
+
+    Raises:
+      ValueError: some but not all are set, or the values are inconsistent.
+    """
+    out = {}
+    for name, var in MANUAL:
+        value = values.get(name)
+        if value is None and environ.get(var):
+            value = environ[var]
+        if value is not None:
+            out[name] = value
+    if not out:
+        return {}
+    if len(out) < len(MANUAL):
+        missing = ", ".join(f"--{n} (or {v})" for n, v in MANUAL if n not in out)
+        raise ValueError(f"a manual multi-process launch needs all three values; missing {missing}")
+    try:
+        n, i = int(out["num_processes"]), int(out["process_id"])
+    except ValueError:
+        raise ValueError(
+            f"--num_processes={out['num_processes']} and --process_id={out['process_id']} "
+            "must be integers"
+        ) from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--process_id={i} is not in 0 … {n - 1} (--num_processes={n})")
+    host, _, port = str(out["coordinator_address"]).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"--coordinator_address={out['coordinator_address']} is not host:port "
+            "(e.g. localhost:12355, process 0's host)"
+        )
+    return {"coordinator_address": out["coordinator_address"], "num_processes": n, "process_id": i}
+
+
+def start_multihost() -> None:
+    """``jax.distributed.initialize`` with the manual launch's values (`multihost_arguments`)
+    or cluster auto-detection; CPU collectives over gloo (CPU-only hosts, the tests). Bad
+    values exit 2 with one line."""
+    import os
+
+    try:
+        kwargs = multihost_arguments({f: getattr(FLAGS, f) for f, _ in MANUAL}, os.environ)
+    except ValueError as e:
+        usage_error(str(e))
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        usage_error(f"--multihost: {_one_line(e)}")
 
 
 def log(line: str) -> None:
@@ -155,7 +223,9 @@ def user_errors_exit_2():
 def _interruptible(main):
     """Ctrl-C: one line on stderr (where the run stopped and how to resume), exit status 130,
     no traceback. Training checkpoints its last completed step first; finished measurements
-    are cached, so rerunning the same command resumes."""
+    are cached, so rerunning the same command resumes. In a multi-process run, a collective
+    that fails because another process died gives one line and exit status 1 at once
+    (`lost_peer`), instead of a traceback and a wait for the runtime's shutdown barrier."""
 
     def wrapped(argv):
         try:
@@ -164,8 +234,37 @@ def _interruptible(main):
             message = str(e) or "interrupted; rerun the same command to resume"
             print(message, file=sys.stderr, flush=True)
             sys.exit(130)
+        except Exception as e:
+            if FLAGS.multihost and _collective_failure(e):
+                lost_peer(e)
+            raise
 
     return wrapped
+
+
+def _collective_failure(error: BaseException) -> bool:
+    import jax
+
+    return jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+
+
+def lost_peer(error: BaseException) -> None:
+    """One line naming the failed collective, then ``os._exit(1)``: the runtime's own exit
+    would wait for a shutdown barrier that the dead process never reaches (until its
+    heartbeat timeout) and then abort with a stack dump. What was saved stays: rerunning
+    every process with the same command resumes from the last checkpoint."""
+    import os
+
+    import jax
+
+    print(
+        f"{sys.argv[0]}: error: process {jax.process_index()} of {jax.process_count()}: a "
+        f"collective failed, another process has probably died ({_one_line(error)[:200]}); "
+        "rerun every process with the same command to resume from the last checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)
 
 
 def run(main):

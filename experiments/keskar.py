@@ -21,7 +21,10 @@ def main(argv):
 
     with cli.user_errors_exit_2():
         keskar.run(config, cli.FLAGS.workdir, log=cli.log, extend=cli.FLAGS.extend)
-    cli.log(open(os.path.join(cli.FLAGS.workdir, "report.md")).read())
+    import jax
+
+    if jax.process_index() == 0:  # it alone wrote the report
+        print(open(os.path.join(cli.FLAGS.workdir, "report.md")).read(), flush=True)
 
 
 if __name__ == "__main__":

@@ -651,8 +651,8 @@ class GradientNoise:
             num_probes=num_probes,
             group_of=tuple(int(g) for g in ids),
         )
-        sq, dot = np.asarray(sq, np.float64), np.asarray(dot, np.float64)
-        pi, mean_sq = np.asarray(pi, np.float64).ravel(), np.asarray(mean_sq, np.float64)
+        sq, dot = tu.host(sq, np.float64), tu.host(dot, np.float64)
+        pi, mean_sq = tu.host(pi, np.float64).ravel(), tu.host(mean_sq, np.float64)
         objective.check_finite("per-example gradients (noise scale)", sq, dot, mean_sq)
         sq, dot = sq.reshape(-1, len(names)), dot.reshape(-1, len(names))
         real = pi > 0
@@ -664,7 +664,7 @@ class GradientNoise:
         # probes of each batch (independent across batches and leaves), scaled like tr Σ.
         # The projections' variance of each group's part of tr Σ: the spread over the
         # probes (shared by all examples) of each probe's estimate.
-        units = np.asarray(units, np.float64)  # (groups, K)
+        units = tu.host(units, np.float64)  # (groups, K)
         probe_var = np.zeros(len(names))
         if num_probes > 1:
             probe_var = units.var(axis=1, ddof=1) / num_probes * (n / (n - 1)) ** 2

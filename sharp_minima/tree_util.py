@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 PyTree = Any
@@ -21,6 +22,7 @@ __all__ = [
     "add",
     "axpy",
     "dot",
+    "host",
     "norm",
     "path_str",
     "random_like",
@@ -36,6 +38,24 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
     """Euclidean inner product of two pytrees of the same structure."""
     leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
     return sum(leaves, jnp.zeros((), jnp.result_type(*leaves) if leaves else jnp.float32))
+
+
+def host(x, dtype=None):
+    """``x`` as a numpy array on this host, also when it is a global array spread over
+    several processes (gathered from all of them: every process calls this together).
+
+    Args:
+      x: an array (jax or numpy).
+      dtype: optional numpy dtype.
+
+    Returns:
+      A numpy array.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, dtype)
 
 
 def norm(a: PyTree) -> jax.Array:

@@ -29,6 +29,7 @@ section results}, ...}``; a study of one section returns that section's results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -380,7 +381,9 @@ class Study:
         """
         chosen = self.check(config)
         check_config(self.name, config, workdir, extend=extend)  # a refusal touches nothing
-        with files.workdir_lock(workdir, log=log):
+        # One lock per run: in a multi-process run process 0 holds it (it alone writes).
+        main = jax.process_index() == 0
+        with files.workdir_lock(workdir, log=log) if main else contextlib.nullcontext():
             record = check_config(self.name, config, workdir, extend=extend)
             _write_record(workdir, record)
             ctx = Context(config, workdir, log, self.name)
