@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -293,6 +294,20 @@ def test_command_line_two_steps_and_resume(tmp_path):
             ],
             "data set 'cifar10' is not available",
         ),
+        (
+            [
+                "--config=configs/swissroll.py:tiny",
+                "--multihost",
+                "--num_processes=2",
+                "--process_id=2",
+                "--coordinator_address=localhost:12355",
+            ],
+            "--process_id=2 is not in 0 … 1 (--num_processes=2)",
+        ),  # fmt: skip
+        (
+            ["--config=configs/swissroll.py:tiny", "--process_id=1"],
+            "--coordinator_address, --num_processes and --process_id need --multihost",
+        ),
     ],
 )
 def test_command_line_errors_exit_2_with_one_line(tmp_path, args, message):
@@ -350,3 +365,21 @@ def test_lbfgs_with_its_line_search_trains(tmp_path):
     result = train.train(config, str(tmp_path), tx=optax.lbfgs(memory_size=5))
     losses = [r["train/loss"] for r in result.history]
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_a_manual_multihost_launch_takes_flags_or_the_environment_and_all_three():
+    from experiments.cli import multihost_arguments
+
+    env = {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    want = {"coordinator_address": "h0:1234", "num_processes": 4, "process_id": 3}
+    assert multihost_arguments({}, env) == want
+    assert multihost_arguments({"process_id": 0}, env) == {**want, "process_id": 0}  # flag wins
+    assert multihost_arguments({}, {}) == {}  # a cluster to detect (TPU, SLURM, Open MPI)
+    for values, environ, message in (
+        ({"process_id": 0}, {}, "missing --coordinator_address (or JAX_COORDINATOR_ADDRESS)"),
+        ({}, {**env, "JAX_PROCESS_ID": "4"}, "--process_id=4 is not in 0 … 3"),
+        ({}, {**env, "JAX_NUM_PROCESSES": "two"}, "must be integers"),
+        ({}, {**env, "JAX_COORDINATOR_ADDRESS": "h0"}, "is not host:port"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            multihost_arguments(values, environ)
