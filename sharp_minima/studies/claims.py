@@ -219,6 +219,18 @@ def verdict(margin: float, noise: float = 0.0) -> str:
     return WITHIN_NOISE
 
 
+def within_tolerance(error: float, tol: float) -> str:
+    """A deterministic check against a tolerance fixed before the run (closed forms, float
+    rounding, a fit's residual: no sampling noise): *yes* below ``tol``, *no* beyond
+    2 × ``tol``, *within noise* between — the rule's 2 units, with a unit of ``tol``/4
+    about 1.5 × ``tol``.
+
+    >>> within_tolerance(1e-16, 1e-9), within_tolerance(1.5e-9, 1e-9), within_tolerance(3e-9, 1e-9)
+    ('yes', 'within noise', 'no')
+    """
+    return verdict(1.5 * tol - error, tol / 4)
+
+
 def equivalence(difference: float, noise: float, margin: float) -> str:
     """A "the same" claim by two one-sided tests: `YES` when ``|difference|`` is below the
     equivalence ``margin`` by more than 2 noise units, `NO` when it exceeds it by more.

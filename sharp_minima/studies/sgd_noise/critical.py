@@ -10,7 +10,14 @@ import numpy as np
 
 from sharp_minima import dynamics, gradients, plotting, train
 from sharp_minima.studies import claims as claims_lib
-from sharp_minima.studies.claims import Claim, all_of, seed_noise, seed_stat, verdict
+from sharp_minima.studies.claims import (
+    Claim,
+    all_of,
+    seed_noise,
+    seed_stat,
+    verdict,
+    within_tolerance,
+)
 from sharp_minima.studies.common import markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
@@ -222,7 +229,7 @@ def claims(config, res) -> list:
     nq = res["nqm"]["fit"]
     out.append(
         NQM_HYPERBOLA.given(
-            verdict(NQM_RESIDUAL - nq["residual"], NQM_RESIDUAL / 4),
+            within_tolerance(nq["residual"], NQM_RESIDUAL),
             f"rms relative residual {100 * nq['residual']:.1f}% (tolerance "
             f"{100 * NQM_RESIDUAL:g}%), B_crit {nq['b_crit']:.4g}",
         )

@@ -16,7 +16,7 @@ import numpy as np
 from sharp_minima import hessian, landscape, plotting, sharpness, train
 from sharp_minima.models import mlp
 from sharp_minima.studies import claims as claims_lib
-from sharp_minima.studies.claims import Claim, all_of, verdict
+from sharp_minima.studies.claims import Claim, all_of, verdict, within_tolerance
 from sharp_minima.studies.common import key_streams, markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
@@ -218,8 +218,8 @@ def claims(config, res) -> list:
         SAME_FUNCTION.given(
             all_of(
                 [
-                    verdict(1.0 / res["num_test"] - acc, 0.5 / res["num_test"]),
-                    verdict(SAME_LOSS - loss, SAME_LOSS / 2),
+                    within_tolerance(acc, 1.0 / res["num_test"]),  # under one test example
+                    within_tolerance(loss, SAME_LOSS),
                 ]
             ),
             f"α ∈ [{lo:g}, {hi:g}]; largest change: test accuracy {acc:.2g}, training loss "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from sharp_minima import sharpness
 from sharp_minima.studies import claims as claims_lib
-from sharp_minima.studies.claims import Claim, all_of, verdict
+from sharp_minima.studies.claims import Claim, all_of, verdict, within_tolerance
 from sharp_minima.studies.common import markdown_table
 from sharp_minima.studies.sections import Section
 from sharp_minima.studies.sgd_noise import kit
@@ -136,12 +136,6 @@ def measure(config, log=print) -> dict:
     return {"rows": rows}
 
 
-def _within(rel_error: float, tol: float) -> str:
-    """A deterministic check: *yes* within ``tol``, *no* beyond 2 × ``tol`` (the rule's
-    2 units of the solver's tolerance), else *within noise*."""
-    return verdict(tol - rel_error, tol / 2)
-
-
 def claims(config, res) -> list:
     t = config.sgd_noise.toy.claims
     rows = res["rows"]
@@ -150,7 +144,7 @@ def claims(config, res) -> list:
     eps = sorted({r["epsilon"] for r in rows})
     out = [
         CLOSED_FORM.given(
-            _within(err, CLOSED_FORM_RTOL),
+            within_tolerance(err, CLOSED_FORM_RTOL),
             f"largest relative error {err:.2g} over {len(ident)} rows (tolerance "
             f"{CLOSED_FORM_RTOL:g})",
         )
@@ -159,7 +153,7 @@ def claims(config, res) -> list:
     lerr = max(abs(r["phi"] / r["lecture"] - 1) for r in lect)
     out.append(
         PRINTED.given(
-            _within(lerr, PRINTED_RTOL),
+            within_tolerance(lerr, PRINTED_RTOL),
             f"largest relative difference {lerr:.2g} (rounding up to {PRINTED_RTOL:g}; the "
             "lecture rounds x⁸ at ε = 5e-4: 3.9e-25 for 100·(5e-4)⁸ = 3.906e-25)",
         )
@@ -193,7 +187,7 @@ def _scaling_claim(rows, e0, e1):
         get = {r["epsilon"]: r["phi"] for r in rows if r["function"] == name and r["A"] == "random"}
         ratio = get[e1] / get[e0]
         expect = (e1 / e0) ** power
-        parts.append(_within(abs(ratio / expect - 1), SCALING_RTOL))
+        parts.append(within_tolerance(abs(ratio / expect - 1), SCALING_RTOL))
         nums.append(f"{name}: {ratio:.4g} (expected {expect:.4g})")
     return SCALING.given(
         all_of(parts),
