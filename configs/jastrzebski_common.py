@@ -73,7 +73,7 @@ def sharpest(learning_rate: float, batch_size: int) -> ml_collections.ConfigDict
     s.variants_every_steps = 10  # e_1 recomputed (and the curves measured) this often
     # Fig. 12: eta = lr for L epochs, then lr / 10.
     s.schedule_first_epochs = (10, 20, 40, 80)
-    s.seeds = 1
+    s.seeds = 1  # one seed per run (more are not implemented: the seed claims read not tested)
     # The claims' thresholds, fixed before the run (each with its origin in the study's Claim).
     s.claims = ml_collections.ConfigDict()
     s.claims.peak_growth = 1.5  # λ_max peak ≥ 1.5× its first value (Fig. 2)

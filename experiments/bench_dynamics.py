@@ -9,7 +9,11 @@ Prints:
     >= 0.95 and >= 3), and the steps of an
     epoch fused in one `lax.scan` (`PopulationTrainer.epoch`) vs one vmapped call per step;
   * 10^4 Langevin runs x 10^4 steps on the double well in one `Simulator.run` call vs the same
-    simulation in NumPy, vectorised over runs (target >= 5).
+    simulation in NumPy, vectorised over runs (target >= 5);
+  * a population's member axis sharded over d devices (``--devices``, simulated CPU devices:
+    they share the cores, so the ratio is an overhead, target >= 0.8 of one device's members
+    per second) and the parameters and optimizer states one device holds (target <= 1.2/d of
+    the whole population's).
 Absolute times on a shared CPU are noisy; the ratios are what to read.
 """
 
@@ -33,6 +37,7 @@ def define_flags():
     flags.DEFINE_integer("steps", 50, "Training steps per timing.")
     flags.DEFINE_integer("runs", 10_000, "SDE runs.")
     flags.DEFINE_integer("sde_steps", 10_000, "SDE steps.")
+    flags.DEFINE_integer("devices", 4, "Simulated CPU devices for the sharded population.")
 
 
 def _timed(fn):
@@ -120,6 +125,54 @@ def bench_population(widths, members, steps):
     return t_seq / t_vmap, t_seq / t_fused
 
 
+def bench_sharded_population(widths, members, steps):
+    """Members per second of one fused epoch on all devices vs on the first one, and the
+    bytes of parameters and optimizer states on device 0 / the whole population's."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from sharp_minima import dynamics
+
+    rng = np.random.default_rng(0)
+    n, batch_size = 4096, 32
+    data = {
+        "x": jnp.asarray(rng.normal(size=(n, widths[0])).astype(np.float32)),
+        "y": jnp.asarray(rng.integers(0, widths[-1], size=n)),
+    }
+    shapes = list(zip(widths[:-1], widths[1:]))
+    params = [
+        {"w": jnp.asarray(rng.normal(size=(members, a, b)).astype(np.float32) / np.sqrt(a)),
+         "b": jnp.zeros((members, b))}
+        for a, b in shapes
+    ]  # fmt: skip
+    lrs = jnp.asarray(np.geomspace(1e-3, 1e-1, members).astype(np.float32))
+    order = jnp.asarray(rng.integers(0, n, size=(members, steps, batch_size)))
+    rates, share = {}, None
+    for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
+        trainer = dynamics.PopulationTrainer(mlp_loss, optax.adam, devices=devices)
+        state = trainer.init(params, learning_rates=lrs)
+        run = lambda t=trainer, s=state: t.epoch(params, s, data, order)[2]  # noqa: E731
+        run()  # compile
+        rates[name] = members * steps / min(_timed(run) for _ in range(3))
+        if name == "all":
+            placed = jax.tree.leaves(trainer._place((params, state), members))
+            on0 = sum(
+                s.data.nbytes for a in placed for s in a.addressable_shards
+                if s.device == devices[0]
+            )  # fmt: skip
+            whole = sum(a.nbytes for a in jax.tree.leaves((params, state)))
+            share = on0 / whole
+    d = jax.device_count()
+    print(
+        f"MLP {'-'.join(map(str, widths))}, {members} members x {steps} steps (Adam): "
+        f"{rates['one']:.0f} member-steps/s on 1 device, {rates['all']:.0f} on {d} simulated "
+        f"devices; device 0 holds {share:.3f} of the population's parameters and Adam states "
+        f"(1/d = {1 / d:.3f})"
+    )
+    return rates["all"] / rates["one"], share * d
+
+
 def bench_sde(runs, steps):
     import jax
     import jax.numpy as jnp
@@ -161,6 +214,11 @@ def bench_sde(runs, steps):
 
 def main(argv):
     del argv
+    import os
+
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={FLAGS.devices}"
+    )
     import jax
 
     print(f"devices: {jax.devices()}")
@@ -177,6 +235,13 @@ def main(argv):
         )
     r = bench_sde(FLAGS.runs, FLAGS.sde_steps)
     print(f"RATIO numpy/jax SDE = {r:.1f} (target >= 5)")
+    if jax.device_count() > 1:
+        for widths in ((40, 64, 64, 10), (40, 256, 256, 10)):
+            speed, memory = bench_sharded_population(widths, FLAGS.members, FLAGS.steps)
+            print(
+                f"RATIO sharded/one-device members per second = {speed:.2f} (target >= 0.8); "
+                f"memory per device x d = {memory:.2f} (target <= 1.2)"
+            )
     sys.stdout.flush()
 
 

@@ -237,3 +237,40 @@ def test_noise_params_change_the_noise_without_recompiling():
             num_steps=2,
             noise_params=jnp.ones(3),
         )
+
+
+def test_a_population_shards_its_members_over_the_devices_and_pads_a_count_they_do_not_divide():
+    """6 members on the suite's 4 devices (padded to 8: 2 per device) give the numbers of one
+    device, and each device holds 2 members' parameters and optimizer states."""
+    assert jax.device_count() == 4
+    rng = np.random.default_rng(1)
+
+    def loss(p, b):
+        return jnp.mean((jnp.tanh(b["x"] @ p["w1"]) @ p["w2"] - b["y"]) ** 2)
+
+    metrics = lambda p, d: {"loss": loss(p, d)}  # noqa: E731
+    members = 6
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(members, 4, 8)), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(members, 8)), jnp.float32),
+    }
+    data = {"x": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32), "y": jnp.zeros(32)}
+    order = rng.integers(0, 32, size=(members, 3, 8))
+    lrs = jnp.linspace(0.01, 0.06, members)
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("all", None)):
+        trainer = dynamics.PopulationTrainer(
+            loss, lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+            metrics_fn=metrics, devices=devices,
+        )  # fmt: skip
+        state = trainer.init(params, learning_rates=lrs)
+        p, state, losses = trainer.epoch(params, state, data, order)
+        p, state, last = trainer.step(p, state, jax.tree.map(lambda a: a[order[:, 0]], data))
+        out[name] = (p, state, losses, last, trainer.evaluate(p, data))
+        if devices is None:
+            placed = trainer._place((p, state), members)
+            shards = [s.data.shape[0] for s in jax.tree.leaves(placed)[0].addressable_shards]
+            assert shards == [2, 2, 2, 2]  # 8 padded members, 2 per device
+            assert losses.shape == (members, 3) and p["w1"].shape == (members, 4, 8)
+    for a, b in zip(jax.tree.leaves(out["one"]), jax.tree.leaves(out["all"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
