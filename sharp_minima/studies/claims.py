@@ -225,6 +225,13 @@ def within_tolerance(error: float, tol: float) -> str:
     2 × ``tol``, *within noise* between — the rule's 2 units, with a unit of ``tol``/4
     about 1.5 × ``tol``.
 
+    Args:
+      error: the measured error (≥ 0).
+      tol: the tolerance fixed before the run.
+
+    Returns:
+      The verdict.
+
     >>> within_tolerance(1e-16, 1e-9), within_tolerance(1.5e-9, 1e-9), within_tolerance(3e-9, 1e-9)
     ('yes', 'within noise', 'no')
     """
@@ -294,6 +301,12 @@ def ordered(values, noises, *, decreasing: bool) -> str:
 def seed_stat(values) -> dict | None:
     """The ``{"mean", "std", "n"}`` of the finite ``values`` (one per seed; std with
     ddof = 1), as `seed_noise` takes it; None when no value is finite.
+
+    Args:
+      values: one number per seed (NaN and infinities are left out).
+
+    Returns:
+      The statistics (std NaN for one value), or None.
 
     >>> seed_stat([1.0, 2.0, float("nan"), 3.0])
     {'mean': 2.0, 'std': 1.0, 'n': 3}
