@@ -60,6 +60,9 @@ def test_figures_are_returned_not_saved_and_a_second_run_recomputes_nothing(
     np.testing.assert_equal(results, run.results)
     cached = {p: t for p, t in _files(run.workdir).items() if "checkpoint" in p}
     assert cached == {p: t for p, t in before.items() if "checkpoint" in p}  # none rewritten
+    # The figures are not saved again: same results, same drawing code (.figures-stamp).
+    drawn = lambda files: {p: t for p, t in files.items() if p.endswith((".png", ".pdf"))}  # noqa: E731
+    assert drawn(_files(run.workdir)) == drawn(before) and drawn(before)
 
 
 def test_run_folders_are_named_in_one_place():

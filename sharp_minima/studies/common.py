@@ -5,8 +5,10 @@ the four functions every study offers."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
+import json
 import os
 import zlib
 from collections.abc import Callable
@@ -131,6 +133,24 @@ def mean_std(summary: dict, key: str, group, digits: int = 2) -> str:
 
 
 INLINE_SIZE = 64  # arrays up to this many numbers stay in results.json
+FIGURE_STAMP = ".figures-stamp"  # what the saved figures were drawn from (`_figure_stamp`)
+
+
+def _figure_stamp(plain: dict, arrays: dict) -> str:
+    """A hash of everything a study's figures are drawn from: its results, the library's
+    source (the drawing code) and matplotlib's version."""
+    import matplotlib
+
+    h = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode())
+    for k in sorted(arrays):
+        h.update(k.encode() + np.ascontiguousarray(arrays[k]).tobytes())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(f.read())
+    h.update(matplotlib.__version__.encode())
+    return h.hexdigest()
 
 
 def _move_arrays(obj, path: str, arrays: dict):
@@ -198,7 +218,8 @@ def write_outputs(
     """Saves a study's outputs, all in ``workdir``: ``report.md``, ``results.json`` (arrays of
     more than `INLINE_SIZE` numbers go to ``results.npz``, named by their path in the results,
     which ``results.json`` gives as ``"results.npz:<path>"``) and each figure as PNG and PDF,
-    on process 0, atomically; prints the claims.
+    on process 0, atomically; prints the claims. A figure already saved from the same results
+    by the same library source and matplotlib (``.figures-stamp``) is not saved again.
 
     Args:
       config: the study's config.
@@ -237,9 +258,16 @@ def write_outputs(
             buf = io.BytesIO()
             np.savez(buf, **arrays)
             files.write_atomic(os.path.join(workdir, "results.npz"), buf.getvalue())
+        # A resumed run whose results and drawing code are unchanged keeps its saved figures
+        # (saving PNG and PDF is most of a resume's time).
+        stamp, stamp_path = _figure_stamp(plain, arrays), os.path.join(workdir, FIGURE_STAMP)
+        kept = os.path.exists(stamp_path) and open(stamp_path).read() == stamp
         for name, fig in ({} if nothing else figures(config, results)).items():
-            plotting.save(fig, workdir, name)
+            saved = [os.path.join(workdir, f"{name}.{ext}") for ext in ("png", "pdf")]
+            if not (kept and all(os.path.exists(p) for p in saved)):
+                plotting.save(fig, workdir, name)
             names.append(name)
+        files.write_atomic(stamp_path, stamp)
         text = report(config, results, names).rstrip("\n") + "\n"
         if diverged:
             text += "\n" + "\n".join(diverged_section(diverged)) + "\n"
