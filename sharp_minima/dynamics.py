@@ -612,20 +612,22 @@ class PopulationTrainer:
     optimizer states (each member's learning rate inside it) and batches; an epoch is one
     ``lax.scan`` over its steps with the data on the device.
 
-    The member axis is sharded over ``devices`` (default: all of this process's devices; a
+    The member axis is sharded over ``devices`` (default: every device of every process; a
     TPU's 8 cores train 8 groups of members at once): every call places its member-axis
     inputs with ``NamedSharding(mesh, P("members"))`` and the shared data replicated, so each
     device holds and trains P/d members, with no communication between them. A member count
     that d does not divide is padded (copies of the last member, dropped from the results),
-    never refused. The numbers are those of one device. In a multi-process run each process
-    trains the whole population on its own devices.
+    never refused. The numbers are those of one device. In a multi-process run (the mesh
+    spans processes) every process passes the same inputs, trains its devices' members, and
+    gets every member's results back (one all-gather per call).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (mean over the batch).
       optimizer: ``optimizer(learning_rate) -> optax.GradientTransformation``, e.g.
         ``optax.sgd``; wrapped in `optax.inject_hyperparams`, so the rate is per member.
       metrics_fn: ``metrics_fn(params, data) -> dict`` of scalars (for `evaluate`).
-      devices: the devices to shard the members over (default: ``jax.local_devices()``).
+      devices: the devices to shard the members over (default: ``jax.devices()``, all
+        processes' devices).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -647,8 +649,9 @@ class PopulationTrainer:
         metrics_fn=None,
         devices=None,
     ):
-        devices = list(jax.local_devices() if devices is None else devices)
+        devices = list(jax.devices() if devices is None else devices)
         self.mesh = jax.sharding.Mesh(np.asarray(devices), ("members",))
+        self.spans_processes = len({d.process_index for d in devices}) > 1
         self.loss_fn = loss_fn
         self.metrics_fn = metrics_fn
         self.tx = optax.inject_hyperparams(optimizer)(learning_rate=0.0)
@@ -657,6 +660,8 @@ class PopulationTrainer:
         self._step_jit = jax.jit(jax.vmap(self._step))
         self._epoch_jit = jax.jit(self._epoch)
         self._metrics_jit = jax.jit(jax.vmap(self._metrics, in_axes=(0, None)))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._gather_jit = jax.jit(lambda tree: tree, out_shardings=replicated)
 
     def _place(self, tree, count: int):
         """``tree``'s leaves (leading axis ``count``) padded to a multiple of the devices with
@@ -678,7 +683,10 @@ class PopulationTrainer:
         return jax.device_put(tree, sharding)
 
     def _take(self, tree, count: int):
-        """The first ``count`` members of ``tree`` (the padding dropped)."""
+        """The first ``count`` members of ``tree`` (the padding dropped); on a mesh across
+        processes gathered first, so that every process can read every member."""
+        if self.spans_processes:
+            tree = self._gather_jit(tree)
         if count % self.mesh.size == 0:
             return tree
         return jax.tree.map(lambda a: a[:count], tree)

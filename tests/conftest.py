@@ -101,6 +101,7 @@ MODULE_STUDY = {  # the study a test module reads, when its tests are not parame
     "test_runs": "keskar",
     "test_sgd_noise": "sgd_noise",
     "test_notebooks": "keskar",
+    "test_multiprocess": "keskar",
 }
 
 
@@ -111,6 +112,7 @@ def _study_of(item) -> str:
     return MODULE_STUDY.get(item.module.__name__.rsplit(".", 1)[-1], "keskar")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (xdist 3.8)
 def pytest_collection_modifyitems(config, items):
     """Every test that reads a tiny study joins its study's xdist group (`GROUPS`)."""
     for item in items:
