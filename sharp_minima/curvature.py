@@ -490,6 +490,47 @@ def _converged_on_device(alphas, betas, pos, min_pos, tol, *, k, which):
     return ok | ~jnp.all(jnp.isfinite(alphas))  # NaN: stop at once, the host reports it
 
 
+def _ritz(a, b, k: int, which: str, locked_res):
+    """The Ritz values of the tridiagonal (alphas ``a``, betas ``b``, float64 on the host):
+    ``(theta, s, idx, scale, estimates)`` — all values and vectors, the wanted ones' indices,
+    max|theta| and the wanted pairs' residual estimates."""
+    theta, s = tridiagonal_eigh(a, b)
+    idx = _select_ritz(theta, k, which)
+    scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
+    return theta, s, idx, scale, _ritz_residuals(b, s, idx, locked_res)
+
+
+def _ritz_coefficients(s, idx, pos: int, m: int) -> np.ndarray:
+    """(k, m): the wanted Ritz vectors' coefficients in the first ``pos`` basis rows."""
+    coeffs = np.zeros((len(idx), m))
+    coeffs[:, :pos] = s[:, idx].T
+    return coeffs
+
+
+def _same_values(a, b, atol: float) -> bool:
+    """Whether two sets of eigenvalues agree to ``atol`` (sorted)."""
+    return np.allclose(np.sort(a), np.sort(b), rtol=0, atol=atol)
+
+
+def _basis_rows(k, n: int, num_steps, check_every: int, tol: float) -> int:
+    """The Lanczos basis's first size for `Operator.eigenpairs` (``num_steps``, or by default
+    ``min(n, max(2k + 20, 30))``, doubled later as needed), its arguments checked."""
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > n:
+        raise ValueError(f"k={k} exceeds the dimension {n} of the (selected) parameters")
+    m = min(n, max(2 * k + 20, 30)) if num_steps is None else num_steps
+    if m < k:
+        raise ValueError(f"num_steps={m} must be at least k={k}")
+    if m > n:
+        raise ValueError(f"num_steps={m} exceeds the dimension {n} of the (selected) parameters")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    return m
+
+
 @functools.partial(jax.jit, static_argnums=(3,))
 def _jitted_grow(basis, alphas, betas, m):
     """The basis, alphas and betas padded with zeros to m rows (module level: no loss)."""
@@ -1030,34 +1071,10 @@ class Operator:
             raise ValueError(f"which must be one of {WHICH}, got {which!r}")
         prep = self._prepare(params, batches, weights)
         n, dtype = prep.dim, prep.dtype
-        if not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if k > n:
-            raise ValueError(f"k={k} exceeds the dimension {n} of the (selected) parameters")
         grow = num_steps is None
-        m = min(n, max(2 * k + 20, 30)) if grow else num_steps
-        if m < k:
-            raise ValueError(f"num_steps={m} must be at least k={k}")
-        if m > n:
-            raise ValueError(
-                f"num_steps={m} exceeds the dimension {n} of the (selected) parameters"
-            )
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}")
-
+        m = _basis_rows(k, n, num_steps, check_every, tol)
         key_start, key_restart = jax.random.split(key)
-        v0 = jax.random.normal(key_start, (n,), dtype)
-        if init_vectors is not None:
-            prev = jax.vmap(self.objective.flatten)(init_vectors)
-            if prev.ndim != 2 or prev.shape[-1] != n:
-                raise ValueError(
-                    f"init_vectors must be params-shaped with a leading axis; got {prev.shape}"
-                )
-            guess = prev.astype(dtype).sum(0)
-            v0 = guess / jnp.linalg.norm(guess) + 0.1 * v0 / jnp.linalg.norm(v0)
-
+        v0 = self._start_vector(key_start, n, dtype, init_vectors)
         basis, alphas, betas = _init_basis(_pad(v0, self._width(prep)), m, self._sharding(prep))
         anorm = jnp.zeros((), dtype)
         pos, total, locked, locked_res = 0, 0, None, None  # basis[pos]: the next to expand
@@ -1065,50 +1082,28 @@ class Operator:
         for round_ in itertools.count():
             limit = m - 1 if grow and m < n else m
             basis, alphas, betas, stop, anorm = self._run_lanczos(
-                prep,
-                batches,
-                basis,
-                alphas,
-                betas,
-                pos,
-                min_pos,
-                limit,
-                key_restart,
-                anorm,
-                tol,
-                k=k,
-                which=which,
-                check_every=check_every,
-                locked=0 if locked is None else k,
-            )
+                prep, batches, basis, alphas, betas, pos, min_pos, limit, key_restart, anorm,
+                tol, k=k, which=which, check_every=check_every, locked=0 if locked is None else k,
+            )  # fmt: skip
             stop = int(stop)
             total, pos = total + stop - pos, stop
             a, b = np.asarray(alphas[:pos], np.float64), np.asarray(betas[:pos], np.float64)
             objective.check_finite(f"{self.products} (Lanczos step {total})", a, b)
-            theta, s = tridiagonal_eigh(a, b)
-            idx = _select_ritz(theta, k, which)
+            theta, s, idx, scale, estimates = _ritz(a, b, k, which, locked_res)
             values = theta[idx]
-            scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-            estimates = _ritz_residuals(b, s, idx, locked_res)
             if grow and pos == limit < m:
                 if np.any(_error_bounds(theta, estimates, idx) > tol * scale):
                     # Not converged in a full basis: double it and go on (one new compilation).
                     m = min(n, 2 * m)
                     basis, alphas, betas = _jitted_grow(basis, alphas, betas, m)
                     continue
-            same = locked is not None and np.allclose(
-                np.sort(values), np.sort(locked), rtol=0, atol=tol * scale
-            )
+            same = locked is not None and _same_values(values, locked, tol * scale)
             if not restart or pos == m or same or k + 1 + check_every > m:
                 break
-            coeffs = np.zeros((k, m))
-            coeffs[:, :pos] = s[:, idx].T
+            coeffs = jnp.asarray(_ritz_coefficients(s, idx, pos, m), dtype)
+            key_round = jax.random.fold_in(key_restart, round_)
             basis, alphas, betas = _jitted_lock(
-                basis,
-                jnp.asarray(coeffs, dtype),
-                jnp.asarray(values, dtype),
-                jax.random.fold_in(key_restart, round_),
-                n,
+                basis, coeffs, jnp.asarray(values, dtype), key_round, n
             )
             # The new block needs a few steps before the locked pairs (decoupled, zero
             # residual) may be declared complete: enough for an eigenvalue the first
@@ -1116,22 +1111,38 @@ class Operator:
             locked, pos, min_pos = values, k, min(m, k + VERIFY_STEPS)
             locked_res = estimates  # a locked pair's residual stays what it was
 
-        coeffs = np.zeros((k, m))
-        coeffs[:, :pos] = s[:, idx].T
-        ritz = (jnp.asarray(coeffs, dtype) @ basis)[:, :n]  # (k, n); rows past `pos` are zero
+        coeffs = jnp.asarray(_ritz_coefficients(s, idx, pos, m), dtype)
+        ritz = (coeffs @ basis)[:, :n]  # (k, n); rows past `pos` are zero
         del basis
+        residuals = estimates
         if exact_residuals:
-            hv = self._matmat(prep, batches, ritz)
-            residuals = np.linalg.norm(
-                np.asarray(hv, np.float64) - values[:, None] * np.asarray(ritz, np.float64),
-                axis=1,
-            )
-            objective.check_finite(f"{self.products} (residuals)", residuals)
-        else:
-            residuals = estimates
+            residuals = self._exact_residuals(prep, batches, ritz, values)
         converged = _error_bounds(theta, residuals, idx) <= tol * scale
         vectors = jax.vmap(lambda r: self.objective.unflatten(params, r))(ritz)
         return Eigenpairs(values, vectors, residuals, converged, total, (a, b))
+
+    def _start_vector(self, key, n: int, dtype, init_vectors):
+        """A random start vector, or the sum of ``init_vectors`` (a pytree like the params
+        with a leading axis) plus a small random part (a warm start)."""
+        v0 = jax.random.normal(key, (n,), dtype)
+        if init_vectors is None:
+            return v0
+        prev = jax.vmap(self.objective.flatten)(init_vectors)
+        if prev.ndim != 2 or prev.shape[-1] != n:
+            raise ValueError(
+                f"init_vectors must be params-shaped with a leading axis; got {prev.shape}"
+            )
+        guess = prev.astype(dtype).sum(0)
+        return guess / jnp.linalg.norm(guess) + 0.1 * v0 / jnp.linalg.norm(v0)
+
+    def _exact_residuals(self, prep, batches, ritz, values) -> np.ndarray:
+        """``||M v - lambda v||`` of the Ritz pairs, with k more products."""
+        hv = self._matmat(prep, batches, ritz)
+        residuals = np.linalg.norm(
+            np.asarray(hv, np.float64) - values[:, None] * np.asarray(ritz, np.float64), axis=1
+        )
+        objective.check_finite(f"{self.products} (residuals)", residuals)
+        return residuals
 
     # -- spectral density ---------------------------------------------------------------
 

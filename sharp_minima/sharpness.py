@@ -159,6 +159,21 @@ def _box_bounds(x0, epsilon, matrix, offset=1.0):
     return epsilon * (coords + offset)
 
 
+def _subspace_matrix(subspace, subspace_dim, key, n: int, dtype):
+    """The n×p matrix A of ε-sharpness: ``subspace`` as given, a random one of ``subspace_dim``
+    columns, or None (the full space)."""
+    matrix = subspace
+    if matrix is None and subspace_dim is not None:
+        if not 1 <= subspace_dim:
+            raise ValueError(f"subspace_dim must be >= 1, got {subspace_dim}")
+        matrix = random_subspace(key, n, subspace_dim, dtype)
+    if matrix is not None:
+        matrix = jnp.asarray(matrix, dtype)
+        if matrix.ndim != 2 or matrix.shape[0] != n:
+            raise ValueError(f"subspace must have shape ({n}, p), got {matrix.shape}")
+    return matrix
+
+
 class SharpnessMeter:
     """Sharpness measurements of one loss, owning their compiled kernels.
 
@@ -253,15 +268,7 @@ class SharpnessMeter:
         n, dtype = prep.dim, prep.dtype
         x0 = self.objective.flatten(params)
         k_start, k_matrix = jax.random.split(key)
-        matrix = subspace
-        if matrix is None and subspace_dim is not None:
-            if not 1 <= subspace_dim:
-                raise ValueError(f"subspace_dim must be >= 1, got {subspace_dim}")
-            matrix = random_subspace(k_matrix, n, subspace_dim, dtype)
-        if matrix is not None:
-            matrix = jnp.asarray(matrix, dtype)
-            if matrix.ndim != 2 or matrix.shape[0] != n:
-                raise ValueError(f"subspace must have shape ({n}, p), got {matrix.shape}")
+        matrix = _subspace_matrix(subspace, subspace_dim, k_matrix, n, dtype)
         p = n if matrix is None else matrix.shape[1]
         bounds64 = _box_bounds(x0, epsilon, matrix, offset=0.0 if adaptive else 1.0)
         bounds = jnp.asarray(bounds64, dtype)
@@ -288,9 +295,7 @@ class SharpnessMeter:
             return value, grad
 
         f0, g0 = evaluate(np.zeros(p))
-        starts = [
-            np.asarray(jax.random.uniform(k_start, (p,), minval=-1.0, maxval=1.0), np.float64)
-        ]
+        starts = [np.asarray(jax.random.uniform(k_start, (p,), minval=-1.0), np.float64)]
         if np.any(g0 != 0):
             starts.insert(0, np.sign(g0))
         results = [evaluate(s) for s in starts]

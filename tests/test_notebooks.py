@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from helpers import ROOT
 
-from experiments.execute_notebooks import FOLDER, STUDIES, names
+from sharp_minima.studies.notebooks import FOLDER, STUDIES, names
 
 # notebook -> the studies it runs (each writes into workdir/<setup>/<study>)
 NOTEBOOKS = STUDIES
@@ -86,10 +86,10 @@ def test_notebook_is_committed_ready_to_read_and_to_open_in_colab(name):
 
 
 def execute(name: str, parameters: dict, cwd) -> object:
-    """Runs the notebook as CI does (`experiments.execute_notebooks.execute`: papermill
+    """Runs the notebook as CI does (`sharp_minima.studies.notebooks.execute`: papermill
     injects ``parameters``; the install cell is left out), its kernel on one simulated CPU
     device (the suite's four are for the data-parallel tests)."""
-    from experiments.execute_notebooks import execute as run
+    from sharp_minima.studies.notebooks import execute as run
 
     flags = os.environ.get("XLA_FLAGS", "")
     old = flags

@@ -307,7 +307,7 @@ def test_numbers_quoted_in_the_readme_and_the_guide_are_the_stored_results():
     verdict lines)."""
     import nbformat
 
-    from experiments.execute_notebooks import STUDIES
+    from sharp_minima.studies.notebooks import STUDIES
 
     pages = {"README.md": read("README.md")}
     pages.update({f: read(os.path.join("docs", "guide", f)) for f in os.listdir(GUIDE)})
