@@ -110,8 +110,14 @@ def numbers(pid: int, count: int) -> dict:
     sharded = dict(
         params, w1=jax.make_array_from_callback((din, width), rows, lambda i: params["w1"][i])
     )
-    top = hessian.Curvature(loss).eigenpairs(sharded, batches, k=3, key=key, tol=1e-10)
+    curv = hessian.Curvature(loss)
+    top = curv.eigenpairs(sharded, batches, k=3, key=key, tol=1e-10)
     out["sharded_eigenvalues"] = np.asarray(top.values).tolist()
+    basis = curv.lanczos(sharded, batches, num_steps=8, key=key).basis  # its columns split too
+    out["sharded_basis"] = {
+        "devices": len(basis.sharding.device_set),
+        "columns_here": [s.data.shape[1] for s in basis.addressable_shards],
+    }
     out["population"] = population(x, y, params, model, loss)
     return dict(process=pid, processes=count, devices=jax.device_count(), **out)
 

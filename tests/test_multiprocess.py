@@ -61,7 +61,11 @@ def test_curvature_and_noise_split_across_processes_equal_one_process():
     # The population's members over the 4 devices of both processes (each process reads
     # every member), as over this process's 4.
     assert got["population"]["devices"] == ref["population"]["devices"] == 4
-    # The parameters sharded along D over both processes: the same spectrum.
+    # The parameters sharded along D over both processes: the Lanczos basis split with them
+    # (96 columns, a quarter on each device, two devices in each process), the same spectrum.
+    for p in procs:
+        assert p.results()[0]["sharded_basis"] == {"devices": 4, "columns_here": [24, 24]}
+    assert ref["sharded_basis"] == {"devices": 4, "columns_here": [24] * 4}
     _close(ref["sharded_eigenvalues"], ref["hessian"]["eigenvalues"], 1e-10)
 
 
