@@ -212,15 +212,17 @@ def test_studies_with_sections_are_packages_of_small_files_and_short_functions()
         files = _python_files(os.path.join("studies", package))
         module = importlib.import_module(f"sharp_minima.studies.{package}")
         names = {os.path.basename(f)[:-3] for f in files}
-        # one file per section, besides __init__ and one shared module
-        assert {s.name for s in module.STUDY.sections} <= names and len(names) == len(
-            module.STUDY.sections
-        ) + 2, (package, names)
+        sections = {s.name for s in module.STUDY.sections}
+        # one file per section, besides __init__ and one shared module; a long section keeps
+        # its simulations or figures in a companion named after it (sde_runs.py)
+        companions = {n for n in names - sections if any(n.startswith(f"{s}_") for s in sections)}
+        assert sections <= names and len(names - companions) == len(sections) + 2, (
+            package,
+            names,
+        )
         for f in files:
             lines = len(open(f).read().splitlines())
-            # 450 before issue 29's declared claims (about 60 lines a section); sde.py and
-            # swissroll.py are to be split (escape times, basin volumes) into sections of their own
-            limit = 150 if f.endswith("__init__.py") else 530
+            limit = 150 if f.endswith("__init__.py") else 450
             assert lines <= limit, (f, lines)
         checked += files
     for f in checked:
