@@ -636,6 +636,28 @@ def _constrain(x, sharding):
     return x if sharding is None else lax.with_sharding_constraint(x, sharding)
 
 
+def _placed(like, tree):
+    """``tree``'s single-device arrays replicated over the mesh of ``like``'s arrays (the
+    batches, the parameters), where the kernels' outputs live: a kernel called again with
+    its own outputs (a grown basis, a sketch ``Q``) then sees the inputs of its first call
+    and is not compiled a second time. Unchanged without a mesh, or when the mesh spans
+    processes (a process-local array cannot be placed on it)."""
+    meshes = [
+        leaf.sharding
+        for leaf in jax.tree.leaves(like)
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding)
+    ]
+    if not meshes or not meshes[0].is_fully_addressable:
+        return tree
+    target = NamedSharding(meshes[0].mesh, PartitionSpec())
+
+    def place(x):
+        single = isinstance(getattr(x, "sharding", None), jax.sharding.SingleDeviceSharding)
+        return jax.device_put(x, target) if single else x
+
+    return jax.tree.map(place, tree)
+
+
 class Operator:
     """A symmetric curvature operator of the ``wrt`` parameters that owns its compiled kernels.
 
@@ -859,6 +881,7 @@ class Operator:
 
         def matvec(tangent):
             objective.check_like("tangent", tangent, params)
+            tangent = _placed((batches, prep.params), tangent)
             return self._matvec_jit(prep.params, batches, prep.weights, operands, tangent)
 
         return matvec
@@ -881,6 +904,7 @@ class Operator:
         return self.operator(params, batches, weights=weights)(tangent)
 
     def _matmat(self, prep, batches, vectors):
+        vectors = _placed((batches, prep.params), vectors)
         return self._matmat_jit(
             prep.params, batches, prep.weights, self.operands(), vectors, chunk=self.chunk
         )
@@ -914,6 +938,10 @@ class Operator:
         check_every,
         locked=0,
     ):
+        basis, alphas, betas, key, anorm, tol, locked = _placed(
+            (batches, prep.params),
+            (basis, alphas, betas, key, anorm, jnp.asarray(tol, prep.dtype), jnp.int32(locked)),
+        )
         return self._lanczos_jit(
             prep.params,
             batches,
@@ -927,8 +955,8 @@ class Operator:
             limit,
             key,
             anorm,
-            jnp.asarray(tol, prep.dtype),
-            jnp.asarray(locked, jnp.int32),
+            tol,
+            locked,
             k=k,
             which=which,
             check_every=check_every,

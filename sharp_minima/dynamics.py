@@ -488,7 +488,9 @@ class SimulationResult(NamedTuple):
 
 class Simulator:
     """R runs of ``x ← x − η(∇L(x) + ξ)`` (or ``x ← x − η g_B(x)`` for mini-batch noise) in one
-    compiled call (a ``lax.scan`` over steps of a ``vmap`` over runs), owned by the object.
+    compiled call (a loop over steps of a ``vmap`` over runs), owned by the object: compiled
+    once for any number of steps, or once per number of steps when the runs' moments are
+    recorded along the way.
 
     Args:
       potential: a `Potential` (its gradient is used unless the noise replaces it).
@@ -509,7 +511,7 @@ class Simulator:
         self.num_traces = 0
         self._run_jit = jax.jit(self._kernel, static_argnames=("num_steps", "record_every"))
 
-    def _kernel(self, x0, key, lr, noise_params, *, num_steps, record_every):
+    def _kernel(self, x0, key, lr, noise_params, steps, *, num_steps, record_every):
         self.num_traces += 1
         noise, grad = self.noise, self.potential.grad
         escaped = self.escaped
@@ -535,11 +537,12 @@ class Simulator:
             return (x, first), None
 
         init = (x0, jnp.full((runs,), -1, jnp.int32))
+        if not record_every:  # nothing recorded: one compiled loop for any number of steps
+            x, first = lax.fori_loop(0, steps, lambda t, carry: step(carry, t)[0], init)
+            empty = jnp.zeros((0, x0.shape[1]), x0.dtype)
+            return x, first, empty, empty
         (x, first), records = lax.scan(step, init, jnp.arange(num_steps))
-        if record_every:
-            mean, var = (r[record_every - 1 :: record_every] for r in records)
-        else:
-            mean = var = jnp.zeros((0, x0.shape[1]), x0.dtype)
+        mean, var = (r[record_every - 1 :: record_every] for r in records)
         return x, first, mean, var
 
     def run(
@@ -553,8 +556,8 @@ class Simulator:
         noise_params=None,
     ) -> SimulationResult:
         """Runs ``num_steps`` steps x ← x − η(∇L(x) + ξ) from each row of ``x0``, step t drawing
-        its noise for all runs from ``fold_in(key, t)`` (one compiled ``lax.scan`` over steps of
-        a ``vmap`` over runs).
+        its noise for all runs from ``fold_in(key, t)`` (a compiled loop over steps of a ``vmap``
+        over runs; without records it serves any ``num_steps``).
 
         Args:
           x0: (R, d) starting points, one per run.
@@ -587,7 +590,8 @@ class Simulator:
             key,
             jnp.asarray(learning_rate, x0.dtype),
             self.noise.params if noise_params is None else _like(noise_params, self.noise.params),
-            num_steps=num_steps,
+            jnp.int32(num_steps),
+            num_steps=num_steps if record_every else None,  # static only for the records
             record_every=record_every,
         )
         return SimulationResult(*(np.asarray(a) for a in (final, first, mean, var)))

@@ -1,5 +1,6 @@
 """Helpers shared by the tests (importable: pytest puts this folder on sys.path)."""
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -57,15 +58,56 @@ def figure_overlaps(fig) -> list[str]:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_FORKS = []  # the process `run_experiment` forks command lines from (one per test process)
+
+
 def run_experiment(module, *args, timeout=300, env=None):
-    """``python -m experiments.<module> *args`` from the repository root, its output captured."""
-    return subprocess.run(
+    """``python -m experiments.<module> *args`` from the repository root, its output captured
+    (a ``subprocess.CompletedProcess``). Run as a fork of a process that has imported the
+    libraries once (`tests/cli_forks.py`), with this process's environment (and ``env``;
+    one that changes a ``JAX_*`` variable, which jax reads when imported, gets a process of
+    its own)."""
+    env = dict(os.environ, **(env or {}))
+    if any(env.get(k) != os.environ.get(k) for k in set(env) | set(os.environ) if k[:4] == "JAX_"):
+        return subprocess.run(
+            [sys.executable, "-m", f"experiments.{module}", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    if not _FORKS or _FORKS[0].poll() is not None:
+        path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+        _FORKS[:] = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "tests", "cli_forks.py")],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=path),
+            )
+        ]
+        atexit.register(_FORKS[0].kill)
+    forks = _FORKS[0]
+    call = {
+        "module": module,
+        "args": [str(a) for a in args],
+        "env": env,
+        "cwd": ROOT,
+        "timeout": timeout,
+    }
+    forks.stdin.write(json.dumps(call) + "\n")
+    forks.stdin.flush()
+    answer = forks.stdout.readline()
+    assert answer, f"tests/cli_forks.py stopped (exit {forks.wait()})"
+    out = json.loads(answer)
+    return subprocess.CompletedProcess(
         [sys.executable, "-m", f"experiments.{module}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=None if env is None else dict(os.environ, **env),
+        out["returncode"],
+        out["stdout"],
+        out["stderr"],
     )
 
 

@@ -228,6 +228,10 @@ def test_noise_params_change_the_noise_without_recompiling():
             noise_params=sigma,
         )
         assert within(out.final.var(), lr * sigma**2 / (h * (2 - lr * h)))
+    # another number of steps runs the same compiled loop (nothing recorded)
+    sim.run(
+        jnp.zeros((R, 1)), key=jax.random.key(5), learning_rate=lr, num_steps=7, noise_params=1.0
+    )
     assert sim.num_traces == 1
     with pytest.raises(ValueError, match="shaped like"):
         sim.run(

@@ -3,12 +3,11 @@
 import importlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from helpers import run_experiment
 
 from sharp_minima import train
 from sharp_minima.studies import keskar
@@ -17,15 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, env=None, tmp_path=None):
-    env = dict(os.environ, **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.keskar", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    return run_experiment("keskar", *args, timeout=600, env=env)
 
 
 def test_quickstart_tiny_end_to_end(tiny_study):

@@ -4,10 +4,9 @@ studies, and every Python example, run here."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
+from helpers import run_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,11 +104,9 @@ def test_readme_training_example_runs():
 
 
 def test_curvature_demo_runs_and_rewrites_its_outputs(tmp_path, tiny_study):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     def demo(*args):
-        cmd = [sys.executable, "-m", "experiments.curvature_demo", *args]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        return run_experiment("curvature_demo", *args, env={"JAX_PLATFORMS": "cpu"})
 
     run = tiny_study("curvature_demo")  # trained and measured once per session
     assert run.results["tracking"]["steps"] == [4, 8]  # every 4 steps, warm-started
@@ -125,11 +122,9 @@ def test_curvature_demo_runs_and_rewrites_its_outputs(tmp_path, tiny_study):
 
 def test_curvature_demo_rejects_bad_flags_in_one_line(tmp_path):
     """Not in the tiny-study group: these stop before any work."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     def demo(*args):
-        cmd = [sys.executable, "-m", "experiments.curvature_demo", *args]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        return run_experiment("curvature_demo", *args, env={"JAX_PLATFORMS": "cpu"})
 
     bad = demo("--stepz=3", f"--workdir={tmp_path}")
     assert bad.returncode == 2 and "stepz" in bad.stderr and "Traceback" not in bad.stderr

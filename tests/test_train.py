@@ -3,15 +3,13 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import load_config, read_jsonl
+from helpers import load_config, read_jsonl, run_experiment
 
 from sharp_minima import data, losses, train
 
@@ -260,8 +258,7 @@ def test_early_stop_from_history():
 
 
 def _cli(tmp_path, *args):
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}/run", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_experiment("train", f"--workdir={tmp_path}/run", *args)
 
 
 def test_command_line_two_steps_and_resume(tmp_path):

@@ -1,0 +1,110 @@
+"""Runs ``python -m experiments.<module> ...`` command lines for the tests, each in a fork of
+this process, which imports the libraries once (`helpers.run_experiment`: on a 2-core CPU a
+fresh interpreter spends 5–7 s importing jax, flax, optax, matplotlib and the studies, most
+of a command line that stops at a bad flag). Forking is safe: nothing here starts JAX's
+backend or a thread before the fork, and each child runs its command line as ``python -m``
+would — its own environment, working directory, flags and backend, stdout and stderr to
+files.
+
+One request per line on stdin, one answer per line on stdout (JSON):
+``{"module": "train", "args": [...], "env": {...}, "cwd": "...", "timeout": 300}`` ->
+``{"returncode": 2, "stdout": "...", "stderr": "..."}``; a child that outlives its timeout is
+killed (return code -9, ``"timed out after … s"`` appended to its stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+# What the command lines import (not the experiments' own modules: run as __main__, they
+# define their flags then).
+import flax  # noqa: F401
+import jax  # noqa: F401
+import matplotlib
+import optax  # noqa: F401
+
+matplotlib.use("Agg")  # what a fresh `python -m` picks without a display
+import matplotlib.pyplot  # noqa: E402, F401
+
+import sharp_minima.studies.curvature_demo  # noqa: E402, F401
+import sharp_minima.studies.keskar  # noqa: E402, F401
+import sharp_minima.studies.nudged_sgd  # noqa: E402, F401
+import sharp_minima.studies.sgd_noise  # noqa: E402, F401
+import sharp_minima.studies.sharpest_directions  # noqa: E402, F401
+import sharp_minima.studies.visualize_generalization  # noqa: E402, F401
+import sharp_minima.train  # noqa: E402, F401
+
+
+def child(call: dict, out: str, err: str) -> None:
+    """The command line, in the forked child (never returns)."""
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, 0), (2, err, 0)):
+            f = os.open(path, flags or os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(f, fd)
+            os.close(f)
+        os.environ.clear()
+        os.environ.update(call["env"])
+        os.chdir(call["cwd"])
+        sys.path[0] = call["cwd"]  # as `python -m` puts the working directory first
+        name = f"experiments.{call['module']}"
+        sys.argv = [name.replace(".", "/") + ".py", *call["args"]]
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:  # as the interpreter turns it into an exit status
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 — as the interpreter would: traceback, status 1
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run(call: dict) -> dict:
+    folder = tempfile.mkdtemp(prefix="sharp_minima_cli_")
+    out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+    pid = os.fork()
+    if pid == 0:
+        child(call, out, err)
+    deadline = time.monotonic() + call["timeout"]
+    status = None
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        status = None
+        time.sleep(0.02)
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    result = {"returncode": -9 if status is None else os.waitstatus_to_exitcode(status)}
+    for name, path in (("stdout", out), ("stderr", err)):
+        with open(path, errors="replace") as f:
+            result[name] = f.read()
+        os.remove(path)
+    os.rmdir(folder)
+    if status is None:
+        result["stderr"] += f"\ntimed out after {call['timeout']} s"
+    return result
+
+
+def main() -> None:
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(run(json.loads(line))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
