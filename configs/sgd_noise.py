@@ -188,6 +188,7 @@ def get_config(arg=None):
         f.slq_steps = 8
         d = s.sde
         d.runs = 200
+        d.ratios = (0.01, 0.04)
         d.temperatures = (0.5, 0.35)
         d.occupation_time = 5.0
         d.escape_ratios = (10.0, 20.0)

@@ -43,6 +43,7 @@ from sharp_minima.train.steps import (
     TrainState,
     classification_loss,
     evaluate,
+    fresh_copy,
     make_evaluators,
     make_get_batch,
     make_train_step,
@@ -163,7 +164,7 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
         start = state.replace(
             params=params,
             batch_stats=jax.tree.map(jnp.array, init_variables.get("batch_stats", {})),
-            opt_state=jax.tree.map(jnp.array, tx.init(params)),
+            opt_state=fresh_copy(tx.init(params)),
         )
         try:
             state = conform("init_variables", state, start)

@@ -342,11 +342,17 @@ def init_state(model, tx, sample_x, key) -> TrainState:
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        # Copies: some transforms (optax.lbfgs) reuse one buffer in several state leaves,
-        # which a donating step cannot take.
-        opt_state=jax.tree.map(jnp.array, tx.init(params)),
+        opt_state=fresh_copy(tx.init(params)),
         key=jax.random.key_data(loop_key),
     )
+
+
+def fresh_copy(tree):
+    """A copy of every array of ``tree`` with weak types made strong: some transforms
+    (optax.lbfgs) reuse one buffer in several state leaves, which a donating step cannot
+    take, and start with weakly typed scalars, which the step returns strongly typed (the
+    step would be compiled a second time for its own output)."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), tree)
 
 
 def make_evaluators(config, model, data, mesh: Mesh) -> dict[str, Evaluator]:
