@@ -26,13 +26,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for this test run, shared with the command lines the tests start:
 # the same tiny models are compiled by many tests and processes (a third of the suite's time
 # on a 2-core CPU). It starts empty, so every test still compiles what no earlier one did.
-# Programs compiled in under 0.1 s (the thousands of eager operations) are not written:
-# writing them cost more than compiling them again (the models and hessian tests: 70.7 s
-# with every program written, 64.4 s with this threshold).
 _CACHE = tempfile.mkdtemp(prefix="sharp_minima_jax_cache_")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
