@@ -226,6 +226,11 @@ def test_four_devices_give_the_same_numbers_as_one(refs):
         one = op.eigenpairs(params, batches, k=2, key=jax.random.key(0))
         four = op.eigenpairs(params, sharded, k=2, key=jax.random.key(0))
         np.testing.assert_allclose(four.values, one.values, rtol=1e-4)
+    # Hutch++ feeds the product kernel its own output (the sketch Q, on the batches' mesh) after
+    # fresh probes: one program serves both (the probes are placed on that mesh too).
+    ggn = operators.GGN(model_fn, "cross_entropy")
+    ggn.trace(params, sharded, key=jax.random.key(1), num_matvecs=9)
+    assert ggn.num_traces == 1
 
 
 def test_a_repeated_eigenvalue_is_not_dropped_by_default(x64):
