@@ -58,25 +58,16 @@ def figure_overlaps(fig) -> list[str]:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_FORKS = []  # the process `run_experiment` forks command lines from (one per test process)
+_FORKS = []  # [the process `run_experiment` forks command lines from, its environment]
 
 
 def run_experiment(module, *args, timeout=300, env=None):
     """``python -m experiments.<module> *args`` from the repository root, its output captured
     (a ``subprocess.CompletedProcess``). Run as a fork of a process that has imported the
     libraries once (`tests/cli_forks.py`), with this process's environment (and ``env``;
-    one that changes a ``JAX_*`` variable, which jax reads when imported, gets a process of
-    its own)."""
+    one whose ``JAX_*`` variables, which jax reads when imported, differ from those that
+    process started with gets a fresh process of its own)."""
     env = dict(os.environ, **(env or {}))
-    if any(env.get(k) != os.environ.get(k) for k in set(env) | set(os.environ) if k[:4] == "JAX_"):
-        return subprocess.run(
-            [sys.executable, "-m", f"experiments.{module}", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
     if not _FORKS or _FORKS[0].poll() is not None:
         path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
         _FORKS[:] = [
@@ -87,10 +78,20 @@ def run_experiment(module, *args, timeout=300, env=None):
                 stdout=subprocess.PIPE,
                 text=True,
                 env=dict(os.environ, PYTHONPATH=path),
-            )
+            ),
+            dict(os.environ),
         ]
         atexit.register(_FORKS[0].kill)
-    forks = _FORKS[0]
+    forks, started = _FORKS
+    if any(env.get(k) != started.get(k) for k in set(env) | set(started) if k[:4] == "JAX_"):
+        return subprocess.run(
+            [sys.executable, "-m", f"experiments.{module}", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     call = {
         "module": module,
         "args": [str(a) for a in args],
