@@ -41,7 +41,9 @@ import sharp_minima.train  # noqa: E402, F401
 
 
 def child(call: dict, out: str, err: str) -> None:
-    """The command line, in the forked child (never returns)."""
+    """The command line, in the forked child (never returns: it ends as the interpreter ends
+    a ``python -m`` run, waiting for the run's threads, e.g. orbax's checkpoint writers, and
+    running its exit handlers)."""
     import runpy
     import traceback
 
@@ -66,10 +68,7 @@ def child(call: dict, out: str, err: str) -> None:
             print(e.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 — as the interpreter would: traceback, status 1
         traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    sys.exit(code)  # up through `run` and `main`: the child never reads the requests
 
 
 def run(call: dict) -> dict:
