@@ -66,12 +66,23 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0  # L2 term λ/2‖w‖² in the loss (adamw: decoupled decay)
+    # True: the decay is applied to the update (optax.add_decayed_weights; adamw's own), not
+    # added to the loss; with SAM it then stays out of the gradient at the perturbed point.
     c.optim.decoupled = False
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
     # Conservative training (Keskar et al. Sec. 4.2): min f(x) + λ/2‖x − x_k‖², x_k renewed
     # every proximal_inner_steps steps; 0 = off.
     c.optim.proximal = 0.0
     c.optim.proximal_inner_steps = 3
+
+    # Sharpness-aware minimisation (Foret et al. 2021; optim.sam), before the optimizer above:
+    # rho = 0 is off. adaptive: ASAM (Kwon et al. 2021), T = |w| + eta. group_size: m of
+    # m-sharpness (Andriushchenko & Flammarion 2022), dividing batch_size; 0 = the batch.
+    c.sam = ml_collections.ConfigDict()
+    c.sam.rho = 0.0
+    c.sam.adaptive = False
+    c.sam.eta = 0.01
+    c.sam.group_size = 0
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "constant"  # constant step cosine plateau

@@ -284,3 +284,144 @@ def nsgd(
     if nudge_velocity:
         return optax.chain(optax.trace(momentum), nudged, sgd(learning_rate))
     return optax.chain(nudged, sgd(learning_rate, momentum=momentum))
+
+
+# ------------------------------------------------------------- sharpness-aware minimisation
+
+SAM_EPS = 1e-12  # added to ‖T g‖ in the ascent step: a zero gradient gives ε = 0, not NaN
+SAM_METRICS = ("sharpness", "grad_norm", "cos")
+
+
+class SamState(NamedTuple):
+    """The state of `sam`: the last step's diagnostics, which the trainer logs as
+    ``sam/<name>`` (`SAM_METRICS`).
+
+    Attributes:
+      sam_metrics: ``{"sharpness": L(w + ε) − L(w)`` (SAM's own sharpness, averaged over the
+        m-groups), ``"grad_norm": ‖g‖`` (the clean mini-batch gradient), ``"cos": cos(g,
+        g_SAM)}`` (g_SAM: the gradient the step descends along), float32 scalars.
+    """
+
+    sam_metrics: dict
+
+
+def asam_mask(params) -> Any:
+    """ASAM's default choice of the parameters whose ascent step is scaled by |w| + η: every
+    leaf but biases (SamsungLabs' ASAM scales the PyTorch parameters named ``weight``: the
+    kernels of dense and convolutional layers and BatchNorm's scale).
+
+    Args:
+      params: the parameters.
+
+    Returns:
+      A pytree of bools like ``params``.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not tu.path_str(path).split("/")[-1].startswith("bias"), params
+    )
+
+
+def sam(
+    rho: float = 0.05,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    mask=None,
+    eps: float = SAM_EPS,
+) -> optax.GradientTransformationExtraArgs:
+    """Sharpness-aware minimisation (Foret et al. 2021) and its scale-invariant form ASAM
+    (Kwon et al. 2021), as the first link of a chain: the clean gradient g in, the gradient
+    at the perturbed point w + ε on the same mini-batch out.
+
+    ``optax.chain(sam(0.05), optax.sgd(0.1, momentum=0.9))`` is SAM with heavy-ball SGD.
+    ``tx.update`` needs the params and, as extra arguments (the trainer passes them),
+    ``value_fn(params) -> objective`` on the step's mini-batch (same examples, same dropout
+    key, BatchNorm in training mode: its statistics are those of the clean pass, the
+    perturbed pass's are dropped) and ``value=`` the clean objective. One more gradient per
+    step: two in all.
+
+    - SAM: ε = ρ g / (‖g‖ + eps).
+    - ASAM (``adaptive=True``): ε = ρ T² g / (‖T g‖ + eps), T = |w| + η on the leaves of
+      ``mask`` (default `asam_mask`: all but biases), T = 1 elsewhere (SamsungLabs' ASAM:
+      η = 0.01, ρ = 0.5 on CIFAR-10, 1.0 on CIFAR-100).
+    - m-sharpness (Andriushchenko & Flammarion 2022): pass ``group_grads`` (the clean
+      gradients of G groups of m examples, stacked on a leading axis) and
+      ``group_value_fn(params, i)`` (group i's objective); each group ascends along its own
+      gradient and the step descends along the mean of the groups' gradients at their own
+      perturbed points (one gradient, vmapped over the groups). The trainer does this with
+      ``config.sam.group_size = m``; G = the number of devices is the official code's
+      per-device perturbation.
+
+    Weight decay: inside the loss it is part of g and of the perturbed gradient (the official
+    code); decoupled, chain ``optax.add_decayed_weights`` after `sam` (``optim.decoupled``).
+
+    Args:
+      rho: the radius ρ > 0.
+      adaptive: ASAM's scale-invariant ascent.
+      eta: ASAM's η.
+      mask: ASAM's scaled leaves (a pytree of bools, or a function of the params).
+      eps: added to the norm of the ascent direction (`SAM_EPS`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a `SamState`.
+
+    Raises:
+      ValueError: ρ ≤ 0 or η < 0; at ``update``, no params or no ``value_fn``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> loss = lambda p: 0.5 * (p["w"] ** 2 * jnp.array([1.0, 4.0])).sum()
+    >>> p = {"w": jnp.array([1.0, 1.0])}
+    >>> tx = sam(0.1)
+    >>> g, state = tx.update(jax.grad(loss)(p), tx.init(p), p, value=loss(p), value_fn=loss)
+    >>> [round(v, 4) for v in g["w"].tolist()]  # the gradient at w + 0.1 g/|g|
+    [1.0243, 4.3881]
+    """
+    if rho <= 0 or eta < 0:
+        raise ValueError(f"sam: need rho > 0 and eta >= 0, got rho={rho}, eta={eta}")
+
+    def init(params):
+        del params
+        return SamState({k: jnp.zeros((), jnp.float32) for k in SAM_METRICS})
+
+    def perturbation(g, params):
+        if not adaptive:
+            n = tu.norm(g)
+            return jax.tree.map(lambda x: rho * x / (n + eps).astype(x.dtype), g)
+        which = mask(params) if callable(mask) else mask if mask is not None else asam_mask(params)
+        t = jax.tree.map(lambda p, m: jnp.abs(p) + eta if m else jnp.ones_like(p), params, which)
+        tg = jax.tree.map(jnp.multiply, t, g)
+        n = tu.norm(tg)
+        return jax.tree.map(lambda a, b: rho * a * b / (n + eps).astype(b.dtype), t, tg)
+
+    def update(updates, state, params=None, *, value=None, value_fn=None, **extra):
+        if params is None or value_fn is None:
+            raise ValueError(
+                "sam needs the params and value_fn (the mini-batch objective as a function of "
+                "the params): tx.update(grads, state, params, value=loss, value_fn=fn)"
+            )
+        del state
+        group_grads, group_value_fn = extra.get("group_grads"), extra.get("group_value_fn")
+        if group_grads is None:
+            point = jax.tree.map(jnp.add, params, perturbation(updates, params))
+            adv_value, adv = jax.value_and_grad(value_fn)(point)
+        else:  # m-sharpness: each group at its own w + ε_i
+
+            def group(i):
+                g = jax.tree.map(lambda a: a[i], group_grads)
+                point = jax.tree.map(jnp.add, params, perturbation(g, params))
+                return jax.value_and_grad(group_value_fn)(point, i)
+
+            groups = jax.tree.leaves(group_grads)[0].shape[0]
+            values, stacked = jax.vmap(group)(jnp.arange(groups))
+            adv_value, adv = tu.mean_over_leading_axis((values, stacked))
+        adv = jax.tree.map(lambda a, u: a.astype(u.dtype), adv, updates)
+        clean = value_fn(params) if value is None else value
+        g_norm, a_norm = tu.norm(updates), tu.norm(adv)
+        metrics = {
+            "sharpness": adv_value - clean,
+            "grad_norm": g_norm,
+            "cos": tu.dot(updates, adv) / (g_norm * a_norm + eps),
+        }
+        return adv, SamState({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -23,6 +23,7 @@ __all__ = [
     "axpy",
     "dot",
     "host",
+    "mean_over_leading_axis",
     "norm",
     "path_str",
     "random_like",
@@ -61,6 +62,18 @@ def host(x, dtype=None):
 def norm(a: PyTree) -> jax.Array:
     """Euclidean norm of a pytree (all leaves taken as one vector)."""
     return jnp.sqrt(dot(a, a))
+
+
+def mean_over_leading_axis(a: PyTree) -> PyTree:
+    """Every leaf's mean over its leading axis, as a contraction with a vector of 1/n: XLA:CPU
+    reduces the leading axis of a large array about 60x slower than it contracts it (8
+    stacked gradients of 1.45M parameters: 81 ms against 1.4 ms)."""
+
+    def mean(x):
+        dtype = jnp.result_type(x.dtype, jnp.float32)
+        return jnp.tensordot(jnp.full(x.shape[0], 1.0 / x.shape[0], dtype), x.astype(dtype), 1)
+
+    return jax.tree.map(mean, a)
 
 
 def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:

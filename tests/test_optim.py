@@ -152,3 +152,238 @@ def test_directions_refreshed_by_a_hook_take_effect_next_step_and_survive_resume
     final = first_kernel(resumed.state.params)
     assert final[0, 0] == seen["kernel"][0, 0]  # frozen since step 2, across the resume
     assert np.abs(final - seen["kernel"]).max() > 0  # the other entries moved
+
+
+# ------------------------------------------------------------------------------------- SAM
+
+
+def _mlp_loss(params, batch):
+    h = jnp.tanh(batch["x"] @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    logits = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+def _mlp(seed=0, din=5, width=6, classes=3):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {
+        "Dense_0": {
+            "kernel": jax.random.normal(k1, (din, width)) / 2,
+            "bias": jnp.full(width, 0.1),
+        },
+        "Dense_1": {"kernel": jax.random.normal(k2, (width, classes)) / 2, "bias": jnp.zeros(3)},
+    }
+
+
+def _batches(steps, size=16, din=5, seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "x": jnp.asarray(rng.normal(size=(steps, size, din)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, 3, (steps, size))),
+    }
+
+
+def _run(step, params, state, batches):
+    """``step(params, state, batch)`` over the batches in one scan (one compiled program)."""
+
+    def body(carry, batch):
+        return step(*carry, batch), None
+
+    return jax.jit(lambda p, s, b: jax.lax.scan(body, (p, s), b)[0])(params, state, batches)
+
+
+RHO, LR = 0.05, 0.5
+
+
+def test_sam_is_the_two_pass_step_and_optax_contrib_sam_in_opaque_mode():
+    """10 steps, each on a new mini-batch: ours, the published algorithm written out, and
+    optax.contrib.sam in opaque mode (its adversarial step ρ g/‖g‖, the same batch through
+    ``grad_fn``) agree to 1e-6; so do the metrics a step leaves in its state."""
+    params, batches = _mlp(), _batches(10)
+    tx = optax.chain(optim.sam(RHO), optax.sgd(LR))
+
+    def ours(p, s, batch):
+        value, g = jax.value_and_grad(_mlp_loss)(p, batch)
+        u, s = tx.update(g, s, p, value=value, value_fn=lambda q: _mlp_loss(q, batch))
+        return optax.apply_updates(p, u), s
+
+    def by_hand(p, s, batch):
+        g = jax.grad(_mlp_loss)(p, batch)
+        n = tree_util.norm(g)
+        e = jax.tree.map(lambda x: RHO * x / n, g)
+        g_sam = jax.grad(_mlp_loss)(jax.tree.map(jnp.add, p, e), batch)
+        return jax.tree.map(lambda q, x: q - LR * x, p, g_sam), s
+
+    ref = optax.contrib.sam(
+        optax.sgd(LR),
+        optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+
+    def contrib(p, s, batch):
+        g = jax.grad(_mlp_loss)(p, batch)
+        u, s = ref.update(g, s, p, grad_fn=lambda q, _: jax.grad(_mlp_loss)(q, batch))
+        return optax.apply_updates(p, u), s
+
+    got, state = _run(ours, params, tx.init(params), batches)
+    for other, init in ((by_hand, None), (contrib, ref.init(params))):
+        want, _ = _run(other, params, init, batches)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert float(tree_util.norm(tree_util.sub(got, params))) > 0.1  # it moved
+    # The last step's diagnostics, recomputed by hand from its own batch.
+    last = {k: v[-1] for k, v in batches.items()}
+    before, _ = _run(by_hand, params, None, {k: v[:-1] for k, v in batches.items()})
+
+    @jax.jit
+    def diagnostics(p, batch):
+        g = jax.grad(_mlp_loss)(p, batch)
+        point = jax.tree.map(lambda q, x: q + RHO * x / tree_util.norm(g), p, g)
+        g_sam = jax.grad(_mlp_loss)(point, batch)
+        return {
+            "sharpness": _mlp_loss(point, batch) - _mlp_loss(p, batch),
+            "grad_norm": tree_util.norm(g),
+            "cos": tree_util.dot(g, g_sam) / (tree_util.norm(g) * tree_util.norm(g_sam)),
+        }
+
+    want = diagnostics(before, last)
+    for k, v in state[0].sam_metrics.items():
+        np.testing.assert_allclose(v, want[k], rtol=1e-4 if k == "sharpness" else 1e-6)
+    assert float(want["sharpness"]) > 0  # the ascent step raises the loss
+
+
+def test_asam_scales_weights_by_their_magnitude_and_leaves_biases_alone():
+    """ε = ρ T² g / ‖T g‖ with T = |w| + η on kernels, 1 on biases, computed in numpy."""
+    params, batch = _mlp(), {k: v[0] for k, v in _batches(1).items()}
+    rho, eta = 0.5, 0.01
+    grad = jax.jit(jax.grad(_mlp_loss))
+    g = grad(params, batch)
+    t = {
+        layer: {"kernel": np.abs(np.asarray(p["kernel"])) + eta, "bias": np.ones(p["bias"].shape)}
+        for layer, p in params.items()
+    }
+    tg = jax.tree.map(lambda a, b: a * np.asarray(b, np.float64), t, g)
+    n = np.sqrt(sum(float(np.sum(x**2)) for x in jax.tree.leaves(tg)))
+    point = jax.tree.map(lambda p, a, b: np.asarray(p) + rho * a * b / n, params, t, tg)
+    want = grad(
+        jax.tree.map(jnp.asarray, point, is_leaf=lambda x: isinstance(x, np.ndarray)), batch
+    )
+    tx = optim.sam(rho, adaptive=True, eta=eta)
+    got = jax.jit(
+        lambda g, p, b: tx.update(g, tx.init(p), p, value_fn=lambda q: _mlp_loss(q, b))[0]
+    )(g, params, batch)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert optim.asam_mask(params) == {
+        "Dense_0": {"kernel": True, "bias": False},
+        "Dense_1": {"kernel": True, "bias": False},
+    }
+
+
+def test_m_sharpness_is_the_mean_over_groups_each_perturbed_by_its_own_gradient():
+    params, batch = _mlp(), {k: v[0] for k, v in _batches(1).items()}
+    groups = 4
+    split = jax.tree.map(lambda a: a.reshape((groups, -1) + a.shape[1:]), batch)
+
+    @jax.jit
+    def one_group(p, b):  # SAM on one group, by hand
+        g = jax.grad(_mlp_loss)(p, b)
+        point = jax.tree.map(lambda q, x: q + RHO * x / tree_util.norm(g), p, g)
+        return jax.grad(_mlp_loss)(point, b), _mlp_loss(point, b) - _mlp_loss(p, b)
+
+    want, sharp = [], []
+    for i in range(groups):  # a Python loop over the groups
+        g, s = one_group(params, {k: v[i] for k, v in split.items()})
+        want.append(g)
+        sharp.append(s)
+    want = jax.tree.map(lambda *a: np.mean(a, 0), *want)
+    tx = optim.sam(RHO)
+
+    @jax.jit
+    def ours(p, split):
+        group_grads = jax.vmap(jax.grad(_mlp_loss), (None, 0))(p, split)
+        whole = {k: v.reshape((-1,) + v.shape[2:]) for k, v in split.items()}
+        m_sharp = tx.update(
+            jax.tree.map(lambda a: a.mean(0), group_grads),
+            tx.init(p),
+            p,
+            value=jax.vmap(_mlp_loss, (None, 0))(p, split).mean(),
+            value_fn=lambda q: _mlp_loss(q, whole),
+            group_grads=group_grads,
+            group_value_fn=lambda q, i: _mlp_loss(q, jax.tree.map(lambda a: a[i], split)),
+        )
+        plain = tx.update(  # one perturbation of the whole batch (m = batch)
+            jax.grad(_mlp_loss)(p, whole), tx.init(p), p, value_fn=lambda q: _mlp_loss(q, whole)
+        )
+        return m_sharp, plain[0]
+
+    (got, state), whole = ours(params, split)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(state.sam_metrics["sharpness"], np.mean(sharp), rtol=1e-4)
+    assert float(tree_util.norm(tree_util.sub(whole, got))) > 1e-3  # m matters
+
+
+def test_sam_is_finite_at_a_zero_gradient_where_optax_contrib_sam_is_not():
+    params = {"w": jnp.zeros(3)}
+    value_fn = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731 - its minimum: g = 0
+    zero = jax.grad(value_fn)(params)
+    for tx in (optim.sam(RHO), optim.sam(RHO, adaptive=True)):
+        u, s = tx.update(zero, tx.init(params), params, value_fn=value_fn)
+        assert np.all(np.asarray(u["w"]) == 0)
+        assert all(np.isfinite(float(v)) for v in s.sam_metrics.values())
+    ref = optax.contrib.sam(
+        optax.sgd(LR), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), opaque_mode=True
+    )
+    u, _ = ref.update(zero, ref.init(params), params, grad_fn=lambda q, _: jax.grad(value_fn)(q))
+    assert np.isnan(np.asarray(u["w"])).all()  # no epsilon in its normalisation
+    with pytest.raises(ValueError, match="value_fn"):
+        optim.sam(RHO).update(zero, optim.sam(RHO).init(params), params)
+    with pytest.raises(ValueError, match="rho"):
+        optim.sam(0.0)
+
+
+def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batchnorm_stats():
+    """The compiled train step traces the loss twice with SAM (clean pass, perturbed pass;
+    with m-sharpness each once, vmapped over the groups), once without; the BatchNorm
+    statistics are the clean pass's: those of a plain step, and with 4 groups the mean of the
+    groups' own."""
+    config = load_config(
+        "f1.py:tiny",
+        **{"data.name": "swissroll", "data.max_train": 64, "batch_size": 16, "num_devices": 1,
+           "model.kwargs.width": 8, "model.kwargs.depth": 2},
+    )  # fmt: skip
+    run = train.setup(config)
+    base = train.classification_loss(run.model)
+    traced = []
+
+    def loss(*args):
+        traced.append(1)
+        return base(*args)
+
+    x, y = run.data.x_train[:16], run.data.y_train[:16]
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    sam = optax.chain(optim.sam(0.05), optax.sgd(0.1))
+    out = {}
+    start = train.init_state(run.model, sam, batch["x"][:1], jax.random.key(0))
+    for name, tx, groups in (("plain", optax.sgd(0.1), 1), ("sam", sam, 1), ("m=4", sam, 4)):
+        state = train.steps.fresh_copy(start.replace(opt_state=tx.init(start.params)))
+        traced.clear()
+        step = train.make_train_step(loss, tx, run.mesh, groups=groups)
+        out[name] = step(state, batch)
+        assert len(traced) == (1 if name == "plain" else 2), (name, len(traced))
+    stats = {k: v[0].batch_stats for k, v in out.items()}
+    for a, b in zip(jax.tree.leaves(stats["plain"]), jax.tree.leaves(stats["sam"])):
+        np.testing.assert_array_equal(a, b)
+    assert "sam/sharpness" in out["sam"][1] and "sam/sharpness" not in out["plain"][1]
+    # m = 4: each group of 4 normalised by its own statistics, the running ones averaged.
+    state = start
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+    split = jax.tree.map(lambda a: a.reshape(4, 4, *a.shape[1:]), batch)
+    own = jax.jit(
+        jax.vmap(lambda b, k: base(state.params, state.batch_stats, b, k)[1]["model_state"])
+    )(split, jax.random.split(key, 4))
+    for a, b in zip(jax.tree.leaves(stats["m=4"]), jax.tree.leaves(own)):
+        np.testing.assert_allclose(a, np.mean(b, 0), rtol=1e-6, atol=1e-7)
+    pairs = zip(jax.tree.leaves(stats["m=4"]), jax.tree.leaves(stats["plain"]))
+    assert not all(np.allclose(a, b) for a, b in pairs)  # the variances are the groups'

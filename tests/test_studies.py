@@ -76,7 +76,7 @@ def test_run_folders_are_named_in_one_place():
 
 # Trainer fields read only by the option that uses them: an optimizer's own hyperparameters,
 # early stopping's details (patience > 0), a schedule's (its name), conservative training's
-# (optim.proximal > 0), optim.decoupled (adamw with weight decay).
+# (optim.proximal > 0), optim.decoupled (adamw with weight decay), SAM's (sam.rho > 0).
 CONDITIONAL = {
     "early_stop.metric",
     "early_stop.min_delta",
@@ -87,6 +87,9 @@ CONDITIONAL = {
     "optim.nesterov",
     "optim.decoupled",
     "optim.proximal_inner_steps",
+    "sam.adaptive",
+    "sam.eta",
+    "sam.group_size",
     "schedule.base_batch_size",
     "schedule.boundaries_epochs",
     "schedule.decay_factor",

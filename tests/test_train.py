@@ -157,8 +157,18 @@ def test_train_writes_metrics_checkpoints_and_learns(tmp_path):
     assert int(result.state.step) == 12
 
 
-def test_interrupted_run_resumes_bitwise(tmp_path):
-    config = tiny(num_epochs=2, **{"checkpoint.every_steps": 3})
+SAM = {  # ASAM with m-sharpness (groups of 4), decay decoupled from the loss
+    "sam.rho": 0.5,
+    "sam.adaptive": True,
+    "sam.group_size": 4,
+    "optim.weight_decay": 1e-3,
+    "optim.decoupled": True,
+}
+
+
+@pytest.mark.parametrize("extra", [{}, SAM], ids=["plain", "asam"])
+def test_interrupted_run_resumes_bitwise(tmp_path, extra):
+    config = tiny(num_epochs=2, **{"checkpoint.every_steps": 3, **extra})
     straight = train.train(config, str(tmp_path / "a"))
 
     def kill(ctx):  # a crash between checkpoints: step 7 is lost, step 6 was saved
@@ -175,6 +185,14 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
         r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "test/loss" not in r
     ]
     assert steps == list(range(1, 9))  # records after the checkpoint were rewritten, not doubled
+    records = [r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "test/loss" not in r]
+    if extra:  # SAM's diagnostics logged; the decoupled decay is not in the objective
+        for r in records:
+            assert r["sam/grad_norm"] > 0 and -1 <= r["sam/cos"] <= 1
+            assert r["minibatch/objective"] == r["minibatch/loss"]
+        assert np.mean([r["sam/sharpness"] for r in records]) > 0  # ascent raises the loss
+    else:
+        assert not [k for k in records[0] if k.startswith("sam/")]
 
 
 def test_resume_refuses_a_different_config(tmp_path):

@@ -62,6 +62,7 @@ _MODULES = {
         "epoch_schedule",
         "make_optimizer",
         "resolve_optimizer",
+        "sam_groups",
     ),
     "steps": (
         "make_mesh",

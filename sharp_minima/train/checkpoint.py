@@ -330,6 +330,8 @@ def check_resumable(workdir: str, config) -> None:
     with open(path) as f:
         old = json.load(f)
     new = config_dict(config)
+    if "sam" not in old and not (new.get("sam") or {}).get("rho"):
+        old["sam"] = new.get("sam")  # a run from before SAM's settings: trained without it
     diff = sorted(k for k in TRAINING_FIELDS if old.get(k) != new.get(k))
     if diff:
         raise ConfigError(

@@ -36,7 +36,7 @@ from sharp_minima.train.hooks import (
     run_hooks,
 )
 from sharp_minima.train.metrics import MetricsBuffer, MetricWriters
-from sharp_minima.train.optimizer import resolve_optimizer
+from sharp_minima.train.optimizer import resolve_optimizer, sam_groups
 from sharp_minima.train.steps import (
     Evaluator,
     TrainLoss,
@@ -143,7 +143,9 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
         files.write_json(os.path.join(workdir, "config.json"), config_dict(config))
 
     tx, lr_fn = resolve_optimizer(config, steps_per_epoch, tx)
-    loss_fn = classification_loss(model, config.optim.weight_decay) if loss_fn is None else loss_fn
+    if loss_fn is None:  # decoupled decay is applied by the optimizer, not the loss
+        decay = 0.0 if config.optim.get("decoupled") else config.optim.weight_decay
+        loss_fn = classification_loss(model, decay)
     init_key, data_key, aug_key = run_keys(config)
     checkpointer = Checkpointer(workdir, config)
     state, resumed_from = restore_or_init(
@@ -207,7 +209,12 @@ def _train_locked(run: Setup, workdir, loss_fn, tx, hooks, log, label, init_vari
         progress=progress,
         history=history,
         train_step=make_train_step(
-            loss_fn, tx, mesh, lr_fn=lr_fn, log_every=config.log_every_steps
+            loss_fn,
+            tx,
+            mesh,
+            lr_fn=lr_fn,
+            log_every=config.log_every_steps,
+            groups=sam_groups(config),
         ),
         evaluators=make_evaluators(config, model, data, mesh),
         steps_per_epoch=steps_per_epoch,

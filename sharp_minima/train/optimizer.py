@@ -111,8 +111,10 @@ def epoch_schedule(
 
 def make_optimizer(config, steps_per_epoch: int):
     """The optax transformation of ``config.optim`` with its schedule: the base optimizer,
-    preceded by Keskar et al.'s proximal term (``optim.proximal``) and gradient clipping
-    when asked, followed by reduce-on-plateau with ``schedule.name == "plateau"``.
+    preceded by SAM or ASAM (``config.sam``, `sharp_minima.optim.sam`), decoupled weight
+    decay (``optim.decoupled``), Keskar et al.'s proximal term (``optim.proximal``) and
+    gradient clipping when asked, followed by reduce-on-plateau with
+    ``schedule.name == "plateau"``.
 
     Args:
       config: the run's config.
@@ -137,6 +139,11 @@ def make_optimizer(config, steps_per_epoch: int):
     else:
         base = optax.adagrad(sched, eps=o.eps)
     parts = []
+    sam = config.get("sam")
+    if sam is not None and sam.rho > 0:  # first: it turns the clean gradient into SAM's
+        parts.append(optim.sam(sam.rho, adaptive=sam.adaptive, eta=sam.eta))
+    if o.decoupled and o.weight_decay and o.name != "adamw":  # (adamw decays by itself)
+        parts.append(optax.add_decayed_weights(o.weight_decay))
     if o.proximal:  # Keskar et al.'s conservative training: proximal sub-problems
         parts.append(optim.proximal(o.proximal, o.proximal_inner_steps))
     if o.grad_clip_norm:
@@ -161,6 +168,22 @@ def make_optimizer(config, steps_per_epoch: int):
         return lr
 
     return tx, lr_fn
+
+
+def sam_groups(config) -> int:
+    """G, the number of m-sharpness groups of a batch (``batch_size / config.sam.group_size``;
+    1 without SAM or with ``group_size = 0``, the whole batch).
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      G ≥ 1.
+    """
+    sam = config.get("sam")
+    if sam is None or not sam.rho or not sam.group_size:
+        return 1
+    return config.batch_size // sam.group_size
 
 
 def resolve_optimizer(config, steps_per_epoch: int, tx):

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from sharp_minima import data as data_lib
 from sharp_minima import losses
+from sharp_minima import tree_util as tu
 from sharp_minima.train.config import ConfigError, run_keys
 
 # A training loss: ``loss(params, model_state, batch, key) -> (objective, aux)``; ``aux`` is a
@@ -165,6 +166,7 @@ def make_train_step(
     *,
     lr_fn: Callable[[Any, Any], Any] | None = None,
     log_every: int = 1,
+    groups: int = 1,
 ):
     """``train_step(state, batch) -> (state, metrics)``, jitted once with the state donated.
 
@@ -177,11 +179,19 @@ def make_train_step(
       lr_fn: optional ``lr_fn(step, opt_state)`` logged as ``train/learning_rate``.
       log_every: ``minibatch/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
         CPU) is computed only on steps that end a multiple of ``log_every`` (0 elsewhere).
+      groups: G > 1 splits the batch into G groups of equal size for SAM's m-sharpness
+        (`sharp_minima.optim.sam`): the clean pass is a vmap over the groups (BatchNorm
+        normalises each group by its own statistics, as one device of a data-parallel run
+        does; the running statistics are averaged), its gradient the groups' mean, and
+        ``tx.update`` also receives ``group_grads=`` (stacked on a leading axis) and
+        ``group_value_fn=`` (``(params, i) ->`` group i's objective).
 
     Metrics are computed inside the step and stay on device until a log step: the step's own
     mini-batch values prefixed ``minibatch/`` (``objective``, the scalars of the loss's aux
     such as ``loss`` and ``accuracy``, ``grad_norm``) — never ``train/``, which names the
-    evaluation on the whole training set — and ``train/learning_rate``.
+    evaluation on the whole training set — ``train/learning_rate``, and the diagnostics a
+    transform keeps in its state under ``sam_metrics`` (`sharp_minima.optim.SamState`) as
+    ``sam/<name>``.
 
     Returns:
       The jitted ``train_step``.
@@ -192,15 +202,36 @@ def make_train_step(
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
+        extra = {}
+        if groups > 1:  # m-sharpness: the clean pass group by group
+            split = jax.tree.map(lambda a: a.reshape((groups, -1) + a.shape[1:]), batch)
+            keys = jax.random.split(key, groups)
+            (objective, aux), grads = jax.vmap(grad_fn, (None, None, 0, 0))(
+                state.params, state.batch_stats, split, keys
+            )
+
+            def group_value_fn(params, i):  # group i's objective
+                group = jax.tree.map(lambda a: a[i], split)
+                return loss_fn(params, state.batch_stats, group, keys[i])[0]
+
+            extra = {"group_grads": grads, "group_value_fn": group_value_fn}
+            objective, aux, grads = tu.mean_over_leading_axis((objective, dict(aux), grads))
+        else:
+            (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
         aux = dict(aux)
         stats = aux.pop("model_state", state.batch_stats)
 
-        def value_fn(params):  # the mini-batch objective, for line searches (optax.lbfgs)
+        def value_fn(params):  # the mini-batch objective (optax.lbfgs's line search, SAM)
             return loss_fn(params, state.batch_stats, batch, key)[0]
 
         updates, opt_state = tx.update(
-            grads, state.opt_state, state.params, value=objective, grad=grads, value_fn=value_fn
+            grads,
+            state.opt_state,
+            state.params,
+            value=objective,
+            grad=grads,
+            value_fn=value_fn,
+            **extra,
         )
         params = optax.apply_updates(state.params, updates)
         on_log_step = (state.step + 1) % log_every == 0
@@ -211,6 +242,8 @@ def make_train_step(
         metrics.update({f"{MINIBATCH}{k}": v for k, v in aux.items()})
         if lr_fn is not None:
             metrics["train/learning_rate"] = lr_fn(state.step, state.opt_state)
+        sam_metrics = optax.tree_utils.tree_get(opt_state, "sam_metrics")
+        metrics.update({f"sam/{k}": v for k, v in (sam_metrics or {}).items()})
         new = state.replace(
             step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
         )
