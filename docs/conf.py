@@ -17,7 +17,6 @@ sys.path.insert(0, ROOT)
 project = "sharp_minima"
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",  # Google-style Args / Returns / Raises
     "sphinx.ext.mathjax",
     "myst_nb",  # Markdown pages (MyST) and notebooks
