@@ -148,6 +148,25 @@ def test_readme_optim_example_runs():
     assert jax.tree.structure(updates) == jax.tree.structure(params)
 
 
+def test_the_guide_sam_example_runs():
+    import jax
+
+    ns = run_after_hessian_example("optim.sam(0.05)")
+    loss_fn, batch = ns["loss_fn"], ns["batch"]
+    assert float(loss_fn(ns["sam_params"], batch)) < float(loss_fn(ns["params"], batch))
+    d = ns["diagnostics"]
+    assert d["grad_norm"] > 0 and -1 <= d["cos"] <= 1 and np.isfinite(d["sharpness"])
+    # m-sharpness is not the whole batch's perturbation
+    plain, _ = ns["tx"].update(
+        jax.grad(loss_fn)(ns["params"], batch),
+        ns["tx"].init(ns["params"]),
+        ns["params"],
+        value_fn=lambda p: loss_fn(p, batch),
+    )
+    diff = ns["tree_util"].norm(ns["tree_util"].sub(plain, ns["m_updates"]))
+    assert float(diff) > 0
+
+
 def test_readme_landscape_example_runs():
     block = guide_block("basin_volume")
     namespace = {}
@@ -232,6 +251,7 @@ MARKERS = (
     "sharpness.epsilon_sharpness(",
     "train.Hook(param_norm",
     "optim.nsgd(",
+    "optim.sam(0.05)",
     "basin_volume",
     "keskar.figures(config, results)",
     "operators.GGN(",
