@@ -356,3 +356,24 @@ def test_nothing_to_report_is_one_line_and_exit_status_1(capsys):
             raise runs.NothingToReport("nothing to report: 1 run diverged (a/seed0 at step 3)")
     assert e.value.code.endswith("error: nothing to report: 1 run diverged (a/seed0 at step 3)")
     assert "\n" not in e.value.code  # SystemExit(str) prints it on stderr, exit status 1
+
+
+def test_work_recorded_before_sams_settings_existed_is_still_this_configs(tmp_path):
+    """With SAM off (sam.rho = 0) the sam.* fields change nothing: a study's record and a
+    run's checkpointed config.json written before they existed still match; with SAM on,
+    they do not."""
+    from sharp_minima.studies import sections
+
+    config = load_config("quickstart.py:tiny")
+    fields = sections.compared_fields(config)
+    assert not [k for k in fields if k.startswith("sam.")] and "optim.name" in fields
+    on = load_config("quickstart.py:tiny", **{"sam.rho": 0.05})
+    assert sections.compared_fields(on)["sam.rho"] == 0.05
+    run = load_config("swissroll.py:tiny")
+    old = train.config_dict(run)
+    del old["sam"]
+    os.makedirs(tmp_path / "checkpoints" / "4")
+    files.write_json(str(tmp_path / "config.json"), old)
+    train.check_resumable(str(tmp_path), run)  # no error
+    with pytest.raises(train.ConfigError, match="fields differ: sam"):
+        train.check_resumable(str(tmp_path), load_config("swissroll.py:tiny", **{"sam.rho": 0.1}))

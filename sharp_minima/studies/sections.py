@@ -186,11 +186,14 @@ def compared_fields(config) -> dict[str, Any]:
       The fields' values, as JSON gives them back.
     """
     plain = json.loads(json.dumps(config.to_dict(), default=files.to_builtin))
+    # SAM off (sam.rho = 0): its settings change nothing, as in work recorded before they existed.
+    sam_off = not (plain.get("sam") or {}).get("rho")
     return {
         k: v
         for k, v in _leaves(plain).items()
         if not any(k == n or k.startswith(n + ".") for n in NOT_COMPARED)
         and ".claims." not in f".{k}"  # thresholds judge results, they change no run
+        and not (sam_off and k.startswith("sam."))
     }
 
 
