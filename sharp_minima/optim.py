@@ -425,3 +425,32 @@ def sam(
         return adv, SamState({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def sam_stability_threshold(learning_rate, rho, grad_norm):
+    """The largest curvature λ along which SGD with SAM's ascent step stays stable:
+    λ_SAM = (‖g‖ / 2ρ)(√(1 + 8ρ / (η‖g‖)) − 1), which tends to GD's 2/η as ρ → 0.
+
+    Along an eigenvector of curvature λ, with ‖g‖ the norm of the whole gradient (held by the
+    other directions), SAM's step multiplies the component by 1 − ηλ − ηρλ²/‖g‖ (the gradient
+    at w + ρg/‖g‖ is g + ρλ²x/‖g‖ along it); it is stable while ηλ + ηρλ²/‖g‖ ≤ 2 (the
+    linear-stability view of SAM's edge of stability: Agarwala & Dauphin 2023; Long &
+    Bartlett 2024 find the threshold's dependence on ‖g‖).
+
+    Args:
+      learning_rate: η > 0.
+      rho: ρ ≥ 0 (0: gradient descent).
+      grad_norm: ‖g‖ > 0.
+
+    Returns:
+      λ_SAM (numpy broadcasting over the arguments).
+
+    >>> round(float(sam_stability_threshold(0.1, 0.0, 1.0)), 6)  # 2/η
+    20.0
+    >>> round(float(sam_stability_threshold(0.1, 0.05, 1.0)), 3)  # ηλ + ηρλ² = 2
+    12.361
+    """
+    lr, rho, g = (np.asarray(a, np.float64) for a in (learning_rate, rho, grad_norm))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sam = g / (2 * rho) * (np.sqrt(1 + 8 * rho / (lr * g)) - 1)
+    return np.where(rho > 0, sam, 2 / lr)

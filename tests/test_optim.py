@@ -387,3 +387,29 @@ def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batch
         np.testing.assert_allclose(a, np.mean(b, 0), rtol=1e-6, atol=1e-7)
     pairs = zip(jax.tree.leaves(stats["m=4"]), jax.tree.leaves(stats["plain"]))
     assert not all(np.allclose(a, b) for a, b in pairs)  # the variances are the groups'
+
+
+def test_sam_diverges_just_above_its_stability_threshold_and_settles_just_below():
+    """L = ½λx² + c·y: the gradient's norm is ≈ c (held by y), and SAM's step multiplies x by
+    1 − ηλ − ηρλ²/c: x grows when λ is 5% above `sam_stability_threshold(η, ρ, c)` and
+    shrinks 5% below it — while plain gradient descent is stable at both (2/η is higher)."""
+    lr, rho, c = 0.1, 0.05, 1.0
+    threshold = float(optim.sam_stability_threshold(lr, rho, c))
+    assert threshold < 2 / lr
+    tx = optax.chain(optim.sam(rho), optax.sgd(lr))
+
+    @jax.jit
+    def final_x(lam):
+        def value(p):
+            return 0.5 * lam * p["x"] ** 2 + c * p["y"]
+
+        def body(_, carry):
+            p, s = carry
+            u, s = tx.update(jax.grad(value)(p), s, p, value=value(p), value_fn=value)
+            return optax.apply_updates(p, u), s
+
+        p = {"x": jnp.float32(1e-3), "y": jnp.float32(0.0)}
+        return jax.lax.fori_loop(0, 60, body, (p, tx.init(p)))[0]["x"]
+
+    above, below = final_x(1.05 * threshold), final_x(0.95 * threshold)
+    assert abs(float(above)) > 1e-2 > 1e-3 > abs(float(below)), (above, below)
