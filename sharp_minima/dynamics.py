@@ -628,7 +628,10 @@ class PopulationTrainer:
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (mean over the batch).
       optimizer: ``optimizer(learning_rate) -> optax.GradientTransformation``, e.g.
-        ``optax.sgd``; wrapped in `optax.inject_hyperparams`, so the rate is per member.
+        ``optax.sgd``; wrapped in `optax.inject_hyperparams`, so the rate is per member. Its
+        ``update`` also gets ``value=`` and ``value_fn=`` (the member's mini-batch objective),
+        so ``lambda learning_rate: optax.chain(optim.sam(0.05), optax.sgd(learning_rate))``
+        trains a population with SAM.
       metrics_fn: ``metrics_fn(params, data) -> dict`` of scalars (for `evaluate`).
       devices: the devices to shard the members over (default: ``jax.devices()``, all
         processes' devices).
@@ -706,7 +709,9 @@ class PopulationTrainer:
     def _step(self, params, opt_state, batch):
         self.num_traces += 1
         loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
+        updates, opt_state = self.tx.update(  # value_fn: SAM's second gradient, line searches
+            grads, opt_state, params, value=loss, value_fn=lambda p: self.loss_fn(p, batch)
+        )
         return optax.apply_updates(params, updates), opt_state, loss
 
     def _epoch(self, params, opt_state, data, order):

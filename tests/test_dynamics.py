@@ -9,7 +9,7 @@ import optax
 import pytest
 import scipy.linalg
 
-from sharp_minima import dynamics, gradients
+from sharp_minima import dynamics, gradients, optim
 
 R = 20_000  # runs: the sample variance's relative standard error is √(2/R) = 1%
 
@@ -110,7 +110,14 @@ def test_escape_steps_are_recorded():
         sim.run(jnp.zeros(5), key=jax.random.key(0), learning_rate=0.1, num_steps=2)
 
 
-def test_a_population_step_equals_separate_steps():
+OPTIMIZERS = {  # learning rate -> the members' optimizer
+    "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+    "sam": lambda learning_rate: optax.chain(optim.sam(0.05), optax.sgd(learning_rate)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_population_step_equals_separate_steps(name):
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
 
@@ -125,21 +132,21 @@ def test_a_population_step_equals_separate_steps():
         }
         data = {"x": jnp.asarray(rng.normal(size=(32, 4))), "y": jnp.asarray(rng.normal(size=32))}
         lrs = jnp.array([0.01, 0.05, 0.1])
-        trainer = dynamics.PopulationTrainer(
-            loss, lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)
-        )
+        trainer = dynamics.PopulationTrainer(loss, OPTIMIZERS[name])
         state = trainer.init(params, learning_rates=lrs)
         order = jnp.asarray(rng.integers(0, 32, size=(members, 5, 8)))
         pop, _, losses = trainer.epoch(params, state, data, order)
         for m in range(members):
-            tx = optax.sgd(float(lrs[m]), momentum=0.9)
+            tx = OPTIMIZERS[name](float(lrs[m]))
             p = jax.tree.map(lambda a, m=m: a[m], params)
             s = tx.init(p)
             for step in range(5):
                 batch = jax.tree.map(lambda a, i=order[m, step]: a[i], data)
                 value, g = jax.value_and_grad(loss)(p, batch)
                 np.testing.assert_allclose(losses[m, step], value, rtol=1e-12)
-                updates, s = tx.update(g, s, p)
+                updates, s = optax.with_extra_args_support(tx).update(
+                    g, s, p, value=value, value_fn=lambda q, b=batch: loss(q, b)
+                )
                 p = optax.apply_updates(p, updates)
             for a, b in zip(
                 jax.tree.leaves(p), jax.tree.leaves(jax.tree.map(lambda a, m=m: a[m], pop))

@@ -11,11 +11,15 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
 - `optimizer` — `make_optimizer`, `learning_rate_schedule` (sgd, momentum, nesterov, adam,
   adamw, rmsprop, adagrad; constant, step, cosine, warm-up with the linear scaling rule of
   Goyal et al. 2017, reduce-on-plateau), `resolve_optimizer` (the config's or your own) and
-  `epoch_schedule` (a population member's rate or batch size by epoch).
+  `epoch_schedule` (a population member's rate or batch size by epoch), `sam_groups` (the
+  m-sharpness groups of ``config.sam``).
 - `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
   `classification_loss` (the default `TrainLoss`; any research loss
   ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
-  `make_train_step`, `make_eval_step`, `Evaluator`, `init_state`, `initial_params`.
+  `make_train_step` (SAM's m-sharpness groups: ``groups=``), `make_eval_step`, `init_state`,
+  `initial_params`.
+- `evaluation` — `Evaluator`, `make_evaluators`, `evaluate`: loss and accuracy in evaluation
+  mode, one compiled step per example set.
 - `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
   hook runs every N steps or epochs, may log scalars, replace the state (e.g. new
   directions in the optimizer state), write arrays with ``ctx.save_arrays``.
@@ -74,12 +78,11 @@ _MODULES = {
         "make_train_step",
         "make_eval_step",
         "make_get_batch",
-        "Evaluator",
         "init_state",
         "initial_params",
-        "make_evaluators",
-        "evaluate",
+        "fresh_copy",
     ),
+    "evaluation": ("Evaluator", "make_evaluators", "evaluate"),
     "hooks": (
         "Hook",
         "HookResult",

@@ -134,16 +134,11 @@ def _validate_optimizer_and_stopping(c, num_devices) -> None:
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "config.optim.b1 and b2 must be in [0, 1)")
     need(o.eps > 0, "config.optim.eps must be > 0")
     need(o.grad_clip_norm >= 0, "config.optim.grad_clip_norm must be >= 0 (0 = off)")
-    if "sam" in c:
-        m = c.sam.group_size
-        need(c.sam.rho >= 0, f"config.sam.rho must be >= 0 (0 = off), got {c.sam.rho}")
-        need(c.sam.eta >= 0, f"config.sam.eta must be >= 0, got {c.sam.eta}")
-        need(
-            m == 0 or (m >= 1 and c.batch_size % m == 0),
-            f"config.sam.group_size ({m}) must divide config.batch_size ({c.batch_size}); "
-            "0 = the whole batch",
-        )
-        need(m == 0 or c.sam.rho > 0, "config.sam.group_size needs config.sam.rho > 0")
+    if "sam" in c:  # SAM (sharp_minima.optim.sam); rho = 0: off
+        m, rho = c.sam.group_size, c.sam.rho
+        need(rho >= 0 and c.sam.eta >= 0, "config.sam.rho and config.sam.eta must be >= 0")
+        ok = m == 0 or (m >= 1 and c.batch_size % m == 0 and rho > 0)  # 0: the whole batch
+        need(ok, f"config.sam.group_size ({m}) must divide batch_size, with sam.rho > 0")
     s = c.schedule
     need(s.decay_factor > 0, "config.schedule.decay_factor must be > 0")
     need(s.plateau_patience >= 1, "config.schedule.plateau_patience must be >= 1 (epochs)")

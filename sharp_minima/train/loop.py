@@ -25,6 +25,7 @@ from sharp_minima import files
 from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore_or_init
 from sharp_minima.train.config import Setup, config_dict, run_keys, setup
 from sharp_minima.train.console import Progress, deferred_interrupt, on_console, plural
+from sharp_minima.train.evaluation import Evaluator, evaluate, make_evaluators
 from sharp_minima.train.hooks import (
     Hook,
     LoopContext,
@@ -38,13 +39,10 @@ from sharp_minima.train.hooks import (
 from sharp_minima.train.metrics import MetricsBuffer, MetricWriters
 from sharp_minima.train.optimizer import resolve_optimizer, sam_groups
 from sharp_minima.train.steps import (
-    Evaluator,
     TrainLoss,
     TrainState,
     classification_loss,
-    evaluate,
     fresh_copy,
-    make_evaluators,
     make_get_batch,
     make_train_step,
     replicate,
