@@ -80,7 +80,6 @@ _MODULES = {
         "make_get_batch",
         "init_state",
         "initial_params",
-        "fresh_copy",
     ),
     "evaluation": ("Evaluator", "make_evaluators", "evaluate"),
     "hooks": (
