@@ -86,6 +86,25 @@ def test_mnist1d_and_generators():
     assert r[y == 0].max() + 0.2 <= r[y == 1].min() + 1e-6
 
 
+def test_symmetric_label_noise_changes_a_seeded_fraction_of_the_training_labels_only():
+    clean = data.load("mnist1d", validation_fraction=0.1)
+    noisy = data.load("mnist1d", validation_fraction=0.1, label_noise=0.4)
+    changed = noisy.y_train != clean.y_train
+    np.testing.assert_array_equal(changed, noisy.noisy_train)  # a changed label is another class
+    assert abs(changed.mean() - 0.4) < 0.03  # 3,600 labels: 3 standard errors ≈ 0.025
+    np.testing.assert_array_equal(noisy.x_train, clean.x_train)
+    np.testing.assert_array_equal(noisy.y_test, clean.y_test)  # the test set stays clean
+    assert 0.3 < (noisy.y_val != clean.y_val).mean() < 0.5  # the validation split is noisy
+    # Every other class equally likely: the 9 shifts y' − y (mod 10) of the changed labels.
+    shifts = np.bincount((noisy.y_train - clean.y_train)[changed] % 10, minlength=10)
+    assert shifts[0] == 0 and shifts[1:].min() > 0.7 * shifts[1:].mean()
+    again = data.load("mnist1d", validation_fraction=0.1, label_noise=0.4)
+    np.testing.assert_array_equal(again.y_train, noisy.y_train)  # seeded
+    assert clean.noisy_train is None
+    with pytest.raises(ValueError, match="label_noise"):
+        data.load("mnist1d", label_noise=1.0)
+
+
 def test_pipeline_is_seeded_and_on_device():
     idx_a = data.epoch_permutation(jax.random.key(0), 10, 3)
     idx_b = data.epoch_permutation(jax.random.key(0), 10, 3)

@@ -86,6 +86,7 @@ class Dataset:
     std: np.ndarray | None = None
     x_extra: np.ndarray | None = None
     y_extra: np.ndarray | None = None
+    noisy_train: np.ndarray | None = None  # with label_noise: which training labels changed
 
     @property
     def input_shape(self):
@@ -177,6 +178,7 @@ def load(
     seed: int = 0,
     allow_download: bool = True,
     max_train: int | None = None,
+    label_noise: float = 0.0,
     **options,
 ) -> Dataset:
     """Loads a data set as host arrays with a seeded train/validation split.
@@ -190,15 +192,22 @@ def load(
       seed: seed of the split and of generated data.
       allow_download: try a TFDS download when nothing local works.
       max_train: keep only the first ``max_train`` training examples (after shuffling).
+      label_noise: symmetric label noise p: each label of the training set (and of the
+        validation split held out of it; never the test set) is, with probability p,
+        replaced by another class drawn uniformly (seeded by ``seed``). ``noisy_train``
+        marks the training labels that changed. Classification sets only.
       **options: passed to the generators (e.g. ``gap=`` for rings, ``num_train=``), to the
         manual loaders (PTB ``seq_len``, ``vocab_size``), IMDB (``vocab_size``, ``max_len``)
         or SVHN (``extra=True``, or ``"separate"`` with ``max_extra``).
 
     Raises:
-      ValueError: unknown name or bad fraction. DataNotFoundError: no source worked.
+      ValueError: unknown name, bad fraction or label noise. DataNotFoundError: no source
+        worked.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if not 0.0 <= label_noise < 1.0 or (label_noise and name in TEXT):
+        raise ValueError(f"label_noise must be in [0, 1), on classification data: {label_noise}")
     splits, source, num_classes = _raw(
         name, data_dir, idx_dir, manual_dir, seed, allow_download, options
     )
@@ -211,9 +220,16 @@ def load(
     x, y = x[perm], np.asarray(y, np.int32)[perm]
     if max_train is not None:
         x, y = x[:max_train], y[:max_train]
+    noisy = None
+    if label_noise:  # another class, uniformly: y + U{1..K-1} mod K
+        rng = np.random.default_rng([seed, 1])
+        noisy = rng.random(len(y)) < label_noise
+        shift = rng.integers(1, num_classes, len(y))
+        y = np.where(noisy, (y + shift) % num_classes, y).astype(np.int32)
     n_val = int(round(validation_fraction * len(x)))
     xv, yv = (x[:n_val], y[:n_val]) if n_val else (None, None)
     x, y = x[n_val:], y[n_val:]
+    noisy = None if noisy is None else noisy[n_val:]
     if "valid" in splits and xv is None:  # PTB ships its own validation text
         xv, yv = splits["valid"]
     xe = ye = None
@@ -242,6 +258,7 @@ def load(
         std,
         norm(xe),
         ye,
+        noisy,
     )
 
 
