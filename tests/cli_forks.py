@@ -10,6 +10,12 @@ One request per line on stdin, one answer per line on stdout (JSON):
 ``{"module": "train", "args": [...], "env": {...}, "cwd": "...", "timeout": 300}`` ->
 ``{"returncode": 2, "stdout": "...", "stderr": "..."}``; a child that outlives its timeout is
 killed (return code -9, ``"timed out after … s"`` appended to its stderr).
+
+The processes of a multi-process test (`tests/mp_harness.py`) run side by side, so they are
+started and watched by three more requests: ``{"op": "start", "argv": ["-m", "experiments.
+train", ...] or ["tests/mp_worker.py", ...], "env", "cwd", "stdout": path, "stderr": path}``
+-> ``{"pid": 123}`` (not waited for); ``{"op": "poll", "pid": 123}`` -> ``{"returncode": null
+or its exit status}``; ``{"op": "signal", "pid": 123, "signal": 9}`` -> ``{}``.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ import sharp_minima.train  # noqa: E402, F401
 
 def child(call: dict, out: str, err: str) -> None:
     """The command line, in the forked child (never returns: it ends as the interpreter ends
-    a ``python -m`` run, waiting for the run's threads, e.g. orbax's checkpoint writers, and
-    running its exit handlers)."""
+    a ``python -m`` or ``python script.py`` run, waiting for the run's threads, e.g. orbax's
+    checkpoint writers, and running its exit handlers)."""
     import runpy
     import traceback
 
@@ -56,10 +62,15 @@ def child(call: dict, out: str, err: str) -> None:
         os.environ.clear()
         os.environ.update(call["env"])
         os.chdir(call["cwd"])
-        sys.path[0] = call["cwd"]  # as `python -m` puts the working directory first
-        name = f"experiments.{call['module']}"
-        sys.argv = [name.replace(".", "/") + ".py", *call["args"]]
-        runpy.run_module(name, run_name="__main__", alter_sys=True)
+        argv = call.get("argv") or ["-m", f"experiments.{call['module']}", *call["args"]]
+        if argv[0] == "-m":
+            sys.path[0] = call["cwd"]  # as `python -m` puts the working directory first
+            sys.argv = [argv[1].replace(".", "/") + ".py", *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))  # the script's folder
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
         code = 0
     except SystemExit as e:  # as the interpreter turns it into an exit status
         if e.code is None or isinstance(e.code, int):
@@ -99,10 +110,38 @@ def run(call: dict) -> dict:
     return result
 
 
+STARTED = {}  # pid -> exit status, once reaped (None while it runs)
+
+
+def start(call: dict) -> dict:
+    pid = os.fork()
+    if pid == 0:
+        child(call, call["stdout"], call["stderr"])
+    STARTED[pid] = None
+    return {"pid": pid}
+
+
+def poll(call: dict) -> dict:
+    pid = call["pid"]
+    if STARTED[pid] is None:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            STARTED[pid] = os.waitstatus_to_exitcode(status)
+    return {"returncode": STARTED[pid]}
+
+
+def send(call: dict) -> dict:
+    if STARTED[call["pid"]] is None:
+        os.kill(call["pid"], call["signal"])
+    return {}
+
+
 def main() -> None:
+    ops = {"run": run, "start": start, "poll": poll, "signal": send}
     for line in sys.stdin:
         if line.strip():
-            print(json.dumps(run(json.loads(line))), flush=True)
+            call = json.loads(line)
+            print(json.dumps(ops[call.get("op", "run")](call)), flush=True)
 
 
 if __name__ == "__main__":

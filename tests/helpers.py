@@ -68,21 +68,7 @@ def run_experiment(module, *args, timeout=300, env=None):
     one whose ``JAX_*`` variables, which jax reads when imported, differ from those that
     process started with gets a fresh process of its own)."""
     env = dict(os.environ, **(env or {}))
-    if not _FORKS or _FORKS[0].poll() is not None:
-        path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-        _FORKS[:] = [
-            subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "tests", "cli_forks.py")],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=dict(os.environ, PYTHONPATH=path),
-            ),
-            dict(os.environ),
-        ]
-        atexit.register(_FORKS[0].kill)
-    forks, started = _FORKS
+    forks, started = fork_server()
     if any(env.get(k) != started.get(k) for k in set(env) | set(started) if k[:4] == "JAX_"):
         return subprocess.run(
             [sys.executable, "-m", f"experiments.{module}", *args],
@@ -99,17 +85,43 @@ def run_experiment(module, *args, timeout=300, env=None):
         "cwd": ROOT,
         "timeout": timeout,
     }
-    forks.stdin.write(json.dumps(call) + "\n")
-    forks.stdin.flush()
-    answer = forks.stdout.readline()
-    assert answer, f"tests/cli_forks.py stopped (exit {forks.wait()})"
-    out = json.loads(answer)
+    out = fork_request(call)
     return subprocess.CompletedProcess(
         [sys.executable, "-m", f"experiments.{module}", *args],
         out["returncode"],
         out["stdout"],
         out["stderr"],
     )
+
+
+def fork_server():
+    """``(the process, the environment it started with)`` of `tests/cli_forks.py`, started
+    once per test process."""
+    if not _FORKS or _FORKS[0].poll() is not None:
+        path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+        _FORKS[:] = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "tests", "cli_forks.py")],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=path),
+            ),
+            dict(os.environ),
+        ]
+        atexit.register(_FORKS[0].kill)
+    return _FORKS
+
+
+def fork_request(call: dict) -> dict:
+    """One request to `tests/cli_forks.py` (see its docstring), and its answer."""
+    forks = fork_server()[0]
+    forks.stdin.write(json.dumps(call) + "\n")
+    forks.stdin.flush()
+    answer = forks.stdout.readline()
+    assert answer, f"tests/cli_forks.py stopped (exit {forks.wait()})"
+    return json.loads(answer)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,11 @@ launch's environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_
 read by `experiments.cli.start_multihost` and by `tests/mp_worker.py`). A process that
 fails, or a launch that outlives its timeout (every process is then killed: never a stuck
 suite), raises ``AssertionError`` with each process's last lines.
+
+Each process is a fork of the test process's warm `tests/cli_forks.py` (which has imported
+jax, flax, optax and the studies, but started no backend: each child picks its own devices
+and joins the launch), as ``python <args>`` would run; ``env`` with other ``JAX_*`` values
+than the fork server started with gets fresh interpreters.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from helpers import fork_request, fork_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = "RESULT "
@@ -74,18 +82,53 @@ class Process:
         ]
 
 
+class Forked:
+    """A process started by `tests/cli_forks.py`, with the part of ``subprocess.Popen``'s
+    interface the harness uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        if self.returncode is None:
+            self.returncode = fork_request({"op": "poll", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        fork_request({"op": "signal", "pid": self.pid, "signal": int(sig)})
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self):
+        while self.poll() is None:
+            time.sleep(0.05)
+        return self.returncode
+
+
+LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def start(args, *, processes=2, devices=2, cwd=None, env=None) -> list[Process]:
     """Starts ``python <args>`` once per process (process 0 first); returns them running."""
     port, out = free_port(), []
     folder = tempfile.mkdtemp(prefix="sharp_minima_mp_")
+    started = fork_server()[1]
     for i in range(processes):
         e = environment(i, processes, devices, port)
         e.update(env or {})
         paths = [os.path.join(folder, f"{i}.{s}") for s in ("out", "err")]
-        with open(paths[0], "w") as o, open(paths[1], "w") as r:
-            p = subprocess.Popen(
-                [sys.executable, *args], env=e, cwd=cwd or ROOT, stdout=o, stderr=r, text=True
-            )
+        for path in paths:  # readable at once (`Process.output`)
+            open(path, "w").close()
+        names = (set(e) | set(started)) - set(LAUNCH_VARIABLES)
+        if all(e.get(k) == started.get(k) for k in names if k[:4] == "JAX_"):
+            call = {"op": "start", "argv": list(args), "env": e, "cwd": cwd or ROOT}
+            p = Forked(fork_request({**call, "stdout": paths[0], "stderr": paths[1]})["pid"])
+        else:  # jax reads these when imported: a fresh interpreter
+            with open(paths[0], "w") as o, open(paths[1], "w") as r:
+                p = subprocess.Popen(
+                    [sys.executable, *args], env=e, cwd=cwd or ROOT, stdout=o, stderr=r
+                )
         out.append(Process(i, p, *paths))
     return out
 
