@@ -288,7 +288,9 @@ def nsgd(
 
 # ------------------------------------------------------------- sharpness-aware minimisation
 
-SAM_EPS = 1e-12  # added to ‖T g‖ in the ascent step: a zero gradient gives ε = 0, not NaN
+# Added to ‖T g‖ (computed in float32 at least) in the ascent step: a zero gradient gives
+# ε = 0, not NaN.
+SAM_EPS = 1e-12
 SAM_METRICS = ("sharpness", "grad_norm", "cos")
 
 
@@ -383,15 +385,24 @@ def sam(
         del params
         return SamState({k: jnp.zeros((), jnp.float32) for k in SAM_METRICS})
 
+    def wide(x):  # float32 at least: in float16 eps vanishes and a squared norm overflows
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+    def norm(tree):
+        return tu.norm(jax.tree.map(wide, tree))
+
+    def scale(n):  # ρ / (‖·‖ + eps)
+        return rho / (n + eps)
+
     def perturbation(g, params):
         if not adaptive:
-            n = tu.norm(g)
-            return jax.tree.map(lambda x: rho * x / (n + eps).astype(x.dtype), g)
+            s = scale(norm(g))
+            return jax.tree.map(lambda x: (s * x).astype(x.dtype), g)
         which = mask(params) if callable(mask) else mask if mask is not None else asam_mask(params)
         t = jax.tree.map(lambda p, m: jnp.abs(p) + eta if m else jnp.ones_like(p), params, which)
         tg = jax.tree.map(jnp.multiply, t, g)
-        n = tu.norm(tg)
-        return jax.tree.map(lambda a, b: rho * a * b / (n + eps).astype(b.dtype), t, tg)
+        s = scale(norm(tg))
+        return jax.tree.map(lambda a, b: (s * a * b).astype(b.dtype), t, tg)
 
     def update(updates, state, params=None, *, value=None, value_fn=None, **extra):
         if params is None or value_fn is None:
@@ -416,11 +427,12 @@ def sam(
             adv_value, adv = tu.mean_over_leading_axis((values, stacked))
         adv = jax.tree.map(lambda a, u: a.astype(u.dtype), adv, updates)
         clean = value_fn(params) if value is None else value
-        g_norm, a_norm = tu.norm(updates), tu.norm(adv)
+        g_norm, a_norm = norm(updates), norm(adv)
         metrics = {
-            "sharpness": adv_value - clean,
+            "sharpness": wide(adv_value) - wide(clean),
             "grad_norm": g_norm,
-            "cos": tu.dot(updates, adv) / (g_norm * a_norm + eps),
+            "cos": tu.dot(*(jax.tree.map(wide, t) for t in (updates, adv)))
+            / (g_norm * a_norm + eps),
         }
         return adv, SamState({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
 

@@ -325,13 +325,14 @@ def test_m_sharpness_is_the_mean_over_groups_each_perturbed_by_its_own_gradient(
 
 
 def test_sam_is_finite_at_a_zero_gradient_where_optax_contrib_sam_is_not():
-    params = {"w": jnp.zeros(3)}
     value_fn = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731 - its minimum: g = 0
-    zero = jax.grad(value_fn)(params)
-    for tx in (optim.sam(RHO), optim.sam(RHO, adaptive=True)):
-        u, s = tx.update(zero, tx.init(params), params, value_fn=value_fn)
-        assert np.all(np.asarray(u["w"]) == 0)
-        assert all(np.isfinite(float(v)) for v in s.sam_metrics.values())
+    for dtype in (jnp.float32, jnp.float16):  # float16: the epsilon is added in float32
+        params = {"w": jnp.zeros(3, dtype)}
+        zero = jax.grad(value_fn)(params)
+        for tx in (optim.sam(RHO), optim.sam(RHO, adaptive=True)):
+            u, s = tx.update(zero, tx.init(params), params, value_fn=value_fn)
+            assert np.all(np.asarray(u["w"]) == 0) and u["w"].dtype == dtype
+            assert all(np.isfinite(float(v)) for v in s.sam_metrics.values())
     ref = optax.contrib.sam(
         optax.sgd(LR), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), opaque_mode=True
     )
