@@ -388,6 +388,23 @@ def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batch
         np.testing.assert_allclose(a, np.mean(b, 0), rtol=1e-6, atol=1e-7)
     pairs = zip(jax.tree.leaves(stats["m=4"]), jax.tree.leaves(stats["plain"]))
     assert not all(np.allclose(a, b) for a, b in pairs)  # the variances are the groups'
+    # The m = 4 step's parameters, from a Python loop over the groups written out: each
+    # group's gradient, its own ε, its gradient there (same batch statistics mode, same key).
+
+    @jax.jit
+    def group_sam_gradient(b, k):
+        def f(p):
+            return base(p, state.batch_stats, b, k)[0]
+
+        g = jax.grad(f)(state.params)
+        point = jax.tree.map(lambda w, x: w + 0.05 * x / tree_util.norm(g), state.params, g)
+        return jax.grad(f)(point)
+
+    keys = jax.random.split(key, 4)
+    grads = [group_sam_gradient({k: v[i] for k, v in split.items()}, keys[i]) for i in range(4)]
+    want = jax.tree.map(lambda w, *g: w - 0.1 * np.mean(g, 0), state.params, *grads)
+    for a, b in zip(jax.tree.leaves(out["m=4"][0].params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_sam_diverges_just_above_its_stability_threshold_and_settles_just_below():
