@@ -342,6 +342,11 @@ def test_sam_is_finite_at_a_zero_gradient_where_optax_contrib_sam_is_not():
         optim.sam(RHO).update(zero, optim.sam(RHO).init(params), params)
     with pytest.raises(ValueError, match="rho"):
         optim.sam(0.0)
+    config = load_config("swissroll.py:tiny", **{"sam.rho": 0.05})
+    with pytest.raises(train.ConfigError, match="config.sam.rho > 0 builds SAM"):
+        train.resolve_optimizer(config, 4, optax.sgd(0.1))
+    with pytest.raises(train.ConfigError, match="sam.group_size"):
+        train.validate_config(load_config("swissroll.py:tiny", **{"sam.group_size": 3}))
 
 
 def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batchnorm_stats():

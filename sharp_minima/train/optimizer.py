@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from sharp_minima import optim
+from sharp_minima.train.config import ConfigError
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> Callable[[Any], Any]:
@@ -197,9 +198,17 @@ def resolve_optimizer(config, steps_per_epoch: int, tx):
 
     Returns:
       ``(tx, lr_fn)``; ``lr_fn`` is None when the rate cannot be read.
+
+    Raises:
+      ConfigError: ``config.sam.rho > 0`` with a ``tx`` of the caller's.
     """
     if tx is None:
         return make_optimizer(config, steps_per_epoch)
+    if config.get("sam") is not None and config.sam.rho > 0:
+        raise ConfigError(
+            "config.sam.rho > 0 builds SAM into the config's optimizer, not into a tx of your "
+            "own: chain sharp_minima.optim.sam into it and leave config.sam.rho at 0"
+        )
     try:
         probe = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
     except (ValueError, TypeError):  # a transform that needs the real params' shapes
