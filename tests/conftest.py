@@ -47,6 +47,7 @@ TINY = {
     "nudged_sgd": "nudged_sgd.py:tiny",
     "visualize_generalization": "visualize_generalization.py:tiny",
     "sgd_noise": "sgd_noise.py:tiny",
+    "sam": "sam.py:tiny",
 }
 
 
@@ -97,6 +98,7 @@ GROUPS = {
     "nudged_sgd": "jastrzebski",  # one notebook runs both
     "visualize_generalization": "huang",
     "sgd_noise": "sgd_noise",
+    "sam": "sam",
 }
 MODULE_STUDY = {  # the study a test module reads, when its tests are not parametrised by it
     "test_huang": "visualize_generalization",
@@ -105,6 +107,7 @@ MODULE_STUDY = {  # the study a test module reads, when its tests are not parame
     "test_readme": "keskar",
     "test_runs": "keskar",
     "test_sgd_noise": "sgd_noise",
+    "test_sam": "sam",
     "test_notebooks": "keskar",
     "test_multiprocess": "keskar",
 }

@@ -24,6 +24,7 @@ STUDIES = {  # the studies each notebook runs (their workdirs under runs/noteboo
     "sharpest_directions": ("sharpest_directions", "nudged_sgd"),
     "visualize_generalization": ("visualize_generalization",),
     "sgd_noise": ("sgd_noise",),
+    "sam": ("sam",),
     "your_model": (),
 }
 GUIDE_FIGURES = {  # docs/figures/<name> ← a study's figure in the default run
@@ -33,6 +34,8 @@ GUIDE_FIGURES = {  # docs/figures/<name> ← a study's figure in the default run
     "huang_surfaces.png": ("visualize_generalization", "surfaces.png"),
     "sgd_noise_critical_batch.png": ("sgd_noise", "critical_batch.png"),
     "sgd_noise_noise_scale.png": ("sgd_noise", "noise_scale.png"),
+    "sam_label_noise.png": ("sam", "label_noise.png"),
+    "sam_eos.png": ("sam", "eos.png"),
 }
 SKIP = "skip-execution"
 
