@@ -37,6 +37,11 @@ min_x f(x) + λ/2 ‖x − x_k‖² with a few inner steps of the base optimizer
 >>> updates, state = tx.update(zero, state, {"w": jnp.array([4.0])})
 >>> updates["w"].tolist()  # -lr * (grad + λ (x - x_k)) = -(0 + 0.5 * (4 - 2))
 [-1.0]
+
+`sam` is sharpness-aware minimisation (Foret et al. 2021), ASAM (Kwon et al. 2021) and
+m-sharpness (Andriushchenko & Flammarion 2022) as the first link of a chain;
+`sam_stability_threshold` is the curvature up to which SAM's step is stable and
+`sam_quadratic_growth` measures it on a quadratic.
 """
 
 from __future__ import annotations
@@ -466,3 +471,44 @@ def sam_stability_threshold(learning_rate, rho, grad_norm):
     with np.errstate(divide="ignore", invalid="ignore"):
         sam = g / (2 * rho) * (np.sqrt(1 + 8 * rho / (lr * g)) - 1)
     return np.where(rho > 0, sam, 2 / lr)
+
+
+def sam_quadratic_growth(learning_rate, rho, grad_norm, curvatures, steps: int = 400):
+    """How SAM's step treats a direction of curvature λ: |x₁| after ``steps`` steps of
+    ``chain(sam(rho), sgd(learning_rate))`` on ½λx₁² + ‖g‖·x₂ from x₁ = 10⁻³, divided by
+    10⁻³, for each λ of ``curvatures`` (one compiled program, vmapped over them). The linear
+    direction x₂ holds the gradient's norm at ``grad_norm``, so the ratio falls below 1 for
+    λ below `sam_stability_threshold` and grows above it: the threshold measured.
+
+    Args:
+      learning_rate: η > 0.
+      rho: SAM's ρ > 0.
+      grad_norm: ‖g‖ > 0, held by the linear direction.
+      curvatures: the λ to try (1-D).
+      steps: SAM steps.
+
+    Returns:
+      A numpy array of |x₁(steps)| / |x₁(0)|, one per λ.
+
+    >>> edge = float(sam_stability_threshold(0.2, 0.05, 1.0))
+    >>> growth = sam_quadratic_growth(0.2, 0.05, 1.0, [0.97 * edge, 1.03 * edge], steps=300)
+    >>> bool(growth[0] < 1 < growth[1])
+    True
+    """
+    tx = optax.chain(sam(rho), optax.sgd(learning_rate))
+
+    def one(lam):
+        def loss(p):
+            return 0.5 * lam * p[0] ** 2 + grad_norm * p[1]
+
+        def step(carry, _):
+            p, state = carry
+            value, g = jax.value_and_grad(loss)(p)
+            u, state = tx.update(g, state, p, value=value, value_fn=loss)
+            return (optax.apply_updates(p, u), state), None
+
+        p0 = jnp.array([1e-3, 0.0])
+        (p, _), _ = jax.lax.scan(step, (p0, tx.init(p0)), None, length=steps)
+        return jnp.abs(p[0]) / 1e-3
+
+    return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(curvatures, jnp.float32)))

@@ -9,9 +9,10 @@ g + ρλ²x/‖g‖ along it), so the step is stable while ηλ + ηρλ²/‖g�
 (`sharp_minima.optim.sam_stability_threshold`; Agarwala & Dauphin 2023 predict SAM's λ_max
 from η and ρ, Long & Bartlett 2024 find its dependence on ‖g‖). Tested twice:
 
-1. on a quadratic ½λx₁² + c·x₂, whose linear direction holds ‖g‖ ≈ c: SAM (`optim.sam` and
-   `optax.sgd`) from x₁ = 10⁻³ for ``quadratic_steps`` steps on a grid of λ around λ_SAM;
-   the measured edge is where x₁ stops shrinking;
+1. on a quadratic ½λx₁² + c·x₂, whose linear direction holds ‖g‖ ≈ c: SAM from x₁ = 10⁻³
+   for ``quadratic_steps`` steps on a grid of λ around λ_SAM
+   (`sharp_minima.optim.sam_quadratic_growth`); the measured edge is where x₁ stops
+   shrinking;
 2. in full-batch training of a small MLP on the first ``eos.examples`` training examples:
    GD's λ_max settles at 2/η (Cohen et al. 2021's edge of stability) and SAM's at λ_SAM of
    the ‖g‖ it has at that time (the trainer's ``sam/grad_norm``, averaged over the
@@ -22,10 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sharp_minima import optim, plotting, tracking, train
 from sharp_minima.studies import claims as claims_lib
@@ -101,28 +99,6 @@ def arms(config) -> list[kit.Arm]:
     ]
 
 
-def quadratic_growth(learning_rate, rho, grad_norm, lambdas, steps):
-    """|x₁| after ``steps`` SAM steps on ½λx₁² + ‖g‖·x₂ from x₁ = 10⁻³, over 10⁻³, for each
-    λ of ``lambdas`` (< 1: the step is stable along x₁)."""
-    tx = optax.chain(optim.sam(rho), optax.sgd(learning_rate))
-
-    def one(lam):
-        def loss(p):
-            return 0.5 * lam * p[0] ** 2 + grad_norm * p[1]
-
-        def step(carry, _):
-            p, state = carry
-            value, g = jax.value_and_grad(loss)(p)
-            u, state = tx.update(g, state, p, value=value, value_fn=loss)
-            return (optax.apply_updates(p, u), state), None
-
-        p0 = jnp.array([1e-3, 0.0])
-        (p, _), _ = jax.lax.scan(step, (p0, tx.init(p0)), None, length=steps)
-        return jnp.abs(p[0]) / 1e-3
-
-    return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(lambdas, jnp.float32)))
-
-
 def quadratic(config) -> list[dict]:
     """The measured edge against λ_SAM for each ‖g‖ of ``quadratic_grad_norms``."""
     e = config.sam_study.eos
@@ -130,7 +106,7 @@ def quadratic(config) -> list[dict]:
     for c in e.quadratic_grad_norms:
         edge = float(optim.sam_stability_threshold(e.learning_rate, e.rho, c))
         lambdas = edge * np.linspace(0.9, 1.1, e.quadratic_lambdas)
-        growth = quadratic_growth(e.learning_rate, e.rho, c, lambdas, e.quadratic_steps)
+        growth = optim.sam_quadratic_growth(e.learning_rate, e.rho, c, lambdas, e.quadratic_steps)
         stable = growth < 1
         if stable.all() or not stable.any():
             measured = float("nan")  # the edge is off the grid

@@ -124,12 +124,13 @@ def report(config, results) -> list[str]:
     late_arm = results["arms"][arms(config)[3].name]
     curve = kit.mean_curve(late_arm, "curve", "test_accuracy")
     if curve is not None:
+        acc = 100 * curve[1]
+        last = f" ({acc[-1] - acc[-2]:+.1f} points in the last epoch)" if len(acc) > 1 else ""
         lines += [
             "",
-            f"After the switch the late arm's test accuracy (mean over seeds) is "
-            f"{100 * curve[1][0]:.1f} % after its first SAM epoch, {100 * curve[1].min():.1f} % "
-            f"at its lowest and {100 * curve[1][-1]:.1f} % at the end "
-            f"({100 * (curve[1][-1] - curve[1][-2]):+.1f} points in the last epoch).",
+            f"After the switch the late arm's test accuracy (mean over seeds) is {acc[0]:.1f} % "
+            f"after its first SAM epoch, {acc.min():.1f} % at its lowest and {acc[-1]:.1f} % at "
+            f"the end{last}.",
         ]
     return lines
 
