@@ -98,7 +98,8 @@ def test_training_checkpoints_and_a_killed_process_across_process_counts(tmp_pat
     killed = time.monotonic()
     mp.wait(procs, timeout=60, check=False)
     stopped = time.monotonic() - killed
-    assert procs[0].returncode == 1 and stopped < 30, (procs[0].returncode, stopped)
+    # (a hang here was seen once in CI, 1 run in 7: process 0 waited past the 20 s grace)
+    assert procs[0].returncode == 1 and stopped < 30, (stopped, procs[0].tail(), procs[1].tail())
     line = procs[0].stderr.strip().splitlines()[-1]
     assert "a collective failed, another process has probably died" in line, line
     assert "resumed from step 8" in procs[0].stdout  # the one-process checkpoint
