@@ -54,6 +54,9 @@ def get_config(arg=None):
     # scouting seed with 40 % label noise (the sources tune ρ on held-out data; Foret et al.
     # use 0.05 on CIFAR). ASAM's ρ: davda54's and SamsungLabs' CIFAR-10 value, not tuned here.
     s.rho = 0.5
+    s.rho_origin = (
+        "picked from 0.05, 0.2 and 0.5 in one scouting run under label noise, before this run"
+    )
     s.asam_rho = 2.0
     s.curvature_examples = 1000  # training examples for λ_max, tr H, adaptive sharpness
     s.curvature_batch_size = 1000
@@ -135,7 +138,8 @@ def get_config(arg=None):
         c.optim.weight_decay = 5e-4
         c.schedule.name = "cosine"
         c.eval_train_examples = 10_000
-        s.rho = 0.05  # Foret et al.
+        s.rho = 0.05
+        s.rho_origin = "Foret et al.'s CIFAR value"
         s.curvature_batch_size = 250
         m.group_sizes = (128, 32, 8, 4)
         e.widths = (256, 256)  # the full-batch MLP on 1,000 flattened CIFAR images

@@ -70,7 +70,8 @@ def header(config, results) -> list:
         + f", batch {config.batch_size}, {train.plural(config.num_epochs, 'epoch')}, "
         f"{train.plural(s.seeds, 'seed')} per arm (each seed: the same initialisation and data "
         "order in every arm, so differences are paired by seed). SAM ρ = "
-        f"{s.rho:g}, ASAM ρ = {s.asam_rho:g} (η = {config.sam.eta:g}). Accuracies are "
+        f"{s.rho:g} ({s.rho_origin}; the m-sweep's ρ = {s.m_sweep.rho:g}), ASAM ρ = "
+        f"{s.asam_rho:g} (davda54's CIFAR-10 value, η = {config.sam.eta:g}). Accuracies are "
         "test accuracies at the epoch of the best validation accuracy. The sources train "
         "WRN-28-10 / WRN-16-8 / ResNets on CIFAR-10/100 and ImageNet for 200 epochs "
         "(`configs/sam.py:cifar10` is the nearest config the model zoo allows).",
