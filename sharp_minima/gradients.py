@@ -4,8 +4,11 @@ gradients against given directions.
 **Noise.** With per-example gradients gᵢ of a mean loss over N examples, G = E[gᵢ] the mean
 gradient and Σ = Cov[gᵢ] their covariance (the matrix of `sharp_minima.operators.
 GradientCovariance`), a mini-batch gradient of B examples drawn with replacement has mean G and
-covariance Σ/B. `GradientNoise` estimates, in one pass over per-example gradients computed in
-chunks inside `jit` (``vmap`` inside ``lax.map``: the memory of one chunk of gradients):
+covariance Σ/B. `GradientNoise` estimates, inside ``jit``, from every example's |gᵢ|² and
+gᵢ·Ḡ — exact, by the layer identities of `sharp_minima.per_example` (dense, convolutional
+and embedding layers: about one gradient's cost, no per-example gradient of a weight matrix
+formed) and, for leaves where none applies, by per-example gradients in chunks (``vmap``
+inside ``lax.map``: the memory of one chunk of gradients):
 
 - ``|G|²`` and ``tr Σ``, both unbiased: tr Σ = N/(N−1)·(mean|gᵢ|² − |Ḡ|²) and
   |G|² = |Ḡ|² − tr Σ/N (squaring the mean gradient's norm alone, as some trainers do, is
@@ -68,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sharp_minima import hessian, objective
+from sharp_minima import hessian, objective, per_example
 from sharp_minima import tree_util as tu
 from sharp_minima.objective import Objective, batch_mean, per_example_losses
 
@@ -230,12 +233,17 @@ class NoiseScale(NamedTuple):
         ``trace_cov`` add up to the total's).
       mean_gradient: Ḡ, a pytree like params (zero outside ``wrt``).
       num_examples: N.
+      routes: ``{leaf path: route}``, how each ``wrt`` leaf's per-example moments were
+        computed: a layer identity ("dense", "embedding", "conv"), "formed" (a small leaf's
+        per-example gradients written out in one pass), "chunked" (the chunked exact path)
+        or "projected" (``num_probes > 0``); see `sharp_minima.per_example`.
     """
 
     total: NoiseEstimate
     layers: dict
     mean_gradient: Any
     num_examples: int
+    routes: dict | None = None
 
 
 def noise_scale(learning_rate, batch_size, num_examples=None, momentum=0.0) -> float:
@@ -426,7 +434,13 @@ class GradientNoise:
       groups: the per-layer split: ``{name: regex}`` (searched in the parameter paths;
         first match wins, unmatched leaves form "other"), or None: one group per module
         (a leaf's path without its last part).
-      chunk: per-example gradients held at once.
+      chunk: per-example gradients held at once (chunked path; formed convolution kernels).
+      method: how exact per-example moments are computed. "layers" (default): from each
+        layer's inputs and output cotangents wherever a layer identity applies
+        (`sharp_minima.per_example`: dense, embedding and convolution layers, small leaves
+        formed), about one gradient's cost; the other leaves, leaf by leaf, and every leaf
+        with "chunked": per-example gradients written out ``chunk`` at a time. Both are
+        exact; `NoiseScale.routes` says which leaf took which route.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -437,9 +451,20 @@ class GradientNoise:
       (2.6667, 4.3333)
     """
 
-    def __init__(self, loss_fn, *, wrt=None, groups: dict | None = None, chunk: int = 16):
+    def __init__(
+        self,
+        loss_fn,
+        *,
+        wrt=None,
+        groups: dict | None = None,
+        chunk: int = 16,
+        method: str = "layers",
+    ):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if method not in ("layers", "chunked"):
+            raise ValueError(f'method must be "layers" or "chunked", got {method!r}')
+        self.method = method
         self.objective = Objective(loss_fn, wrt)
         self.hessian = hessian.Curvature(loss_fn, wrt=wrt)
         self.groups, self.chunk = groups, chunk
@@ -453,7 +478,8 @@ class GradientNoise:
     # -- layout ----------------------------------------------------------------------
 
     def _group_of_leaves(self, params):
-        """``(names, ids)``: the group names and each selected leaf's group index."""
+        """``(names, ids, paths)``: the group names, each selected leaf's group index and
+        each selected leaf's path."""
         paths = jax.tree_util.tree_map_with_path(lambda p, x: tu.path_str(p), params)
         selected_paths, _ = tu.select(paths, self.objective.wrt)
         names, ids = [], []
@@ -465,7 +491,7 @@ class GradientNoise:
             if name not in names:
                 names.append(name)
             ids.append(names.index(name))
-        return names, np.asarray(ids)
+        return names, np.asarray(ids), selected_paths
 
     # -- kernels ------------------------------------------------------------------------
 
@@ -535,23 +561,56 @@ class GradientNoise:
             dot = jnp.mean(u * gz.T[None, :, None, :], axis=1)
             pi = omega * weights[:, None]
             units = jnp.einsum("nb,nkbg->gk", pi, u**2 - 2 * u * gz.T[None, :, None, :])
+            codes = jnp.full((len(leaves),), -1)
         else:
-            mean = batch_mean(lambda b: jax.grad(f)(leaves, b), batches, weights)
-
-            def one_batch(batch):
-                def example(ex):
-                    g = jax.grad(f)(leaves, jax.tree.map(lambda a: a[None], ex))
-                    sq = jnp.stack([jnp.vdot(a, a) for a in g])
-                    return sq, jnp.stack([jnp.vdot(a, m) for a, m in zip(g, mean)])
-
-                sq, dot = lax.map(example, batch, batch_size=self.chunk)
-                return group_sums(sq), group_sums(dot), omega_of(batch)
-
-            sq, dot, omega = lax.map(one_batch, batches)  # (nb, B, groups) twice, (nb, B)
+            omega = jax.vmap(omega_of)(batches)
             pi = omega * weights[:, None]
+            n_leaves = len(leaves)
+            if self.method == "layers":
+                example = jax.tree.map(lambda a: a[0, 0], batches)
+                plan = per_example.plan(f, leaves, example)
+                sq, dot, mean = per_example.moments(f, plan, leaves, batches, pi, chunk=self.chunk)
+                routes = plan.routes
+            else:
+                routes = ("chunked",) * n_leaves
+                sq = dot = jnp.zeros(pi.shape + (n_leaves,), dtype)
+                mean = [jnp.zeros_like(a) for a in leaves]
+            slow = [j for j, r in enumerate(routes) if r == "chunked"]
+            if slow:  # per-example gradients of these leaves alone, chunk at a time
+
+                def f_slow(sub, batch):
+                    full = list(leaves)
+                    for j, a in zip(slow, sub):
+                        full[j] = a
+                    return f(full, batch)
+
+                sub = [leaves[j] for j in slow]
+                if self.method == "layers":  # Ḡ came with the layers' pass
+                    sub_mean = [mean[j] for j in slow]
+                else:
+                    sub_mean = batch_mean(lambda b: jax.grad(f_slow)(sub, b), batches, weights)
+
+                def one_batch(batch):
+                    def example(ex):
+                        g = jax.grad(f_slow)(sub, jax.tree.map(lambda a: a[None], ex))
+                        sq = jnp.stack([jnp.vdot(a, a) for a in g])
+                        return sq, jnp.stack([jnp.vdot(a, m) for a, m in zip(g, sub_mean)])
+
+                    return lax.map(example, batch, batch_size=self.chunk)
+
+                sq_s, dot_s = lax.map(one_batch, batches)  # (nb, B, slow leaves) twice
+                idx = jnp.asarray(slow)
+                sq, dot = sq.at[..., idx].set(sq_s), dot.at[..., idx].set(dot_s)
+                mean = list(mean)
+                for j, m in zip(slow, sub_mean):
+                    mean[j] = m
+            sq, dot = group_sums(sq), group_sums(dot)
             units = jnp.zeros((num_groups, 1), dtype)
+            codes = jnp.asarray([per_example.ROUTES.index(r) for r in routes])
         mean_sq = group_sums(jnp.stack([jnp.vdot(m, m) for m in mean]))
-        return sq, dot, pi, mean_sq, mean, units
+        _, merge = tu.select(params, self.objective.wrt)
+        vector = merge(list(mean), jax.tree.map(jnp.zeros_like, params))
+        return sq, dot, pi, mean_sq, vector, units, codes
 
     def _b_noise_kernel(self, params, batches, weights, examples):
         self.num_traces += 1
@@ -611,11 +670,12 @@ class GradientNoise:
           params: pytree at which the gradients are taken.
           batches: batch pytree with a leading axis over batches.
           weights: optional per-batch weights.
-          num_probes: 0 (default): exact per-example gradients, ``chunk`` at a time (memory
-            of ``chunk`` gradients; time grows with the parameter count, since each example's
-            gradient is written out). K > 0: each |gᵢ|² and gᵢ·Ḡ estimated from K Rademacher
-            projections per group, one jvp of the per-example losses each — no per-example
-            gradient is formed, so it costs about K·(groups) forward passes (pass
+          num_probes: 0 (default): exact, by the layer identities where they apply (about
+            one gradient; `NoiseScale.routes`) and per-example gradients ``chunk`` at a time
+            for the other leaves (time grows with their size). K > 0: each |gᵢ|² and gᵢ·Ḡ
+            estimated from K Rademacher projections per group, one jvp of the per-example
+            losses each — no per-example gradient is formed, so it costs about K·(groups)
+            forward passes (pass
             ``groups={"all": ""}`` for the total alone: with K = 2, about 2.3 gradients on
             an MLP); unbiased, and the standard errors include the projections' noise
             (K >= 2, so that it can be measured).
@@ -624,7 +684,7 @@ class GradientNoise:
         Returns:
           `NoiseScale`: ``total`` and per-group ``layers`` (`NoiseEstimate` each: the unbiased
           |G|² = |Ḡ|² − tr Σ/N and tr Σ = N/(N−1)·(mean|gᵢ|² − |Ḡ|²), B_simple, standard
-          errors), the mean gradient and N.
+          errors), the mean gradient, N, and each leaf's route.
 
         Raises:
           ValueError: no batches, bad weights, fewer than 2 examples, ``num_probes`` of 1,
@@ -641,9 +701,9 @@ class GradientNoise:
         if num_probes and key is None:
             raise ValueError("num_probes > 0 needs key= for the projections")
         prep = self.objective.prepare(params, batches, weights)
-        names, ids = self._group_of_leaves(params)
+        names, ids, paths = self._group_of_leaves(params)
         key = jax.random.key(0) if key is None else key
-        sq, dot, pi, mean_sq, mean, units = self._moments_jit(
+        sq, dot, pi, mean_sq, vector, units, codes = self._moments_jit(
             prep.params,
             batches,
             prep.weights,
@@ -673,9 +733,45 @@ class GradientNoise:
             for g, name in enumerate(names)
         }
         total = _noise_estimate(sq.sum(1), dot.sum(1), mean_sq.sum(), pi, probe_var.sum())
-        _, merge = tu.select(params, self.objective.wrt)
-        vector = merge(list(mean), tu.zeros_like(params))
-        return NoiseScale(total, layers, vector, n)
+        routes = {
+            path: per_example.ROUTES[c] if c >= 0 else "projected"
+            for path, c in zip(paths, np.asarray(codes).tolist())
+        }
+        return NoiseScale(total, layers, vector, n, routes)
+
+    def memory_bytes(self, params, batches, *, weights=None) -> int:
+        """XLA's peak memory (arguments, outputs and temporaries, in bytes, per device) of the
+        exact `measure` kernel for these shapes: compiles it ahead of time, without running
+        it. Compare with a gradient's to see what the per-example moments cost.
+
+        Args:
+          params: pytree at which `measure` would run.
+          batches: batch pytree with a leading axis over batches.
+          weights: optional per-batch weights.
+
+        Returns:
+          The peak in bytes (per device, as XLA's ``memory_analysis`` reports it).
+        """
+        prep = self.objective.prepare(params, batches, weights)
+        _, ids, _ = self._group_of_leaves(params)
+        mem = (
+            self._moments_jit.lower(
+                prep.params,
+                batches,
+                prep.weights,
+                jax.random.key(0),
+                num_probes=0,
+                group_of=tuple(int(g) for g in ids),
+            )
+            .compile()
+            .memory_analysis()
+        )
+        return int(
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
 
     def b_noise(
         self, params, batches, *, key: jax.Array, num_examples: int = 32, weights=None

@@ -62,6 +62,12 @@ __all__ = [
 # ------------------------------------------------------------------------------ validation
 
 
+def _signature(tree: PyTree):
+    """The structure, shapes and dtypes of a pytree (hashable)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
 def check_scalar_loss(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
     """Raises ValueError unless ``loss_fn(params, batch)`` is a scalar (checked abstractly)."""
     out = jax.eval_shape(loss_fn, params, batch)
@@ -280,6 +286,7 @@ class Objective:
             raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         self.wrt = wrt
+        self._checked = set()  # abstract signatures whose loss was checked to be scalar
 
     # -- host side ----------------------------------------------------------------------
 
@@ -302,7 +309,10 @@ class Objective:
             nb = num_batches(batches)
             one_batch = jax.tree.map(lambda x: x[0], batches)
             _warn_if_examples_as_batches(nb, one_batch)
-        check_scalar_loss(self.loss_fn, params, one_batch)
+        signature = _signature((params, one_batch))
+        if signature not in self._checked:
+            check_scalar_loss(self.loss_fn, params, one_batch)
+            self._checked.add(signature)
         w = normalized_weights(batches, weights, dtype)
         params, w = replicate_like(batches, (params, w))
         return Prepared(params, w, dim, dtype)

@@ -377,7 +377,8 @@ class NoiseTracker:
     """Gradient noise and batch sharpness along training, on the time axis of the curvature.
 
     At each call, on the curvature subset: the unbiased |G|², tr Σ and B_simple = tr Σ/|G|²
-    from per-example gradients (`sharp_minima.gradients.GradientNoise`), smoothed over calls
+    from exact per-example moments (`sharp_minima.gradients.GradientNoise`: the layer
+    identities of `sharp_minima.per_example` where they apply), smoothed over calls
     by bias-corrected exponential moving averages of |G|² and tr Σ (B_simple is their
     ratio, as McCandlish et al. smooth it); the SGD temperature T = η(1 − B/N)/(B(1 − μ)); and
     the batch sharpness E_B[g_Bᵀ H_B g_B / |g_B|²] over ``num_minibatches`` mini-batches of
@@ -398,9 +399,10 @@ class NoiseTracker:
       weights, wrt: as for `EigenTracker`.
       ema: the moving averages' decay β (0: no smoothing).
       num_minibatches: mini-batches of the batch sharpness (0: not measured).
-      num_probes: 0: exact per-example gradients; K >= 2: random projections instead
+      num_probes: 0: exact per-example moments; K >= 2: random projections instead
         (`sharp_minima.gradients.GradientNoise.measure`; fresh probes at every call, which
-        the moving averages smooth), much cheaper on large models.
+        the moving averages smooth), cheaper where many leaves fall back to per-example
+        gradients in chunks.
       name: metric prefix.
 
     Example:

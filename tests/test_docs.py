@@ -7,8 +7,8 @@ import sys
 
 from helpers import ROOT
 
-MODULES = ("hessian", "curvature", "operators", "gradients", "sharpness", "landscape",
-           "dynamics", "optim", "losses", "tracking", "train", "studies")  # fmt: skip
+MODULES = ("hessian", "curvature", "operators", "gradients", "per_example", "sharpness",
+           "landscape", "dynamics", "optim", "losses", "tracking", "train", "studies")  # fmt: skip
 
 
 def test_api_reference_builds_without_warnings(tmp_path):

@@ -1,0 +1,530 @@
+"""Exact per-example gradient norms and inner products without forming per-example gradients,
+from each layer's inputs and output cotangents (the layer identities `GradientNoise` uses).
+
+For a dense layer y = x W (x of one example: P positions × K inputs, y: P × N outputs) the
+example's gradient is gᵢ = xᵢᵀ δᵢ, δᵢ = ∂ℓᵢ/∂yᵢ, so
+
+    |gᵢ|² = Σₜ,ₛ (xₜ·xₛ)(δₜ·δₛ)      (= |xᵢ|²·|δᵢ|² for one position),
+    gᵢ·Ḡ  = Σₜ (xₜ Ḡ)·δₜ,
+
+at P²(K + N) or P·K·N operations, whichever is fewer (Goodfellow 2015). One backward pass of
+the per-example losses with respect to zero "probes" added to every layer's output gives
+every δᵢ (no weight gradient is taken), the forward pass gives every xᵢ, and the mean
+gradient Ḡ is one weight-gradient product per layer. For an embedding (a gather of rows)
+|gᵢ|² = Σₜ,ₛ [idₜ = idₛ] δₜ·δₛ; a convolution's kernel gradient is formed per example from the
+layer's input and δᵢ (for the zoo's shapes cheaper than the Gram form, P² ≫ kernel size);
+small parameters (biases, normalisation scales) get their per-example gradients formed
+through a zero perturbation of the parameter itself. In every case gᵢ·Ḡ is the layer's
+tangent in the direction Ḡ against δᵢ.
+
+The layers are found in the loss's jaxpr, so this works on an unmodified Flax Linen or NNX
+model and on a plain-JAX function alike: a parameter leaf consumed by exactly one
+`dot_general` without batch dimensions (through reshapes, transposes or casts only) is
+"dense"; by one `conv_general_dilated` as its kernel, "conv"; by one row `gather`,
+"embedding"; any other leaf of at most `FORM_LIMIT` elements is "formed"; the rest —
+weight-tied or recurrent matrices, leaves reaching the loss without meeting the data — are
+"chunked": `GradientNoise` takes them through its chunked exact path. `plan` returns each
+leaf's route.
+
+Examples must not interact (no BatchNorm in training mode), as for any per-example gradient.
+Only jax is imported here.
+
+References:
+  Goodfellow (2015), "Efficient per-example gradient computations";
+  McCandlish, Kaplan, Amodei et al. (2018), "An empirical model of large-batch training".
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+__all__ = ["FORM_LIMIT", "ROUTES", "Plan", "plan", "moments"]
+
+ROUTES = ("dense", "embedding", "conv", "formed", "chunked")
+
+FORM_LIMIT = 1 << 14
+"""Largest leaf (elements) whose per-example gradients are formed outright when no layer
+identity applies: the batch's copies of it are written once per example."""
+
+_INLINE = {"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"}
+_PASS_THROUGH = {"convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze"}
+_DATA, _CONST = "data", "const"
+
+
+class _Lit(NamedTuple):
+    value: Any
+
+
+class _Op(NamedTuple):
+    prim: Any
+    inputs: tuple  # int ids or _Lit
+    outputs: tuple  # int ids
+    params: dict
+
+
+class _Program(NamedTuple):
+    """A jaxpr with calls inlined: ``ops`` over integer ids."""
+
+    ops: list
+    consts: dict  # id -> value
+    leaf_ids: list
+    data_ids: list
+    out_ids: list
+    avals: dict  # id -> aval of the op outputs
+
+
+class Site(NamedTuple):
+    """The one op that consumes a leaf with a layer identity.
+
+    Attributes:
+      op: the op's index in the inlined program.
+      param_pos: the position of the parameter operand.
+      chain: the pass-through ops from the leaf to it.
+    """
+
+    op: int
+    param_pos: int
+    chain: tuple
+
+
+class Plan(NamedTuple):
+    """How each leaf's per-example moments are computed (`plan`'s output).
+
+    Attributes:
+      routes: each selected leaf's route (`ROUTES`).
+      sites: for the layer routes, the leaf's `Site` (None otherwise).
+      scalars: ``(op, position)`` of every scalar parameter value (e.g. a weight-decay term)
+        that meets the data; its per-example gradient sᵢ·∇r adds to the layers'.
+    """
+
+    routes: tuple
+    sites: tuple  # Site or None per leaf
+    scalars: tuple = ()
+
+
+# --------------------------------------------------------------------------------- program
+
+
+def _program(fn, leaves, example) -> _Program:
+    """``fn(leaves, example)`` traced and inlined into one flat list of ops."""
+    closed = jax.make_jaxpr(fn)(leaves, example)
+    ops, consts, avals = [], {}, {}
+    counter = iter(range(1 << 62))
+
+    def flatten(cj, in_refs):
+        jaxpr = cj.jaxpr if isinstance(cj, jcore.ClosedJaxpr) else cj
+        cvals = cj.consts if isinstance(cj, jcore.ClosedJaxpr) else ()
+        env = {}
+        for v, c in zip(jaxpr.constvars, cvals):
+            env[v] = i = next(counter)
+            consts[i], avals[i] = c, v.aval
+        for v, r in zip(jaxpr.invars, in_refs):
+            env[v] = r
+
+        def ref(a):
+            return _Lit(a.val) if isinstance(a, jcore.Literal) else env[a]
+
+        for eqn in jaxpr.eqns:
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            if eqn.primitive.name in _INLINE and inner is not None:
+                outs = flatten(inner, [ref(a) for a in eqn.invars])
+                for o, r in zip(eqn.outvars, outs):
+                    env[o] = r
+                continue
+            outs = []
+            for o in eqn.outvars:
+                outs.append(next(counter))
+                avals[outs[-1]] = o.aval
+                env[o] = outs[-1]
+            ops.append(
+                _Op(eqn.primitive, tuple(ref(a) for a in eqn.invars), tuple(outs), eqn.params)
+            )
+        return [ref(v) for v in jaxpr.outvars]
+
+    n_leaves = len(jax.tree.leaves(leaves))
+    in_ids = [next(counter) for _ in closed.jaxpr.invars]
+    avals.update(zip(in_ids, (v.aval for v in closed.jaxpr.invars)))
+    out_ids = flatten(closed, in_ids)
+    return _Program(ops, consts, in_ids[:n_leaves], in_ids[n_leaves:], out_ids, avals)
+
+
+def _bind(op, invals):
+    params, subfuns = op.prim.get_bind_params(op.params), ()
+    if isinstance(params, tuple):  # older jax: (subfuns, params)
+        subfuns, params = params
+    out = op.prim.bind(*subfuns, *invals, **params)
+    return list(out) if op.prim.multiple_results else [out]
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def _is_row_gather(op, param_pos, leaf_shape) -> bool:
+    if op.prim.name != "gather" or param_pos != 0 or len(leaf_shape) != 2:
+        return False
+    dn = op.params["dimension_numbers"]
+    return (
+        tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(getattr(dn, "operand_batching_dims", ()))
+        and tuple(op.params["slice_sizes"]) == (1, leaf_shape[1])
+        and len(dn.offset_dims) == 1
+    )
+
+
+def _analyse(prog: _Program, leaves) -> Plan:
+    """Provenance of every value (a leaf through pass-through ops, other parameter values, the
+    example's data, constants); an op mixing data with parameter values is a site."""
+    kind = {i: ("leaf", j, ()) for j, i in enumerate(prog.leaf_ids)}
+    kind.update({i: (_DATA,) for i in prog.data_ids})
+    uses = [[] for _ in prog.leaf_ids]  # per leaf: (op index, position, chain or None)
+
+    def of(r):
+        return (_CONST,) if isinstance(r, _Lit) or r not in kind else kind[r]
+
+    for n, op in enumerate(prog.ops):
+        ks = [of(r) for r in op.inputs]
+        has_data = any(k[0] == _DATA for k in ks)
+        params = [(p, k) for p, k in enumerate(ks) if k[0] in ("leaf", "param")]
+        if has_data and params:
+            for p, k in params:
+                if k[0] == "leaf":
+                    uses[k[1]].append((n, p, k[2], len(params)))
+                else:
+                    for j in k[1]:
+                        uses[j].append((n, p, None, len(params)))
+            out = (_DATA,)
+        elif has_data:
+            out = (_DATA,)
+        elif params:
+            (p0, k0), *rest = params
+            if not rest and k0[0] == "leaf" and op.prim.name in _PASS_THROUGH:
+                out = ("leaf", k0[1], k0[2] + (n,))
+            else:
+                js = set()
+                for _, k in params:
+                    js |= {k[1]} if k[0] == "leaf" else set(k[1])
+                out = ("param", frozenset(js))
+        else:
+            out = (_CONST,)
+        for o in op.outputs:
+            kind[o] = out
+    for r in prog.out_ids:  # a parameter value reaching the loss without meeting the data
+        k = of(r)
+        if k[0] in ("leaf", "param"):
+            for j in [k[1]] if k[0] == "leaf" else k[1]:
+                uses[j].append((None, None, None, 0))
+
+    def scalar(n, p):
+        r = prog.ops[n].inputs[p]
+        return not isinstance(r, _Lit) and r in prog.avals and prog.avals[r].shape == ()
+
+    scalars = sorted(
+        {(u[0], u[1]) for us in uses for u in us if u[0] is not None and scalar(*u[:2])}
+    )
+    routes, sites = [], []
+    for j, leaf in enumerate(jax.tree.leaves(leaves)):
+        route, site = "chunked", None
+        layer = [u for u in uses[j] if u[0] is None or not scalar(*u[:2])]
+        if len(layer) == 1 and layer[0][0] is not None and layer[0][2] is not None:
+            n, p, chain, count = layer[0]
+            op = prog.ops[n]
+            other = [of(r) for q, r in enumerate(op.inputs) if q != p]
+            if count == 1 and op.prim.name == "dot_general":
+                (_, _), (lb, rb) = op.params["dimension_numbers"]
+                if not lb and not rb and all(k[0] == _DATA for k in other):
+                    route, site = "dense", Site(n, p, chain)
+            elif count == 1 and op.prim.name == "conv_general_dilated" and p == 1:
+                groups = op.params["batch_group_count"] * op.params["feature_group_count"]
+                if groups == 1 and other[0][0] == _DATA:
+                    route, site = "conv", Site(n, p, chain)
+            elif count == 1 and _is_row_gather(op, p, jnp.shape(leaf)) and not chain:
+                route, site = "embedding", Site(n, p, chain)
+        if route == "chunked" and all(u[0] is not None for u in uses[j]):
+            if math.prod(jnp.shape(leaf)) <= FORM_LIMIT:
+                route = "formed"
+        routes.append(route)
+        sites.append(site)
+    if not any(s is not None for s in sites):
+        scalars = []
+    return Plan(tuple(routes), tuple(sites), tuple(scalars))
+
+
+def _single(fn):
+    """``fn(leaves, batch)`` of a mean loss as a function of one example."""
+    return lambda leaves, ex: fn(leaves, jax.tree.map(lambda a: a[None], ex))
+
+
+def plan(fn, leaves, example) -> Plan:
+    """Each leaf's route for the mean loss ``fn(leaves, batch)``.
+
+    Args:
+      fn: ``fn(leaves, batch) -> scalar``, the mean loss over the batch's examples.
+      leaves: the parameter leaves (a list of arrays or `jax.ShapeDtypeStruct`).
+      example: one example, a batch pytree without its example axis.
+
+    Returns:
+      `Plan`; a leaf the analysis cannot place is "chunked" (with a warning when the whole
+      jaxpr cannot be read).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> def loss(p, b):  # a dense layer, its bias, and a scalar temperature
+      ...     return jnp.mean((jnp.tanh(b["x"] @ p[0] + p[1]) * p[2] - b["y"]) ** 2)
+      >>> leaves = [jnp.ones((3, 4)), jnp.zeros(4), jnp.ones(())]
+      >>> plan(loss, leaves, {"x": jnp.ones(3), "y": jnp.ones(4)}).routes
+      ('dense', 'formed', 'formed')
+    """
+    try:
+        return _analyse(_program(_single(fn), leaves, example), leaves)
+    except Exception as err:  # an unforeseen jaxpr: every leaf takes the chunked exact path
+        warnings.warn(
+            f"per_example: the loss's layers could not be read ({type(err).__name__}: {err}); "
+            "every leaf takes the chunked exact path",
+            stacklevel=2,
+        )
+        n = len(jax.tree.leaves(leaves))
+        return Plan(("chunked",) * n, (None,) * n)
+
+
+# ---------------------------------------------------------------------------------- kernels
+
+
+def _evaluate(prog, leaves, ex, probes, param_pos):
+    """The loss at one example with the zero ``probes`` added: ``probes["y"]`` (op -> zeros)
+    to those ops' outputs, ``probes["p"]`` (leaf -> zeros) to those leaves, ``probes["s"]``
+    ((op, position) -> 0.0) to those operands. Returns the loss and each "y"-probed op's
+    inputs but its parameter operand (``param_pos[op]``, None in its place)."""
+    env = dict(prog.consts)
+    for j, (i, v) in enumerate(zip(prog.leaf_ids, leaves)):
+        env[i] = v + probes["p"][j] if j in probes["p"] else v
+    for i, v in zip(prog.data_ids, jax.tree.leaves(ex)):
+        env[i] = v
+
+    def read(r):
+        return r.value if isinstance(r, _Lit) else env[r]
+
+    captured = {}
+    for n, op in enumerate(prog.ops):
+        invals = [read(r) for r in op.inputs]
+        for q in range(len(invals)):
+            if (n, q) in probes["s"]:
+                invals[q] = invals[q] + probes["s"][n, q]
+        outs = _bind(op, invals)
+        if n in probes["y"]:
+            captured[n] = [None if q == param_pos[n] else v for q, v in enumerate(invals)]
+            outs = [outs[0] + probes["y"][n]]
+        for o, v in zip(op.outputs, outs):
+            env[o] = v
+    return read(prog.out_ids[0]), captured
+
+
+def _scalar_values(prog, leaves, refs):
+    """The parameter-only values ``refs`` (op inputs) as a function of the leaves."""
+    env = dict(prog.consts)
+    env.update(zip(prog.leaf_ids, leaves))
+    for op in prog.ops:
+        if all(isinstance(r, _Lit) or r in env for r in op.inputs):
+            outs = _bind(op, [r.value if isinstance(r, _Lit) else env[r] for r in op.inputs])
+            env.update(zip(op.outputs, outs))
+    return jnp.stack([env[r] for r in refs])
+
+
+def _chain(prog, site, leaf):
+    """The leaf through the pass-through ops to its site."""
+    for n in site.chain:
+        leaf = _bind(prog.ops[n], [leaf])[0]
+    return leaf
+
+
+def _local(prog, site, leaf, invals):
+    """The site op's output as a function of the leaf, the other inputs held."""
+    vals = list(invals)
+    vals[site.param_pos] = _chain(prog, site, leaf)
+    return _bind(prog.ops[site.op], vals)[0]
+
+
+def _gram_sq(X, D):
+    """|Xᵀ D|² for one example's layer inputs X (P × K) and output cotangents D (P × N): by
+    the Gram form Σₜ,ₛ (xₜ·xₛ)(δₜ·δₛ) or by forming Xᵀ D, whichever takes fewer operations."""
+    (P, K), N = X.shape, D.shape[1]
+    if P == 1:
+        return jnp.vdot(X, X) * jnp.vdot(D, D)
+    if P * (K + N) <= K * N:
+        return jnp.sum((X @ X.T) * (D @ D.T))
+    g = X.T @ D
+    return jnp.vdot(g, g)
+
+
+def _dense_sq(op, pos, x, delta):
+    """|gᵢ|² of one example's dot_general with the parameter at operand ``pos``."""
+    (lc, rc), _ = op.params["dimension_numbers"]
+    contract = lc if pos == 1 else rc
+    free = [d for d in range(x.ndim) if d not in contract]
+    P = math.prod(x.shape[d] for d in free)
+    X = jnp.transpose(x, free + list(contract)).reshape(P, -1)
+    # The output's dimensions: lhs free then rhs free, so the data's come first when the
+    # parameter is the rhs.
+    D = delta.reshape(P, -1) if pos == 1 else delta.reshape(-1, P).T
+    return _gram_sq(X, D)
+
+
+def _conv_sq(op, kernel_shape, x, delta):
+    """|gᵢ|² of one example's convolution kernel from the layer's patches (its norm does not
+    depend on the order of the patch features)."""
+    dn = op.params["dimension_numbers"]
+    patches = lax.conv_general_dilated_patches(
+        x,
+        [kernel_shape[d] for d in dn.rhs_spec[2:]],
+        op.params["window_strides"],
+        op.params["padding"],
+        lhs_dilation=op.params["lhs_dilation"],
+        rhs_dilation=op.params["rhs_dilation"],
+        dimension_numbers=dn,
+        precision=op.params.get("precision"),
+    )
+    order = [dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]]
+    X = jnp.transpose(patches, order).reshape(-1, patches.shape[dn.out_spec[1]])
+    D = jnp.transpose(delta, order).reshape(X.shape[0], -1)
+    return _gram_sq(X, D)
+
+
+def _embedding_sq(op, leaf_shape, idx, delta):
+    v = leaf_shape[0]
+    ids = idx.reshape(-1)
+    D = delta.reshape(ids.shape[0], -1)
+    if op.params["mode"] == lax.GatherScatterMode.CLIP:
+        ids, valid = jnp.clip(ids, 0, v - 1), jnp.ones(ids.shape, bool)
+    else:
+        valid = (ids >= 0) & (ids < v)
+    same = (ids[:, None] == ids[None, :]) & valid[:, None] & valid[None, :]
+    return jnp.sum(same * (D @ D.T))
+
+
+def _map(fn, xs):
+    """`lax.map` over the leading axis, without the loop for a single batch."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], xs)))
+    return lax.map(fn, xs)
+
+
+def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
+    """Per example and leaf on the non-"chunked" routes: |gᵢ|² and gᵢ·Ḡ (``(nb, B, L)`` each,
+    zero for "chunked" leaves), and Ḡ of every leaf, for the mean loss ``fn(leaves, batch)``
+    over ``batches`` weighted by ``pi`` (``(nb, B)``, summing to one). Call inside a trace.
+
+    The first pass is one backward pass of Σᵢ πᵢ ℓᵢ with respect to the leaves (Ḡ) and the
+    per-example probes (each layer's δᵢ, each formed leaf's gᵢ); the second takes each
+    layer's tangent along Ḡ against the stored δᵢ (gᵢ·Ḡ).
+
+    Args:
+      fn: the mean loss ``fn(leaves, batch)``.
+      plan_: its `Plan` (from `plan`).
+      leaves: the parameter leaves (a list).
+      batches: batch pytree with a leading axis over batches.
+      pi: each example's weight.
+      chunk: examples whose convolution patches are held at once.
+
+    Returns:
+      ``(sq, dot, mean)``.
+    """
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), batches)
+    prog = _program(_single(fn), leaves, example)
+    routes, sites, scalars = plan_
+    site_ops = {s.op: j for j, s in enumerate(sites) if s is not None}
+    formed = [j for j, r in enumerate(routes) if r == "formed"]
+    param_pos = {n: sites[j].param_pos for n, j in site_ops.items()}
+    if scalars:  # ∇r for every scalar parameter value r meeting the data: (K, *leaf) per leaf
+        refs = [prog.ops[n].inputs[q] for n, q in scalars]
+        v = jax.jacrev(lambda L: _scalar_values(prog, L, refs))(list(leaves))
+        vv = [jnp.einsum("k...,l...->kl", a, a) for a in v]
+
+    def probes():
+        """The zero probes of one example."""
+        avals = {n: prog.avals[prog.ops[n].outputs[0]] for n in site_ops}
+        return {
+            "y": {n: jnp.zeros(a.shape, a.dtype) for n, a in avals.items()},
+            "p": {j: jnp.zeros_like(leaves[j]) for j in formed},
+            "s": {k: jnp.zeros((), prog.avals[prog.ops[k[0]].inputs[k[1]]].dtype) for k in scalars},
+        }
+
+    def tangent(n, j, xs, direction):
+        """The site's output change along ``direction`` of its leaf, per example."""
+        s = sites[j]
+        return jax.vmap(
+            lambda xi: jax.jvp(lambda q: _local(prog, s, q, xi), (leaves[j],), (direction,))[1]
+        )(xs)
+
+    def against(t, d):
+        return jnp.sum((t * d).reshape(t.shape[0], -1), axis=1)
+
+    def first(args):
+        batch, w = args
+        size = w.shape[0]
+        zeros = jax.tree.map(lambda z: jnp.zeros((size,) + z.shape, z.dtype), probes())
+
+        def total(L, z):  # Σᵢ πᵢ ℓᵢ: its gradient is Ḡ, and the probes' are πᵢ·δᵢ
+            values, cap = jax.vmap(lambda ex, zi: _evaluate(prog, L, ex, zi, param_pos))(batch, z)
+            return jnp.sum(w.astype(values.dtype) * values), cap
+
+        (means, grads), cap = jax.grad(total, argnums=(0, 1), has_aux=True)(list(leaves), zeros)
+        inv = 1 / jnp.where(w > 0, w, 1)  # weight-free cotangents (padding: zero anyway)
+        grads = jax.tree.map(
+            lambda g: g * inv.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads
+        )
+        dy, dp = grads["y"], grads["p"]
+        sc = jnp.stack([grads["s"][k] for k in scalars], -1) if scalars else None  # (B, K)
+        sq = [jnp.zeros(w.shape, w.dtype) for _ in leaves]
+        for n, j in site_ops.items():
+            s, op, xs = sites[j], prog.ops[n], cap[n]
+            if routes[j] == "dense":
+                x = xs[1 - s.param_pos]
+                sq[j] = jax.vmap(lambda a, d, op=op, s=s: _dense_sq(op, s.param_pos, a, d))(
+                    x, dy[n]
+                )
+            elif routes[j] == "embedding":
+                sq[j] = jax.vmap(
+                    lambda i, d, op=op, j=j: _embedding_sq(op, jnp.shape(leaves[j]), i, d)
+                )(xs[1], dy[n])
+            else:  # conv: from the layer's patches, chunk at a time
+                kshape = jnp.shape(_chain(prog, s, leaves[j]))
+                sq[j] = lax.map(
+                    lambda a, op=op, kshape=kshape: _conv_sq(op, kshape, *a),
+                    (xs[0], dy[n]),
+                    batch_size=chunk,
+                )
+            if scalars:  # gᵢ = gᵢ(layer) + Σₖ sᵢₖ ∇rₖ
+                cross = jnp.stack(
+                    [against(tangent(n, j, xs, v[j][k]), dy[n]) for k in range(len(scalars))], -1
+                )
+                sq[j] = (
+                    sq[j] + 2 * jnp.sum(sc * cross, -1) + jnp.einsum("bk,kl,bl->b", sc, vv[j], sc)
+                )
+        for j in formed:
+            g = dp[j].reshape(w.shape[0], -1)
+            sq[j] = jnp.sum(g * g, axis=1)
+        return jnp.stack(sq, -1), means, (w, dy, {j: dp[j] for j in formed}, sc, cap)
+
+    sq, means, stored = _map(first, (batches, pi))
+    mean = [g.sum(0) for g in means]
+
+    def second(args):
+        w, dy, dp, sc, cap = args
+        dot = [jnp.zeros(w.shape, mean[0].dtype) for _ in leaves]
+        for n, j in site_ops.items():
+            dot[j] = against(tangent(n, j, cap[n], mean[j]), dy[n])
+            if scalars:
+                dot[j] = dot[j] + sc @ jnp.tensordot(v[j], mean[j], axes=mean[j].ndim)
+        for j in formed:
+            dot[j] = jnp.tensordot(dp[j], mean[j], axes=mean[j].ndim)
+        return jnp.stack(dot, -1)
+
+    dot = _map(second, stored) if (site_ops or formed) else jnp.zeros_like(sq)
+    return sq, dot, mean
