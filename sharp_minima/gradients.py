@@ -470,7 +470,7 @@ class GradientNoise:
         self.groups, self.chunk = groups, chunk
         self.num_traces = 0
         self._moments_jit = jax.jit(
-            self._moments_kernel, static_argnames=("num_probes", "group_of")
+            self._moments_kernel, static_argnames=("num_probes", "group_of", "serial")
         )
         self._b_noise_jit = jax.jit(self._b_noise_kernel)
         self._sharpness_jit = jax.jit(self._sharpness_kernel)
@@ -504,7 +504,7 @@ class GradientNoise:
         x0, f = self.objective.flat_loss(params)
         return x0, batch_mean(lambda b: jax.grad(f)(x0, b), batches, weights)
 
-    def _moments_kernel(self, params, batches, weights, key, *, num_probes, group_of):
+    def _moments_kernel(self, params, batches, weights, key, *, num_probes, group_of, serial=False):
         """Per example i and group g: |gᵢ⁽ᵍ⁾|² and gᵢ⁽ᵍ⁾·Ḡ⁽ᵍ⁾ (exact, or estimated with
         ``num_probes`` random projections per group), the example's weight πᵢ, |Ḡ⁽ᵍ⁾|², Ḡ
         and, for projections, each probe's weighted Σ|gᵢ − Ḡ|² per group (its spread over
@@ -596,7 +596,11 @@ class GradientNoise:
                         sq = jnp.stack([jnp.vdot(a, a) for a in g])
                         return sq, jnp.stack([jnp.vdot(a, m) for a, m in zip(g, sub_mean)])
 
-                    return lax.map(example, batch, batch_size=self.chunk)
+                    # One example at a time when the examples are split over devices: XLA's
+                    # SPMD partitioner miscompiles a vmapped convolution's kernel gradient
+                    # over a sharded axis (silently wrong numbers; jax 0.10).
+                    size = 1 if serial else self.chunk
+                    return lax.map(example, batch, batch_size=size)
 
                 sq_s, dot_s = lax.map(one_batch, batches)  # (nb, B, slow leaves) twice
                 idx = jnp.asarray(slow)
@@ -710,6 +714,7 @@ class GradientNoise:
             key,
             num_probes=num_probes,
             group_of=tuple(int(g) for g in ids),
+            serial=_split_over_devices(batches),
         )
         sq, dot = tu.host(sq, np.float64), tu.host(dot, np.float64)
         pi, mean_sq = tu.host(pi, np.float64).ravel(), tu.host(mean_sq, np.float64)
@@ -824,6 +829,16 @@ class GradientNoise:
         value = tr_hs / (float(ghg) - tr_hs / n)
         stderr = abs(value) * se / abs(tr_hs) if tr_hs else float("nan")
         return hessian.Estimate(value, stderr, len(flat) + 1)
+
+
+def _split_over_devices(batches) -> bool:
+    """Whether any batch leaf is split (not replicated) over several devices."""
+    for x in jax.tree.leaves(batches):
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and len(sharding.device_set) > 1:
+            if not sharding.is_fully_replicated:
+                return True
+    return False
 
 
 def _noise_estimate(sq, dot, mean_sq, pi, probe_var=0.0) -> NoiseEstimate:
