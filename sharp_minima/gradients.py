@@ -566,9 +566,11 @@ class GradientNoise:
             omega = jax.vmap(omega_of)(batches)
             pi = omega * weights[:, None]
             n_leaves = len(leaves)
+            plan = None
             if self.method == "layers":
-                example = jax.tree.map(lambda a: a[0, 0], batches)
-                plan = per_example.plan(f, leaves, example)
+                plan = per_example.plan(f, leaves, jax.tree.map(lambda a: a[0, 0], batches))
+            layers = plan is not None and set(plan.routes) != {"chunked"}
+            if layers:  # not when the jaxpr could not be read, nor when nothing qualifies
                 sq, dot, mean = per_example.moments(f, plan, leaves, batches, pi, chunk=self.chunk)
                 routes = plan.routes
             else:
@@ -585,7 +587,7 @@ class GradientNoise:
                     return f(full, batch)
 
                 sub = [leaves[j] for j in slow]
-                if self.method == "layers":  # Ḡ came with the layers' pass
+                if layers:  # Ḡ came with the layers' pass
                     sub_mean = [mean[j] for j in slow]
                 else:
                     sub_mean = batch_mean(lambda b: jax.grad(f_slow)(sub, b), batches, weights)

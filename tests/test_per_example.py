@@ -219,3 +219,20 @@ def test_float32_agrees_to_rounding():
     a = gradients.GradientNoise(loss, wrt=wrt).measure(params32, batches32)
     b = gradients.GradientNoise(loss, wrt=wrt, method="chunked").measure(params32, batches32)
     assert_same(a, b, 1e-5)
+
+
+def test_an_unreadable_loss_falls_back_to_the_chunked_path_with_a_warning(monkeypatch):
+    from sharp_minima import per_example
+
+    loss, params, batches, _, _ = CASES["plain pytree"]
+
+    def broken(*args):
+        raise RuntimeError("no jaxpr here")
+
+    with jax.enable_x64(True):
+        expected = gradients.GradientNoise(loss, method="chunked").measure(params, batches)
+        monkeypatch.setattr(per_example, "_program", broken)
+        with pytest.warns(UserWarning, match="chunked exact path"):
+            got = gradients.GradientNoise(loss).measure(params, batches)
+    assert set(got.routes.values()) == {"chunked"}
+    assert_same(got, expected, 1e-12)
