@@ -456,8 +456,12 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
         }
 
     def tangent(n, j, xs, direction):
-        """The site's output change along ``direction`` of its leaf, per example."""
+        """The site's output change along ``direction`` of its leaf, per example: the op
+        itself at ``direction`` for the linear ones (a product, a convolution), a tangent for
+        a gather (whose out-of-range rows are a fill value, not linear)."""
         s = sites[j]
+        if routes[j] != "embedding":
+            return jax.vmap(lambda xi: _local(prog, s, direction, xi))(xs)
         return jax.vmap(
             lambda xi: jax.jvp(lambda q: _local(prog, s, q, xi), (leaves[j],), (direction,))[1]
         )(xs)
