@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -116,7 +117,7 @@ def _program(fn, leaves, example) -> _Program:
     """``fn(leaves, example)`` traced and inlined into one flat list of ops."""
     closed = jax.make_jaxpr(fn)(leaves, example)
     ops, consts, avals = [], {}, {}
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
 
     def flatten(cj, in_refs):
         jaxpr = cj.jaxpr if isinstance(cj, jcore.ClosedJaxpr) else cj
