@@ -224,12 +224,22 @@ def _silenced_logging():
         logging.disable(logging.NOTSET)
 
 
-def _from_orbax(tb) -> bool:
+def _is_read_noise(error: BaseException | None) -> bool:
+    """Whether ``error`` is the complaint of a reader abandoned by a failed restore: raised
+    inside orbax, or TensorStore finishing a read after orbax closed its event loop (a
+    RuntimeError "Event loop is closed" from asyncio's ``call_soon_threadsafe``)."""
+    tb = getattr(error, "__traceback__", None)
+    names = []
     while tb is not None:
         if "orbax" in tb.tb_frame.f_code.co_filename:
             return True
+        names.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
-    return False
+    return (
+        isinstance(error, RuntimeError)
+        and "Event loop is closed" in str(error)
+        and "call_soon_threadsafe" in names
+    )
 
 
 class _OrbaxReadNoise(logging.Filter):
@@ -242,20 +252,26 @@ _noise_dropped = False
 
 def _drop_orbax_read_noise() -> None:
     """After a checkpoint failed to read, orbax's abandoned reader tasks complain whenever they
-    are garbage-collected ("Task exception was never retrieved", "Exception ignored in ...") —
-    possibly long after the restore. Drop those (and only those) for the rest of the process;
-    the failure itself was reported in one line."""
+    are garbage-collected ("Task exception was never retrieved", "Exception ignored in ...") or
+    finish ("Event loop is closed", printed by TensorStore's callback thread through
+    ``sys.unraisablehook`` or ``sys.excepthook``) — possibly long after the restore. Drop those
+    (and only those, `_is_read_noise`) for the rest of the process; the failure itself was
+    reported in one line."""
     global _noise_dropped
     if _noise_dropped:
         return
     _noise_dropped = True
-    previous = sys.unraisablehook
+    unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
 
-    def hook(unraisable):
-        if not _from_orbax(getattr(unraisable.exc_value, "__traceback__", None)):
-            previous(unraisable)
+    def unraisable(args):
+        if not _is_read_noise(args.exc_value):
+            unraisable_hook(args)
 
-    sys.unraisablehook = hook
+    def excepthook(kind, value, tb):
+        if not _is_read_noise(value):
+            except_hook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
     logging.getLogger("asyncio").addFilter(_OrbaxReadNoise())
 
 
