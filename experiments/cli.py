@@ -8,7 +8,11 @@ imported together in one process (a notebook, the tests).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import sys
+import threading
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -37,6 +41,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "With --multihost: how many processes in all.")
 flags.DEFINE_integer("process_id", None, "With --multihost: this process's id, 0 … n − 1.")
+flags.DEFINE_float(
+    "peer_timeout",
+    60.0,
+    "With --multihost: seconds without a sign of life from another process before this one "
+    "stops with one line (a dead host would otherwise leave it waiting in a collective).",
+)
 FLAGS = flags.FLAGS
 MANUAL = (  # (flag, environment variable) of a manual launch
     ("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
@@ -180,21 +190,85 @@ def multihost_arguments(values: dict, environ) -> dict:
 
 def start_multihost() -> None:
     """``jax.distributed.initialize`` with the manual launch's values (`multihost_arguments`)
-    or cluster auto-detection; CPU collectives over gloo (CPU-only hosts, the tests). Bad
-    values exit 2 with one line."""
+    or cluster auto-detection; CPU collectives over gloo (CPU-only hosts, the tests); then
+    `watch_peers` with ``--peer_timeout``. Bad values exit 2 with one line."""
     import os
 
     try:
         kwargs = multihost_arguments({f: getattr(FLAGS, f) for f, _ in MANUAL}, os.environ)
     except ValueError as e:
         usage_error(str(e))
+    if not FLAGS.peer_timeout > 0:
+        usage_error(f"--peer_timeout={FLAGS.peer_timeout} must be a positive number of seconds")
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The runtime's own heartbeat check aborts with a stack dump: let `watch_peers` speak first.
+    kwargs["heartbeat_timeout_seconds"] = max(100, math.ceil(2 * FLAGS.peer_timeout))
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
         usage_error(f"--multihost: {_one_line(e)}")
+    watch_peers(FLAGS.peer_timeout)
+
+
+def watch_peers(
+    timeout: float, every: float = 1.0, *, client=None, process=None, count=None
+) -> threading.Thread | None:
+    """Stops this process with one line (`lost_peer`, exit status 1) when another process of
+    the launch has shown no sign of life for ``timeout`` seconds.
+
+    A daemon thread bumps this process's counter in the coordination service's key-value
+    store every ``every`` seconds and reads the others'. A process killed in the middle of a
+    collective can leave the rest waiting in it for good (gloo does not always notice), until
+    the runtime's heartbeat check aborts them with a stack dump; this thread speaks first.
+    The thread ends quietly once the runtime shuts down.
+
+    Args:
+      timeout: seconds a peer's counter may stay unchanged.
+      every: seconds between two checks.
+      client: the runtime's client (default: JAX's, once ``jax.distributed`` is initialised).
+      process: this process's index (default ``jax.process_index()``).
+      count: the number of processes (default ``jax.process_count()``).
+
+    Returns:
+      The thread (None in a single-process run).
+    """
+    import jax
+    from jax._src import distributed
+
+    if client is None:
+        client = getattr(distributed.global_state, "client", None)
+    me = jax.process_index() if process is None else process
+    count = jax.process_count() if count is None else count
+    if client is None or count == 1:
+        return None
+    key = "sharp_minima/alive/{}".format
+    start = time.monotonic()
+    seen = {p: (None, start) for p in range(count) if p != me}  # value, since when
+
+    def beat():
+        for n in itertools.count():
+            try:
+                client.key_value_set(key(me), str(n), allow_overwrite=True)
+            except Exception:  # noqa: BLE001  (the runtime shut down: the run is over)
+                return
+            now = time.monotonic()
+            for p, (last, since) in seen.items():
+                try:
+                    value = client.key_value_try_get(key(p))
+                except Exception:  # noqa: BLE001  (not written yet)
+                    value = last
+                if value != last:
+                    seen[p] = (value, now)
+                elif now - since > timeout:
+                    lost_peer(f"process {p} has shown no sign of life for {now - since:.0f} s")
+                    return
+            time.sleep(every)
+
+    thread = threading.Thread(target=beat, name="watch_peers", daemon=True)
+    thread.start()
+    return thread
 
 
 def log(line: str) -> None:
@@ -248,19 +322,21 @@ def _collective_failure(error: BaseException) -> bool:
     return jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
 
 
-def lost_peer(error: BaseException) -> None:
-    """One line naming the failed collective, then ``os._exit(1)``: the runtime's own exit
-    would wait for a shutdown barrier that the dead process never reaches (until its
-    heartbeat timeout) and then abort with a stack dump. What was saved stays: rerunning
-    every process with the same command resumes from the last checkpoint."""
+def lost_peer(error: BaseException | str) -> None:
+    """One line naming what failed (a collective's error, or a process gone silent: see
+    `watch_peers`), then ``os._exit(1)``: the runtime's own exit would wait for a shutdown
+    barrier that the dead process never reaches (until its heartbeat timeout) and then abort
+    with a stack dump. What was saved stays: rerunning every process with the same command
+    resumes from the last checkpoint."""
     import os
 
     import jax
 
+    what = error if isinstance(error, str) else f"a collective failed ({_one_line(error)[:200]})"
     print(
-        f"{sys.argv[0]}: error: process {jax.process_index()} of {jax.process_count()}: a "
-        f"collective failed, another process has probably died ({_one_line(error)[:200]}); "
-        "rerun every process with the same command to resume from the last checkpoint",
+        f"{sys.argv[0]}: error: process {jax.process_index()} of {jax.process_count()}: "
+        f"{what}; another process has probably died; rerun every process with the same "
+        "command to resume from the last checkpoint",
         file=sys.stderr,
         flush=True,
     )

@@ -71,7 +71,7 @@ def test_curvature_and_noise_split_across_processes_equal_one_process():
 
 def _train_args(workdir, epochs):
     return ["-m", "experiments.train", f"--config={TRAIN}", f"--workdir={workdir}",
-            "--multihost", f"--config.num_epochs={epochs}"]  # fmt: skip
+            "--multihost", "--peer_timeout=10", f"--config.num_epochs={epochs}"]  # fmt: skip
 
 
 def _metrics(workdir):
@@ -98,10 +98,14 @@ def test_training_checkpoints_and_a_killed_process_across_process_counts(tmp_pat
     killed = time.monotonic()
     mp.wait(procs, timeout=60, check=False)
     stopped = time.monotonic() - killed
-    # (a hang here was seen once in CI, 1 run in 7: process 0 waited past the 20 s grace)
+    # Usually the collective fails at once; gloo can also wait for good on a peer killed
+    # mid-exchange (1 run in 7 in CI, every run of a kill at a random time after epoch 3
+    # outside the suite), and then the watcher (`cli.watch_peers`) stops it after 10 s.
     assert procs[0].returncode == 1 and stopped < 30, (stopped, procs[0].tail(), procs[1].tail())
     line = procs[0].stderr.strip().splitlines()[-1]
-    assert "a collective failed, another process has probably died" in line, line
+    assert "another process has probably died" in line and (
+        "a collective failed" in line or "process 1 has shown no sign of life for 1" in line
+    ), line
     assert "resumed from step 8" in procs[0].stdout  # the one-process checkpoint
     (again,) = mp.launch(_train_args(work, 4), processes=2, devices=2)[:1]
     assert "resumed from step" in again.stdout and "epoch 4/4" in again.stdout

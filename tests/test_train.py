@@ -320,6 +320,10 @@ def test_command_line_two_steps_and_resume(tmp_path):
             "--process_id=2 is not in 0 … 1 (--num_processes=2)",
         ),  # fmt: skip
         (
+            ["--config=configs/swissroll.py:tiny", "--multihost", "--peer_timeout=0"],
+            "--peer_timeout=0.0 must be a positive number of seconds",
+        ),
+        (
             ["--config=configs/swissroll.py:tiny", "--process_id=1"],
             "--coordinator_address, --num_processes and --process_id need --multihost",
         ),
@@ -398,3 +402,53 @@ def test_a_manual_multihost_launch_takes_flags_or_the_environment_and_all_three(
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             multihost_arguments(values, environ)
+
+
+def test_the_peer_watcher_stops_a_process_whose_peer_went_silent_and_only_then(monkeypatch):
+    """`cli.watch_peers` against an in-memory key-value store: process 1 keeps bumping its
+    counter, process 2 stops after its first; process 0 names process 2 once ``timeout``
+    has passed, not before, and its thread ends quietly when the store shuts down."""
+    import threading
+    import time
+
+    from experiments import cli
+
+    class Store:
+        def __init__(self):
+            self.values, self.closed = {}, False
+
+        def key_value_set(self, key, value, allow_overwrite=False):
+            if self.closed:
+                raise RuntimeError("shut down")
+            self.values[key] = value
+
+        def key_value_try_get(self, key):
+            return self.values[key]  # KeyError when not written yet, as NOT_FOUND
+
+    store, lost = Store(), []
+    monkeypatch.setattr(cli, "lost_peer", lambda what: lost.append((what, time.monotonic())))
+    stop = threading.Event()
+
+    def peer():
+        for n in range(10**6):
+            if stop.wait(0.02):
+                return
+            store.values["sharp_minima/alive/1"] = str(n)
+
+    threading.Thread(target=peer, daemon=True).start()
+    store.values["sharp_minima/alive/2"] = "0"
+    start = time.monotonic()
+    watcher = cli.watch_peers(0.4, every=0.05, client=store, process=0, count=3)
+    watcher.join(5)
+    stop.set()
+    ((what, when),) = lost
+    assert what.startswith("process 2 has shown no sign of life for 0 s"), what
+    assert 0.4 <= when - start < 2.0
+    assert not watcher.is_alive()
+    # A finished run: the store shuts down and the thread ends without a word.
+    store.closed, lost[:] = False, []
+    quiet = cli.watch_peers(0.4, every=0.05, client=store, process=2, count=3)
+    store.closed = True
+    quiet.join(5)
+    assert not quiet.is_alive() and lost == []
+    assert cli.watch_peers(1.0, client=store, process=0, count=1) is None  # one process
