@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 
 import jax
@@ -50,9 +51,10 @@ def _close(a, b, rtol, path="", atol=None):
 def test_curvature_and_noise_split_across_processes_equal_one_process():
     import mp_worker
 
-    procs = mp.launch(["tests/mp_worker.py", "library"], processes=2, devices=2)
-    with jax.enable_x64(True):
+    procs = mp.start(["tests/mp_worker.py", "library"], processes=2, devices=2)
+    with jax.enable_x64(True):  # the reference, while the two processes run
         ref = mp_worker.numbers(0, 1)
+    mp.wait(procs, timeout=120)
     for p in procs:
         (got,) = p.results()
         assert (got["process"], got["processes"], got["devices"]) == (p.index, 2, 4)
@@ -90,9 +92,12 @@ def test_training_checkpoints_and_a_killed_process_across_process_counts(tmp_pat
 
     ref, work = str(tmp_path / "ref"), str(tmp_path / "w")
     config = load_config(TRAIN.split("/")[1], num_epochs=5)
-    train.train(config, ref, log=lambda s: None)
     train.train(load_config(TRAIN.split("/")[1], num_epochs=1), work, log=lambda s: None)
     procs = mp.start(_train_args(work, 300), processes=2, devices=2)
+    # The reference, while the two processes run (a thread: the kill must not wait for it).
+    quiet = {"log": lambda s: None}
+    reference = threading.Thread(target=train.train, args=(config, ref), kwargs=quiet)
+    reference.start()
     mp.wait_for(procs[0], "epoch 3/", timeout=120)
     procs[1].popen.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -109,6 +114,7 @@ def test_training_checkpoints_and_a_killed_process_across_process_counts(tmp_pat
     assert "resumed from step 8" in procs[0].stdout  # the one-process checkpoint
     (again,) = mp.launch(_train_args(work, 4), processes=2, devices=2)[:1]
     assert "resumed from step" in again.stdout and "epoch 4/4" in again.stdout
+    reference.join()
     lines = []
     train.train(config, work, log=lines.append)  # restores the two processes' checkpoint
     assert any("resumed from step 32" in ln for ln in lines), lines
