@@ -4,8 +4,9 @@ r"""Benchmark: a SAM step of `sharp_minima.train` against a plain step of the sa
 
 All steps train the same model (same init, same batch, SGD) with the state donated: plain
 SGD, SAM (``config.sam.rho``: one more gradient, at the perturbed point), and SAM with
-m-sharpness over ``--groups`` groups (``config.sam.group_size = batch / groups``: the clean
-and the perturbed pass are vmapped over the groups). They are timed in alternating rounds of
+m-sharpness over ``--groups`` groups (``config.sam.group_size = batch / groups``: by layers,
+`sharp_minima.per_example.group_ascent`, each group's perturbation of a dense layer in low
+rank). They are timed in alternating rounds of
 ``--steps`` steps (machine noise hits all alike); the median round is used. Prints each SAM
 step's time over the plain step's (targets: SAM <= 2.1, m-sharpness <= 2.3).
 """

@@ -357,7 +357,11 @@ def sam(
       gradient and the step descends along the mean of the groups' gradients at their own
       perturbed points (one gradient, vmapped over the groups). The trainer does this with
       ``config.sam.group_size = m``; G = the number of devices is the official code's
-      per-device perturbation.
+      per-device perturbation. A network of dense layers and small leaves (biases,
+      normalisation scales) takes the faster path of
+      `sharp_minima.per_example.group_ascent` when the trainer passes it as
+      ``group_ascent(scale_fn) -> (value, gradient)`` (SAM only: ASAM's ascent is not low
+      rank).
 
     Weight decay: inside the loss it is part of g and of the perturbed gradient (the official
     code); decoupled, chain ``optax.add_decayed_weights`` after `sam` (``optim.decoupled``).
@@ -420,6 +424,8 @@ def sam(
         if group_grads is None:
             point = jax.tree.map(jnp.add, params, perturbation(updates, params))
             adv_value, adv = jax.value_and_grad(value_fn)(point)
+        elif extra.get("group_ascent") is not None and not adaptive:  # by layers
+            adv_value, adv = extra["group_ascent"](scale)
         else:  # m-sharpness: each group at its own w + ε_i
 
             def group(i):

@@ -27,6 +27,12 @@ weight-tied or recurrent matrices, leaves reaching the loss without meeting the 
 leaf's route.
 
 Examples must not interact (no BatchNorm in training mode), as for any per-example gradient.
+
+The same reading serves SAM's m-sharpness (`group_layers`, `group_clean`, `group_ascent`):
+with a group of m examples as the "example" (its examples may interact), a group's
+gradient of a dense layer is X_kᵀΔ_k, so its ascent point's layer output
+x(W + s_k X_kᵀΔ_k) = xW + s_k (x X_kᵀ) Δ_k shares the product with W across the groups and
+adds a low-rank term: no group's copy of the weights is written.
 Only jax is imported here.
 
 References:
@@ -46,7 +52,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-__all__ = ["FORM_LIMIT", "ROUTES", "Plan", "plan", "moments"]
+__all__ = [
+    "FORM_LIMIT",
+    "ROUTES",
+    "Plan",
+    "plan",
+    "moments",
+    "GroupLayers",
+    "GroupClean",
+    "group_layers",
+    "group_clean",
+    "group_gradients",
+    "group_ascent",
+]
 
 ROUTES = ("dense", "embedding", "conv", "formed", "chunked")
 
@@ -298,11 +316,12 @@ def plan(fn, leaves, example) -> Plan:
 # ---------------------------------------------------------------------------------- kernels
 
 
-def _evaluate(prog, leaves, ex, probes, param_pos):
-    """The loss at one example with the zero ``probes`` added: ``probes["y"]`` (op -> zeros)
-    to those ops' outputs, ``probes["p"]`` (leaf -> zeros) to those leaves, ``probes["s"]``
-    ((op, position) -> 0.0) to those operands. Returns the loss and each "y"-probed op's
-    inputs but its parameter operand (``param_pos[op]``, None in its place)."""
+def _evaluate(prog, leaves, ex, probes, param_pos, shifts=None):
+    """The program's outputs (the loss first) at one example with the ``probes`` added:
+    ``probes["y"]`` (op -> zeros) to those ops' outputs, ``probes["p"]`` (leaf -> array) to
+    those leaves, ``probes["s"]`` ((op, position) -> 0.0) to those operands, and
+    ``shifts[op](inputs)`` to those ops' outputs. Returns the outputs and each "y"-probed
+    op's inputs but its parameter operand (``param_pos[op]``, None in its place)."""
     env = dict(prog.consts)
     for j, (i, v) in enumerate(zip(prog.leaf_ids, leaves)):
         env[i] = v + probes["p"][j] if j in probes["p"] else v
@@ -319,12 +338,14 @@ def _evaluate(prog, leaves, ex, probes, param_pos):
             if (n, q) in probes["s"]:
                 invals[q] = invals[q] + probes["s"][n, q]
         outs = _bind(op, invals)
+        if shifts and n in shifts:
+            outs = [outs[0] + shifts[n](invals).astype(outs[0].dtype)]
         if n in probes["y"]:
             captured[n] = [None if q == param_pos[n] else v for q, v in enumerate(invals)]
             outs = [outs[0] + probes["y"][n]]
         for o, v in zip(op.outputs, outs):
             env[o] = v
-    return read(prog.out_ids[0]), captured
+    return [read(r) for r in prog.out_ids], captured
 
 
 def _scalar_values(prog, leaves, refs):
@@ -476,8 +497,8 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
         zeros = jax.tree.map(lambda z: jnp.zeros((size,) + z.shape, z.dtype), probes())
 
         def total(L, z):  # Σᵢ πᵢ ℓᵢ: its gradient is Ḡ, and the probes' are πᵢ·δᵢ
-            values, cap = jax.vmap(lambda ex, zi: _evaluate(prog, L, ex, zi, param_pos))(batch, z)
-            return jnp.sum(w.astype(values.dtype) * values), cap
+            outs, cap = jax.vmap(lambda ex, zi: _evaluate(prog, L, ex, zi, param_pos))(batch, z)
+            return jnp.sum(w.astype(outs[0].dtype) * outs[0]), cap
 
         (means, grads), cap = jax.grad(total, argnums=(0, 1), has_aux=True)(list(leaves), zeros)
         inv = 1 / jnp.where(w > 0, w, 1)  # weight-free cotangents (padding: zero anyway)
@@ -533,3 +554,198 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
 
     dot = _map(second, stored) if (site_ops or formed) else jnp.zeros_like(sq)
     return sq, dot, mean
+
+
+# ------------------------------------------------------------------ SAM's m-sharpness groups
+
+
+class GroupLayers(NamedTuple):
+    """A group objective's program and plan for `group_clean` / `group_ascent` (from
+    `group_layers`); ``out_tree`` is the structure of the objective's outputs."""
+
+    prog: _Program
+    plan: Plan
+    out_tree: Any
+
+
+class GroupClean(NamedTuple):
+    """The clean pass over G groups (`group_clean`).
+
+    Attributes:
+      outputs: the objective's outputs per group (the objective first), stacked on axis 0.
+      mean: each leaf's gradient of the groups' mean objective.
+      sq: ``(G,)`` each group's squared gradient norm ‖g_k‖² (float32 at least).
+      state: what `group_ascent` and `group_gradients` read (layer inputs, output cotangents,
+        the formed leaves' group gradients).
+    """
+
+    outputs: list
+    mean: list
+    sq: Any
+    state: tuple
+
+
+def group_layers(fn, leaves, group) -> GroupLayers | None:
+    """The layer plan of a group objective for SAM's m-sharpness by layers, or None when it
+    does not apply: some leaf is neither "dense" nor "formed" (a convolution, an embedding,
+    a weight-tied matrix), a scalar parameter term meets the data (weight decay inside the
+    loss), no leaf is dense, or the jaxpr cannot be read.
+
+    Args:
+      fn: ``fn(leaves, group) -> objective`` or ``(objective, aux)`` of one group of
+        examples (its examples may interact, e.g. BatchNorm in training mode).
+      leaves: the parameter leaves (a list).
+      group: one group's data (arrays or `jax.ShapeDtypeStruct`).
+
+    Returns:
+      `GroupLayers` or None.
+    """
+    try:
+        prog = _program(fn, leaves, group)
+        plan_ = _analyse(prog, leaves)
+        out_tree = jax.tree.structure(jax.eval_shape(fn, leaves, group))
+    except Exception:  # noqa: BLE001  (the caller takes the general path)
+        return None
+    if plan_.scalars or not set(plan_.routes) <= {"dense", "formed"}:
+        return None
+    if "dense" not in plan_.routes:
+        return None
+    return GroupLayers(prog, plan_, out_tree)
+
+
+def _dense_shift(op, pos, x, X, D):
+    """The change of one dense op's output at input ``x`` when its parameter operand moves
+    by the gradient of another input ``X`` against output cotangents ``D`` (Xᵀ D in the
+    operand's layout): (x Xᵀ) D through the Gram (P²(K + N) operations) or x (Xᵀ D), the
+    cheaper. In the op's output layout."""
+    (lc, rc), _ = op.params["dimension_numbers"]
+    contract = lc if pos == 1 else rc
+    free = [d for d in range(x.ndim) if d not in contract]
+    P = math.prod(x.shape[d] for d in free)
+    a = jnp.transpose(x, free + list(contract)).reshape(P, -1)
+    b = jnp.transpose(X, free + list(contract)).reshape(P, -1)
+    d = D.reshape(P, -1) if pos == 1 else D.reshape(-1, P).T
+    K, N = a.shape[1], d.shape[1]
+    out = (a @ b.T) @ d if P * (K + N) <= 2 * K * N else a @ (b.T @ d)
+    return (out if pos == 1 else out.T).reshape(D.shape)
+
+
+def _group_parts(layers):
+    prog, (routes, sites, _), _ = layers
+    dense = {sites[j].op: j for j, r in enumerate(routes) if r == "dense"}
+    formed = [j for j, r in enumerate(routes) if r == "formed"]
+    param_pos = {n: sites[j].param_pos for n, j in dense.items()}
+    return prog, sites, dense, formed, param_pos
+
+
+def group_clean(layers: GroupLayers, leaves, groups) -> GroupClean:
+    """The clean pass of G groups: each group's outputs, the gradient of their mean, and
+    each group's squared gradient norm from its layers (one backward pass; no group's
+    gradient is formed). Call inside a trace.
+
+    Args:
+      layers: from `group_layers`.
+      leaves: the parameter leaves.
+      groups: the groups' data, stacked on a leading axis of G.
+
+    Returns:
+      `GroupClean`.
+    """
+    prog, sites, dense, formed, param_pos = _group_parts(layers)
+    G = jax.tree.leaves(groups)[0].shape[0]
+    zeros = {
+        "y": {n: jnp.zeros((G,) + prog.avals[prog.ops[n].outputs[0]].shape,
+                           prog.avals[prog.ops[n].outputs[0]].dtype) for n in dense},
+        "p": {j: jnp.zeros((G,) + jnp.shape(leaves[j]), leaves[j].dtype) for j in formed},
+        "s": {},
+    }  # fmt: skip
+
+    def total(L, z):  # the groups' mean objective; the probes' gradients are δ_k / G
+        outs, cap = jax.vmap(lambda g, zk: _evaluate(prog, L, g, zk, param_pos))(groups, z)
+        return jnp.mean(outs[0]), (outs, cap)
+
+    (mean, grads), (outs, cap) = jax.grad(total, argnums=(0, 1), has_aux=True)(list(leaves), zeros)
+    deltas = {n: G * grads["y"][n] for n in dense}
+    xs = {n: cap[n][1 - param_pos[n]] for n in dense}
+    formed_g = {j: G * grads["p"][j] for j in formed}
+
+    def wide(a):
+        return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+    sq = jnp.zeros((G,), jnp.float32)
+    for n in dense:
+        op, pos = prog.ops[n], param_pos[n]
+        sq = sq + jax.vmap(lambda a, d, op=op, pos=pos: _dense_sq(op, pos, wide(a), wide(d)))(
+            xs[n], deltas[n]
+        )
+    for g in formed_g.values():
+        sq = sq + jnp.sum(wide(g).reshape(G, -1) ** 2, axis=1)
+    return GroupClean(outs, mean, sq, (xs, deltas, formed_g, cap))
+
+
+def group_gradients(layers: GroupLayers, leaves, clean: GroupClean) -> list:
+    """Each group's gradient of every leaf, formed from the clean pass (``(G, *leaf)`` per
+    leaf): for a transformation that needs them whole (ASAM's ascent). Call inside a trace.
+
+    Args:
+      layers: from `group_layers`.
+      leaves: the parameter leaves.
+      clean: from `group_clean`.
+
+    Returns:
+      A list of ``(G, *leaf)`` arrays.
+    """
+    prog, sites, dense, formed, param_pos = _group_parts(layers)
+    xs, deltas, formed_g, cap = clean.state
+    out = [None] * len(leaves)
+    for n, j in dense.items():
+        s = sites[j]
+
+        def one(invals, d, s=s, j=j):
+            return jax.vjp(lambda q: _local(prog, s, q, invals), leaves[j])[1](d)[0]
+
+        out[j] = jax.vmap(one)(cap[n], deltas[n])
+    for j in formed:
+        out[j] = formed_g[j]
+    return out
+
+
+def group_ascent(layers: GroupLayers, leaves, groups, clean: GroupClean, scale):
+    """SAM's m-sharpness step by layers: each group's objective at its own ascent point
+    w + ε_k, ε_k = ``scale[k]`` · g_k, and the gradient of their mean with respect to w (ε_k
+    held fixed: the mean of the groups' gradients at their own points). A dense layer's
+    move x ε_k is low rank, (x X_kᵀ) Δ_k, so every group shares the unperturbed kernel's
+    product (one product over the whole batch) and no group's copy of the parameters is
+    written; small ("formed") leaves move explicitly. Call inside a trace.
+
+    Args:
+      layers: from `group_layers`.
+      leaves: the parameter leaves (w).
+      groups: the groups' data, stacked on a leading axis of G.
+      clean: the clean pass (`group_clean`) at ``leaves``.
+      scale: ``(G,)`` each group's step along its gradient (ρ / ‖g_k‖ for SAM).
+
+    Returns:
+      ``(outputs, mean)``: each group's outputs at its point (the objective first), and each
+      leaf's gradient of their mean.
+    """
+    prog, sites, dense, formed, param_pos = _group_parts(layers)
+    xs, deltas, formed_g, _ = clean.state
+
+    def one(L, g, x_k, d_k, f_k, a_k):
+        shifts = {
+            n: lambda invals, n=n: (
+                a_k.astype(x_k[n].dtype)
+                * _dense_shift(prog.ops[n], param_pos[n], invals[1 - param_pos[n]], x_k[n], d_k[n])
+            )
+            for n in dense
+        }
+        probes = {"y": {}, "p": {j: a_k.astype(f.dtype) * f for j, f in f_k.items()}, "s": {}}
+        return _evaluate(prog, L, g, probes, param_pos, shifts)[0]
+
+    def total(L):
+        outs = jax.vmap(one, (None, 0, 0, 0, 0, 0))(L, groups, xs, deltas, formed_g, scale)
+        return jnp.mean(outs[0]), outs
+
+    mean, outs = jax.grad(total, has_aux=True)(list(leaves))
+    return outs, mean

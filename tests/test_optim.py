@@ -1,6 +1,8 @@
 """optax transforms of sharp_minima.optim: invariants, exact projections, NSGD = Newton on the
 paper's quadratic, directions refreshed by a hook during training (and after a resume)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -350,10 +352,12 @@ def test_sam_is_finite_at_a_zero_gradient_where_optax_contrib_sam_is_not():
 
 
 def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batchnorm_stats():
-    """The compiled train step traces the loss twice with SAM (clean pass, perturbed pass;
-    with m-sharpness each once, vmapped over the groups), once without; the BatchNorm
-    statistics are the clean pass's: those of a plain step, and with 4 groups the mean of the
-    groups' own."""
+    """The compiled train step traces the loss twice with SAM (clean pass, perturbed pass),
+    once without, and once with SAM's m-sharpness on this network of dense layers (both
+    passes replay its program: `per_example.group_ascent`; ASAM's perturbed pass is traced
+    again, vmapped over the groups); the BatchNorm statistics are the clean pass's: those of
+    a plain step, and with 4 groups the mean of the groups' own. The m-sharpness steps equal
+    a Python loop over the groups."""
     config = load_config(
         "f1.py:tiny",
         **{"data.name": "swissroll", "data.max_train": 64, "batch_size": 16, "num_devices": 1,
@@ -370,14 +374,17 @@ def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batch
     x, y = run.data.x_train[:16], run.data.y_train[:16]
     batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
     sam = optax.chain(optim.sam(0.05), optax.sgd(0.1))
+    asam = optax.chain(optim.sam(0.05, adaptive=True), optax.sgd(0.1))
     out = {}
     start = train.init_state(run.model, sam, batch["x"][:1], jax.random.key(0))
-    for name, tx, groups in (("plain", optax.sgd(0.1), 1), ("sam", sam, 1), ("m=4", sam, 4)):
+    variants = (("plain", optax.sgd(0.1), 1, 1), ("sam", sam, 1, 2), ("m=4", sam, 4, 1),
+                ("asam m=4", asam, 4, 2))  # fmt: skip
+    for name, tx, groups, traces in variants:
         state = train.steps.fresh_copy(start.replace(opt_state=tx.init(start.params)))
         traced.clear()
         step = train.make_train_step(loss, tx, run.mesh, groups=groups)
         out[name] = step(state, batch)
-        assert len(traced) == (1 if name == "plain" else 2), (name, len(traced))
+        assert len(traced) == traces, (name, len(traced))
     stats = {k: v[0].batch_stats for k, v in out.items()}
     for a, b in zip(jax.tree.leaves(stats["plain"]), jax.tree.leaves(stats["sam"])):
         np.testing.assert_array_equal(a, b)
@@ -396,20 +403,32 @@ def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batch
     # The m = 4 step's parameters, from a Python loop over the groups written out: each
     # group's gradient, its own ε, its gradient there (same batch statistics mode, same key).
 
-    @jax.jit
-    def group_sam_gradient(b, k):
+    @functools.partial(jax.jit, static_argnames="adaptive")
+    def group_sam_gradient(b, k, adaptive):
         def f(p):
             return base(p, state.batch_stats, b, k)[0]
 
         g = jax.grad(f)(state.params)
-        point = jax.tree.map(lambda w, x: w + 0.05 * x / tree_util.norm(g), state.params, g)
+        t = jax.tree.map(  # ASAM: T = |w| + 0.01 on every leaf but biases
+            lambda w, m: jnp.abs(w) + 0.01 if m and adaptive else jnp.ones_like(w),
+            state.params,
+            optim.asam_mask(state.params),
+        )
+        tg = jax.tree.map(jnp.multiply, t, g)
+        point = jax.tree.map(
+            lambda w, a, b: w + 0.05 * a * b / tree_util.norm(tg), state.params, t, tg
+        )
         return jax.grad(f)(point)
 
     keys = jax.random.split(key, 4)
-    grads = [group_sam_gradient({k: v[i] for k, v in split.items()}, keys[i]) for i in range(4)]
-    want = jax.tree.map(lambda w, *g: w - 0.1 * np.mean(g, 0), state.params, *grads)
-    for a, b in zip(jax.tree.leaves(out["m=4"][0].params), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for name, adaptive in (("m=4", False), ("asam m=4", True)):
+        grads = [
+            group_sam_gradient({k: v[i] for k, v in split.items()}, keys[i], adaptive)
+            for i in range(4)
+        ]
+        want = jax.tree.map(lambda w, *g: w - 0.1 * np.mean(g, 0), state.params, *grads)
+        for a, b in zip(jax.tree.leaves(out[name][0].params), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_sam_diverges_just_above_its_stability_threshold_and_settles_just_below():

@@ -227,3 +227,88 @@ def test_an_unreadable_loss_falls_back_to_the_chunked_path_with_a_warning(monkey
             got = gradients.GradientNoise(loss).measure(params, batches)
     assert set(got.routes.values()) == {"chunked"}
     assert_same(got, expected, 1e-12)
+
+
+class GroupModel(nn.Module):
+    """Dense layers (one over a sequence axis, one with its kernel as the left operand),
+    BatchNorm in training mode (a group's examples interact) and biases."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, param_dtype=jnp.float64)(x)
+        h = nn.BatchNorm(use_running_average=False, param_dtype=jnp.float64)(h)
+        h = jnp.tanh(h).reshape(h.shape[0], 2, 3)
+        h = jnp.tanh(nn.Dense(4, use_bias=False, param_dtype=jnp.float64)(h)).reshape(-1, 8)
+        w = self.param("left", nn.initializers.normal(0.5), (3, 8), jnp.float64)
+        return jnp.einsum("cf,bf->bc", w, h)
+
+
+def test_sam_groups_by_layers_equal_a_loop_over_groups():
+    """`group_clean`, `group_ascent` and `group_gradients` against a Python loop over G
+    groups of a model whose examples interact within a group: each group's squared gradient
+    norm, the mean clean gradient, each group's gradient, and SAM's m-sharpness gradient
+    (each group perturbed by ρ g_k/‖g_k‖) and values, to 1e-10 in float64. A convolution or
+    a weight-decay term takes the general path (None)."""
+    from sharp_minima import per_example as pe
+
+    model, G, m, rho = GroupModel(), 4, 5, 0.3
+    with jax.enable_x64(True):
+        data = images(jax.random.key(5), G, m, (7,))
+        variables = model.init(jax.random.key(6), data["x"][0])
+        leaves, tdef = jax.tree.flatten(variables["params"])
+        stats = variables["batch_stats"]
+
+        def f(ls, g):
+            logits, new = model.apply(
+                {"params": jax.tree.unflatten(tdef, ls), "batch_stats": stats},
+                g["x"],
+                mutable=["batch_stats"],
+            )
+            return ce(logits, g), new
+
+        first = jax.tree.map(lambda a: a[0], data)
+        layers = pe.group_layers(f, leaves, first)
+        assert sorted(set(layers.plan.routes)) == ["dense", "formed"]
+
+        @jax.jit
+        def fast(ls, groups):
+            clean = pe.group_clean(layers, ls, groups)
+            outs, mean = pe.group_ascent(layers, ls, groups, clean, rho / jnp.sqrt(clean.sq))
+            return clean, outs[0], mean, pe.group_gradients(layers, ls, clean)
+
+        clean, values, ascent, each = fast(leaves, data)
+
+        def objective(ls, k):
+            return f(ls, jax.tree.map(lambda a: a[k], data))[0]
+
+        grads, at_point, want_values = [], [], []
+        for k in range(G):  # a Python loop over the groups
+            g = jax.grad(objective)(leaves, k)
+            norm = jnp.sqrt(sum(jnp.vdot(a, a) for a in g))
+            point = [w + rho * a / norm for w, a in zip(leaves, g)]
+            value, adv = jax.value_and_grad(objective)(point, k)
+            grads.append(g)
+            at_point.append(adv)
+            want_values.append(value)
+
+        def close(a, b):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+        close(clean.sq, [sum(jnp.vdot(a, a) for a in g) for g in grads])
+        close(values, want_values)
+        for j in range(len(leaves)):
+            close(clean.mean[j], np.mean([g[j] for g in grads], 0))
+            close(each[j], np.stack([g[j] for g in grads]))
+            close(ascent[j], np.mean([g[j] for g in at_point], 0))
+        # Each group's BatchNorm statistics come out with its objective.
+        assert clean.outputs[1].shape == (G, 6)  # the running mean's update, per group
+
+        def conv_loss(ls, g):  # a 1-d convolution's kernel: not a dense leaf
+            y = jax.lax.conv_general_dilated(g["x"][:, None], ls[0], (1,), "SAME")
+            return jnp.mean(y**2)
+
+        def decayed(ls, g):
+            return f(ls, g)[0] + 1e-3 * sum(jnp.vdot(a, a) for a in ls)
+
+        assert pe.group_layers(conv_loss, [jnp.ones((2, 1, 3))], first) is None
+        assert pe.group_layers(decayed, leaves, first) is None

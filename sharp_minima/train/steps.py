@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharp_minima import data as data_lib
-from sharp_minima import losses
+from sharp_minima import losses, per_example
 from sharp_minima import tree_util as tu
 from sharp_minima.train.config import ConfigError, run_keys
 
@@ -160,6 +160,20 @@ def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
 MINIBATCH = "minibatch/"  # prefix of the running metrics of the training steps
 
 
+def _group_layers(loss_fn, state, split, keys):
+    """``(layers, leaves, treedef)``: the m-sharpness groups' layer plan
+    (`sharp_minima.per_example.group_layers`; None where it does not apply) and the
+    parameters' leaves."""
+    leaves, treedef = jax.tree.flatten(state.params)
+
+    def group_fn(ls, data):
+        group, k = data
+        return loss_fn(jax.tree.unflatten(treedef, ls), state.batch_stats, group, k)
+
+    first = jax.tree.map(lambda a: a[0], (split, keys))
+    return per_example.group_layers(group_fn, leaves, first), leaves, treedef
+
+
 def make_train_step(
     loss_fn: TrainLoss,
     tx: optax.GradientTransformation,
@@ -185,7 +199,12 @@ def make_train_step(
         normalises each group by its own statistics, as one device of a data-parallel run
         does; the running statistics are averaged), its gradient the groups' mean, and
         ``tx.update`` also receives ``group_grads=`` (stacked on a leading axis) and
-        ``group_value_fn=`` (``(params, i) ->`` group i's objective).
+        ``group_value_fn=`` (``(params, i) ->`` group i's objective). For a network of
+        dense layers and small leaves (`sharp_minima.per_example.group_layers`) the clean
+        pass runs by layers and ``tx.update`` also receives ``group_ascent(scale_fn) ->
+        (value, gradient)``: every group's perturbed pass at once, each group's move of a
+        dense layer in low rank (`sharp_minima.per_example.group_ascent`); the stacked
+        ``group_grads`` are then formed only if the transformation reads them.
 
     Metrics are computed inside the step and stay on device until a log step: the step's own
     mini-batch values prefixed ``minibatch/`` (``objective``, the scalars of the loss's aux
@@ -207,15 +226,35 @@ def make_train_step(
         if groups > 1:  # m-sharpness: the clean pass group by group
             split = jax.tree.map(lambda a: a.reshape((groups, -1) + a.shape[1:]), batch)
             keys = jax.random.split(key, groups)
-            (objective, aux), grads = jax.vmap(grad_fn, (None, None, 0, 0))(
-                state.params, state.batch_stats, split, keys
-            )
 
             def group_value_fn(params, i):  # group i's objective
                 group = jax.tree.map(lambda a: a[i], split)
                 return loss_fn(params, state.batch_stats, group, keys[i])[0]
 
-            extra = {"group_grads": grads, "group_value_fn": group_value_fn}
+            layers, leaves, treedef = _group_layers(loss_fn, state, split, keys)
+            if layers is None:  # the general path: a vmap over the groups
+                (objective, aux), grads = jax.vmap(grad_fn, (None, None, 0, 0))(
+                    state.params, state.batch_stats, split, keys
+                )
+                extra = {"group_grads": grads}
+            else:  # by layers (`sharp_minima.per_example.group_ascent`)
+                clean = per_example.group_clean(layers, leaves, (split, keys))
+                objective, aux = jax.tree.unflatten(layers.out_tree, clean.outputs)
+                grads = jax.tree.map(lambda g: g[None], jax.tree.unflatten(treedef, clean.mean))
+
+                def group_ascent(scale_fn, clean=clean, layers=layers):
+                    scale = scale_fn(jnp.sqrt(clean.sq))
+                    outs, mean = per_example.group_ascent(
+                        layers, leaves, (split, keys), clean, scale
+                    )
+                    return jnp.mean(outs[0]), jax.tree.unflatten(treedef, mean)
+
+                formed = per_example.group_gradients(layers, leaves, clean)  # unused by SAM
+                extra = {
+                    "group_grads": jax.tree.unflatten(treedef, formed),
+                    "group_ascent": group_ascent,
+                }
+            extra["group_value_fn"] = group_value_fn
             objective, aux, grads = tu.mean_over_leading_axis((objective, dict(aux), grads))
         else:
             (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
