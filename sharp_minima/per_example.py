@@ -74,6 +74,7 @@ identity applies: the batch's copies of it are written once per example."""
 
 _INLINE = {"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"}
 _PASS_THROUGH = {"convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze"}
+_BROADCAST = {"broadcast_in_dim"}  # linear too, but not norm-preserving: biases only
 _DATA, _CONST = "data", "const"
 
 
@@ -121,11 +122,15 @@ class Plan(NamedTuple):
       sites: for the layer routes, the leaf's `Site` (None otherwise).
       scalars: ``(op, position)`` of every scalar parameter value (e.g. a weight-decay term)
         that meets the data; its per-example gradient sᵢ·∇r adds to the layers'.
+      biases: ``(leaf, site, op)`` for a "formed" leaf added, in the output's own shape, to
+        the output of dense op ``op`` and to nothing else: its per-example gradient is that
+        layer's δᵢ (no probe of its own).
     """
 
     routes: tuple
     sites: tuple  # Site or None per leaf
     scalars: tuple = ()
+    biases: tuple = ()  # (leaf, its `Site` (the add), the dense op it is added to)
 
 
 # --------------------------------------------------------------------------------- program
@@ -224,7 +229,7 @@ def _analyse(prog: _Program, leaves) -> Plan:
             out = (_DATA,)
         elif params:
             (p0, k0), *rest = params
-            if not rest and k0[0] == "leaf" and op.prim.name in _PASS_THROUGH:
+            if not rest and k0[0] == "leaf" and op.prim.name in _PASS_THROUGH | _BROADCAST:
                 out = ("leaf", k0[1], k0[2] + (n,))
             else:
                 js = set()
@@ -252,7 +257,12 @@ def _analyse(prog: _Program, leaves) -> Plan:
     for j, leaf in enumerate(jax.tree.leaves(leaves)):
         route, site = "chunked", None
         layer = [u for u in uses[j] if u[0] is None or not scalar(*u[:2])]
-        if len(layer) == 1 and layer[0][0] is not None and layer[0][2] is not None:
+        if (
+            len(layer) == 1
+            and layer[0][0] is not None
+            and layer[0][2] is not None
+            and not any(prog.ops[c].prim.name in _BROADCAST for c in layer[0][2])
+        ):  # a layer's parameter: through norm-preserving ops only
             n, p, chain, count = layer[0]
             op = prog.ops[n]
             other = [of(r) for q, r in enumerate(op.inputs) if q != p]
@@ -273,7 +283,34 @@ def _analyse(prog: _Program, leaves) -> Plan:
         sites.append(site)
     if not any(s is not None for s in sites):
         scalars = []
-    return Plan(tuple(routes), tuple(sites), tuple(scalars))
+    consumers = {}
+    for op in prog.ops:
+        for r in op.inputs:
+            if not isinstance(r, _Lit):
+                consumers[r] = consumers.get(r, 0) + 1
+    for r in prog.out_ids:
+        if not isinstance(r, _Lit):
+            consumers[r] = consumers.get(r, 0) + 1
+    dense_out = {prog.ops[s.op].outputs[0]: s.op for s, r in zip(sites, routes) if r == "dense"}
+    biases = []
+    for j, route in enumerate(routes):
+        if route != "formed" or len(uses[j]) != 1:
+            continue
+        n, p, chain, count = uses[j][0]
+        if n is None or chain is None or count != 1 or prog.ops[n].prim.name != "add":
+            continue
+        other, mine = prog.ops[n].inputs[1 - p], prog.ops[n].inputs[p]
+        if (
+            other in dense_out
+            and consumers.get(other) == 1
+            and prog.avals[other].shape == _aval_shape(prog, mine)
+        ):
+            biases.append((j, Site(n, p, chain), dense_out[other]))
+    return Plan(tuple(routes), tuple(sites), tuple(scalars), tuple(biases))
+
+
+def _aval_shape(prog, ref):
+    return jnp.shape(ref.value) if isinstance(ref, _Lit) else prog.avals[ref].shape
 
 
 def _single(fn):
@@ -364,6 +401,12 @@ def _chain(prog, site, leaf):
     for n in site.chain:
         leaf = _bind(prog.ops[n], [leaf])[0]
     return leaf
+
+
+def _unchain(prog, site, leaf, value):
+    """A value in the shape the leaf has at its site, brought back to the leaf's own (the
+    transpose of the pass-through chain, which is linear)."""
+    return jax.linear_transpose(lambda q: _chain(prog, site, q), leaf)(value)[0]
 
 
 def _local(prog, site, leaf, invals):
@@ -459,9 +502,10 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
     """
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), batches)
     prog = _program(_single(fn), leaves, example)
-    routes, sites, scalars = plan_
+    routes, sites, scalars, biases = plan_
     site_ops = {s.op: j for j, s in enumerate(sites) if s is not None}
-    formed = [j for j, r in enumerate(routes) if r == "formed"]
+    bias_of = {j: (site, n) for j, site, n in biases}  # gᵢ: the dense op's δᵢ, chained back
+    formed = [j for j, r in enumerate(routes) if r == "formed" and j not in bias_of]
     param_pos = {n: sites[j].param_pos for n, j in site_ops.items()}
     if scalars:  # ∇r for every scalar parameter value r meeting the data: (K, *leaf) per leaf
         refs = [prog.ops[n].inputs[q] for n, q in scalars]
@@ -501,12 +545,12 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
             return jnp.sum(w.astype(outs[0].dtype) * outs[0]), cap
 
         (means, grads), cap = jax.grad(total, argnums=(0, 1), has_aux=True)(list(leaves), zeros)
-        inv = 1 / jnp.where(w > 0, w, 1)  # weight-free cotangents (padding: zero anyway)
-        grads = jax.tree.map(
-            lambda g: g * inv.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads
-        )
+        # The probes' gradients are πᵢ-weighted: each example's results are divided by πᵢ
+        # (squares by πᵢ²) rather than the arrays (padding: zero anyway).
+        inv = 1 / jnp.where(w > 0, w, 1)
+        inv2 = inv * inv
         dy, dp = grads["y"], grads["p"]
-        sc = jnp.stack([grads["s"][k] for k in scalars], -1) if scalars else None  # (B, K)
+        sc = jnp.stack([grads["s"][k] for k in scalars], -1) * inv[:, None] if scalars else None
         sq = [jnp.zeros(w.shape, w.dtype) for _ in leaves]
         for n, j in site_ops.items():
             s, op, xs = sites[j], prog.ops[n], cap[n]
@@ -526,33 +570,38 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
                     (xs[0], dy[n]),
                     batch_size=chunk,
                 )
+            sq[j] = sq[j] * inv2.astype(sq[j].dtype)
             if scalars:  # gᵢ = gᵢ(layer) + Σₖ sᵢₖ ∇rₖ
                 cross = jnp.stack(
                     [against(tangent(n, j, xs, v[j][k]), dy[n]) for k in range(len(scalars))], -1
-                )
+                ) * inv[:, None].astype(sc.dtype)
                 sq[j] = (
                     sq[j] + 2 * jnp.sum(sc * cross, -1) + jnp.einsum("bk,kl,bl->b", sc, vv[j], sc)
                 )
-        for j in formed:
+        for j, (site, n) in bias_of.items():  # the chain is linear: its transpose
+            dp[j] = jax.vmap(lambda d, site=site, j=j: _unchain(prog, site, leaves[j], d))(dy[n])
+        for j in formed + list(bias_of):
             g = dp[j].reshape(w.shape[0], -1)
-            sq[j] = jnp.sum(g * g, axis=1)
-        return jnp.stack(sq, -1), means, (w, dy, {j: dp[j] for j in formed}, sc, cap)
+            sq[j] = jnp.sum(g * g, axis=1) * inv2.astype(g.dtype)
+        stored = {j: dp[j] for j in formed + list(bias_of)}
+        return jnp.stack(sq, -1), means, (w, dy, stored, sc, cap)
 
     sq, means, stored = _map(first, (batches, pi))
     mean = [g.sum(0) for g in means]
 
     def second(args):
         w, dy, dp, sc, cap = args
+        inv = (1 / jnp.where(w > 0, w, 1)).astype(mean[0].dtype)
         dot = [jnp.zeros(w.shape, mean[0].dtype) for _ in leaves]
         for n, j in site_ops.items():
-            dot[j] = against(tangent(n, j, cap[n], mean[j]), dy[n])
+            dot[j] = against(tangent(n, j, cap[n], mean[j]), dy[n]) * inv
             if scalars:
                 dot[j] = dot[j] + sc @ jnp.tensordot(v[j], mean[j], axes=mean[j].ndim)
-        for j in formed:
-            dot[j] = jnp.tensordot(dp[j], mean[j], axes=mean[j].ndim)
+        for j in dp:
+            dot[j] = jnp.tensordot(dp[j], mean[j], axes=mean[j].ndim) * inv
         return jnp.stack(dot, -1)
 
-    dot = _map(second, stored) if (site_ops or formed) else jnp.zeros_like(sq)
+    dot = _map(second, stored) if (site_ops or formed or bias_of) else jnp.zeros_like(sq)
     return sq, dot, mean
 
 
@@ -631,7 +680,7 @@ def _dense_shift(op, pos, x, X, D):
 
 
 def _group_parts(layers):
-    prog, (routes, sites, _), _ = layers
+    prog, (routes, sites, _, _), _ = layers
     dense = {sites[j].op: j for j, r in enumerate(routes) if r == "dense"}
     formed = [j for j, r in enumerate(routes) if r == "formed"]
     param_pos = {n: sites[j].param_pos for n, j in dense.items()}
