@@ -610,7 +610,14 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
 
 class GroupLayers(NamedTuple):
     """A group objective's program and plan for `group_clean` / `group_ascent` (from
-    `group_layers`); ``out_tree`` is the structure of the objective's outputs."""
+    `group_layers`).
+
+    Attributes:
+      prog: the objective's program (its jaxpr, calls inlined).
+      plan: each leaf's route ("dense" or "formed").
+      out_tree: the structure of the objective's outputs (``objective`` or
+        ``(objective, aux)``).
+    """
 
     prog: _Program
     plan: Plan
