@@ -536,6 +536,21 @@ def _map(fn, xs):
     return lax.map(fn, xs)
 
 
+def _zero_probes(prog, ops, formed, scalars, leaves, size):
+    """Zero probes for ``size`` examples: on the outputs of ``ops``, on the ``formed``
+    leaves and on the ``scalars`` operands."""
+
+    def zeros(shape, dtype):
+        return jnp.zeros((size,) + tuple(shape), dtype)
+
+    outs = {n: prog.avals[prog.ops[n].outputs[0]] for n in ops}
+    return {
+        "y": {n: zeros(a.shape, a.dtype) for n, a in outs.items()},
+        "p": {j: zeros(jnp.shape(leaves[j]), leaves[j].dtype) for j in formed},
+        "s": {k: zeros((), prog.avals[prog.ops[k[0]].inputs[k[1]]].dtype) for k in scalars},
+    }
+
+
 def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
     """Per example and leaf on the non-"chunked" routes: |gᵢ|² and gᵢ·Ḡ (``(nb, B, L)`` each,
     zero for "chunked" leaves), and Ḡ of every leaf, for the mean loss ``fn(leaves, batch)``
@@ -568,15 +583,6 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
         v = jax.jacrev(lambda L: _scalar_values(prog, L, refs))(list(leaves))
         vv = [jnp.einsum("k...,l...->kl", a, a) for a in v]
 
-    def probes():
-        """The zero probes of one example."""
-        avals = {n: prog.avals[prog.ops[n].outputs[0]] for n in site_ops}
-        return {
-            "y": {n: jnp.zeros(a.shape, a.dtype) for n, a in avals.items()},
-            "p": {j: jnp.zeros_like(leaves[j]) for j in formed},
-            "s": {k: jnp.zeros((), prog.avals[prog.ops[k[0]].inputs[k[1]]].dtype) for k in scalars},
-        }
-
     def tangent(n, j, xs, direction):
         """The site's output change along ``direction`` of its leaf, per example: the op
         itself at ``direction`` for the linear ones (a product, a convolution), a tangent for
@@ -594,7 +600,7 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
     def first(args):
         batch, w = args
         size = w.shape[0]
-        zeros = jax.tree.map(lambda z: jnp.zeros((size,) + z.shape, z.dtype), probes())
+        zeros = _zero_probes(prog, site_ops, formed, scalars, leaves, size)
 
         def total(L, z):  # Σᵢ πᵢ ℓᵢ: its gradient is Ḡ, and the probes' are πᵢ·δᵢ
             outs, cap = _evaluate(prog, L, batch, z, param_pos)
@@ -765,12 +771,7 @@ def group_clean(layers: GroupLayers, leaves, groups) -> GroupClean:
     """
     prog, sites, dense, formed, param_pos = _group_parts(layers)
     G = jax.tree.leaves(groups)[0].shape[0]
-    zeros = {
-        "y": {n: jnp.zeros((G,) + prog.avals[prog.ops[n].outputs[0]].shape,
-                           prog.avals[prog.ops[n].outputs[0]].dtype) for n in dense},
-        "p": {j: jnp.zeros((G,) + jnp.shape(leaves[j]), leaves[j].dtype) for j in formed},
-        "s": {},
-    }  # fmt: skip
+    zeros = _zero_probes(prog, dense, formed, (), leaves, G)
 
     def total(L, z):  # the groups' mean objective; the probes' gradients are δ_k / G
         outs, cap = _evaluate(prog, L, groups, z, param_pos)
