@@ -16,6 +16,8 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+FORMATS = ("png", "pdf")  # what `save` writes: an image to look at and one to print
+
 
 def figure(figsize) -> Figure:
     """A new `Figure` with matplotlib's constrained layout, which every figure of the library
@@ -36,21 +38,22 @@ def _subplots(figsize):
     return fig, fig.add_subplot()
 
 
-def save(fig: Figure, workdir: str, name: str) -> list[str]:
-    """Saves ``fig`` as ``workdir/name.png`` and ``.pdf``, each written to a temporary file and
-    renamed, so a killed run never leaves half a figure.
+def save(fig: Figure, workdir: str, name: str, formats=FORMATS) -> list[str]:
+    """Saves ``fig`` as ``workdir/name.png`` and ``.pdf`` (``formats``), each written to a
+    temporary file and renamed, so a killed run never leaves half a figure.
 
     Args:
       fig: the figure.
       workdir: the folder (created if missing).
       name: the file name without extension.
+      formats: the file formats (extensions matplotlib knows).
 
     Returns:
-      The two paths.
+      The paths, one per format.
     """
     os.makedirs(workdir, exist_ok=True)
     paths = []
-    for ext in ("png", "pdf"):
+    for ext in formats:
         path = os.path.join(workdir, f"{name}.{ext}")
         tmp = os.path.join(workdir, f".tmp-{name}.{ext}")
         fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)

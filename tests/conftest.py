@@ -11,15 +11,17 @@ import tempfile
 # Four simulated devices; and XLA:CPU set to compile fast: the tests compile many small
 # programs and run each briefly, so compiling fast matters more than the code's speed.
 # Backend optimisations off (3x faster compiles, measured on the model zoo's forward
-# passes) and the legacy fusion emitters instead of the MLIR ones (compiles 2x faster again:
-# the Huang tiny study 48 s -> 28 s on this 2-core machine). Every comparison in the suite is
-# made within one setting (references are computed in the same process or with the same
-# flags, which the command lines, notebooks and multi-process tests inherit, or carry a
-# tolerance).
+# passes), the legacy fusion emitters instead of the MLIR ones (compiles 2x faster again:
+# the Huang tiny study 48 s -> 28 s on this 2-core machine), and each program generated as
+# one module instead of split for parallel code generation (whose threads only contend with
+# the other test worker on 2 cores: the sgd_noise tiny study's backend compile time
+# 10 s -> 8 s). Every comparison in the suite is made within one setting (references are
+# computed in the same process or with the same flags, which the command lines, notebooks
+# and multi-process tests inherit, or carry a tolerance).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-    + " --xla_cpu_use_fusion_emitters=false"
+    + " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

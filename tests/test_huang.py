@@ -158,8 +158,7 @@ def test_study_tiny_end_to_end(tiny_study):
     fits = next(c for c in results["claims"] if c["claim"].startswith("[0] every network"))
     assert fits["verdict"] == "no" and "β=0.9 seed 0" in fits["numbers"]
     for fig in ("decision_boundaries", "surfaces", "volume", "tsne", "rings"):
-        for ext in ("png", "pdf"):
-            assert (tmp_path / f"{fig}.{ext}").stat().st_size > 0
+        assert (tmp_path / f"{fig}.png").stat().st_size > 0
     # The natural run saved its iterates up to its fit; the t-SNE searched from two of them,
     # each search trained to a fit too (or reported as not fitted).
     its = os.listdir(tmp_path / "runs" / "swissroll" / "beta0" / "seed0" / "arrays" / "iterates")

@@ -115,7 +115,7 @@ def test_curvature_demo_runs_and_rewrites_its_outputs(tmp_path, tiny_study):
     os.remove(os.path.join(workdir, "tracking.png"))
     out = demo("--config=configs/curvature_demo.py:tiny", f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("results.json", "report.md", "tracking.png", "tracking.pdf", "spectrum.png"):
+    for name in ("results.json", "report.md", "tracking.png", "spectrum.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert json.load(open(os.path.join(workdir, "results.json")))["tracking"]["steps"] == [4, 8]
 

@@ -205,6 +205,19 @@ def smoke_test(config) -> bool:
     return bool(config is not None and config.get("smoke_test", False))
 
 
+def figure_formats(config) -> tuple[str, ...]:
+    """The formats a study saves its figures in: PNG and PDF, PNG alone for a smoke test (a
+    tiny config's figures are for a glance; a PDF costs as much time to draw again as the PNG).
+
+    Args:
+      config: a study's config (or None).
+
+    Returns:
+      File extensions, e.g. ``("png", "pdf")``.
+    """
+    return ("png",) if smoke_test(config) else plotting.FORMATS
+
+
 def write_outputs(
     config,
     results: dict,
@@ -217,9 +230,10 @@ def write_outputs(
 ) -> dict:
     """Saves a study's outputs, all in ``workdir``: ``report.md``, ``results.json`` (arrays of
     more than `INLINE_SIZE` numbers go to ``results.npz``, named by their path in the results,
-    which ``results.json`` gives as ``"results.npz:<path>"``) and each figure as PNG and PDF,
-    on process 0, atomically; prints the claims. A figure already saved from the same results
-    by the same library source and matplotlib (``.figures-stamp``) is not saved again.
+    which ``results.json`` gives as ``"results.npz:<path>"``) and each figure as PNG and PDF
+    (PNG alone for a smoke test: `figure_formats`), on process 0, atomically; prints the
+    claims. A figure already saved from the same results by the same library source and
+    matplotlib (``.figures-stamp``) is not saved again.
 
     Args:
       config: the study's config.
@@ -250,6 +264,7 @@ def write_outputs(
     # Nothing to report: runs diverged and no claim could be tested (figures would be empty).
     nothing = bool(diverged) and all(f.verdict == claims_lib.NOT_TESTED for f in found)
     names = []
+    formats = figure_formats(config)
     if jax.process_index() == 0:
         arrays: dict[str, np.ndarray] = {}
         plain = _move_arrays(results, "", arrays)
@@ -263,9 +278,9 @@ def write_outputs(
         stamp, stamp_path = _figure_stamp(plain, arrays), os.path.join(workdir, FIGURE_STAMP)
         kept = os.path.exists(stamp_path) and open(stamp_path).read() == stamp
         for name, fig in ({} if nothing else figures(config, results)).items():
-            saved = [os.path.join(workdir, f"{name}.{ext}") for ext in ("png", "pdf")]
+            saved = [os.path.join(workdir, f"{name}.{ext}") for ext in formats]
             if not (kept and all(os.path.exists(p) for p in saved)):
-                plotting.save(fig, workdir, name)
+                plotting.save(fig, workdir, name, formats)
             names.append(name)
         files.write_atomic(stamp_path, stamp)
         text = report(config, results, names).rstrip("\n") + "\n"
@@ -287,7 +302,7 @@ def write_outputs(
             + ", ".join(d["run"] + _at_step(d) for d in diverged)
             + f") and no claim could be tested; wrote {workdir}/report.md"
         )
-    shown = f" and {', '.join(names)} (.png/.pdf)" if names else ""
+    shown = f" and {', '.join(names)} (.{'/.'.join(formats)})" if names else ""
     log(f"wrote {workdir}/report.md, results.json{shown}")
     return results
 
