@@ -703,6 +703,10 @@ class Operator:
             static_argnames=("k", "which", "check_every", "sharding"),
         )
         self._slq_jit = jax.jit(self._slq_kernel, static_argnames=("num_steps", "sharding"))
+        # Around the Lanczos loop, one compiled call each instead of an op-by-op program per
+        # parameter leaf: the start vector and the Ritz vectors as params-like pytrees.
+        self._start_jit = jax.jit(self._start_vector, static_argnums=(1, 2))
+        self._vectors_jit = jax.jit(self._ritz_vectors)
 
     @property
     def wrt(self):
@@ -1102,7 +1106,7 @@ class Operator:
         grow = num_steps is None
         m = _basis_rows(k, n, num_steps, check_every, tol)
         key_start, key_restart = jax.random.split(key)
-        v0 = self._start_vector(key_start, n, dtype, init_vectors)
+        v0 = self._start_jit(key_start, n, dtype, init_vectors)
         basis, alphas, betas = _init_basis(_pad(v0, self._width(prep)), m, self._sharding(prep))
         anorm = jnp.zeros((), dtype)
         pos, total, locked, locked_res = 0, 0, None, None  # basis[pos]: the next to expand
@@ -1115,7 +1119,7 @@ class Operator:
             )  # fmt: skip
             stop = int(stop)
             total, pos = total + stop - pos, stop
-            a, b = np.asarray(alphas[:pos], np.float64), np.asarray(betas[:pos], np.float64)
+            a, b = np.asarray(alphas, np.float64)[:pos], np.asarray(betas, np.float64)[:pos]
             objective.check_finite(f"{self.products} (Lanczos step {total})", a, b)
             theta, s, idx, scale, estimates = _ritz(a, b, k, which, locked_res)
             values = theta[idx]
@@ -1140,14 +1144,20 @@ class Operator:
             locked_res = estimates  # a locked pair's residual stays what it was
 
         coeffs = jnp.asarray(_ritz_coefficients(s, idx, pos, m), dtype)
-        ritz = (coeffs @ basis)[:, :n]  # (k, n); rows past `pos` are zero
+        ritz, vectors = self._vectors_jit(prep.params, coeffs, basis)  # on the basis's devices
         del basis
         residuals = estimates
         if exact_residuals:
             residuals = self._exact_residuals(prep, batches, ritz, values)
         converged = _error_bounds(theta, residuals, idx) <= tol * scale
-        vectors = jax.vmap(lambda r: self.objective.unflatten(params, r))(ritz)
         return Eigenpairs(values, vectors, residuals, converged, total, (a, b))
+
+    def _ritz_vectors(self, params, coeffs, basis):
+        """The Ritz vectors ``coeffs @ basis``: (k, n) flat rows (the basis's padding
+        dropped; rows past the basis's last are zero) and as pytrees like ``params``."""
+        n = self.objective.flatten(params).shape[0]
+        ritz = (coeffs @ basis)[:, :n]
+        return ritz, jax.vmap(lambda r: self.objective.unflatten(params, r))(ritz)
 
     def _start_vector(self, key, n: int, dtype, init_vectors):
         """A random start vector, or the sum of ``init_vectors`` (a pytree like the params

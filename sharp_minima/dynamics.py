@@ -667,36 +667,41 @@ class PopulationTrainer:
         self._step_jit = jax.jit(jax.vmap(self._step))
         self._epoch_jit = jax.jit(self._epoch)
         self._metrics_jit = jax.jit(jax.vmap(self._metrics, in_axes=(0, None)))
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self._gather_jit = jax.jit(lambda tree: tree, out_shardings=replicated)
+        self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._members = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("members"))
+        # Padding and un-padding in one compiled call each (op by op, every leaf's
+        # concatenation and slice would be a program of its own); the take also gathers a
+        # mesh across processes, so that every process can read every member.
+        self._pad_jit = jax.jit(_pad_members, static_argnums=1, out_shardings=self._members)
+        take_to = self._replicated if self.spans_processes else None
+        self._take_jit = jax.jit(_first_members, static_argnums=1, out_shardings=take_to)
+        self._init_jit = jax.jit(jax.vmap(self._init_member))
 
     def _place(self, tree, count: int):
         """``tree``'s leaves (leading axis ``count``) padded to a multiple of the devices with
         copies of the last member, and sharded along that axis."""
         pad = -count % self.mesh.size
-        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("members"))
+        if not pad:
+            return jax.device_put(tree, self._members)
+        mesh_devices = set(self.mesh.devices.flat)
 
-        def one(a):
-            a = jnp.asarray(a)
-            if pad:
-                a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
-            return jax.device_put(a, sharding)
+        def on_mesh(a):  # host arrays and arrays committed elsewhere join the mesh first
+            if isinstance(a, jax.Array) and (not a.committed or a.devices() <= mesh_devices):
+                return a
+            return jax.device_put(a, self._replicated)
 
-        return jax.tree.map(one, tree)
+        return self._pad_jit(jax.tree.map(on_mesh, tree), pad)
 
     def _shared(self, tree):
         """``tree`` replicated on every device of the mesh."""
-        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.device_put(tree, sharding)
+        return jax.device_put(tree, self._replicated)
 
     def _take(self, tree, count: int):
         """The first ``count`` members of ``tree`` (the padding dropped); on a mesh across
         processes gathered first, so that every process can read every member."""
-        if self.spans_processes:
-            tree = self._gather_jit(tree)
-        if count % self.mesh.size == 0:
+        if count % self.mesh.size == 0 and not self.spans_processes:
             return tree
-        return jax.tree.map(lambda a: a[:count], tree)
+        return self._take_jit(tree, count)
 
     @staticmethod
     def _count(params) -> int:
@@ -740,12 +745,11 @@ class PopulationTrainer:
         """
         count = self._count(params)
         lrs = jnp.asarray(learning_rates)
+        return self._take(self._init_jit(*self._place((params, lrs), count)), count)
 
-        def one(p, lr):
-            state = self.tx.init(p)
-            return optax.tree_utils.tree_set(state, learning_rate=lr)
-
-        return self._take(jax.vmap(one)(*self._place((params, lrs), count)), count)
+    def _init_member(self, params, learning_rate):
+        state = self.tx.init(params)
+        return optax.tree_utils.tree_set(state, learning_rate=learning_rate)
 
     @staticmethod
     def learning_rates(opt_state) -> jax.Array:
@@ -809,6 +813,16 @@ class PopulationTrainer:
         count = self._count(params)
         placed = self._place((params, opt_state, jnp.asarray(order)), count)
         return self._take(self._epoch_jit(*placed[:2], self._shared(data), placed[2]), count)
+
+
+def _pad_members(tree, pad: int):
+    """Every leaf's leading (member) axis extended by ``pad`` copies of the last member."""
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), tree)
+
+
+def _first_members(tree, count: int):
+    """Every leaf's first ``count`` members."""
+    return jax.tree.map(lambda a: a[:count], tree)
 
 
 # -------------------------------------------------------------- the noisy quadratic model

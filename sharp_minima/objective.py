@@ -307,7 +307,9 @@ class Objective:
         one_batch = None
         if batches is not None:
             nb = num_batches(batches)
-            one_batch = jax.tree.map(lambda x: x[0], batches)
+            one_batch = jax.tree.map(  # its shapes: the checks below are abstract
+                lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), batches
+            )
             _warn_if_examples_as_batches(nb, one_batch)
         signature = _signature((params, one_batch))
         if signature not in self._checked:

@@ -58,9 +58,14 @@ def ordered_indices(num_examples: int, batch_size: int = 0):
 
 def stack_batches(x, y, indices, mask=None) -> dict:
     """The batches ``{"x": x[indices], "y": y[indices]}`` (plus ``"mask"``) with a leading
-    batches axis, gathered on device: the one way examples become the stacked batches of
-    `sharp_minima.hessian` and the other measurements."""
-    out = {"x": jnp.asarray(x)[indices], "y": jnp.asarray(y)[indices]}
+    batches axis (gathered on the host from host arrays, on the device from device
+    arrays): the one way examples become the stacked batches of `sharp_minima.hessian` and
+    the other measurements."""
+
+    def take(a):
+        return jnp.asarray(a[indices] if isinstance(a, np.ndarray) else jnp.asarray(a)[indices])
+
+    out = {"x": take(x), "y": take(y)}
     if mask is not None:
         out["mask"] = jnp.asarray(mask)
     return out
