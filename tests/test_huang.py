@@ -174,7 +174,29 @@ def test_study_tiny_end_to_end(tiny_study):
         "linear (inputs + pairwise products)",
         "linear (inputs only)",
     }
+    rows = secs["optimizers"]["rows"]
+    assert all(isinstance(rows[k]["fitted"], bool) and rows[k]["epochs"] >= 1 for k in rows)
     assert json.load(open(tmp_path / "results.json"))["claims"] == results["claims"]
+
+
+def test_the_optimizer_table_takes_a_rate_that_fits_and_marks_a_grid_edge():
+    from sharp_minima.studies.visualize_generalization.optimizers import _best_on_validation
+
+    tried = {  # the best validation accuracy is a run that did not fit the training set
+        "lr0.1": {"learning_rate": 0.1, "val_accuracy": 0.50, "fitted": True},
+        "lr0.3": {"learning_rate": 0.3, "val_accuracy": 0.55, "fitted": True},
+        "lr1": {"learning_rate": 1.0, "val_accuracy": 0.60, "fitted": False},
+        "lr3": {"learning_rate": 3.0, "diverged": True},
+    }
+    best = _best_on_validation(tried)
+    assert best["learning_rate"] == 0.3 and best["grid_edge"] is None
+    assert best["tried"] == {"lr0.1": 0.50, "lr0.3": 0.55, "lr1": 0.60, "lr3": None}
+    baseline = _best_on_validation(tried, prefer_fit=False)  # the linear model: fit or not
+    assert baseline["learning_rate"] == 1.0 and baseline["grid_edge"] is None
+    unfit = {k: {**r, "fitted": False} for k, r in tried.items()}  # none fit: the best of all
+    assert _best_on_validation(unfit)["learning_rate"] == 1.0
+    tried["lr0.1"]["val_accuracy"] = 0.58
+    assert _best_on_validation(tried)["grid_edge"] == "bottom"
 
 
 def test_svhn_config_with_extra_split_under_mock_data(tmp_path):

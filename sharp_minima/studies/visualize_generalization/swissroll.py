@@ -344,10 +344,8 @@ def report(config, res) -> list:
     lines = [
         f"Data: {s['data_note']}. Model {config.model.name} {dict(config.model.kwargs)}, "
         f"{config.optim.name} lr {config.optim.learning_rate:g}, gradient clipping "
-        f"{config.optim.grad_clip_norm:g}, trained to a fit (training accuracy ≥ "
-        f"{100 * config.fit.accuracy:g} % and loss < {c:g} at an evaluation every "
-        f"{train.plural(config.eval_every_epochs, 'epoch')}; cap "
-        f"{config.num_epochs} epochs), poisoning "
+        f"{config.optim.grad_clip_norm:g}, "
+        f"{training.fit_phrase(config, config.eval_every_epochs, config.num_epochs)}, poisoning "
         f"{config.poison.kind} with |D_d| = {config.poison.num_points}, "
         f"{train.plural(config.poison.seeds, 'run')} per β. Basin: training loss "
         f"(evaluation mode) below {c:g} along {v.num_directions} unit directions in all "

@@ -108,6 +108,16 @@ def fit_targets(config) -> tuple[str, ...]:
     )
 
 
+def fit_phrase(config, every: int, cap: int) -> str:
+    """How a run trains to a fit, for a report: the `fit_targets`, how often they are
+    checked, and the cap."""
+    return (
+        f"trained to a fit (training accuracy ≥ {100 * config.fit.accuracy:g} % and loss < "
+        f"{config.volume.cutoffs[0]:g} at an evaluation every {train.plural(every, 'epoch')}; "
+        f"cap {cap} epochs)"
+    )
+
+
 def fitted(cfg, result) -> bool:
     """Whether a run met its fit targets at its last evaluation (False at the cap)."""
     return train.targets_met(cfg, result.final)
