@@ -58,7 +58,7 @@ def test_sgd_noise_tiny_end_to_end(tiny_study):
         by_ratio.setdefault(p["ratio"], set()).add(round(p["sde_time"], 6))
     assert all(len(v) == 1 for v in by_ratio.values())
     # 5: the simulations' closed-form checks hold even at the tiny scale.
-    # (200 runs cannot show a 5 % equivalence: the tiny scale can only fail to contradict)
+    # (64 runs cannot show a 5 % equivalence: the tiny scale can only fail to contradict)
     for head in ("[5] the stationary spread", "[5] the noisy quadratic"):
         assert claims[next(c for c in claims if c.startswith(head))] in ("yes", "within noise")
     # The spread's closed form is 2T/(2 − ηh) (h = 1) with T the temperature ησ²(1 − B/N)/(2B)
@@ -195,7 +195,7 @@ def test_a_changed_config_is_refused_in_one_line_and_the_workdir_left_alone(tiny
     )
     assert out.returncode == 2, out.stderr[-2000:]
     (line,) = out.stderr.strip().splitlines()
-    assert "sgd_noise.sde.runs: 200 → 300" in line and "--extend" in line
+    assert "sgd_noise.sde.runs: 64 → 300" in line and "--extend" in line
     assert _snapshot(workdir) == before
     # A field the study does not read is not in its config.
     out = run_experiment(
