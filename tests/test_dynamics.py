@@ -291,3 +291,21 @@ def test_a_population_shards_its_members_over_the_devices_and_pads_a_count_they_
             assert losses.shape == (members, 3) and p["w1"].shape == (members, 4, 8)
     for a, b in zip(jax.tree.leaves(out["one"]), jax.tree.leaves(out["all"])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_members_on_a_device_outside_the_mesh_are_padded_onto_it():
+    """3 members committed to device 3, a trainer on devices 0 and 1 (padded to 4): the
+    numbers of a trainer on one device, the results on the trainer's mesh."""
+    loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)  # noqa: E731
+    params = jax.device_put(jnp.zeros((3, 2)), jax.devices()[3])
+    batch = {"x": np.ones((3, 4, 2), np.float32), "y": np.ones((3, 4), np.float32)}
+    lrs = np.array([0.0, 0.1, 0.2], np.float32)
+    got = {}
+    for name, devices in (("mesh", jax.devices()[:2]), ("one", jax.devices()[:1])):
+        trainer = dynamics.PopulationTrainer(loss, optax.sgd, devices=devices)
+        p, _, losses = trainer.step(params, trainer.init(params, learning_rates=lrs), batch)
+        got[name] = (np.asarray(p), np.asarray(losses))
+        assert p.devices() <= set(devices)
+    np.testing.assert_allclose(got["mesh"][0][:, 0], [0.0, 0.2, 0.4], rtol=1e-6)  # 2η
+    for a, b in zip(got["mesh"], got["one"]):
+        np.testing.assert_array_equal(a, b)
