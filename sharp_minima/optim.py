@@ -362,6 +362,10 @@ def sam(
       `sharp_minima.per_example.group_ascent` when the trainer passes it as
       ``group_ascent(scale_fn) -> (value, gradient)`` (SAM only: ASAM's ascent is not low
       rank).
+    - Diagnostics: ``diagnose=`` (an extra argument, a traced bool) computes ‖g‖ and cos(g,
+      g_SAM) only where it is true (0 elsewhere). The trainer's m-sharpness step passes its
+      log steps: there g, the mean of the groups' clean gradients, is not needed by the step
+      and is formed on log steps only (a third of a gradient's products).
 
     Weight decay: inside the loss it is part of g and of the perturbed gradient (the official
     code); decoupled, chain ``optax.add_decayed_weights`` after `sam` (``optim.decoupled``).
@@ -438,13 +442,22 @@ def sam(
             adv_value, adv = tu.mean_over_leading_axis((values, stacked))
         adv = jax.tree.map(lambda a, u: a.astype(u.dtype), adv, updates)
         clean = value_fn(params) if value is None else value
-        g_norm, a_norm = norm(updates), norm(adv)
-        metrics = {
-            "sharpness": wide(adv_value) - wide(clean),
-            "grad_norm": g_norm,
-            "cos": tu.dot(*(jax.tree.map(wide, t) for t in (updates, adv)))
-            / (g_norm * a_norm + eps),
-        }
+
+        def diagnostics():
+            g_norm, a_norm = norm(updates), norm(adv)
+            cos = tu.dot(*(jax.tree.map(wide, t) for t in (updates, adv)))
+            return g_norm, cos / (g_norm * a_norm + eps)
+
+        if extra.get("diagnose") is None:
+            g_norm, cos = diagnostics()
+        else:  # the trainer's m-sharpness step forms g on its log steps only
+            shapes = jax.eval_shape(diagnostics)
+            g_norm, cos = jax.lax.cond(
+                extra["diagnose"],
+                diagnostics,
+                lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in shapes),
+            )
+        metrics = {"sharpness": wide(adv_value) - wide(clean), "grad_norm": g_norm, "cos": cos}
         return adv, SamState({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -28,7 +28,8 @@ leaf's route.
 
 Examples must not interact (no BatchNorm in training mode), as for any per-example gradient.
 
-The same reading serves SAM's m-sharpness (`group_layers`, `group_clean`, `group_ascent`):
+The same reading serves SAM's m-sharpness (`group_layers`, `group_clean`, `group_ascent`,
+`group_mean`):
 with a group of m examples as the "example" (its examples may interact), a group's
 gradient of a dense layer is X_kᵀΔ_k, so its ascent point's layer output
 x(W + s_k X_kᵀΔ_k) = xW + s_k (x X_kᵀ) Δ_k shares the product with W across the groups and
@@ -63,6 +64,7 @@ __all__ = [
     "group_layers",
     "group_clean",
     "group_gradients",
+    "group_mean",
     "group_ascent",
 ]
 
@@ -691,14 +693,12 @@ class GroupClean(NamedTuple):
 
     Attributes:
       outputs: the objective's outputs per group (the objective first), stacked on axis 0.
-      mean: each leaf's gradient of the groups' mean objective.
       sq: ``(G,)`` each group's squared gradient norm ‖g_k‖² (float32 at least).
-      state: what `group_ascent` and `group_gradients` read (layer inputs, output cotangents,
-        the formed leaves' group gradients).
+      state: what `group_ascent`, `group_mean` and `group_gradients` read (layer inputs,
+        output cotangents, the formed leaves' group gradients).
     """
 
     outputs: list
-    mean: list
     sq: Any
     state: tuple
 
@@ -757,9 +757,10 @@ def _group_parts(layers):
 
 
 def group_clean(layers: GroupLayers, leaves, groups) -> GroupClean:
-    """The clean pass of G groups: each group's outputs, the gradient of their mean, and
-    each group's squared gradient norm from its layers (one backward pass; no group's
-    gradient is formed). Call inside a trace.
+    """The clean pass of G groups: each group's outputs and squared gradient norm, from its
+    layers' inputs and output cotangents (one backward pass that stops at the layers'
+    outputs: no weight gradient is formed, neither a group's nor their mean, `group_mean`).
+    Call inside a trace.
 
     Args:
       layers: from `group_layers`.
@@ -773,11 +774,11 @@ def group_clean(layers: GroupLayers, leaves, groups) -> GroupClean:
     G = jax.tree.leaves(groups)[0].shape[0]
     zeros = _zero_probes(prog, dense, formed, (), leaves, G)
 
-    def total(L, z):  # the groups' mean objective; the probes' gradients are δ_k / G
-        outs, cap = _evaluate(prog, L, groups, z, param_pos)
+    def total(z):  # the groups' mean objective; the probes' gradients are δ_k / G
+        outs, cap = _evaluate(prog, list(leaves), groups, z, param_pos)
         return jnp.mean(outs[0]), (outs, cap)
 
-    (mean, grads), (outs, cap) = jax.grad(total, argnums=(0, 1), has_aux=True)(list(leaves), zeros)
+    grads, (outs, cap) = jax.grad(total, has_aux=True)(zeros)
     deltas = {n: G * grads["y"][n] for n in dense}
     xs = {n: cap[n][1 - param_pos[n]] for n in dense}
     formed_g = {j: G * grads["p"][j] for j in formed}
@@ -793,7 +794,41 @@ def group_clean(layers: GroupLayers, leaves, groups) -> GroupClean:
         )
     for g in formed_g.values():
         sq = sq + jnp.sum(wide(g).reshape(G, -1) ** 2, axis=1)
-    return GroupClean(outs, mean, sq, (xs, deltas, formed_g, cap))
+    return GroupClean(outs, sq, (xs, deltas, formed_g, cap))
+
+
+def group_mean(layers: GroupLayers, leaves, clean: GroupClean) -> list:
+    """Each leaf's gradient of the groups' mean objective (the clean mini-batch gradient, the
+    mean of the groups' gradients), from the clean pass: a dense layer's is one product over
+    the whole batch (the weight products a backward pass would have done), a formed leaf's
+    the mean of its group gradients. SAM's step does not need it (each group ascends along
+    its own gradient); its ‖g‖ and cos(g, g_SAM) diagnostics do. Call inside a trace.
+
+    Args:
+      layers: from `group_layers`.
+      leaves: the parameter leaves.
+      clean: from `group_clean`.
+
+    Returns:
+      A list like ``leaves``.
+    """
+    prog, sites, dense, formed, param_pos = _group_parts(layers)
+    xs, deltas, formed_g, cap = clean.state
+    G = next(iter(deltas.values())).shape[0]
+    out = [None] * len(leaves)
+    for n, j in dense.items():
+        s = sites[j]
+
+        def layer(q, s=s, n=n):  # the op over all groups at once, the leaf shared
+            vals = list(cap[n])
+            vals[s.param_pos] = _chain(prog, s, q)
+            mapped = [k != s.param_pos for k in range(len(vals))]
+            return _bind_mapped(prog.ops[n], vals, mapped)[0]
+
+        out[j] = jax.vjp(layer, leaves[j])[1](deltas[n] / G)[0]
+    for j in formed:
+        out[j] = jnp.mean(formed_g[j], axis=0)
+    return out
 
 
 def group_gradients(layers: GroupLayers, leaves, clean: GroupClean) -> list:

@@ -429,6 +429,21 @@ def test_a_sam_step_of_the_trainer_takes_two_gradients_and_the_clean_passs_batch
         want = jax.tree.map(lambda w, *g: w - 0.1 * np.mean(g, 0), state.params, *grads)
         for a, b in zip(jax.tree.leaves(out[name][0].params), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # SAM's ‖g‖ (g: the groups' mean clean gradient) is formed on log steps only: off one
+    # (log_every=2, step 1) the same step moves the parameters alike and reports 0.
+    clean = [
+        jax.grad(lambda p, i=i: base(p, state.batch_stats, jax.tree.map(lambda a: a[i], split),
+                                     keys[i])[0])(state.params)
+        for i in range(4)
+    ]  # fmt: skip
+    mean = jax.tree.map(lambda *g: np.mean(g, 0), *clean)
+    np.testing.assert_allclose(out["m=4"][1]["sam/grad_norm"], tree_util.norm(mean), rtol=1e-5)
+    state = train.steps.fresh_copy(start.replace(opt_state=sam.init(start.params)))
+    off, metrics = train.make_train_step(base, sam, run.mesh, groups=4, log_every=2)(state, batch)
+    assert float(metrics["sam/grad_norm"]) == float(metrics["sam/cos"]) == 0.0
+    assert float(metrics["minibatch/grad_norm"]) == 0.0
+    for a, b in zip(jax.tree.leaves(off.params), jax.tree.leaves(out["m=4"][0].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_sam_diverges_just_above_its_stability_threshold_and_settles_just_below():

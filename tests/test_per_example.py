@@ -244,11 +244,11 @@ class GroupModel(nn.Module):
 
 
 def test_sam_groups_by_layers_equal_a_loop_over_groups():
-    """`group_clean`, `group_ascent` and `group_gradients` against a Python loop over G
-    groups of a model whose examples interact within a group: each group's squared gradient
-    norm, the mean clean gradient, each group's gradient, and SAM's m-sharpness gradient
-    (each group perturbed by ρ g_k/‖g_k‖) and values, to 1e-10 in float64. A convolution or
-    a weight-decay term takes the general path (None)."""
+    """`group_clean`, `group_ascent`, `group_mean` and `group_gradients` against a Python
+    loop over G groups of a model whose examples interact within a group: each group's
+    squared gradient norm, the mean clean gradient, each group's gradient, and SAM's
+    m-sharpness gradient (each group perturbed by ρ g_k/‖g_k‖) and values, to 1e-10 in
+    float64. A convolution or a weight-decay term takes the general path (None)."""
     from sharp_minima import per_example as pe
 
     model, G, m, rho = GroupModel(), 4, 5, 0.3
@@ -274,9 +274,10 @@ def test_sam_groups_by_layers_equal_a_loop_over_groups():
         def fast(ls, groups):
             clean = pe.group_clean(layers, ls, groups)
             outs, mean = pe.group_ascent(layers, ls, groups, clean, rho / jnp.sqrt(clean.sq))
-            return clean, outs[0], mean, pe.group_gradients(layers, ls, clean)
+            each = pe.group_gradients(layers, ls, clean)
+            return clean, outs[0], mean, each, pe.group_mean(layers, ls, clean)
 
-        clean, values, ascent, each = fast(leaves, data)
+        clean, values, ascent, each, clean_mean = fast(leaves, data)
 
         def objective(ls, k):
             return f(ls, jax.tree.map(lambda a: a[k], data))[0]
@@ -297,7 +298,7 @@ def test_sam_groups_by_layers_equal_a_loop_over_groups():
         close(clean.sq, [sum(jnp.vdot(a, a) for a in g) for g in grads])
         close(values, want_values)
         for j in range(len(leaves)):
-            close(clean.mean[j], np.mean([g[j] for g in grads], 0))
+            close(clean_mean[j], np.mean([g[j] for g in grads], 0))
             close(each[j], np.stack([g[j] for g in grads]))
             close(ascent[j], np.mean([g[j] for g in at_point], 0))
         # Each group's BatchNorm statistics come out with its objective.

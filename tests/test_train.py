@@ -351,6 +351,17 @@ def test_metrics_buffer_averages_and_names_the_first_nonfinite_step():
         train.NonFiniteError, match=r"at step 4 \(epoch 1\); last checkpoint: step 2"
     ):
         buf.flush(5, 2, 2)
+    # With m-sharpness SAM's ‖g‖ and cos are log-step values too; a record ending off a log
+    # step (a run's end) has none.
+    buf = train.MetricsBuffer(4, 2, sampled=train.log_step_metrics(groups=4))
+    for s in (1, 2, 3):
+        buf.add(s, {"minibatch/objective": jnp.float32(1), "minibatch/grad_norm": jnp.float32(s),
+                    "sam/grad_norm": jnp.float32(s), "sam/cos": jnp.float32(s / 4),
+                    "sam/sharpness": jnp.float32(s)})  # fmt: skip
+        if s == 2:
+            rec = buf.flush(2, 1, None)
+    assert (rec["sam/grad_norm"], rec["sam/cos"], rec["sam/sharpness"]) == (2.0, 0.5, 1.5)
+    assert not {"sam/grad_norm", "sam/cos", "minibatch/grad_norm"} & set(buf.flush(3, 1, None))
 
 
 def test_checkpointer_keeps_last_and_best_and_restore_or_init_resumes(tmp_path):

@@ -16,8 +16,8 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
 - `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
   `classification_loss` (the default `TrainLoss`; any research loss
   ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
-  `make_train_step` (SAM's m-sharpness groups: ``groups=``), `make_eval_step`, `init_state`,
-  `initial_params`.
+  `make_train_step` (SAM's m-sharpness groups: ``groups=``), `log_step_metrics` (what the
+  step measures on log steps only), `make_eval_step`, `init_state`, `initial_params`.
 - `evaluation` — `Evaluator`, `make_evaluators`, `evaluate`: loss and accuracy in evaluation
   mode, one compiled step per example set.
 - `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
@@ -76,6 +76,7 @@ _MODULES = {
         "TrainLoss",
         "classification_loss",
         "make_train_step",
+        "log_step_metrics",
         "make_eval_step",
         "make_get_batch",
         "init_state",

@@ -43,6 +43,7 @@ from sharp_minima.train.steps import (
     TrainState,
     classification_loss,
     fresh_copy,
+    log_step_metrics,
     make_get_batch,
     make_train_step,
     replicate,
@@ -251,7 +252,11 @@ class _Loop:
     aug_key: jax.Array
 
     def __post_init__(self):
-        self.buffer = MetricsBuffer(self.steps_per_epoch, self.config.log_every_steps)
+        self.buffer = MetricsBuffer(
+            self.steps_per_epoch,
+            self.config.log_every_steps,
+            sampled=log_step_metrics(sam_groups(self.config)),
+        )
         self.get_batch = make_get_batch(self.mesh, self.config.data.augment)
         self.x_train = replicate(self.data.x_train, self.mesh)
         self.y_train = replicate(self.data.y_train, self.mesh)

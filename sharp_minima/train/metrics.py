@@ -34,11 +34,15 @@ class MetricsBuffer:
     Args:
       steps_per_epoch: for the epoch named in errors.
       log_every: steps between log records.
+      sampled: metrics the step computes on its log steps only (0 elsewhere,
+        `sharp_minima.train.log_step_metrics`): a record holds their log step's value, and
+        none when it ends elsewhere (the end of a run).
     """
 
-    def __init__(self, steps_per_epoch: int, log_every: int):
+    def __init__(self, steps_per_epoch: int, log_every: int, sampled=("minibatch/grad_norm",)):
         self.pending: list[tuple[int, dict]] = []
         self.steps_per_epoch, self.log_every = steps_per_epoch, log_every
+        self.sampled = tuple(sampled)
 
     def add(self, step: int, metrics: dict) -> None:
         """Keeps one step's metrics (device arrays) until the next `flush`.
@@ -109,9 +113,10 @@ class MetricsBuffer:
                     step=s,
                 )
         avg = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        avg.pop("minibatch/grad_norm")  # measured on log steps only (see make_train_step)
-        if step % self.log_every == 0:
-            avg["minibatch/grad_norm"] = float(fetched[-1]["minibatch/grad_norm"])
+        for k in self.sampled:  # measured on log steps only (see make_train_step)
+            avg.pop(k, None)
+            if step % self.log_every == 0 and k in fetched[-1]:
+                avg[k] = float(fetched[-1][k])
         self.pending.clear()
         return {"step": step, "epoch": epoch, **avg}
 

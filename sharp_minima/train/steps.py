@@ -160,6 +160,21 @@ def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
 MINIBATCH = "minibatch/"  # prefix of the running metrics of the training steps
 
 
+def log_step_metrics(groups: int = 1) -> tuple[str, ...]:
+    """The metrics `make_train_step` computes on its log steps only (0 on the others), so
+    that a log record holds the log step's value, not the interval's mean
+    (`sharp_minima.train.MetricsBuffer`): ``minibatch/grad_norm``, and with SAM's
+    m-sharpness (``groups`` > 1) ``sam/grad_norm`` and ``sam/cos``.
+
+    Args:
+      groups: the step's m-sharpness groups.
+
+    Returns:
+      The metrics' names.
+    """
+    return (f"{MINIBATCH}grad_norm",) + (("sam/grad_norm", "sam/cos") if groups > 1 else ())
+
+
 def _group_layers(loss_fn, state, split, keys):
     """``(layers, leaves, treedef)``: the m-sharpness groups' layer plan
     (`sharp_minima.per_example.group_layers`; None where it does not apply) and the
@@ -221,6 +236,8 @@ def make_train_step(
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        on_log_step = (state.step + 1) % log_every == 0
+        sam_present = optax.tree_utils.tree_get(state.opt_state, "sam_metrics") is not None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         extra = {}
         if groups > 1:  # m-sharpness: the clean pass group by group
@@ -240,7 +257,21 @@ def make_train_step(
             else:  # by layers (`sharp_minima.per_example.group_ascent`)
                 clean = per_example.group_clean(layers, leaves, (split, keys))
                 objective, aux = jax.tree.unflatten(layers.out_tree, clean.outputs)
-                grads = jax.tree.map(lambda g: g[None], jax.tree.unflatten(treedef, clean.mean))
+
+                def clean_mean(clean=clean, layers=layers):
+                    return jax.tree.unflatten(
+                        treedef, per_example.group_mean(layers, leaves, clean)
+                    )
+
+                if sam_present:  # SAM reads g for its diagnostics alone: on log steps
+                    grads = jax.lax.cond(
+                        on_log_step,
+                        clean_mean,
+                        lambda: jax.tree.map(jnp.zeros_like, state.params),
+                    )
+                else:
+                    grads = clean_mean()
+                grads = jax.tree.map(lambda g: g[None], grads)
 
                 def group_ascent(scale_fn, clean=clean, layers=layers):
                     scale = scale_fn(jnp.sqrt(clean.sq))
@@ -255,6 +286,7 @@ def make_train_step(
                     "group_ascent": group_ascent,
                 }
             extra["group_value_fn"] = group_value_fn
+            extra["diagnose"] = on_log_step
             objective, aux, grads = tu.mean_over_leading_axis((objective, dict(aux), grads))
         else:
             (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
@@ -274,7 +306,6 @@ def make_train_step(
             **extra,
         )
         params = optax.apply_updates(state.params, updates)
-        on_log_step = (state.step + 1) % log_every == 0
         grad_norm = jax.lax.cond(
             on_log_step, optax.tree.norm, lambda g: jnp.zeros((), jnp.float32), grads
         )
