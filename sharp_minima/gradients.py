@@ -568,7 +568,7 @@ class GradientNoise:
             n_leaves = len(leaves)
             plan = None
             if self.method == "layers":
-                plan = per_example.plan(f, leaves, jax.tree.map(lambda a: a[0, 0], batches))
+                plan = per_example.plan(f, leaves, per_example.example_of(batches))
             layers = plan is not None and set(plan.routes) != {"chunked"}
             if layers:  # not when the jaxpr could not be read, nor when nothing qualifies
                 sq, dot, mean = per_example.moments(f, plan, leaves, batches, pi, chunk=self.chunk)

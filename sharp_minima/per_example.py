@@ -320,6 +320,13 @@ def _single(fn):
     return lambda leaves, ex: fn(leaves, jax.tree.map(lambda a: a[None], ex))
 
 
+def example_of(batches):
+    """One example of stacked batches (``(nb, B, ...)`` leaves): what `plan` and `moments`
+    trace, so that both read one program. A slice, not a `jax.ShapeDtypeStruct`: tracing
+    canonicalises a struct's dtype (int64 → int32 with x64 off) but not an array's."""
+    return jax.tree.map(lambda a: a[0, 0], batches)
+
+
 def plan(fn, leaves, example) -> Plan:
     """Each leaf's route for the mean loss ``fn(leaves, batch)``.
 
@@ -573,8 +580,7 @@ def moments(fn, plan_, leaves, batches, pi, *, chunk: int):
     Returns:
       ``(sq, dot, mean)``.
     """
-    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), batches)
-    prog = _program(_single(fn), leaves, example)
+    prog = _program(_single(fn), leaves, example_of(batches))
     routes, sites, scalars, biases = plan_
     site_ops = {s.op: j for j, s in enumerate(sites) if s is not None}
     bias_of = {j: (site, n) for j, site, n in biases}  # gᵢ: the dense op's δᵢ, chained back

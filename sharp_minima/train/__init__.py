@@ -11,13 +11,14 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
 - `optimizer` — `make_optimizer`, `learning_rate_schedule` (sgd, momentum, nesterov, adam,
   adamw, rmsprop, adagrad; constant, step, cosine, warm-up with the linear scaling rule of
   Goyal et al. 2017, reduce-on-plateau), `resolve_optimizer` (the config's or your own) and
-  `epoch_schedule` (a population member's rate or batch size by epoch), `sam_groups` (the
-  m-sharpness groups of ``config.sam``).
+  `epoch_schedule` (a population member's rate or batch size by epoch).
+- `groups` — SAM's m-sharpness groups: `sam_groups` (G, from ``config.sam``), `group_pass`
+  (the train step's clean pass over the groups, by layers where it applies).
 - `steps` — `make_mesh`, `replicate` (data parallel over devices), `TrainState`,
   `classification_loss` (the default `TrainLoss`; any research loss
   ``(params, model_state, batch, key) -> (objective, aux)`` can be passed to `train`),
-  `make_train_step` (SAM's m-sharpness groups: ``groups=``), `log_step_metrics` (what the
-  step measures on log steps only), `make_eval_step`, `init_state`, `initial_params`.
+  `make_train_step` (SAM's m-sharpness groups: ``groups=``), `make_eval_step`, `init_state`,
+  `initial_params`.
 - `evaluation` — `Evaluator`, `make_evaluators`, `evaluate`: loss and accuracy in evaluation
   mode, one compiled step per example set.
 - `hooks` — `Hook`, `HookResult`, `LoopContext`, `ValidationPlateau`, `StopTraining`: a
@@ -26,7 +27,8 @@ after its concept (imported on first use, so ``import sharp_minima.train.hooks``
 - `stopping` — `should_stop_early` (patience, or `targets_met`: training to a fit),
   `parse_target`.
 - `console` — `Progress` (the progress line), `plural`, `fmt_time`.
-- `metrics` — `MetricsBuffer` (per-step metrics, checked for NaN/Inf: `NonFiniteError`),
+- `metrics` — `MetricsBuffer` (per-step metrics, checked for NaN/Inf: `NonFiniteError`;
+  `log_step_metrics`: those the step measures on log steps only),
   `MetricsLog`, `MetricWriters` (metrics.jsonl, and TensorBoard with ``config.tensorboard``).
 - `checkpoint` — `Checkpointer` (last + best), `restore_or_init`, `check_resumable`.
 - `loop` — `train`, `TrainResult`, `Interrupted`.
@@ -66,8 +68,8 @@ _MODULES = {
         "epoch_schedule",
         "make_optimizer",
         "resolve_optimizer",
-        "sam_groups",
     ),
+    "groups": ("sam_groups", "group_pass"),
     "steps": (
         "make_mesh",
         "serialize_collectives",
@@ -76,7 +78,6 @@ _MODULES = {
         "TrainLoss",
         "classification_loss",
         "make_train_step",
-        "log_step_metrics",
         "make_eval_step",
         "make_get_batch",
         "init_state",
@@ -95,7 +96,14 @@ _MODULES = {
     ),
     "stopping": ("should_stop_early", "parse_target", "targets_met"),
     "console": ("Progress", "plural", "fmt_time"),
-    "metrics": ("NonFiniteError", "MetricsBuffer", "MetricsLog", "MetricWriters", "TensorBoardLog"),
+    "metrics": (
+        "NonFiniteError",
+        "MetricsBuffer",
+        "log_step_metrics",
+        "MetricsLog",
+        "MetricWriters",
+        "TensorBoardLog",
+    ),
     "checkpoint": (
         "CheckpointError",
         "Checkpointer",

@@ -26,6 +26,7 @@ from sharp_minima.train.checkpoint import Checkpointer, check_resumable, restore
 from sharp_minima.train.config import Setup, config_dict, run_keys, setup
 from sharp_minima.train.console import Progress, deferred_interrupt, on_console, plural
 from sharp_minima.train.evaluation import Evaluator, evaluate, make_evaluators
+from sharp_minima.train.groups import sam_groups
 from sharp_minima.train.hooks import (
     Hook,
     LoopContext,
@@ -36,14 +37,13 @@ from sharp_minima.train.hooks import (
     load_hook_state,
     run_hooks,
 )
-from sharp_minima.train.metrics import MetricsBuffer, MetricWriters
-from sharp_minima.train.optimizer import resolve_optimizer, sam_groups
+from sharp_minima.train.metrics import MetricsBuffer, MetricWriters, log_step_metrics
+from sharp_minima.train.optimizer import resolve_optimizer
 from sharp_minima.train.steps import (
     TrainLoss,
     TrainState,
     classification_loss,
     fresh_copy,
-    log_step_metrics,
     make_get_batch,
     make_train_step,
     replicate,
@@ -252,11 +252,8 @@ class _Loop:
     aug_key: jax.Array
 
     def __post_init__(self):
-        self.buffer = MetricsBuffer(
-            self.steps_per_epoch,
-            self.config.log_every_steps,
-            sampled=log_step_metrics(sam_groups(self.config)),
-        )
+        sampled = log_step_metrics(sam_groups(self.config))  # measured on log steps alone
+        self.buffer = MetricsBuffer(self.steps_per_epoch, self.config.log_every_steps, sampled)
         self.get_batch = make_get_batch(self.mesh, self.config.data.augment)
         self.x_train = replicate(self.data.x_train, self.mesh)
         self.y_train = replicate(self.data.y_train, self.mesh)

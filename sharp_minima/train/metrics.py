@@ -28,6 +28,21 @@ class NonFiniteError(FloatingPointError):
         self.step = step
 
 
+def log_step_metrics(groups: int = 1) -> tuple[str, ...]:
+    """The metrics `make_train_step` computes on its log steps only (0 on the others), so
+    that a log record holds the log step's value, not the interval's mean
+    (`sharp_minima.train.MetricsBuffer`): ``minibatch/grad_norm``, and with SAM's
+    m-sharpness (``groups`` > 1) ``sam/grad_norm`` and ``sam/cos``.
+
+    Args:
+      groups: the step's m-sharpness groups.
+
+    Returns:
+      The metrics' names.
+    """
+    return ("minibatch/grad_norm",) + (("sam/grad_norm", "sam/cos") if groups > 1 else ())
+
+
 class MetricsBuffer:
     """Per-step metrics kept on device until a log step; then fetched, checked and averaged.
 

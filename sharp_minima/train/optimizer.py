@@ -171,22 +171,6 @@ def make_optimizer(config, steps_per_epoch: int):
     return tx, lr_fn
 
 
-def sam_groups(config) -> int:
-    """G, the number of m-sharpness groups of a batch (``batch_size / config.sam.group_size``;
-    1 without SAM or with ``group_size = 0``, the whole batch).
-
-    Args:
-      config: the run's config.
-
-    Returns:
-      G ≥ 1.
-    """
-    sam = config.get("sam")
-    if sam is None or not sam.rho or not sam.group_size:
-        return 1
-    return config.batch_size // sam.group_size
-
-
 def resolve_optimizer(config, steps_per_epoch: int, tx):
     """``(tx, lr_fn)``: the config's optimizer, or the injected ``tx`` (whose learning rate is
     logged when it carries an ``inject_hyperparams`` ``learning_rate``).

@@ -28,9 +28,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharp_minima import data as data_lib
-from sharp_minima import losses, per_example
-from sharp_minima import tree_util as tu
+from sharp_minima import losses
 from sharp_minima.train.config import ConfigError, run_keys
+from sharp_minima.train.groups import group_pass
 
 # A training loss: ``loss(params, model_state, batch, key) -> (objective, aux)``; ``aux`` is a
 # dict whose ``"model_state"`` entry (if any) replaces the BatchNorm statistics and whose other
@@ -160,35 +160,6 @@ def classification_loss(model, weight_decay: float = 0.0) -> TrainLoss:
 MINIBATCH = "minibatch/"  # prefix of the running metrics of the training steps
 
 
-def log_step_metrics(groups: int = 1) -> tuple[str, ...]:
-    """The metrics `make_train_step` computes on its log steps only (0 on the others), so
-    that a log record holds the log step's value, not the interval's mean
-    (`sharp_minima.train.MetricsBuffer`): ``minibatch/grad_norm``, and with SAM's
-    m-sharpness (``groups`` > 1) ``sam/grad_norm`` and ``sam/cos``.
-
-    Args:
-      groups: the step's m-sharpness groups.
-
-    Returns:
-      The metrics' names.
-    """
-    return (f"{MINIBATCH}grad_norm",) + (("sam/grad_norm", "sam/cos") if groups > 1 else ())
-
-
-def _group_layers(loss_fn, state, split, keys):
-    """``(layers, leaves, treedef)``: the m-sharpness groups' layer plan
-    (`sharp_minima.per_example.group_layers`; None where it does not apply) and the
-    parameters' leaves."""
-    leaves, treedef = jax.tree.flatten(state.params)
-
-    def group_fn(ls, data):
-        group, k = data
-        return loss_fn(jax.tree.unflatten(treedef, ls), state.batch_stats, group, k)
-
-    first = jax.tree.map(lambda a: a[0], (split, keys))
-    return per_example.group_layers(group_fn, leaves, first), leaves, treedef
-
-
 def make_train_step(
     loss_fn: TrainLoss,
     tx: optax.GradientTransformation,
@@ -207,19 +178,21 @@ def make_train_step(
         mini-batch objective as a function of the parameters: ``optax.lbfgs``'s line search).
       mesh: the batch arrives sharded along its ``"data"`` axis; the state stays replicated.
       lr_fn: optional ``lr_fn(step, opt_state)`` logged as ``train/learning_rate``.
-      log_every: ``minibatch/grad_norm`` (one more pass over all gradients, ~10% of an F1 step on a
-        CPU) is computed only on steps that end a multiple of ``log_every`` (0 elsewhere).
+      log_every: the metrics of `sharp_minima.train.log_step_metrics` (``minibatch/grad_norm``:
+        one more pass over the gradient) are computed on steps ending a multiple of it alone.
       groups: G > 1 splits the batch into G groups of equal size for SAM's m-sharpness
         (`sharp_minima.optim.sam`): the clean pass is a vmap over the groups (BatchNorm
         normalises each group by its own statistics, as one device of a data-parallel run
         does; the running statistics are averaged), its gradient the groups' mean, and
-        ``tx.update`` also receives ``group_grads=`` (stacked on a leading axis) and
-        ``group_value_fn=`` (``(params, i) ->`` group i's objective). For a network of
-        dense layers and small leaves (`sharp_minima.per_example.group_layers`) the clean
-        pass runs by layers and ``tx.update`` also receives ``group_ascent(scale_fn) ->
-        (value, gradient)``: every group's perturbed pass at once, each group's move of a
-        dense layer in low rank (`sharp_minima.per_example.group_ascent`); the stacked
-        ``group_grads`` are then formed only if the transformation reads them.
+        ``tx.update`` also receives ``group_grads=`` (stacked on a leading axis),
+        ``group_value_fn=`` (``(params, i) ->`` group i's objective) and ``diagnose=`` (a log
+        step). For a network of dense layers and small leaves
+        (`sharp_minima.per_example.group_layers`) the clean pass runs by layers and
+        ``tx.update`` also receives ``group_ascent(scale_fn) -> (value, gradient)``: every
+        group's perturbed pass at once, each group's move of a dense layer in low rank
+        (`sharp_minima.per_example.group_ascent`); the stacked ``group_grads`` are then
+        formed only if the transformation reads them, and the mean gradient only on log
+        steps when ``tx`` holds a `sharp_minima.optim.sam` (`sharp_minima.train.group_pass`).
 
     Metrics are computed inside the step and stay on device until a log step: the step's own
     mini-batch values prefixed ``minibatch/`` (``objective``, the scalars of the loss's aux
@@ -237,58 +210,13 @@ def make_train_step(
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         on_log_step = (state.step + 1) % log_every == 0
-        sam_present = optax.tree_utils.tree_get(state.opt_state, "sam_metrics") is not None
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         extra = {}
         if groups > 1:  # m-sharpness: the clean pass group by group
-            split = jax.tree.map(lambda a: a.reshape((groups, -1) + a.shape[1:]), batch)
-            keys = jax.random.split(key, groups)
-
-            def group_value_fn(params, i):  # group i's objective
-                group = jax.tree.map(lambda a: a[i], split)
-                return loss_fn(params, state.batch_stats, group, keys[i])[0]
-
-            layers, leaves, treedef = _group_layers(loss_fn, state, split, keys)
-            if layers is None:  # the general path: a vmap over the groups
-                (objective, aux), grads = jax.vmap(grad_fn, (None, None, 0, 0))(
-                    state.params, state.batch_stats, split, keys
-                )
-                extra = {"group_grads": grads}
-            else:  # by layers (`sharp_minima.per_example.group_ascent`)
-                clean = per_example.group_clean(layers, leaves, (split, keys))
-                objective, aux = jax.tree.unflatten(layers.out_tree, clean.outputs)
-
-                def clean_mean(clean=clean, layers=layers):
-                    return jax.tree.unflatten(
-                        treedef, per_example.group_mean(layers, leaves, clean)
-                    )
-
-                if sam_present:  # SAM reads g for its diagnostics alone: on log steps
-                    grads = jax.lax.cond(
-                        on_log_step,
-                        clean_mean,
-                        lambda: jax.tree.map(jnp.zeros_like, state.params),
-                    )
-                else:
-                    grads = clean_mean()
-                grads = jax.tree.map(lambda g: g[None], grads)
-
-                def group_ascent(scale_fn, clean=clean, layers=layers):
-                    scale = scale_fn(jnp.sqrt(clean.sq))
-                    outs, mean = per_example.group_ascent(
-                        layers, leaves, (split, keys), clean, scale
-                    )
-                    return jnp.mean(outs[0]), jax.tree.unflatten(treedef, mean)
-
-                formed = per_example.group_gradients(layers, leaves, clean)  # unused by SAM
-                extra = {
-                    "group_grads": jax.tree.unflatten(treedef, formed),
-                    "group_ascent": group_ascent,
-                }
-            extra["group_value_fn"] = group_value_fn
-            extra["diagnose"] = on_log_step
-            objective, aux, grads = tu.mean_over_leading_axis((objective, dict(aux), grads))
+            objective, aux, grads, extra = group_pass(
+                loss_fn, state, batch, key, groups, on_log_step
+            )
         else:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (objective, aux), grads = grad_fn(state.params, state.batch_stats, batch, key)
         aux = dict(aux)
         stats = aux.pop("model_state", state.batch_stats)
