@@ -328,6 +328,31 @@ def asam_mask(params) -> Any:
     )
 
 
+def _wide(x):  # float32 at least: in float16 eps vanishes and a squared norm overflows
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _wide_norm(tree):
+    return tu.norm(jax.tree.map(_wide, tree))
+
+
+def _sam_diagnostics(g, adv, eps, diagnose=None):
+    """``(‖g‖, cos(g, adv))`` in float32 at least; with ``diagnose`` (a traced bool: the
+    trainer's m-sharpness step forms g on its log steps only) computed only where it is
+    true, ``(0, 0)`` elsewhere."""
+
+    def diagnostics():
+        g_norm, a_norm = _wide_norm(g), _wide_norm(adv)
+        cos = tu.dot(*(jax.tree.map(_wide, t) for t in (g, adv)))
+        return g_norm, cos / (g_norm * a_norm + eps)
+
+    if diagnose is None:
+        return diagnostics()
+    shapes = jax.eval_shape(diagnostics)
+    zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)
+    return jax.lax.cond(diagnose, diagnostics, lambda: zeros)
+
+
 def sam(
     rho: float = 0.05,
     *,
@@ -398,11 +423,7 @@ def sam(
         del params
         return SamState({k: jnp.zeros((), jnp.float32) for k in SAM_METRICS})
 
-    def wide(x):  # float32 at least: in float16 eps vanishes and a squared norm overflows
-        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-    def norm(tree):
-        return tu.norm(jax.tree.map(wide, tree))
+    norm, wide = _wide_norm, _wide
 
     def scale(n):  # ρ / (‖·‖ + eps)
         return rho / (n + eps)
@@ -442,21 +463,7 @@ def sam(
             adv_value, adv = tu.mean_over_leading_axis((values, stacked))
         adv = jax.tree.map(lambda a, u: a.astype(u.dtype), adv, updates)
         clean = value_fn(params) if value is None else value
-
-        def diagnostics():
-            g_norm, a_norm = norm(updates), norm(adv)
-            cos = tu.dot(*(jax.tree.map(wide, t) for t in (updates, adv)))
-            return g_norm, cos / (g_norm * a_norm + eps)
-
-        if extra.get("diagnose") is None:
-            g_norm, cos = diagnostics()
-        else:  # the trainer's m-sharpness step forms g on its log steps only
-            shapes = jax.eval_shape(diagnostics)
-            g_norm, cos = jax.lax.cond(
-                extra["diagnose"],
-                diagnostics,
-                lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in shapes),
-            )
+        g_norm, cos = _sam_diagnostics(updates, adv, eps, extra.get("diagnose"))
         metrics = {"sharpness": wide(adv_value) - wide(clean), "grad_norm": g_norm, "cos": cos}
         return adv, SamState({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
 
