@@ -819,7 +819,7 @@ def group_mean(layers: GroupLayers, leaves, clean: GroupClean) -> list:
       A list like ``leaves``.
     """
     prog, sites, dense, formed, param_pos = _group_parts(layers)
-    xs, deltas, formed_g, cap = clean.state
+    _, deltas, formed_g, cap = clean.state
     G = next(iter(deltas.values())).shape[0]
     out = [None] * len(leaves)
     for n, j in dense.items():

@@ -49,15 +49,15 @@ class MetricsBuffer:
     Args:
       steps_per_epoch: for the epoch named in errors.
       log_every: steps between log records.
-      sampled: metrics the step computes on its log steps only (0 elsewhere,
-        `sharp_minima.train.log_step_metrics`): a record holds their log step's value, and
-        none when it ends elsewhere (the end of a run).
+      sampled: metrics the step computes on its log steps only (0 elsewhere; default
+        `sharp_minima.train.log_step_metrics` without groups): a record holds their log
+        step's value, and none when it ends elsewhere (the end of a run).
     """
 
-    def __init__(self, steps_per_epoch: int, log_every: int, sampled=("minibatch/grad_norm",)):
+    def __init__(self, steps_per_epoch: int, log_every: int, sampled=None):
         self.pending: list[tuple[int, dict]] = []
         self.steps_per_epoch, self.log_every = steps_per_epoch, log_every
-        self.sampled = tuple(sampled)
+        self.sampled = log_step_metrics() if sampled is None else tuple(sampled)
 
     def add(self, step: int, metrics: dict) -> None:
         """Keeps one step's metrics (device arrays) until the next `flush`.
